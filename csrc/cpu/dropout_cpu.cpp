@@ -1,0 +1,532 @@
+// Fused CPU kernels for y = residual + dropout(act(x + bias)), its backward
+// and the keep mask, registered for the CPU dispatch key.
+//
+// One pass over memory: the keep bits come from Philox in registers (one call
+// per four elements) and are never stored. Loops are written so the compiler
+// vectorises them; the AVX2 build of each loop is chosen at run time, so a
+// distributed build needs no -march flag.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../activations.h"
+#include "../op_common.h"
+#include "../philox.h"
+
+namespace dropout_ext {
+namespace {
+
+#define DX_INLINE inline __attribute__((always_inline))
+
+// Elements handled per inner step: 16 Philox groups, a few cache lines.
+constexpr int64_t kChunk = 256;
+constexpr int64_t kGrain = 1 << 15;
+// Outputs above this size bypass the caches on store (they cannot stay
+// cached for the next op anyway).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+template <typename scalar_t>
+struct KernelArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = nullptr;     // forward input (backward: the saved input)
+  const scalar_t* g = nullptr;     // backward: incoming gradient
+  const scalar_t* bias = nullptr;
+  const scalar_t* res = nullptr;
+  scalar_t* out = nullptr;
+  bool stream = false;             // output larger than the caches: non-temporal stores
+  int64_t H = 1;                   // last dimension (bias length)
+  MaskParams mp{};
+  acc_t scale = acc_t(1);
+  // structured masks: a precomputed keep mask indexed through mstride
+  const bool* mask = nullptr;
+  int64_t ndim = 0;
+  const int64_t* sizes = nullptr;
+  const int64_t* mstride = nullptr;
+};
+
+DX_INLINE void philox_words_scalar(const MaskParams& mp, uint64_t g0, int64_t ngroups, uint32_t* w) {
+  for (int64_t j = 0; j < ngroups; ++j) philox_group(mp, g0 + static_cast<uint64_t>(j), w + 4 * j);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DX_HAVE_AVX2_BUILD 1
+// Eight Philox groups per step in AVX2 registers; words land in element
+// order (group g's four words at w[4g .. 4g+3]).
+__attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& mp, uint64_t g0,
+                                                               int64_t ngroups, uint32_t* w) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t j = 0; j < ngroups; j += 8) {
+    const uint64_t g = g0 + static_cast<uint64_t>(j);
+    // Counter low word g + lane may wrap into the high word within a batch.
+    const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
+    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), _mm256_set1_epi32(INT32_MIN)),
+                                               _mm256_xor_si256(lo, _mm256_set1_epi32(INT32_MIN)));
+    __m256i c0 = lo;
+    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32))), wrapped);
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(mp.offset_lo));
+    __m256i c3 = _mm256_set1_epi32(static_cast<int>(mp.offset_hi));
+    uint32_t k0 = mp.key0, k1 = mp.key1;
+    for (int r = 0; r < 10; ++r) {
+      const __m256i p0e = _mm256_mul_epu32(c0, m0);
+      const __m256i p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+      const __m256i p1e = _mm256_mul_epu32(c2, m1);
+      const __m256i p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+      const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    const __m256i a = _mm256_unpacklo_epi32(c0, c1), b = _mm256_unpacklo_epi32(c2, c3);
+    const __m256i c = _mm256_unpackhi_epi32(c0, c1), d = _mm256_unpackhi_epi32(c2, c3);
+    const __m256i v0 = _mm256_unpacklo_epi64(a, b), v1 = _mm256_unpackhi_epi64(a, b);
+    const __m256i v2 = _mm256_unpacklo_epi64(c, d), v3 = _mm256_unpackhi_epi64(c, d);
+    __m256i* out = reinterpret_cast<__m256i*>(w + 4 * j);
+    _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(v0, v1, 0x20));
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(v2, v3, 0x20));
+    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(v0, v1, 0x31));
+    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(v2, v3, 0x31));
+  }
+}
+
+// Writes a finished chunk with non-temporal stores: for outputs far larger
+// than the caches this skips the read-for-ownership of every destination
+// line, a third of the traffic of a read-one-write-one kernel.
+__attribute__((target("avx2"))) inline void stream_out_avx2(void* dst, const void* src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  int64_t head = std::min<int64_t>(bytes, (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
+  std::memcpy(d, s, static_cast<size_t>(head));
+  int64_t i = head;
+  for (; i + 32 <= bytes; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+  }
+  std::memcpy(d + i, s + i, static_cast<size_t>(bytes - i));
+}
+#endif
+
+// Keep bits for logical elements [pos, pos + len), len <= kChunk, as all-ones
+// or all-zero 32-bit select masks: a bitwise and then drops an element to
+// exactly +0 (also when it is NaN or Inf) without a branch, so the element
+// loops vectorise. Philox lanes are independent and vectorise too.
+template <bool AVX2>
+DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint32_t* keep) {
+  uint32_t w[kChunk + 4 + 32];  // room for a last, partly used batch of 8 groups
+  const uint64_t g0 = static_cast<uint64_t>(pos) >> 2;
+  const int64_t ngroups = ((pos + len - 1) >> 2) - static_cast<int64_t>(g0) + 1;
+#ifdef DX_HAVE_AVX2_BUILD
+  if constexpr (AVX2) {
+    philox_words_avx2(mp, g0, ngroups, w);
+  } else
+#endif
+  {
+    philox_words_scalar(mp, g0, ngroups, w);
+  }
+  const int64_t first = pos & 3;
+  const uint32_t t = mp.threshold;
+  const uint32_t any = mp.drop_all ? 0u : ~0u;
+  for (int64_t j = 0; j < len; ++j) keep[j] = (w[first + j] >= t ? ~0u : 0u) & any;
+}
+
+// Keep bits from a structured mask for the elements [pos, pos + len) of one
+// row, whose first element has mask index mbase.
+template <typename scalar_t>
+DX_INLINE void struct_keep(const KernelArgs<scalar_t>& a, int64_t mbase, int64_t len, uint32_t* keep) {
+  const int64_t ms = a.mstride[a.ndim - 1];
+  for (int64_t j = 0; j < len; ++j) keep[j] = a.mask[mbase + j * ms] ? ~0u : 0u;
+}
+
+// Mask index of the first element of the row that holds element pos.
+DX_INLINE int64_t mask_row_base(int64_t pos, int64_t ndim, const int64_t* sizes,
+                                const int64_t* mstride) {
+  int64_t rem = pos / sizes[ndim - 1];
+  int64_t base = 0;
+  for (int64_t d = ndim - 2; d >= 0; --d) {
+    const int64_t idx = rem % sizes[d];
+    rem /= sizes[d];
+    base += idx * mstride[d];
+  }
+  return base + (pos % sizes[ndim - 1]) * mstride[ndim - 1];
+}
+
+template <typename acc_t>
+DX_INLINE acc_t select_kept(acc_t v, uint32_t keep) {
+  if constexpr (sizeof(acc_t) == 4) {
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    b &= keep;
+    std::memcpy(&v, &b, 4);
+  } else {
+    uint64_t b;
+    std::memcpy(&b, &v, 8);
+    b &= (static_cast<uint64_t>(keep) << 32) | keep;
+    std::memcpy(&v, &b, 8);
+  }
+  return v;
+}
+
+template <typename scalar_t, Act A, bool BIAS>
+DX_INLINE void fwd_chunk(const KernelArgs<scalar_t>& a, int64_t pos, int64_t len, int64_t h,
+                         const uint32_t* keep, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = a.x + pos;
+  const acc_t scale = a.scale;
+  if (a.res != nullptr) {
+    const scalar_t* r = a.res + pos;
+    for (int64_t j = 0; j < len; ++j) {
+      acc_t v = static_cast<acc_t>(x[j]);
+      if constexpr (BIAS) v = v + static_cast<acc_t>(a.bias[h + j]);
+      const acc_t kept = ActOps<A>::fwd(v) * scale;
+      y[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) + select_kept(kept, keep[j]));
+    }
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      acc_t v = static_cast<acc_t>(x[j]);
+      if constexpr (BIAS) v = v + static_cast<acc_t>(a.bias[h + j]);
+      const acc_t kept = ActOps<A>::fwd(v) * scale;
+      y[j] = static_cast<scalar_t>(select_kept(kept, keep[j]));
+    }
+  }
+}
+
+template <typename scalar_t, Act A, bool BIAS>
+DX_INLINE void bwd_chunk(const KernelArgs<scalar_t>& a, int64_t pos, int64_t len, int64_t h,
+                         const uint32_t* keep, at::opmath_type<scalar_t>* partial, scalar_t* dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* g = a.g + pos;
+  const acc_t scale = a.scale;
+  acc_t tmp[kChunk];
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t gs = static_cast<acc_t>(g[j]) * scale;
+    acc_t d = gs;
+    if constexpr (A != Act::kIdentity) {
+      acc_t v = static_cast<acc_t>(a.x[pos + j]);
+      if constexpr (BIAS) v = v + static_cast<acc_t>(a.bias[h + j]);
+      d = act_backward<A, acc_t>(gs, v);
+    }
+    tmp[j] = select_kept(d, keep[j]);
+    dx[j] = static_cast<scalar_t>(tmp[j]);
+  }
+  if (partial != nullptr) {
+    for (int64_t j = 0; j < len; ++j) partial[h + j] += tmp[j];
+  }
+}
+
+// Walks logical elements [begin, end) in chunks that never cross a row when
+// the chunk needs a row position (bias, structured mask).
+template <typename scalar_t, Act A, bool BIAS, bool BWD, bool AVX2>
+DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t end,
+                          at::opmath_type<scalar_t>* partial) {
+  const bool structured = a.mask != nullptr;
+  const bool rowwise = BIAS || structured || partial != nullptr;
+  uint32_t keep[kChunk];
+  alignas(64) scalar_t staged[kChunk];
+  int64_t pos = begin;
+  while (pos < end) {
+    int64_t len = std::min<int64_t>(end - pos, kChunk - (pos & 3));
+    int64_t h = 0;
+    if (rowwise) {
+      h = pos % a.H;
+      len = std::min<int64_t>(len, a.H - h);
+    }
+    if (structured) {
+      struct_keep(a, mask_row_base(pos, a.ndim, a.sizes, a.mstride), len, keep);
+    } else {
+      philox_keep<AVX2>(a.mp, pos, len, keep);
+    }
+    bool streamed = false;
+#ifdef DX_HAVE_AVX2_BUILD
+    if constexpr (AVX2) streamed = a.stream;
+#endif
+    scalar_t* dst = streamed ? staged : a.out + pos;
+    if constexpr (BWD) {
+      bwd_chunk<scalar_t, A, BIAS>(a, pos, len, h, keep, partial, dst);
+    } else {
+      fwd_chunk<scalar_t, A, BIAS>(a, pos, len, h, keep, dst);
+    }
+#ifdef DX_HAVE_AVX2_BUILD
+    if constexpr (AVX2) {
+      if (streamed) stream_out_avx2(a.out + pos, staged, len * static_cast<int64_t>(sizeof(scalar_t)));
+    }
+#endif
+    pos += len;
+  }
+#ifdef DX_HAVE_AVX2_BUILD
+  if constexpr (AVX2) {
+    if (a.stream) _mm_sfence();
+  }
+#endif
+}
+
+template <bool AVX2>
+DX_INLINE void mask_range(const MaskParams& mp, bool* out, int64_t begin, int64_t end) {
+  uint32_t keep[kChunk];
+  int64_t pos = begin;
+  while (pos < end) {
+    const int64_t len = std::min<int64_t>(end - pos, kChunk - (pos & 3));
+    philox_keep<AVX2>(mp, pos, len, keep);
+    for (int64_t j = 0; j < len; ++j) out[pos + j] = keep[j] != 0;
+    pos += len;
+  }
+}
+
+// The same loops built twice: for the baseline x86-64 (or whatever the
+// compiler targets) and for AVX2, picked once at run time.
+template <typename scalar_t, Act A, bool BIAS, bool BWD>
+void walk_default(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
+  walk_range<scalar_t, A, BIAS, BWD, false>(a, b, e, part);
+}
+void mask_default(const MaskParams& mp, bool* out, int64_t b, int64_t e) { mask_range<false>(mp, out, b, e); }
+
+#ifdef DX_HAVE_AVX2_BUILD
+template <typename scalar_t, Act A, bool BIAS, bool BWD>
+__attribute__((target("avx2"))) void walk_avx2(const KernelArgs<scalar_t>& a, int64_t b, int64_t e,
+                                                at::opmath_type<scalar_t>* part) {
+  walk_range<scalar_t, A, BIAS, BWD, true>(a, b, e, part);
+}
+__attribute__((target("avx2"))) void mask_avx2(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
+  mask_range<true>(mp, out, b, e);
+}
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+template <typename scalar_t, Act A, bool BIAS, bool BWD>
+void walk(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
+#ifdef DX_HAVE_AVX2_BUILD
+  if (cpu_has_avx2()) return walk_avx2<scalar_t, A, BIAS, BWD>(a, b, e, part);
+#endif
+  walk_default<scalar_t, A, BIAS, BWD>(a, b, e, part);
+}
+
+void mask_fill(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
+#ifdef DX_HAVE_AVX2_BUILD
+  if (cpu_has_avx2()) return mask_avx2(mp, out, b, e);
+#endif
+  mask_default(mp, out, b, e);
+}
+
+template <typename F>
+void dispatch_act(Act act, F&& f) {
+  switch (act) {
+    case Act::kIdentity: return f(std::integral_constant<Act, Act::kIdentity>{});
+    case Act::kRelu: return f(std::integral_constant<Act, Act::kRelu>{});
+    case Act::kGelu: return f(std::integral_constant<Act, Act::kGelu>{});
+    case Act::kGeluTanh: return f(std::integral_constant<Act, Act::kGeluTanh>{});
+    case Act::kSilu: return f(std::integral_constant<Act, Act::kSilu>{});
+  }
+}
+
+// The keep mask of a (small) structured mask shape, materialised once.
+at::Tensor keep_mask_cpu(const MaskParams& mp, at::IntArrayRef shape) {
+  at::Tensor m = at::empty(shape, at::TensorOptions().dtype(at::kBool));
+  bool* out = m.data_ptr<bool>();
+  at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) { mask_fill(mp, out, b, e); });
+  return m;
+}
+
+struct Layout {
+  std::vector<int64_t> mshape;
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> mstride;
+  at::Tensor mask;  // defined for structured masks only
+};
+
+template <typename scalar_t>
+void fill_common(KernelArgs<scalar_t>& a, Layout& lay, const at::Tensor& input, const MaskParams& mp,
+                 double p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  a.mp = mp;
+  a.scale = p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
+  a.H = input.dim() >= 1 ? std::max<int64_t>(input.size(-1), 1) : 1;
+  a.stream = input.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamBytes;
+  if (lay.mask.defined()) {
+    a.mask = lay.mask.const_data_ptr<bool>();
+    a.ndim = input.dim();
+    a.sizes = lay.sizes.data();
+    a.mstride = lay.mstride.data();
+  }
+}
+
+Layout make_layout(const at::Tensor& input, at::IntArrayRef mask_shape, const MaskParams& mp) {
+  Layout lay;
+  lay.mshape = resolve_mask_shape(input, mask_shape);
+  if (!is_full_mask(input, lay.mshape)) {
+    lay.sizes = input.sizes().vec();
+    lay.mstride = mask_strides(input, lay.mshape);
+    lay.mask = keep_mask_cpu(mp, lay.mshape);
+  }
+  return lay;
+}
+
+// Results are computed in logical (row-major) order; a non-contiguous input
+// gets its output in its own memory format, as nn.Dropout does.
+at::Tensor like_input(const at::Tensor& input, const at::Tensor& contiguous_result) {
+  if (input.is_contiguous()) return contiguous_result;
+  at::Tensor out = at::empty_like(input);
+  out.copy_(contiguous_result);
+  return out;
+}
+
+void check_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& residual, const at::Tensor& rng, double p) {
+  check_float_input(input, "input");
+  check_p(p);
+  check_rng(rng, input);
+  if (bias.has_value()) check_bias(input, *bias);
+  if (residual.has_value()) {
+    check_companion(input, *residual, "residual");
+    TORCH_CHECK_VALUE(residual->sizes().equals(input.sizes()),
+                      "dropout_ext: residual must have the input's shape ", input.sizes(), ", got ",
+                      residual->sizes());
+  }
+}
+
+at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, const at::Tensor& rng,
+                             double p, c10::string_view activation, at::IntArrayRef mask_shape) {
+  check_forward(input, bias, residual, rng, p);
+  const Act act = parse_activation(activation);
+  const MaskParams mp = mask_params_from_host(rng, p);
+  Layout lay = make_layout(input, mask_shape, mp);
+  const at::Tensor x = input.contiguous();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.numel();
+  if (n == 0) return like_input(input, out);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_dropout_cpu", [&] {
+    KernelArgs<scalar_t> a;
+    fill_common(a, lay, x, mp, p);
+    a.x = x.const_data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>();
+    if (b.defined()) a.bias = b.const_data_ptr<scalar_t>();
+    if (r.defined()) a.res = r.const_data_ptr<scalar_t>();
+    dispatch_act(act, [&](auto act_c) {
+      constexpr Act A = decltype(act_c)::value;
+      at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+        if (a.bias != nullptr) {
+          walk<scalar_t, A, true, false>(a, lo, hi, nullptr);
+        } else {
+          walk<scalar_t, A, false, false>(a, lo, hi, nullptr);
+        }
+      });
+    });
+  });
+  return like_input(input, out);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
+    const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
+    const at::Tensor& rng, double p, c10::string_view activation, at::IntArrayRef mask_shape,
+    bool bias_grad) {
+  check_float_input(grad, "grad");
+  check_p(p);
+  check_rng(rng, grad);
+  const Act act = parse_activation(activation);
+  TORCH_CHECK_VALUE(act == Act::kIdentity || input.has_value(),
+                    "dropout_ext: the backward of activation '", std::string(activation),
+                    "' needs the saved input");
+  if (input.has_value()) {
+    check_companion(grad, *input, "input");
+    TORCH_CHECK_VALUE(input->sizes().equals(grad.sizes()), "dropout_ext: input must have grad's shape ",
+                      grad.sizes(), ", got ", input->sizes());
+  }
+  if (bias.has_value()) check_bias(grad, *bias);
+  TORCH_CHECK_VALUE(!bias_grad || grad.dim() >= 1, "dropout_ext: bias_grad needs an input of rank >= 1");
+  const MaskParams mp = mask_params_from_host(rng, p);
+  Layout lay = make_layout(grad, mask_shape, mp);
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor x = input.has_value() ? input->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor dx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor dbias = bias_grad ? at::empty({g.size(-1)}, g.options()) : at::empty({0}, g.options());
+  const int64_t n = g.numel();
+  if (n == 0) {
+    if (bias_grad) dbias.zero_();
+    return {like_input(grad, dx), dbias};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fused_dropout_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    KernelArgs<scalar_t> a;
+    fill_common(a, lay, g, mp, p);
+    a.g = g.const_data_ptr<scalar_t>();
+    a.out = dx.data_ptr<scalar_t>();
+    if (x.defined()) a.x = x.const_data_ptr<scalar_t>();
+    if (b.defined()) a.bias = b.const_data_ptr<scalar_t>();
+    dispatch_act(act, [&](auto act_c) {
+      constexpr Act A = decltype(act_c)::value;
+      auto run = [&](int64_t lo, int64_t hi, acc_t* part) {
+        if (a.bias != nullptr && A != Act::kIdentity) {
+          walk<scalar_t, A, true, true>(a, lo, hi, part);
+        } else {
+          walk<scalar_t, A, false, true>(a, lo, hi, part);
+        }
+      };
+      if (!bias_grad) {
+        at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) { run(lo, hi, nullptr); });
+        return;
+      }
+      // Deterministic bias reduction: row blocks fixed by the shape alone,
+      // partial sums per block, then one ordered pass over the blocks.
+      const int64_t H = a.H;
+      const int64_t rows = n / H;
+      const int64_t rows_per_block = std::max<int64_t>(1, (rows + 255) / 256);
+      const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+      std::vector<acc_t> partial(static_cast<size_t>(blocks * H), acc_t(0));
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t r0 = blk * rows_per_block;
+          const int64_t r1 = std::min(rows, r0 + rows_per_block);
+          run(r0 * H, r1 * H, partial.data() + blk * H);
+        }
+      });
+      scalar_t* db = dbias.data_ptr<scalar_t>();
+      at::parallel_for(0, H, 1024, [&](int64_t h0, int64_t h1) {
+        for (int64_t hh = h0; hh < h1; ++hh) {
+          acc_t s = acc_t(0);
+          for (int64_t blk = 0; blk < blocks; ++blk) s += partial[blk * H + hh];
+          db[hh] = static_cast<scalar_t>(s);
+        }
+      });
+    });
+  });
+  return {like_input(grad, dx), dbias};
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& rng, at::IntArrayRef shape, double p) {
+  check_p(p);
+  TORCH_CHECK_VALUE(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2,
+                    "dropout_ext: rng must be an int64 tensor [seed, offset]");
+  for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "dropout_ext: shape must be non-negative, got ", shape);
+  return keep_mask_cpu(mask_params_from_host(rng, p), shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dropout_ext, CPU, m) {
+  m.impl("fused_dropout", &fused_dropout_cpu);
+  m.impl("fused_dropout_backward", &fused_dropout_backward_cpu);
+  m.impl("dropout_mask", &dropout_mask_cpu);
+}
+
+}  // namespace dropout_ext

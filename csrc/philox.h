@@ -1,0 +1,102 @@
+// Philox4x32-10 and the dropout_ext mask contract (docs/RNG.md).
+//
+// One header for the CPU and CUDA kernels: the same code runs on the host and
+// the device, so both backends derive every keep bit from the same function.
+// No torch includes: the CUDA kernels that use this header are compiled
+// without torch's headers.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DX_HD __host__ __device__ __forceinline__
+#else
+#define DX_HD inline
+#endif
+
+namespace dropout_ext {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+DX_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t prod = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  lo = static_cast<uint32_t>(prod);
+  hi = static_cast<uint32_t>(prod >> 32);
+#endif
+}
+
+// Random123's Philox4x32 with 10 rounds: counter (c0..c3), key (k0, k1).
+DX_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                         uint32_t k0, uint32_t k1, uint32_t out[4]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c0, hi0, lo0);
+    mulhilo32(kPhiloxM1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// The contract's parameters, derived once on the host.
+struct MaskParams {
+  uint32_t key0;       // low 32 bits of the seed
+  uint32_t key1;       // high 32 bits of the seed
+  uint32_t offset_lo;  // counter word 2
+  uint32_t offset_hi;  // counter word 3
+  uint32_t threshold;  // keep iff word >= threshold
+  bool drop_all;       // p == 1: floor(p * 2**32) does not fit 32 bits
+};
+
+inline MaskParams make_mask_params(uint64_t seed, uint64_t offset, double p) {
+  MaskParams m;
+  m.key0 = static_cast<uint32_t>(seed);
+  m.key1 = static_cast<uint32_t>(seed >> 32);
+  m.offset_lo = static_cast<uint32_t>(offset);
+  m.offset_hi = static_cast<uint32_t>(offset >> 32);
+  m.drop_all = p >= 1.0;
+  // Computed in double on the host so every backend compares against the
+  // same integer; floor(p * 2**32) for p < 1 is at most 2**32 - 1.
+  const double t = p * 4294967296.0;
+  m.threshold = m.drop_all ? 0u : static_cast<uint32_t>(t);
+  return m;
+}
+
+// The four words of the group that holds logical elements 4g .. 4g+3.
+DX_HD void philox_group(const MaskParams& m, uint64_t group, uint32_t out[4]) {
+  philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                m.offset_lo, m.offset_hi, m.key0, m.key1, out);
+}
+
+DX_HD bool keep_word(const MaskParams& m, uint32_t word) {
+  return !m.drop_all && word >= m.threshold;
+}
+
+// Keep bit of logical element i (one Philox call; kernels that walk whole
+// groups call philox_group once per four elements instead).
+DX_HD bool keep_element(const MaskParams& m, uint64_t i) {
+  uint32_t w[4];
+  philox_group(m, i >> 2, w);
+  return keep_word(m, w[i & 3]);
+}
+
+}  // namespace dropout_ext

@@ -1,0 +1,26 @@
+"""dropout_ext: fused dropout kernels for PyTorch under one RNG contract.
+
+``y = residual + dropout(act(x + bias))`` on CPU (C++), CUDA (C++) and Triton,
+with a pure-PyTorch reference; the mask is a pure function of
+(seed, offset, shape, p) on every backend (docs/RNG.md).
+"""
+
+from . import _ops
+from . import functional, reference
+from ._backend import BACKENDS, available_backends
+from .functional import dropout_mask
+from .modules import Dropout, FusedDropout, replace_dropout
+
+__all__ = [
+    "BACKENDS",
+    "Dropout",
+    "FusedDropout",
+    "available_backends",
+    "dropout_mask",
+    "functional",
+    "reference",
+    "replace_dropout",
+]
+
+__version__ = "0.1.0"
+HAS_C = _ops.HAS_C

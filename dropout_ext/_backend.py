@@ -1,0 +1,102 @@
+"""Backend choice: automatic per device, overridable per call (``backend=``)
+and by the environment variable ``DROPOUT_EXT_BACKEND``."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional
+
+import torch
+
+from . import _ops
+from . import reference as ref
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        from . import triton_kernels  # noqa: F401
+    except Exception:  # triton missing or unusable here
+        return False
+    return triton_kernels.AVAILABLE
+
+
+def available_backends(device="cpu") -> List[str]:
+    """The backends that can run on ``device`` here, fastest first."""
+    dev = torch.device(device)
+    names = []
+    if dev.type == "cpu" and _ops.HAS_C:
+        names.append("cpu")
+    if dev.type == "cuda":
+        if _ops.has_cuda_kernels():
+            names.append("cuda")
+        if triton_available():
+            names.append("triton")
+    names.append("reference")
+    return names
+
+
+def resolve(backend: Optional[str], device: torch.device) -> str:
+    name = backend if backend is not None else os.environ.get("DROPOUT_EXT_BACKEND") or None
+    if name is None:
+        return available_backends(device)[0]
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name not in available_backends(device):
+        why = {
+            "cpu": "the compiled extension is not built" if device.type == "cpu" else "it runs on CPU tensors only",
+            "cuda": "it needs a CUDA tensor and an extension built with the CUDA kernels",
+            "triton": "it needs a CUDA tensor and a working Triton",
+        }[name]
+        raise ValueError(f"backend {name!r} is not available for a tensor on {device}: {why}; "
+                         f"available: {available_backends(device)}")
+    return name
+
+
+class _ReferenceFn(torch.autograd.Function):
+    """The reference as an autograd function, with the kernels' backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, residual, rng, p, activation, mask_shape):
+        seed, offset = (int(v) for v in rng.tolist())
+        ctx.args = (seed, offset, p, activation, mask_shape, bias is not None)
+        ctx.save_for_backward(rng, x if activation != "identity" else None, bias)
+        return ref.fused_dropout(x, bias, residual, seed, offset, p, activation, mask_shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        seed, offset, p, activation, mask_shape, has_bias = ctx.args
+        rng, x, bias = ctx.saved_tensors
+        need_x, need_b, need_r = ctx.needs_input_grad[:3]
+        gx = gb = None
+        if activation == "identity" and not (has_bias and need_b):
+            if need_x:
+                gx = _ReferenceFn.apply(grad, None, None, rng, p, "identity", mask_shape)
+        elif need_x or need_b:
+            gx, gb = ref.fused_dropout_backward(grad, x, bias, seed, offset, p, activation, mask_shape,
+                                                bool(need_b and has_bias))
+        return gx, gb, grad if need_r else None, None, None, None, None
+
+
+def run(name: str, x, bias, residual, rng, p: float, activation: str, mask_shape):
+    if name in ("cpu", "cuda"):
+        return _ops.ops.fused_dropout(x, bias, residual, rng, p, activation, list(mask_shape))
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.fused_dropout(x, bias, residual, rng, p, activation, list(mask_shape))
+    return _ReferenceFn.apply(x, bias, residual, rng, p, activation, tuple(mask_shape))
+
+
+def mask(name: str, rng, shape, p: float, device: torch.device):
+    if name in ("cpu", "cuda"):
+        return _ops.ops.dropout_mask(rng.to(device), list(shape), p)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.dropout_mask(rng.to(device), list(shape), p)
+    seed, offset = (int(v) for v in rng.tolist())
+    return ref.dropout_mask(shape, p, seed, offset, device=device)

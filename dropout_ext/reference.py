@@ -1,0 +1,264 @@
+"""Pure-PyTorch implementation of the dropout_ext contract (docs/RNG.md).
+
+This is the oracle the kernels are tested against and the fallback when the
+compiled extension is missing. It favours being obviously the contract over
+speed: Philox runs on int64 tensors (32-bit words, products split so nothing
+overflows), and the activations are the same IEEE operation sequences as
+``csrc/activations.h``, one float32 tensor op per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+M32 = 0xFFFFFFFF
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
+
+_f = float.fromhex
+# Every constant below is exactly representable in float32.
+LOG2E = _f("0x1.715476p+0")
+ROUND_MAGIC = _f("0x1.8p+23")
+LN2_HI = _f("0x1.62e4p-1")
+LN2_LO = _f("0x1.7f7d1cp-20")
+EXP_TAYLOR = [_f("0x1.a01a02p-13"), _f("0x1.6c16c2p-10"), _f("0x1.111112p-7"), _f("0x1.555556p-5"),
+              _f("0x1.555556p-3"), 0.5, 1.0, 1.0]
+SQRT1_2 = _f("0x1.6a09e6p-1")
+AS_P = _f("0x1.4f740ap-2")
+AS_A = [_f("0x1.0fb844p+0"), -_f("0x1.7401c6p+0"), _f("0x1.6be1c6p+0"), -_f("0x1.23531cp-2"),
+        _f("0x1.04f20cp-2")]
+INV_SQRT_2PI = _f("0x1.988454p-2")
+SQRT_2_OVER_PI = _f("0x1.988454p-1")
+GELU_TANH_C = _f("0x1.6e4e26p-5")
+GELU_TANH_3C = _f("0x1.12ba9ep-3")
+
+
+# --- Philox4x32-10 -----------------------------------------------------------
+
+def _mulhilo(a: torch.Tensor, m: int):
+    """(hi, lo) words of the 64-bit product a * m, with a < 2**32 in int64."""
+    t_lo = a * (m & 0xFFFF)          # < 2**48
+    t_hi = a * (m >> 16)             # < 2**48
+    s = t_hi + (t_lo >> 16)          # < 2**49
+    return s >> 16, ((s & 0xFFFF) << 16) | (t_lo & 0xFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """The four output words (int64 tensors holding uint32) for counters c0..c3."""
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & M32
+        k1 = (k1 + PHILOX_W1) & M32
+    return c0, c1, c2, c3
+
+
+def as_u64(value: int, name: str) -> int:
+    """A seed or offset as the unsigned 64-bit integer the contract keys on."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"{name} must fit in 64 bits (-2**63 <= {name} < 2**64), got {value}")
+    return value & (2**64 - 1)
+
+
+def threshold(p: float) -> Optional[int]:
+    """floor(p * 2**32) in double; None means drop everything (p == 1)."""
+    if p >= 1.0:
+        return None
+    return int(math.floor(p * 4294967296.0))
+
+
+def philox_words(indices: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """The Philox word each logical element index takes (int64 holding uint32)."""
+    seed, offset = as_u64(seed, "seed"), as_u64(offset, "offset")
+    idx = indices.to(torch.int64)
+    group = idx >> 2
+    words = philox4x32_10(group & M32, (group >> 32) & M32, offset & M32, offset >> 32,
+                          seed & M32, seed >> 32)
+    stacked = torch.stack(words, dim=-1)
+    return stacked.gather(-1, (idx & 3).unsqueeze(-1)).squeeze(-1)
+
+
+def keep_for_indices(indices: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """Keep bits of the given logical indices, for checking slices of huge tensors."""
+    t = threshold(p)
+    if t is None:
+        return torch.zeros(indices.shape, dtype=torch.bool, device=indices.device)
+    return philox_words(indices, seed, offset) >= t
+
+
+def dropout_mask(shape: Sequence[int], p: float, seed: int, offset: int = 0, device="cpu") -> torch.Tensor:
+    """The contract's boolean keep mask of ``shape``: element i (row-major) is kept
+    iff Philox word i & 3 of counter (i >> 2, offset) under key seed is >= t."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    return keep_for_indices(idx, p, seed, offset).reshape(shape)
+
+
+# --- activations (float32 sequences of csrc/activations.h) --------------------
+
+def _div(num, den: torch.Tensor) -> torch.Tensor:
+    # One IEEE division; ``2.0 / t`` would be reciprocal-then-multiply.
+    if not isinstance(num, torch.Tensor):
+        num = torch.full_like(den, num)
+    return torch.div(num, den)
+
+
+def exp_nonpos(x: torch.Tensor) -> torch.Tensor:
+    in_range = x >= -87.0
+    xc = torch.where(in_range, x, torch.zeros_like(x))
+    t = xc * LOG2E
+    k = (t + ROUND_MAGIC) - ROUND_MAGIC
+    r = (xc - k * LN2_HI) - k * LN2_LO
+    poly = torch.full_like(r, EXP_TAYLOR[0])
+    for c in EXP_TAYLOR[1:]:
+        poly = c + r * poly
+    scale = ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+    e = poly * scale
+    return torch.where(in_range, e, torch.where(torch.isnan(x), x, torch.zeros_like(x)))
+
+
+def _abs(v):
+    return torch.where(v < 0, -v, v)
+
+
+def _gelu_parts(v):
+    z = _abs(v) * SQRT1_2
+    t = _div(1.0, 1.0 + AS_P * z)
+    poly = torch.full_like(t, AS_A[0])
+    for c in AS_A[1:]:
+        poly = c + t * poly
+    poly = t * poly
+    e = exp_nonpos(-(z * z))
+    q = poly * e
+    return torch.where(v >= 0, 2.0 - q, q), e
+
+
+def _gelu_tanh_parts(v):
+    u = SQRT_2_OVER_PI * (v + GELU_TANH_C * ((v * v) * v))
+    e = exp_nonpos(-(2.0 * _abs(u)))
+    d = 1.0 + e
+    big = _div(2.0, d)
+    small = _div(2.0 * e, d)
+    pos = u >= 0
+    return torch.where(pos, big, small), torch.where(pos, small, big)
+
+
+def _sigmoid(v):
+    e = exp_nonpos(torch.where(v < 0, v, -v))
+    d = 1.0 + e
+    return torch.where(v >= 0, _div(1.0, d), _div(e, d))
+
+
+def activation_forward(v: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(v) for v in float32 (the contract's formulas) or float64 (libm-grade)."""
+    if activation == "identity":
+        return v
+    if activation == "relu":
+        return torch.where(v < 0, torch.zeros_like(v), v)
+    if v.dtype == torch.float64:
+        if activation == "gelu":
+            return 0.5 * v * (1.0 + torch.erf(v * 0.70710678118654752440))
+        if activation == "gelu_tanh":
+            return 0.5 * v * (1.0 + torch.tanh(0.79788456080286535588 * (v + 0.044715 * v * v * v)))
+        return v * (1.0 / (1.0 + torch.exp(-v)))
+    if activation == "gelu":
+        return (0.5 * v) * _gelu_parts(v)[0]
+    if activation == "gelu_tanh":
+        return (0.5 * v) * _gelu_tanh_parts(v)[0]
+    if activation == "silu":
+        return v * _sigmoid(v)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activation_grad(v: torch.Tensor, activation: str) -> torch.Tensor:
+    """act'(v) for the smooth activations."""
+    if v.dtype == torch.float64:
+        if activation == "gelu":
+            return 0.5 * (1.0 + torch.erf(v * 0.70710678118654752440)) + \
+                v * torch.exp(-0.5 * v * v) * 0.39894228040143267794
+        if activation == "gelu_tanh":
+            t = torch.tanh(0.79788456080286535588 * (v + 0.044715 * v * v * v))
+            return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.79788456080286535588 * \
+                (1.0 + 3.0 * 0.044715 * v * v)
+        s = 1.0 / (1.0 + torch.exp(-v))
+        return s * (1.0 + v * (1.0 - s))
+    if activation == "gelu":
+        cdf2, e = _gelu_parts(v)
+        return 0.5 * cdf2 + v * (e * INV_SQRT_2PI)
+    if activation == "gelu_tanh":
+        opt, omt = _gelu_tanh_parts(v)
+        du = SQRT_2_OVER_PI * (1.0 + GELU_TANH_3C * (v * v))
+        return 0.5 * opt + ((0.5 * v) * (opt * omt)) * du
+    if activation == "silu":
+        s = _sigmoid(v)
+        return s * (1.0 + v * (1.0 - s))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+# --- the fused op -------------------------------------------------------------
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
+def _keep(shape, p, seed, offset, mask_shape, device):
+    mshape = tuple(shape) if not mask_shape else tuple(mask_shape)
+    return dropout_mask(mshape, p, seed, offset, device=device).expand(tuple(shape))
+
+
+def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                  seed: int, offset: int, p: float, activation: str = "identity",
+                  mask_shape: Sequence[int] = ()) -> torch.Tensor:
+    """residual + dropout(act(x + bias)), computed in float32 (float64 for
+    float64) and rounded once to x's dtype."""
+    acc = _acc_dtype(x.dtype)
+    v = x.to(acc)
+    if bias is not None:
+        v = v + bias.to(acc)
+    kept = activation_forward(v, activation) * _scale(p)
+    keep = _keep(x.shape, p, seed, offset, mask_shape, x.device)
+    out = torch.where(keep, kept, torch.zeros_like(kept))
+    if residual is not None:
+        out = residual.to(acc) + out
+    return out.to(x.dtype)
+
+
+def fused_dropout_backward(grad: torch.Tensor, x: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           seed: int, offset: int, p: float, activation: str = "identity",
+                           mask_shape: Sequence[int] = (), bias_grad: bool = False):
+    """(grad_input, grad_bias or None): dx = grad * keep * scale * act'(x + bias).
+    The bias gradient sums the unrounded dx (float64 here; kernels use their
+    accumulation type in a fixed order, so it matches to rounding, not bits)."""
+    acc = _acc_dtype(grad.dtype)
+    gs = grad.to(acc) * _scale(p)
+    if activation == "identity":
+        d = gs
+    else:
+        v = x.to(acc)
+        if bias is not None:
+            v = v + bias.to(acc)
+        if activation == "relu":
+            d = torch.where(v > 0, gs, torch.zeros_like(gs))
+        else:
+            d = gs * activation_grad(v, activation)
+    keep = _keep(grad.shape, p, seed, offset, mask_shape, grad.device)
+    dx = torch.where(keep, d, torch.zeros_like(d))
+    db = None
+    if bias_grad:
+        db = dx.to(torch.float64).reshape(-1, grad.shape[-1]).sum(0).to(grad.dtype)
+    return dx.to(grad.dtype), db
