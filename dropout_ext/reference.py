@@ -216,6 +216,12 @@ def _scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
+def _drop(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Kept values pass; a dropped one becomes a zero with its sign bit, as
+    x * 0 is for finite x in nn.Dropout (and a zero for NaN and Inf too)."""
+    return torch.where(keep, value, torch.copysign(torch.zeros_like(value), value))
+
+
 def _keep(shape, p, seed, offset, mask_shape, device):
     mshape = tuple(shape) if not mask_shape else tuple(mask_shape)
     return dropout_mask(mshape, p, seed, offset, device=device).expand(tuple(shape))
@@ -232,7 +238,7 @@ def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optio
         v = v + bias.to(acc)
     kept = activation_forward(v, activation) * _scale(p)
     keep = _keep(x.shape, p, seed, offset, mask_shape, x.device)
-    out = torch.where(keep, kept, torch.zeros_like(kept))
+    out = _drop(keep, kept)
     if residual is not None:
         out = residual.to(acc) + out
     return out.to(x.dtype)
@@ -257,7 +263,7 @@ def fused_dropout_backward(grad: torch.Tensor, x: Optional[torch.Tensor], bias: 
         else:
             d = gs * activation_grad(v, activation)
     keep = _keep(grad.shape, p, seed, offset, mask_shape, grad.device)
-    dx = torch.where(keep, d, torch.zeros_like(d))
+    dx = _drop(keep, d)
     db = None
     if bias_grad:
         db = dx.to(torch.float64).reshape(-1, grad.shape[-1]).sum(0).to(grad.dtype)

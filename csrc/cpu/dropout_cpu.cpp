@@ -30,6 +30,7 @@ namespace {
 // Elements handled per inner step: 16 Philox groups, a few cache lines.
 constexpr int64_t kChunk = 256;
 constexpr int64_t kGrain = 1 << 15;
+constexpr uint32_t kDropMask = 0x80000000u;
 // Outputs above this size bypass the caches on store (they cannot stay
 // cached for the next op anyway).
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
@@ -122,10 +123,11 @@ __attribute__((target("avx2"))) inline void stream_out_avx2(void* dst, const voi
 }
 #endif
 
-// Keep bits for logical elements [pos, pos + len), len <= kChunk, as all-ones
-// or all-zero 32-bit select masks: a bitwise and then drops an element to
-// exactly +0 (also when it is NaN or Inf) without a branch, so the element
-// loops vectorise. Philox lanes are independent and vectorise too.
+// Keep bits for logical elements [pos, pos + len), len <= kChunk, as 32-bit
+// and-masks: all ones to keep, the sign bit alone to drop. The and turns a
+// dropped value into a zero of its own sign, which is what x * 0 gives in
+// nn.Dropout for finite x, and into a zero for NaN and Inf too, without a
+// branch, so the element loops vectorise. Philox lanes are independent and vectorise too.
 template <bool AVX2>
 DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint32_t* keep) {
   uint32_t w[kChunk + 4 + 32];  // room for a last, partly used batch of 8 groups
@@ -141,8 +143,8 @@ DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint3
   }
   const int64_t first = pos & 3;
   const uint32_t t = mp.threshold;
-  const uint32_t any = mp.drop_all ? 0u : ~0u;
-  for (int64_t j = 0; j < len; ++j) keep[j] = (w[first + j] >= t ? ~0u : 0u) & any;
+  const uint32_t any = mp.drop_all ? kDropMask : ~0u;
+  for (int64_t j = 0; j < len; ++j) keep[j] = (w[first + j] >= t ? ~0u : kDropMask) & any;
 }
 
 // Keep bits from a structured mask for the elements [pos, pos + len) of one
@@ -150,7 +152,7 @@ DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint3
 template <typename scalar_t>
 DX_INLINE void struct_keep(const KernelArgs<scalar_t>& a, int64_t mbase, int64_t len, uint32_t* keep) {
   const int64_t ms = a.mstride[a.ndim - 1];
-  for (int64_t j = 0; j < len; ++j) keep[j] = a.mask[mbase + j * ms] ? ~0u : 0u;
+  for (int64_t j = 0; j < len; ++j) keep[j] = a.mask[mbase + j * ms] ? ~0u : kDropMask;
 }
 
 // Mask index of the first element of the row that holds element pos.
@@ -176,7 +178,8 @@ DX_INLINE acc_t select_kept(acc_t v, uint32_t keep) {
   } else {
     uint64_t b;
     std::memcpy(&b, &v, 8);
-    b &= (static_cast<uint64_t>(keep) << 32) | keep;
+    const uint32_t low = keep == ~0u ? ~0u : 0u;
+    b &= (static_cast<uint64_t>(keep) << 32) | low;
     std::memcpy(&v, &b, 8);
   }
   return v;
@@ -282,7 +285,7 @@ DX_INLINE void mask_range(const MaskParams& mp, bool* out, int64_t begin, int64_
   while (pos < end) {
     const int64_t len = std::min<int64_t>(end - pos, kChunk - (pos & 3));
     philox_keep<AVX2>(mp, pos, len, keep);
-    for (int64_t j = 0; j < len; ++j) out[pos + j] = keep[j] != 0;
+    for (int64_t j = 0; j < len; ++j) out[pos + j] = keep[j] == ~0u;
     pos += len;
   }
 }

@@ -1,0 +1,41 @@
+"""Shared helpers and the suite's skip markers (the only place they are defined).
+
+No CUDA query runs at import time: markers use pytest's lazy string conditions.
+"""
+
+import pytest
+import torch
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()",
+                                   reason="needs a CUDA GPU (none visible)")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, for exact (NaN- and sign-aware) equality."""
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(view)
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    a, e = bits(actual), bits(expected)
+    if not torch.equal(a, e):
+        diff = (a != e).nonzero()
+        idx = tuple(diff[0].tolist())
+        raise AssertionError(f"{diff.shape[0]} of {a.numel()} elements differ; first at {idx}: "
+                             f"{actual[idx].item()!r} vs {expected[idx].item()!r}")
+
+
+# (dtype, atol, rtol) for comparisons that are not bitwise by contract.
+TOLERANCES = {
+    torch.float16: (torch.float16, 1e-3, 1e-3),
+    torch.bfloat16: (torch.bfloat16, 1e-2, 1e-2),
+    torch.float32: (torch.float32, 1e-5, 1e-5),
+    torch.float64: (torch.float64, 1e-12, 1e-12),
+}

@@ -1,0 +1,245 @@
+"""Python API: drop-in behaviour, numerical equivalence with nn.Dropout,
+autograd (gradcheck, double backward, opcheck), torch.compile, RNG sourcing."""
+
+import pytest
+import torch
+from torch import nn
+
+import dropout_ext
+from dropout_ext import functional as F
+from dropout_ext import reference as ref
+from conftest import assert_bitwise_equal
+
+ops = torch.ops.dropout_ext
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(7,), (33, 65)])
+def test_given_mask_equals_native_dropout_backward(dtype, p, shape):
+    # The kept value is x * scale with nn.Dropout's arithmetic: given the same
+    # mask, aten's own dropout formula produces the same bits.
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 5).to(dtype)
+    y = F.dropout(x, p, seed=77)
+    mask = F.dropout_mask(shape, p, 77)
+    assert_bitwise_equal(y, torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - p)))
+    g = torch.randn(shape).to(dtype)
+    xr = x.clone().requires_grad_()
+    F.dropout(xr, p, seed=77).backward(g)
+    assert_bitwise_equal(xr.grad, torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p)))
+
+
+def test_eval_is_identity_and_p0_returns_input():
+    x = torch.randn(10)
+    assert F.dropout(x, 0.5, training=False) is x
+    assert F.dropout(x, 0.0) is x
+    m = dropout_ext.Dropout(0.3).eval()
+    assert m(x) is x
+    y = F.fused_dropout(x.view(2, 5), 0.5, bias=torch.ones(5), activation="relu", training=False)
+    assert_bitwise_equal(y, torch.relu(x.view(2, 5) + 1))
+
+
+def test_p1_drops_everything_even_nan_and_inf():
+    x = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
+    y = F.dropout(x, 1.0)
+    assert torch.all(y == 0)  # zeros (of either sign), never NaN
+
+
+def test_p0_output_is_input_bitwise_through_the_op():
+    x = torch.tensor([-0.0, 1e-40, float("nan"), -3.5, float("inf")])
+    y = ops.fused_dropout(x, None, None, torch.tensor([1, 2]), 0.0, "identity", [])
+    assert_bitwise_equal(y, x)
+
+
+def test_dropped_nan_is_zero_kept_nan_propagates():
+    x = torch.full((4096,), float("nan"))
+    y = F.dropout(x, 0.5, seed=3)
+    mask = F.dropout_mask((4096,), 0.5, 3)
+    assert torch.all(y[~mask] == 0) and torch.all(torch.isnan(y[mask]))
+
+
+def test_module_matches_nn_dropout_surface():
+    ours, theirs = dropout_ext.Dropout(0.2, inplace=True), nn.Dropout(0.2, inplace=True)
+    assert repr(ours) == repr(theirs)
+    assert isinstance(ours, nn.Dropout)
+    assert ours.state_dict() == theirs.state_dict() == {}
+    ours.load_state_dict(theirs.state_dict())
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got 1.5"):
+        dropout_ext.Dropout(1.5)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got nan"):
+        dropout_ext.Dropout(float("nan"))
+    f = dropout_ext.FusedDropout(0.1, "gelu")
+    assert "activation='gelu'" in repr(f)
+
+
+def test_fused_module_forward():
+    m = dropout_ext.FusedDropout(0.5, "silu")
+    x, b, r = torch.randn(3, 8), torch.randn(8), torch.randn(3, 8)
+    torch.manual_seed(5)
+    y = m(x, b, r)
+    torch.manual_seed(5)
+    assert_bitwise_equal(y, F.fused_dropout(x, 0.5, bias=b, residual=r, activation="silu"))
+
+
+def test_replace_dropout_counts_and_keeps_settings():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Sequential(nn.Dropout(0.7, inplace=True)))
+    model.eval()
+    assert dropout_ext.replace_dropout(model) == 2
+    assert type(model[1]) is dropout_ext.Dropout and model[1].p == 0.1 and not model[1].training
+    assert model[2][0].inplace and model[2][0].p == 0.7
+    assert dropout_ext.replace_dropout(model) == 0
+
+
+def test_inplace_modifies_input_like_nn_dropout():
+    x = torch.randn(100)
+    expected = F.dropout(x.clone(), 0.5, seed=9)
+    out = F.dropout(x, 0.5, inplace=True, seed=9)
+    assert out is x
+    assert_bitwise_equal(x, expected)
+    leaf = torch.randn(5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        F.dropout(leaf, 0.5, inplace=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        nn.functional.dropout(leaf, 0.5, inplace=True)
+
+
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+def test_gradcheck_float64(activation):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(7, dtype=torch.float64, generator=g).requires_grad_()
+    r = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
+    if activation == "relu":  # keep away from the kink
+        x = (x.detach() + torch.where(x.detach() >= 0, 0.1, -0.1)).requires_grad_()
+    fn = lambda x, b, r: F.fused_dropout(x, 0.4, bias=b, residual=r, activation=activation, seed=5)
+    assert torch.autograd.gradcheck(fn, (x, b, r))
+
+
+def test_double_backward_identity():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    fn = lambda x: F.dropout(x, 0.3, seed=1) ** 2
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("activation", ["identity", "gelu"])
+def test_opcheck(activation):
+    x, b, r = torch.randn(3, 8), torch.randn(8), torch.randn(3, 8)
+    rng = torch.tensor([3, 1])
+    torch.library.opcheck(ops.fused_dropout, (x, b, r, rng, 0.5, activation, []))
+    torch.library.opcheck(ops.fused_dropout, (x.requires_grad_(), b.requires_grad_(), r, rng, 0.5, activation, []))
+    torch.library.opcheck(ops.fused_dropout_backward, (r, x.detach(), b.detach(), rng, 0.5, activation, [], True))
+    torch.library.opcheck(ops.dropout_mask, (rng, [3, 5], 0.25))
+
+
+def test_saves_nothing_per_element_for_plain_dropout():
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(1000, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.dropout(x, 0.5).sum().backward()
+    assert sum(saved) <= 16  # just [seed, offset]
+
+
+def test_compile_fullgraph_matches_eager():
+    def f(x, b, r):
+        return F.fused_dropout(x, 0.3, bias=b, residual=r, activation="gelu", seed=11)
+
+    x = torch.randn(16, 32, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    r = torch.randn(16, 32)
+    compiled = torch.compile(f, fullgraph=True)
+    y_c = compiled(x, b, r)
+    y_e = f(x, b, r)
+    assert_bitwise_equal(y_c, y_e)
+    g = torch.randn(16, 32)
+    gx_c, gb_c = torch.autograd.grad(y_c, (x, b), g)
+    gx_e, gb_e = torch.autograd.grad(y_e, (x, b), g)
+    assert_bitwise_equal(gx_c, gx_e)
+    assert_bitwise_equal(gb_c, gb_e)
+
+
+def test_compile_module_draws_from_generator_without_graph_break():
+    model = nn.Sequential(nn.Linear(8, 8), dropout_ext.Dropout(0.5))
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(torch.randn(4, 8))
+    assert y.shape == (4, 8)
+
+
+def test_manual_seed_reproducibility_and_fresh_masks():
+    x = torch.randn(1000)
+    torch.manual_seed(0)
+    a = F.dropout(x, 0.5)
+    b = F.dropout(x, 0.5)
+    torch.manual_seed(0)
+    assert_bitwise_equal(F.dropout(x, 0.5), a)
+    assert not torch.equal(a, b)
+    gen = torch.Generator().manual_seed(4)
+    c = F.dropout(x, 0.5, generator=gen)
+    gen.manual_seed(4)
+    assert_bitwise_equal(F.dropout(x, 0.5, generator=gen), c)
+
+
+def test_seed_and_offset_select_the_mask():
+    x = torch.randn(4096)
+    assert_bitwise_equal(F.dropout(x, 0.5, seed=1), F.dropout(x, 0.5, seed=1))
+    assert not torch.equal(F.dropout(x, 0.5, seed=1), F.dropout(x, 0.5, seed=2))
+    assert not torch.equal(F.dropout(x, 0.5, seed=1, offset=1), F.dropout(x, 0.5, seed=1))
+    assert not torch.equal(F.dropout_mask((4096,), 0.5, 2**32), F.dropout_mask((4096,), 0.5, 0))
+
+
+def test_draw_does_not_reuse_pytorch_counters():
+    # Our draw advances the generator like any random op, so the next torch op
+    # sees a fresh state.
+    torch.manual_seed(0)
+    F.dropout(torch.randn(10), 0.5)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    torch.randn(10)
+    assert not torch.equal(after, torch.rand(4))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpoint_replays_the_same_masks(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    lin = nn.Linear(16, 16)
+    block = lambda x: F.fused_dropout(lin(x), 0.5, activation="gelu")
+    x = torch.randn(8, 16, requires_grad=True)
+    torch.manual_seed(3)
+    block(x).sum().backward()
+    expected = (x.grad.clone(), lin.weight.grad.clone())
+    x.grad = None
+    lin.weight.grad = None
+    torch.manual_seed(3)
+    checkpoint(block, x, use_reentrant=use_reentrant).sum().backward()
+    assert_bitwise_equal(x.grad, expected[0])
+    assert_bitwise_equal(lin.weight.grad, expected[1])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_backends_agree(backend, monkeypatch):
+    x, b = torch.randn(5, 9), torch.randn(9)
+    y = F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8, backend=backend)
+    monkeypatch.setenv("DROPOUT_EXT_BACKEND", backend)
+    assert_bitwise_equal(F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8), y)
+    assert_bitwise_equal(y, F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8, backend="cpu"))
+
+
+def test_available_backends_on_cpu():
+    assert dropout_ext.available_backends("cpu") == ["cpu", "reference"]
+
+
+def test_reference_backend_gradients_equal_kernel():
+    x = torch.randn(6, 10, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    g = torch.randn(6, 10)
+    grads = []
+    for backend in ("cpu", "reference"):
+        y = F.fused_dropout(x, 0.3, bias=b, activation="silu", seed=4, backend=backend)
+        grads.append(torch.autograd.grad(y, (x, b), g))
+    assert_bitwise_equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-5)
