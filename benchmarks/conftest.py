@@ -1,0 +1,127 @@
+"""Benchmark options, the shared result table, and the report written when
+the run ends (table on the terminal, JSON and PNG plots in the results
+folder)."""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dropout_ext
+
+ROWS = []
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("dropout_ext benchmarks")
+    g.addoption("--bench-mode", choices=("default", "full", "smoke"), default="default",
+                help="default: a handful of sizes; full: the whole sweep; smoke: tiny, no timing claims")
+    g.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.addoption("--bench-threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.addoption("--bench-out", default=os.path.join(os.path.dirname(__file__), "results", "latest"),
+                help="folder for the JSON and the plots")
+
+
+def bench_device(config) -> torch.device:
+    name = config.getoption("--bench-device")
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def pytest_configure(config):
+    threads = config.getoption("--bench-threads") or os.cpu_count()
+    torch.set_num_threads(threads)
+
+
+def environment(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "dropout_ext": dropout_ext.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "pytest " + " ".join(sys.argv[1:]),
+    }
+
+
+def _add_ratios(rows):
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["op"], r["direction"], r["dtype"], r["numel"]), {})[r["impl"]] = r
+    copies = {(r["dtype"], r["numel"]): r for r in rows if r["impl"] == "copy"}
+    for key, impls in by_case.items():
+        copy = copies.get((key[2], key[3]))
+        for r in impls.values():
+            if r["impl"] == "copy":
+                continue
+            for base, field in (("eager", "speedup_vs_eager"), ("torch.compile", "speedup_vs_compile")):
+                if base in impls:
+                    r[field] = impls[base]["time_s"] / r["time_s"]
+            if copy is not None:
+                r["copy_gbps"] = copy["gbps"]
+                r["pct_of_copy"] = 100.0 * r["gbps"] / copy["gbps"]
+                r["time_over_copy"] = r["time_s"] / copy["time_s"]
+
+
+def _table(rows) -> str:
+    head = f"{'op':24} {'dir':17} {'dtype':9} {'numel':>6} {'impl':22} {'time':>10} {'GB/s':>7} {'%copy':>6} {'x eager':>8} {'x compile':>9} {'saved B/el':>10}"
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["op"], r["direction"], r["dtype"], r["numel"], r["impl"])):
+        t = r["time_s"]
+        t_s = f"{t * 1e3:8.3f}ms" if t >= 1e-4 else f"{t * 1e6:8.2f}us"
+        f = lambda k, fmt: (fmt % r[k]) if r.get(k) is not None else "-"
+        lines.append(f"{r['op']:24} {r['direction']:17} {r['dtype']:9} 2^{int(r['numel']).bit_length() - 1:<4} {r['impl']:22} "
+                     f"{t_s:>10} {r['gbps']:7.1f} {f('pct_of_copy', '%5.0f%%'):>6} {f('speedup_vs_eager', '%7.2fx'):>8} "
+                     f"{f('speedup_vs_compile', '%8.2fx'):>9} {f('saved_bytes_per_elem', '%10.2f'):>10}")
+    return "\n".join(lines)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not ROWS:
+        return
+    device = bench_device(config)
+    _add_ratios(ROWS)
+    env = environment(device)
+    mode = config.getoption("--bench-mode")
+    terminalreporter.write_sep("=", f"dropout_ext benchmark report: {env['device_name']} ({mode} run)")
+    terminalreporter.write_line(f"torch {env['torch']}, triton {env['triton']}, threads {env['cpu_threads']}, {env['date']}")
+    terminalreporter.write_line("time: median per call; GB/s: minimal bytes / time; %copy: of clone() measured "
+                                "in this run; x eager / x compile: speedups measured side by side")
+    terminalreporter.write_line(_table(ROWS))
+    if mode == "smoke":
+        return
+    out = config.getoption("--bench-out")
+    os.makedirs(out, exist_ok=True)
+    tag = f"{device.type}-{mode}"
+    path = os.path.join(out, f"bench-{tag}.json")
+    with open(path, "w") as f:
+        json.dump({"environment": env, "rows": ROWS}, f, indent=1)
+    terminalreporter.write_line(f"results: {path}")
+    plot = os.path.join(os.path.dirname(__file__), "plot.py")
+    proc = subprocess.run([sys.executable, plot, path, "--out", out], capture_output=True, text=True)
+    terminalreporter.write_line(proc.stdout.strip() or proc.stderr.strip())

@@ -1,0 +1,74 @@
+"""The performance report: every dropout_ext backend present against
+nn.Dropout / the eager composition and torch.compile of it, side by side.
+
+    pytest benchmarks --benchmark-only                # a handful of sizes
+    pytest benchmarks --benchmark-only --bench-mode=full
+"""
+
+import pytest
+import torch
+
+import cases
+from conftest import ROWS, bench_device
+
+COPIES = 3
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    device = bench_device(config)
+    mode = config.getoption("--bench-mode")
+    ops = list(cases.OPS) if mode == "full" else cases.DEFAULT_OPS
+    if "op" in metafunc.fixturenames:
+        params = [(op, d, dt, n) for op in ops for d in cases.DIRECTIONS
+                  for dt in cases.dtypes(device, mode) for n in cases.sizes(device, mode)]
+        ids = [f"{op}-{d}-{str(dt).replace('torch.', '')}-2^{cases.log2(n)}" for op, d, dt, n in params]
+        metafunc.parametrize("op,direction,dtype,numel", params, ids=ids)
+    if "copy_case" in metafunc.fixturenames:
+        params = [(dt, n) for dt in cases.dtypes(device, mode) for n in cases.sizes(device, mode)]
+        metafunc.parametrize("copy_case", params, ids=[f"{str(dt).replace('torch.', '')}-2^{cases.log2(n)}" for dt, n in params])
+
+
+def _record(benchmark, row, samples):
+    med = cases.median(samples)
+    row.update(time_s=med, gbps=row["bytes"] / med / 1e9, rounds=len(samples))
+    benchmark.extra_info.update(row)
+    ROWS.append(row)
+
+
+def test_copy_bandwidth(benchmark, request, copy_case):
+    """clone(): the device's copy bandwidth, the ceiling for a read-one-write-one op."""
+    dtype, numel = copy_case
+    device = bench_device(request.config)
+    mode = request.config.getoption("--bench-mode")
+    rounds, warmup = cases.rounds_for(numel, mode)
+    call = cases.copy_call(numel, dtype, device, COPIES)
+    samples = cases.time_call(call, device, COPIES, rounds, warmup)
+    benchmark.pedantic(call, args=(0,), rounds=1, iterations=1)
+    elem = torch.empty((), dtype=dtype).element_size()
+    _record(benchmark, {"op": "copy", "direction": "forward", "dtype": str(dtype).replace("torch.", ""),
+                        "numel": numel, "impl": "copy", "bytes": 2 * numel * elem}, samples)
+
+
+@pytest.mark.parametrize("impl", ["dropout_ext", "eager", "torch.compile"])
+def test_op(benchmark, request, op, direction, dtype, numel, impl):
+    device = bench_device(request.config)
+    mode = request.config.getoption("--bench-mode")
+    impls = cases.implementations(op, device)
+    names = [n for n in impls if n.startswith(impl)] if impl == "dropout_ext" else [impl]
+    rounds, warmup = cases.rounds_for(numel, mode)
+    elem = torch.empty((), dtype=dtype).element_size()
+    for name in names:
+        fn = impls[name]
+        sets = cases.make_inputs(op, numel, dtype, device, direction != "forward", COPIES)
+        call = cases.make_call(fn, direction, sets)
+        samples = cases.time_call(call, device, COPIES, rounds, max(warmup, 2))
+        benchmark.pedantic(call, args=(0,), rounds=1, iterations=1)
+        row = {"op": op, "direction": direction, "dtype": str(dtype).replace("torch.", ""), "numel": numel,
+               "impl": name, "bytes": cases.minimal_bytes(op, direction, numel, elem)}
+        try:
+            row["saved_bytes_per_elem"] = cases.saved_bytes_per_element(fn, op, dtype, device)
+        except Exception as exc:  # a compiled graph may refuse the hooks
+            row["saved_bytes_per_elem"] = None
+            row["saved_bytes_note"] = f"{type(exc).__name__}"
+        _record(benchmark, row, samples)

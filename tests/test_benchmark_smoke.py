@@ -1,0 +1,18 @@
+"""The benchmark suite runs end to end at a tiny size (no timing claims), so
+it cannot rot."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_suite_smoke():
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "--bench-mode=smoke",
+         "--bench-device=cpu", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "dropout_ext benchmark report" in out.stdout
+    assert "dropout_ext[cpu]" in out.stdout
