@@ -66,12 +66,15 @@ def ext_fn(op: str, backend: str) -> Callable:
     return fn
 
 
-def implementations(op: str, device: torch.device) -> Dict[str, Callable]:
-    impls = {f"dropout_ext[{name}]": ext_fn(op, name)
-             for name in dropout_ext.available_backends(device) if name != "reference"}
-    impls["eager"] = eager_fn(op)
-    impls["torch.compile"] = torch.compile(eager_fn(op), dynamic=False)
-    return impls
+def implementations(op: str, device: torch.device, kind: str) -> Dict[str, Callable]:
+    """The implementations of one kind: every dropout_ext backend here, the
+    eager composition, or torch.compile of it (built only when asked for)."""
+    if kind == "dropout_ext":
+        return {f"dropout_ext[{name}]": ext_fn(op, name)
+                for name in dropout_ext.available_backends(device) if name != "reference"}
+    if kind == "eager":
+        return {"eager": eager_fn(op)}
+    return {"torch.compile": torch.compile(eager_fn(op), dynamic=False)}
 
 
 def make_inputs(op: str, numel: int, dtype, device, requires_grad: bool, copies: int):

@@ -54,12 +54,10 @@ def test_copy_bandwidth(benchmark, request, copy_case):
 def test_op(benchmark, request, op, direction, dtype, numel, impl):
     device = bench_device(request.config)
     mode = request.config.getoption("--bench-mode")
-    impls = cases.implementations(op, device)
-    names = [n for n in impls if n.startswith(impl)] if impl == "dropout_ext" else [impl]
+    impls = cases.implementations(op, device, impl)
     rounds, warmup = cases.rounds_for(numel, mode)
     elem = torch.empty((), dtype=dtype).element_size()
-    for name in names:
-        fn = impls[name]
+    for name, fn in impls.items():
         sets = cases.make_inputs(op, numel, dtype, device, direction != "forward", COPIES)
         call = cases.make_call(fn, direction, sets)
         samples = cases.time_call(call, device, COPIES, rounds, max(warmup, 2))

@@ -1,18 +1,6 @@
-"""Shared helpers and the suite's skip markers (the only place they are defined).
+"""Shared helpers for the test suite."""
 
-No CUDA query runs at import time: markers use pytest's lazy string conditions.
-"""
-
-import pytest
 import torch
-
-
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-requires_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()",
-                                   reason="needs a CUDA GPU (none visible)")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
