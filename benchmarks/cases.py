@@ -116,27 +116,32 @@ def copy_call(numel: int, dtype, device, copies: int) -> Callable[[int], None]:
     return lambda k: srcs[k].clone()
 
 
-def time_call(call: Callable[[int], None], device: torch.device, copies: int, rounds: int,
-              warmup: int) -> List[float]:
-    """Seconds per call, one sample per round, rotating the input sets. On
-    CUDA each sample is a CUDA-event interval after a synchronised warm-up."""
+def time_calls(calls: List[Callable[[int], None]], device: torch.device, copies: int, rounds: int,
+               warmup: int) -> List[List[float]]:
+    """Seconds per call for each callable, one sample per round, rotating the
+    input sets. The callables alternate within each round, so a slow phase of
+    the machine (page reclaim, another process) hits them alike and their
+    ratio holds. On CUDA each sample is a CUDA-event interval after a
+    synchronised warm-up."""
     for i in range(warmup):
-        call(i % copies)
-    samples = []
+        for call in calls:
+            call(i % copies)
+    samples: List[List[float]] = [[] for _ in calls]
     if device.type == "cuda":
         torch.cuda.synchronize()
-        for i in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call(i % copies)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-    else:
-        for i in range(rounds):
-            t0 = time.perf_counter()
-            call(i % copies)
-            samples.append(time.perf_counter() - t0)
+    for i in range(rounds):
+        for call, out in zip(calls, samples):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call(i % copies)
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                call(i % copies)
+                out.append(time.perf_counter() - t0)
     return samples
 
 
@@ -179,10 +184,16 @@ def dtypes(device: torch.device, mode: str):
     return out
 
 
-def rounds_for(numel: int, mode: str) -> Tuple[int, int]:
+def rounds_for(numel: int, mode: str, device: torch.device) -> Tuple[int, int]:
+    """(rounds, warm-up calls): enough rounds for a stable median, bounded so
+    the slowest CPU case (nn.Dropout at 2**26) stays within seconds."""
     if mode == "smoke":
         return 1, 1
-    return (5, 2) if numel >= (1 << 24) else (25, 5)
+    if device.type == "cuda":
+        return 100, 10
+    if numel >= (1 << 26):
+        return 7, 2
+    return (15, 3) if numel >= (1 << 24) else (50, 5)
 
 
 def log2(n: int) -> int:

@@ -41,9 +41,9 @@ def test_copy_bandwidth(benchmark, request, copy_case):
     dtype, numel = copy_case
     device = bench_device(request.config)
     mode = request.config.getoption("--bench-mode")
-    rounds, warmup = cases.rounds_for(numel, mode)
+    rounds, warmup = cases.rounds_for(numel, mode, device)
     call = cases.copy_call(numel, dtype, device, COPIES)
-    samples = cases.time_call(call, device, COPIES, rounds, warmup)
+    samples, = cases.time_calls([call], device, COPIES, rounds, warmup)
     benchmark.pedantic(call, args=(0,), rounds=1, iterations=1)
     elem = torch.empty((), dtype=dtype).element_size()
     _record(benchmark, {"op": "copy", "direction": "forward", "dtype": str(dtype).replace("torch.", ""),
@@ -55,15 +55,19 @@ def test_op(benchmark, request, op, direction, dtype, numel, impl):
     device = bench_device(request.config)
     mode = request.config.getoption("--bench-mode")
     impls = cases.implementations(op, device, impl)
-    rounds, warmup = cases.rounds_for(numel, mode)
+    rounds, warmup = cases.rounds_for(numel, mode, device)
     elem = torch.empty((), dtype=dtype).element_size()
     for name, fn in impls.items():
         sets = cases.make_inputs(op, numel, dtype, device, direction != "forward", COPIES)
         call = cases.make_call(fn, direction, sets)
-        samples = cases.time_call(call, device, COPIES, rounds, max(warmup, 2))
+        # clone() of the same tensor, timed in alternation with the op: the
+        # copy ceiling for this case, immune to the machine's slow phases.
+        copy = cases.copy_call(numel, dtype, device, COPIES)
+        samples, copy_samples = cases.time_calls([call, copy], device, COPIES, rounds, max(warmup, 2))
         benchmark.pedantic(call, args=(0,), rounds=1, iterations=1)
         row = {"op": op, "direction": direction, "dtype": str(dtype).replace("torch.", ""), "numel": numel,
-               "impl": name, "bytes": cases.minimal_bytes(op, direction, numel, elem)}
+               "impl": name, "bytes": cases.minimal_bytes(op, direction, numel, elem),
+               "copy_time_s": cases.median(copy_samples), "copy_bytes": 2 * numel * elem}
         try:
             row["saved_bytes_per_elem"] = cases.saved_bytes_per_element(fn, op, dtype, device)
         except Exception as exc:  # a compiled graph may refuse the hooks

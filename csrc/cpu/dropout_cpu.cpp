@@ -31,9 +31,6 @@ namespace {
 constexpr int64_t kChunk = 256;
 constexpr int64_t kGrain = 1 << 15;
 constexpr uint32_t kDropMask = 0x80000000u;
-// Outputs above this size bypass the caches on store (they cannot stay
-// cached for the next op anyway).
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 template <typename scalar_t>
 struct KernelArgs {
@@ -43,7 +40,6 @@ struct KernelArgs {
   const scalar_t* bias = nullptr;
   const scalar_t* res = nullptr;
   scalar_t* out = nullptr;
-  bool stream = false;             // output larger than the caches: non-temporal stores
   int64_t H = 1;                   // last dimension (bias length)
   MaskParams mp{};
   acc_t scale = acc_t(1);
@@ -60,67 +56,56 @@ DX_INLINE void philox_words_scalar(const MaskParams& mp, uint64_t g0, int64_t ng
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DX_HAVE_AVX2_BUILD 1
-// Eight Philox groups per step in AVX2 registers; words land in element
-// order (group g's four words at w[4g .. 4g+3]).
+// Eight Philox groups per step in AVX2 registers, each counter word held in
+// the low half of a 64-bit lane: vpmuludq then yields the whole 64-bit
+// product, so a round costs two multiplies, two shifts and four xors per four
+// groups (no blends); the high halves carry garbage that vpmuludq ignores and
+// the final pack drops. Words land in element order (group g at w[4g..4g+3]).
+__attribute__((target("avx2"))) inline void philox4_avx2(__m256i c0, __m256i c1, __m256i c2, __m256i c3,
+                                                          const __m256i* keys, uint32_t* w) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
+  const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
+  for (int r = 0; r < 10; ++r) {
+    const __m256i p0 = _mm256_mul_epu32(c0, m0);
+    const __m256i p1 = _mm256_mul_epu32(c2, m1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), keys[2 * r]);
+    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), keys[2 * r + 1]);
+    c1 = p1;
+    c3 = p0;
+  }
+  // (w0, w1) and (w2, w3) of groups 0..3 as 32-bit pairs, then group order.
+  const __m256i a = _mm256_blend_epi32(c0, _mm256_slli_epi64(c1, 32), 0xAA);
+  const __m256i b = _mm256_blend_epi32(c2, _mm256_slli_epi64(c3, 32), 0xAA);
+  const __m256i g02 = _mm256_unpacklo_epi64(a, b);
+  const __m256i g13 = _mm256_unpackhi_epi64(a, b);
+  __m256i* out = reinterpret_cast<__m256i*>(w);
+  _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(g02, g13, 0x20));
+  _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(g02, g13, 0x31));
+}
+
 __attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& mp, uint64_t g0,
                                                                int64_t ngroups, uint32_t* w) {
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i keys[20];
+  uint32_t k0 = mp.key0, k1 = mp.key1;
+  for (int r = 0; r < 10; ++r) {
+    keys[2 * r] = _mm256_set1_epi64x(k0);
+    keys[2 * r + 1] = _mm256_set1_epi64x(k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  const __m256i c2 = _mm256_set1_epi64x(mp.offset_lo);
+  const __m256i c3 = _mm256_set1_epi64x(mp.offset_hi);
   for (int64_t j = 0; j < ngroups; j += 8) {
+    // 64-bit group numbers, split into counter words; a batch may cross a
+    // 2**32 boundary of the group number.
     const uint64_t g = g0 + static_cast<uint64_t>(j);
-    // Counter low word g + lane may wrap into the high word within a batch.
-    const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
-    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), _mm256_set1_epi32(INT32_MIN)),
-                                               _mm256_xor_si256(lo, _mm256_set1_epi32(INT32_MIN)));
-    __m256i c0 = lo;
-    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32))), wrapped);
-    __m256i c2 = _mm256_set1_epi32(static_cast<int>(mp.offset_lo));
-    __m256i c3 = _mm256_set1_epi32(static_cast<int>(mp.offset_hi));
-    uint32_t k0 = mp.key0, k1 = mp.key1;
-    for (int r = 0; r < 10; ++r) {
-      const __m256i p0e = _mm256_mul_epu32(c0, m0);
-      const __m256i p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
-      const __m256i p1e = _mm256_mul_epu32(c2, m1);
-      const __m256i p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
-      const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
-      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
-      const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
-      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = lo1;
-      c3 = lo0;
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    const __m256i a = _mm256_unpacklo_epi32(c0, c1), b = _mm256_unpacklo_epi32(c2, c3);
-    const __m256i c = _mm256_unpackhi_epi32(c0, c1), d = _mm256_unpackhi_epi32(c2, c3);
-    const __m256i v0 = _mm256_unpacklo_epi64(a, b), v1 = _mm256_unpackhi_epi64(a, b);
-    const __m256i v2 = _mm256_unpacklo_epi64(c, d), v3 = _mm256_unpackhi_epi64(c, d);
-    __m256i* out = reinterpret_cast<__m256i*>(w + 4 * j);
-    _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(v0, v1, 0x20));
-    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(v2, v3, 0x20));
-    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(v0, v1, 0x31));
-    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(v2, v3, 0x31));
+    const __m256i ga = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)), _mm256_setr_epi64x(0, 1, 2, 3));
+    const __m256i gb = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)), _mm256_setr_epi64x(4, 5, 6, 7));
+    philox4_avx2(ga, _mm256_srli_epi64(ga, 32), c2, c3, keys, w + 4 * j);
+    philox4_avx2(gb, _mm256_srli_epi64(gb, 32), c2, c3, keys, w + 4 * j + 16);
   }
 }
 
-// Writes a finished chunk with non-temporal stores: for outputs far larger
-// than the caches this skips the read-for-ownership of every destination
-// line, a third of the traffic of a read-one-write-one kernel.
-__attribute__((target("avx2"))) inline void stream_out_avx2(void* dst, const void* src, int64_t bytes) {
-  char* d = static_cast<char*>(dst);
-  const char* s = static_cast<const char*>(src);
-  int64_t head = std::min<int64_t>(bytes, (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
-  std::memcpy(d, s, static_cast<size_t>(head));
-  int64_t i = head;
-  for (; i + 32 <= bytes; i += 32) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
-  }
-  std::memcpy(d + i, s + i, static_cast<size_t>(bytes - i));
-}
 #endif
 
 // Keep bits for logical elements [pos, pos + len), len <= kChunk, as 32-bit
@@ -240,7 +225,6 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
   const bool structured = a.mask != nullptr;
   const bool rowwise = BIAS || structured || partial != nullptr;
   uint32_t keep[kChunk];
-  alignas(64) scalar_t staged[kChunk];
   int64_t pos = begin;
   while (pos < end) {
     int64_t len = std::min<int64_t>(end - pos, kChunk - (pos & 3));
@@ -254,28 +238,14 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
     } else {
       philox_keep<AVX2>(a.mp, pos, len, keep);
     }
-    bool streamed = false;
-#ifdef DX_HAVE_AVX2_BUILD
-    if constexpr (AVX2) streamed = a.stream;
-#endif
-    scalar_t* dst = streamed ? staged : a.out + pos;
+    scalar_t* dst = a.out + pos;
     if constexpr (BWD) {
       bwd_chunk<scalar_t, A, BIAS>(a, pos, len, h, keep, partial, dst);
     } else {
       fwd_chunk<scalar_t, A, BIAS>(a, pos, len, h, keep, dst);
     }
-#ifdef DX_HAVE_AVX2_BUILD
-    if constexpr (AVX2) {
-      if (streamed) stream_out_avx2(a.out + pos, staged, len * static_cast<int64_t>(sizeof(scalar_t)));
-    }
-#endif
     pos += len;
   }
-#ifdef DX_HAVE_AVX2_BUILD
-  if constexpr (AVX2) {
-    if (a.stream) _mm_sfence();
-  }
-#endif
 }
 
 template <bool AVX2>
@@ -361,7 +331,6 @@ void fill_common(KernelArgs<scalar_t>& a, Layout& lay, const at::Tensor& input, 
   a.mp = mp;
   a.scale = p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
   a.H = input.dim() >= 1 ? std::max<int64_t>(input.size(-1), 1) : 1;
-  a.stream = input.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamBytes;
   if (lay.mask.defined()) {
     a.mask = lay.mask.const_data_ptr<bool>();
     a.ndim = input.dim();
