@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import torch
 
-from . import _ops
+from . import _autograd, _ops
 from . import reference as ref
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
@@ -18,10 +18,10 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
-        from . import triton_kernels  # noqa: F401
+        from . import _triton_ops
     except Exception:  # triton missing or unusable here
         return False
-    return triton_kernels.AVAILABLE
+    return _triton_ops.AVAILABLE
 
 
 def available_backends(device="cpu") -> List[str]:
@@ -56,38 +56,41 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
+def _reference_backward(grad, input, bias, rng, p, activation, mask_shape, bias_grad):
+    seed, offset = (int(v) for v in rng.tolist())
+    return ref.fused_dropout_backward(grad, input, bias, seed, offset, p, activation, mask_shape, bias_grad)
+
+
 class _ReferenceFn(torch.autograd.Function):
     """The reference as an autograd function, with the kernels' backward."""
 
     @staticmethod
     def forward(ctx, x, bias, residual, rng, p, activation, mask_shape):
         seed, offset = (int(v) for v in rng.tolist())
-        ctx.args = (seed, offset, p, activation, mask_shape, bias is not None)
+        ctx.args = (p, activation, mask_shape, bias is not None)
         ctx.save_for_backward(rng, x if activation != "identity" else None, bias)
         return ref.fused_dropout(x, bias, residual, seed, offset, p, activation, mask_shape)
 
     @staticmethod
     def backward(ctx, grad):
-        seed, offset, p, activation, mask_shape, has_bias = ctx.args
+        p, activation, mask_shape, has_bias = ctx.args
         rng, x, bias = ctx.saved_tensors
-        need_x, need_b, need_r = ctx.needs_input_grad[:3]
-        gx = gb = None
-        if activation == "identity" and not (has_bias and need_b):
-            if need_x:
-                gx = _ReferenceFn.apply(grad, None, None, rng, p, "identity", mask_shape)
-        elif need_x or need_b:
-            gx, gb = ref.fused_dropout_backward(grad, x, bias, seed, offset, p, activation, mask_shape,
-                                                bool(need_b and has_bias))
-        return gx, gb, grad if need_r else None, None, None, None, None
+        gx, gb, gr = _autograd.plan_backward(grad, rng, x, bias, p, activation, mask_shape, has_bias,
+                                             ctx.needs_input_grad[:3], _ReferenceFn.apply, _reference_backward)
+        return gx, gb, gr, None, None, None, None
 
 
 def run(name: str, x, bias, residual, rng, p: float, activation: str, mask_shape):
     if name in ("cpu", "cuda"):
         return _ops.ops.fused_dropout(x, bias, residual, rng, p, activation, list(mask_shape))
     if name == "triton":
-        from . import triton_kernels
+        from . import _triton_ops
 
-        return triton_kernels.fused_dropout(x, bias, residual, rng, p, activation, list(mask_shape))
+        if x.dtype in _triton_ops.DTYPES:
+            return _triton_ops.ops.triton_fused_dropout(x, bias, residual, rng, p, activation, list(mask_shape))
+        # float64 has no Triton kernel: the CUDA kernel where built, else the reference.
+        if _ops.has_cuda_kernels():
+            return run("cuda", x, bias, residual, rng, p, activation, mask_shape)
     return _ReferenceFn.apply(x, bias, residual, rng, p, activation, tuple(mask_shape))
 
 
@@ -95,8 +98,8 @@ def mask(name: str, rng, shape, p: float, device: torch.device):
     if name in ("cpu", "cuda"):
         return _ops.ops.dropout_mask(rng.to(device), list(shape), p)
     if name == "triton":
-        from . import triton_kernels
+        from . import _triton_ops
 
-        return triton_kernels.dropout_mask(rng.to(device), list(shape), p)
+        return _triton_ops.ops.triton_dropout_mask(rng.to(device), list(shape), p)
     seed, offset = (int(v) for v in rng.tolist())
     return ref.dropout_mask(shape, p, seed, offset, device=device)

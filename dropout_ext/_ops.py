@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from . import _autograd
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.dropout_ext)
 
@@ -51,32 +53,4 @@ if HAS_C:
     def _dropout_mask_fake(rng, shape, p):
         return rng.new_empty(shape, dtype=torch.bool)
 
-    def _setup_context(ctx, inputs, output):
-        input, bias, residual, rng, p, activation, mask_shape = inputs
-        ctx.p, ctx.activation, ctx.mask_shape = p, activation, mask_shape
-        ctx.has_bias = bias is not None
-        # Only (seed, offset) is kept for the mask; the input only where the
-        # activation's derivative needs it.
-        if activation == "identity":
-            ctx.save_for_backward(rng, None, None)
-        else:
-            ctx.save_for_backward(rng, input, bias)
-
-    def _backward(ctx, grad):
-        rng, input, bias = ctx.saved_tensors
-        need_x, need_b, need_r = ctx.needs_input_grad[:3]
-        gx = gb = None
-        if ctx.activation == "identity" and not (ctx.has_bias and need_b):
-            # The backward of dropout is dropout with the same mask: calling
-            # the forward op keeps double backward working.
-            if need_x:
-                gx = ops.fused_dropout(grad, None, None, rng, ctx.p, "identity", ctx.mask_shape)
-        elif need_x or need_b:
-            gx, gb = ops.fused_dropout_backward(grad, input, bias, rng, ctx.p, ctx.activation,
-                                                ctx.mask_shape, bool(need_b and ctx.has_bias))
-            if not need_b:
-                gb = None
-        gr = grad if need_r else None
-        return gx, gb, gr, None, None, None, None
-
-    torch.library.register_autograd("dropout_ext::fused_dropout", _backward, setup_context=_setup_context)
+    _autograd.register("dropout_ext::fused_dropout", ops.fused_dropout, ops.fused_dropout_backward)

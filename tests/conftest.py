@@ -4,9 +4,14 @@ import torch
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor, for exact (NaN- and sign-aware) equality."""
+    """The raw bits of a float tensor, for exact (sign-of-zero-aware) equality.
+    Every NaN maps to one pattern: NaN payloads and signs differ between
+    hardware and are not part of the contract (docs/RNG.md)."""
     view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(view)
+    t = t.contiguous()
+    if t.is_floating_point():
+        t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
+    return t.view(view)
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
