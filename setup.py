@@ -23,10 +23,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # no result.
 # -fopenmp: at::parallel_for is an inline template over OpenMP, so without it
 # the kernels silently run on one thread.
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp"]
+# The C++ standard is left to torch.utils.cpp_extension, which picks the one
+# the installed torch's headers need.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xptxas=-v"] if os.environ.get(
-    "DROPOUT_EXT_PTXAS_VERBOSE") else ["-O3", "-std=c++17", "--fmad=false"]
+# --fmad=false: the CUDA kernels round the activations exactly as the CPU does.
+NVCC_FLAGS = ["-O3", "--fmad=false"]
 
 
 def _rel(paths):
@@ -52,13 +54,14 @@ def extensions():
     cpu_sources = _rel([os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     use_cuda, why = _want_cuda()
     if use_cuda:
-        cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
+        cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) +
+                            glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
         print(f"dropout_ext: building CPU and CUDA kernels ({why})")
         return [
             CUDAExtension(
                 "dropout_ext._C",
                 cpu_sources + cuda_sources,
-                extra_compile_args={"cxx": CXX_FLAGS + ["-DDROPOUT_EXT_WITH_CUDA"], "nvcc": NVCC_FLAGS},
+                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
                 extra_link_args=LINK_FLAGS,
             )
         ]

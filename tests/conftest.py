@@ -1,5 +1,6 @@
 """Shared helpers for the test suite."""
 
+import pytest
 import torch
 
 
@@ -32,3 +33,9 @@ TOLERANCES = {
     torch.float32: (torch.float32, 1e-5, 1e-5),
     torch.float64: (torch.float64, 1e-12, 1e-12),
 }
+
+
+# The one place GPU tests are marked. The condition is a string, evaluated
+# when a test runs, so collecting the suite never queries CUDA.
+requires_cuda = pytest.mark.skipif("not torch.cuda.is_available()",
+                                   reason="needs a CUDA GPU; this machine has none")

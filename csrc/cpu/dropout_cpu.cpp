@@ -350,29 +350,6 @@ Layout make_layout(const at::Tensor& input, at::IntArrayRef mask_shape, const Ma
   return lay;
 }
 
-// Results are computed in logical (row-major) order; a non-contiguous input
-// gets its output in its own memory format, as nn.Dropout does.
-at::Tensor like_input(const at::Tensor& input, const at::Tensor& contiguous_result) {
-  if (input.is_contiguous()) return contiguous_result;
-  at::Tensor out = at::empty_like(input);
-  out.copy_(contiguous_result);
-  return out;
-}
-
-void check_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                   const std::optional<at::Tensor>& residual, const at::Tensor& rng, double p) {
-  check_float_input(input, "input");
-  check_p(p);
-  check_rng(rng, input);
-  if (bias.has_value()) check_bias(input, *bias);
-  if (residual.has_value()) {
-    check_companion(input, *residual, "residual");
-    TORCH_CHECK_VALUE(residual->sizes().equals(input.sizes()),
-                      "dropout_ext: residual must have the input's shape ", input.sizes(), ", got ",
-                      residual->sizes());
-  }
-}
-
 at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual, const at::Tensor& rng,
                              double p, c10::string_view activation, at::IntArrayRef mask_shape) {
@@ -411,20 +388,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const at::Tensor& rng, double p, c10::string_view activation, at::IntArrayRef mask_shape,
     bool bias_grad) {
-  check_float_input(grad, "grad");
-  check_p(p);
-  check_rng(rng, grad);
-  const Act act = parse_activation(activation);
-  TORCH_CHECK_VALUE(act == Act::kIdentity || input.has_value(),
-                    "dropout_ext: the backward of activation '", std::string(activation),
-                    "' needs the saved input");
-  if (input.has_value()) {
-    check_companion(grad, *input, "input");
-    TORCH_CHECK_VALUE(input->sizes().equals(grad.sizes()), "dropout_ext: input must have grad's shape ",
-                      grad.sizes(), ", got ", input->sizes());
-  }
-  if (bias.has_value()) check_bias(grad, *bias);
-  TORCH_CHECK_VALUE(!bias_grad || grad.dim() >= 1, "dropout_ext: bias_grad needs an input of rank >= 1");
+  const Act act = check_backward(grad, input, bias, rng, p, activation, bias_grad);
   const MaskParams mp = mask_params_from_host(rng, p);
   Layout lay = make_layout(grad, mask_shape, mp);
   const at::Tensor g = grad.contiguous();
@@ -486,10 +450,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& rng, at::IntArrayRef shape, double p) {
-  check_p(p);
-  TORCH_CHECK_VALUE(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2,
-                    "dropout_ext: rng must be an int64 tensor [seed, offset]");
-  for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "dropout_ext: shape must be non-negative, got ", shape);
+  check_mask_args(rng, shape, p);
   return keep_mask_cpu(mask_params_from_host(rng, p), shape);
 }
 
