@@ -15,6 +15,7 @@ import torch
 import dropout_ext
 
 ROWS = []
+MEMORY_ROWS = []
 
 
 def pytest_addoption(parser):
@@ -106,8 +107,19 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
+def _memory_table(rows) -> str:
+    head = f"{'transformer block':20} {'step time':>10} {'x nn':>6} {'peak MiB':>9} {'x nn':>6} {'saved MiB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = f"{r['peak_vs_nn']:5.2f}x" if r.get("peak_vs_nn") is not None else "-"
+        lines.append(f"{r['variant']:20} {r['step_time_s'] * 1e3:8.1f}ms {r['speedup_vs_nn']:5.2f}x "
+                     f"{r['peak_bytes'] / 2**20:9.1f} {ratio:>6} {r['saved_for_backward_bytes'] / 2**20:9.1f}")
+    lines.append(f"peak: {rows[0]['peak_kind']}; saved: bytes autograd keeps for backward in one forward")
+    return "\n".join(lines)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not ROWS:
+    if not ROWS and not MEMORY_ROWS:
         return
     device = bench_device(config)
     _add_ratios(ROWS)
@@ -117,7 +129,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"torch {env['torch']}, triton {env['triton']}, threads {env['cpu_threads']}, {env['date']}")
     terminalreporter.write_line("time: median per call; GB/s: minimal bytes / time; %copy, t/copy: against "
                                 "clone() of the same tensor timed in alternation with the op; x eager / x compile: speedups measured side by side")
-    terminalreporter.write_line(_table(ROWS))
+    if ROWS:
+        terminalreporter.write_line(_table(ROWS))
+    if MEMORY_ROWS:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(_memory_table(MEMORY_ROWS))
     if mode == "smoke":
         return
     out = config.getoption("--bench-out")
@@ -125,7 +141,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tag = f"{device.type}-{mode}"
     path = os.path.join(out, f"bench-{tag}.json")
     with open(path, "w") as f:
-        json.dump({"environment": env, "rows": ROWS}, f, indent=1)
+        json.dump({"environment": env, "rows": ROWS, "transformer_block": MEMORY_ROWS}, f, indent=1)
     terminalreporter.write_line(f"results: {path}")
     plot = os.path.join(os.path.dirname(__file__), "plot.py")
     proc = subprocess.run([sys.executable, plot, path, "--out", out], capture_output=True, text=True)

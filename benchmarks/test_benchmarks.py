@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import cases
-from conftest import ROWS, bench_device
+import transformer_block
+from conftest import MEMORY_ROWS, ROWS, bench_device
 
 COPIES = 3
 
@@ -74,3 +75,20 @@ def test_op(benchmark, request, op, direction, dtype, numel, impl):
             row["saved_bytes_per_elem"] = None
             row["saved_bytes_note"] = f"{type(exc).__name__}"
         _record(benchmark, row, samples)
+
+
+def test_transformer_block_memory(benchmark, request):
+    """A small transformer block trained a few steps with nn.Dropout, with
+    dropout_ext swapped in, and with the fused ops: peak memory and step time
+    (each variant in its own process; see transformer_block.py)."""
+    device = bench_device(request.config)
+    mode = request.config.getoption("--bench-mode")
+    threads = request.config.getoption("--bench-threads")
+    rows = benchmark.pedantic(transformer_block.run_all, args=(device.type, threads, mode == "smoke"),
+                              rounds=1, iterations=1)
+    base = next(r for r in rows if r["variant"] == "nn")
+    for r in rows:
+        r["peak_vs_nn"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] > 0 else None
+        r["speedup_vs_nn"] = base["step_time_s"] / r["step_time_s"]
+    benchmark.extra_info["rows"] = rows
+    MEMORY_ROWS.extend(rows)

@@ -16,3 +16,4 @@ def test_benchmark_suite_smoke():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "dropout_ext benchmark report" in out.stdout
     assert "dropout_ext[cpu]" in out.stdout
+    assert "dropout_ext_fused" in out.stdout  # the transformer-block memory table
