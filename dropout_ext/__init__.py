@@ -6,20 +6,32 @@ with a pure-PyTorch reference; the mask is a pure function of
 """
 
 from . import _ops
-from . import functional, reference
+from . import functional, reference, schedules
 from ._backend import BACKENDS, available_backends
 from .functional import dropout_mask
-from .modules import Dropout, FusedDropout, replace_dropout
+from .fusion import LinearDropout, fuse_dropout
+from .modules import (AlphaDropout, DropPath, Dropout, Dropout1d, Dropout2d, Dropout3d, FeatureAlphaDropout,
+                      FusedDropout, LockedDropout, replace_dropout)
 
 __all__ = [
     "BACKENDS",
+    "AlphaDropout",
+    "DropPath",
     "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "FeatureAlphaDropout",
     "FusedDropout",
+    "LinearDropout",
+    "LockedDropout",
     "available_backends",
     "dropout_mask",
     "functional",
+    "fuse_dropout",
     "reference",
     "replace_dropout",
+    "schedules",
 ]
 
 __version__ = "0.1.0"

@@ -69,7 +69,10 @@ class _ReferenceFn(torch.autograd.Function):
         seed, offset = (int(v) for v in rng.tolist())
         ctx.args = (p, activation, mask_shape, bias is not None)
         ctx.save_for_backward(rng, x if activation != "identity" else None, bias)
-        return ref.fused_dropout(x, bias, residual, seed, offset, p, activation, mask_shape)
+        out = ref.fused_dropout(x, bias, residual, seed, offset, p, activation, mask_shape)
+        if not x.is_contiguous():  # the input's memory format, as nn.Dropout keeps it
+            out = torch.empty_like(x).copy_(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -12,7 +13,8 @@ from . import _backend
 from . import reference as ref
 from ._rng import draw_rng
 
-__all__ = ["dropout", "fused_dropout", "dropout_mask"]
+__all__ = ["dropout", "fused_dropout", "dropout_mask", "dropout1d", "dropout2d", "dropout3d",
+           "alpha_dropout", "feature_alpha_dropout", "shared_mask_shape"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -109,21 +111,180 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, *, bias: Optional[torch.T
     return _backend.run(name, input, bias, residual, rng, p, activation, mshape)
 
 
-def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
-            seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
-            backend: Optional[str] = None) -> torch.Tensor:
-    """Drop-in for ``torch.nn.functional.dropout`` under the dropout_ext contract."""
-    p = _check_p(p)
-    _check_tensor(input, "input")
-    _check_seed(seed, offset, generator)
+def shared_mask_shape(shape: Sequence[int], broadcast_dims: Optional[Sequence[int]]) -> tuple:
+    """The mask shape that shares one draw along ``broadcast_dims``: ``shape``
+    with those dimensions set to 1 (negative dimensions count from the end)."""
+    shape = tuple(int(s) for s in shape)
+    if broadcast_dims is None:
+        return shape
+    if isinstance(broadcast_dims, int):
+        broadcast_dims = (broadcast_dims,)
+    out = list(shape)
+    for d in broadcast_dims:
+        if isinstance(d, bool) or not isinstance(d, int) or not -len(shape) <= d < len(shape):
+            raise ValueError(f"broadcast_dims must hold dimensions of a {len(shape)}-D input, got {broadcast_dims!r}")
+        out[d] = 1
+    return tuple(out)
+
+
+def _apply(input, p, training, inplace, mask_shape, seed, offset, generator, backend):
     name = _backend.resolve(backend, input.device)
     if not training or p == 0.0:
         return input
     rng = draw_rng(input.device, generator, seed, offset)
-    out = _backend.run(name, input, None, None, rng, p, "identity", ())
+    mshape = () if tuple(mask_shape) == tuple(input.shape) else tuple(mask_shape)
+    out = _backend.run(name, input, None, None, rng, p, "identity", mshape)
     if inplace:
         return input.copy_(out)
     return out
+
+
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+            seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
+            backend: Optional[str] = None, broadcast_dims: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout`` under the dropout_ext contract.
+
+    ``broadcast_dims`` shares one draw along those dimensions (the mask is
+    ``dropout_mask(shared_mask_shape(input.shape, broadcast_dims), ...)``
+    broadcast to the input): the same mask for every time step of a sequence
+    (variational/locked dropout), or one draw per sample (DropPath).
+    """
+    p = _check_p(p)
+    _check_tensor(input, "input")
+    _check_seed(seed, offset, generator)
+    mshape = shared_mask_shape(input.shape, broadcast_dims)
+    return _apply(input, p, training, inplace, mshape, seed, offset, generator, backend)
+
+
+def _feature_mask_shape(input: torch.Tensor) -> tuple:
+    if input.dim() < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    return tuple(input.shape[:2]) + (1,) * (input.dim() - 2)
+
+
+def _feature_dropout(input, p, training, inplace, seed, offset, generator, backend):
+    mshape = _feature_mask_shape(input)
+    return _apply(input, p, training, inplace, mshape, seed, offset, generator, backend)
+
+
+def _checked(input, p, seed, offset, generator) -> float:
+    p = _check_p(p)
+    _check_tensor(input, "input")
+    _check_seed(seed, offset, generator)
+    return p
+
+
+def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout1d``: one draw per channel of
+    an (N, C, L) or (C, L) input, broadcast over L by the kernel."""
+    p = _checked(input, p, seed, offset, generator)
+    inp_dim = input.dim()
+    if inp_dim not in (2, 3):
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {inp_dim}D input. "
+            "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
+            "spatial dimension, a channel dimension, and an optional batch dimension "
+            "(i.e. 2D or 3D inputs).")
+    batched = inp_dim == 3
+    x = input if batched else input.unsqueeze(0)
+    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend)
+    out = out if batched else out.squeeze(0)
+    if inplace and out is not input:
+        return input.copy_(out)
+    return out
+
+
+def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout2d``, with its shape rules and
+    warnings (a 3-D input is taken as (N, C, L), as PyTorch does)."""
+    p = _checked(input, p, seed, offset, generator)
+    inp_dim = input.dim()
+    if inp_dim not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {inp_dim}-D input to dropout2d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout2d "
+            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
+            stacklevel=2)
+    if inp_dim == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim. This behavior will change in a future release to interpret the "
+            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
+            "channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=2)
+    return _feature_dropout(input, p, training, inplace, seed, offset, generator, backend)
+
+
+def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout3d``: one draw per channel of
+    an (N, C, D, H, W) or (C, D, H, W) input."""
+    p = _checked(input, p, seed, offset, generator)
+    inp_dim = input.dim()
+    if inp_dim not in (4, 5):
+        warnings.warn(
+            f"dropout3d: Received a {inp_dim}-D input to dropout3d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout3d "
+            "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
+            stacklevel=2)
+    batched = inp_dim == 5
+    x = input if batched else input.unsqueeze(0)
+    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend)
+    out = out if batched else out.squeeze(0)
+    if inplace and out is not input:
+        return input.copy_(out)
+    return out
+
+
+# SELU's negative saturation value, as in ATen's alpha dropout.
+_ALPHA = 1.7580993408473766
+
+
+def _alpha(input, p, training, inplace, feature, seed, offset, generator, backend):
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    mshape = _feature_mask_shape(input) if feature else tuple(input.shape)
+    if p == 1.0:
+        out = input * torch.zeros((), dtype=input.dtype, device=input.device)
+        return input.copy_(out) if inplace else out
+    name = _backend.resolve(backend, input.device)
+    rng = draw_rng(input.device, generator, seed, offset)
+    # ATen's arithmetic on the contract's mask: keep * a, plus b where dropped,
+    # so a dropped unit sits at SELU's saturation value after the affine fix.
+    noise = _backend.mask(name, rng, mshape, p, input.device).to(input.dtype)
+    a = 1.0 / ((_ALPHA * _ALPHA * p + 1) * (1 - p)) ** 0.5
+    b = noise.add(-1).mul_(_ALPHA * a).add_(_ALPHA * a * p)
+    noise = noise.mul_(a)
+    out = input * noise + b
+    return input.copy_(out) if inplace else out
+
+
+def alpha_dropout(input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False, *,
+                  seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.alpha_dropout`` (for SELU networks):
+    the contract's mask, ATen's affine correction."""
+    p = _checked(input, p, seed, offset, generator)
+    return _alpha(input, p, training, inplace, False, seed, offset, generator, backend)
+
+
+def feature_alpha_dropout(input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False,
+                          *, seed: Optional[int] = None, offset: int = 0,
+                          generator: Optional[torch.Generator] = None,
+                          backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.feature_alpha_dropout``: one draw per channel."""
+    p = _checked(input, p, seed, offset, generator)
+    return _alpha(input, p, training, inplace, True, seed, offset, generator, backend)
 
 
 def dropout_mask(shape: Sequence[int], p: float, seed: int, offset: int = 0, *, device="cpu",

@@ -2,28 +2,121 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import functional as F
 
-__all__ = ["Dropout", "FusedDropout", "replace_dropout"]
+__all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
+           "LockedDropout", "DropPath", "FusedDropout", "replace_dropout"]
 
 
 class Dropout(nn.Dropout):
     """Drop-in for ``torch.nn.Dropout``: same arguments, errors, ``repr``,
     train/eval behaviour and (empty) state dict; the mask follows the
     dropout_ext contract. It is an ``nn.Dropout``, so code that checks
-    ``isinstance(m, nn.Dropout)`` keeps working."""
+    ``isinstance(m, nn.Dropout)`` keeps working.
 
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+    ``broadcast_dims`` (optional) shares one draw along those dimensions."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False,
+                 broadcast_dims: Optional[Sequence[int]] = None) -> None:
+        F._check_p(p)  # first: nn.Dropout lets NaN through and fails obscurely on a non-number
         super().__init__(p, inplace)
-        F._check_p(p)  # nn.Dropout lets NaN through
+        self.broadcast_dims = tuple(broadcast_dims) if broadcast_dims is not None else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.dropout(input, self.p, self.training, self.inplace)
+        return F.dropout(input, self.p, self.training, self.inplace, broadcast_dims=self.broadcast_dims)
+
+    def extra_repr(self) -> str:
+        extra = f", broadcast_dims={self.broadcast_dims}" if self.broadcast_dims is not None else ""
+        return super().extra_repr() + extra
+
+
+class Dropout1d(nn.Dropout1d):
+    """Drop-in for ``torch.nn.Dropout1d``: one draw per channel, broadcast over
+    the length by the kernel (no full-size mask)."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        F._check_p(p)
+        super().__init__(p, inplace)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.dropout1d(input, self.p, self.training, self.inplace)
+
+
+class Dropout2d(nn.Dropout2d):
+    """Drop-in for ``torch.nn.Dropout2d`` (same shape rules and warnings)."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        F._check_p(p)
+        super().__init__(p, inplace)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.dropout2d(input, self.p, self.training, self.inplace)
+
+
+class Dropout3d(nn.Dropout3d):
+    """Drop-in for ``torch.nn.Dropout3d`` (same shape rules and warnings)."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        F._check_p(p)
+        super().__init__(p, inplace)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.dropout3d(input, self.p, self.training, self.inplace)
+
+
+class AlphaDropout(nn.AlphaDropout):
+    """Drop-in for ``torch.nn.AlphaDropout`` (SELU networks)."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        F._check_p(p)
+        super().__init__(p, inplace)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.alpha_dropout(input, self.p, self.training, self.inplace)
+
+
+class FeatureAlphaDropout(nn.FeatureAlphaDropout):
+    """Drop-in for ``torch.nn.FeatureAlphaDropout``."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        F._check_p(p)
+        super().__init__(p, inplace)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.feature_alpha_dropout(input, self.p, self.training, self.inplace)
+
+
+class LockedDropout(Dropout):
+    """Variational ("locked") dropout for sequences: one mask for every time
+    step. The time dimension is 0, or 1 with ``batch_first=True``."""
+
+    def __init__(self, p: float = 0.5, batch_first: bool = False) -> None:
+        super().__init__(p, False, broadcast_dims=(1 if batch_first else 0,))
+        self.batch_first = batch_first
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, batch_first={self.batch_first}"
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole sample's branch (one draw per index of
+    dimension 0), scaling kept samples by 1 / (1 - p)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = F._check_p(p)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, input.dim()))
+        return F.dropout(input, self.p, self.training, broadcast_dims=dims or None)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class FusedDropout(nn.Module):
@@ -44,16 +137,23 @@ class FusedDropout(nn.Module):
         return f"p={self.p}, activation={self.activation!r}"
 
 
+_SWAPS = {nn.Dropout: Dropout, nn.Dropout1d: Dropout1d, nn.Dropout2d: Dropout2d, nn.Dropout3d: Dropout3d,
+          nn.AlphaDropout: AlphaDropout, nn.FeatureAlphaDropout: FeatureAlphaDropout}
+
+
 def replace_dropout(model: nn.Module) -> int:
-    """Swap every ``nn.Dropout`` in ``model`` for ``dropout_ext.Dropout`` in place,
-    keeping p, inplace and training mode; returns how many were swapped."""
+    """Swap every ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout`` and
+    ``FeatureAlphaDropout`` in ``model`` for its dropout_ext twin in place,
+    keeping p, inplace and training mode; returns how many were swapped.
+    Subclasses of those modules are left alone (their forward may differ)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                new = Dropout(child.p, child.inplace)
+            twin = _SWAPS.get(type(child))
+            if twin is not None:
+                new = twin(child.p, child.inplace)
                 new.train(child.training)
                 setattr(parent, name, new)
                 swapped += 1

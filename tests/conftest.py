@@ -35,6 +35,10 @@ TOLERANCES = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test (the huge-tensor one); deselect with -m 'not slow'")
+
+
 # The one place GPU tests are marked. The condition is a string, evaluated
 # when a test runs, so collecting the suite never queries CUDA.
 requires_cuda = pytest.mark.skipif("not torch.cuda.is_available()",

@@ -1,0 +1,81 @@
+"""fuse_dropout: Linear -> activation -> Dropout and x + Dropout(y) rewritten
+into the fused op, off by default; the fused model drops the same elements
+as the unfused one and agrees to rounding."""
+
+import pytest
+import torch
+from torch import nn
+
+import dropout_ext
+
+
+class Block(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(16, 32), act, nn.Dropout(0.3)
+        self.fc2, self.drop2 = nn.Linear(32, 16), nn.Dropout(0.2)
+
+    def forward(self, x):
+        h = self.drop1(self.act(self.fc1(x)))
+        return x + self.drop2(self.fc2(h))
+
+
+@pytest.mark.parametrize("act,name", [(nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
+                                      (nn.SiLU(), "silu"), (nn.Identity(), None)])
+def test_fused_block_matches_unfused(act, name):
+    torch.manual_seed(0)
+    model = Block(act)
+    dropout_ext.replace_dropout(model)
+    fused = dropout_ext.fuse_dropout(model)
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("LinearDropout") == (2 if name else 1)
+    x = torch.randn(8, 16, requires_grad=True)
+    torch.manual_seed(5)
+    ref = model(x)
+    torch.manual_seed(5)
+    out = fused(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the same elements are dropped: the residual branch is exactly x there
+    assert torch.equal(out == x, ref == x)
+    g = torch.randn_like(out)
+    torch.manual_seed(5)
+    gr = torch.autograd.grad(model(x), [x] + list(model.parameters()), g)
+    torch.manual_seed(5)
+    gf = torch.autograd.grad(fused(x), [x] + list(fused.parameters()), g)
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_is_off_by_default_and_leaves_the_model_alone():
+    model = Block(nn.ReLU())
+    before = [type(m) for m in model.modules()]
+    dropout_ext.fuse_dropout(model)
+    assert [type(m) for m in model.modules()] == before
+    assert dropout_ext.replace_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout())) == 1  # no implicit fusion
+
+
+def test_eval_mode_is_the_identity_on_dropout():
+    model = Block(nn.GELU()).eval()
+    fused = dropout_ext.fuse_dropout(model)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_residual_without_linear_and_unfusable_patterns():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+            self.keep = nn.Dropout(0.5)
+
+        def forward(self, x, y):
+            z = x + self.drop(y)       # fusable: residual add
+            w = self.keep(z) * 2       # not fusable: no linear, no add
+            return w
+
+    fused = dropout_ext.fuse_dropout(M())
+    assert fused.fused_count == 1
+    x, y = torch.randn(64), torch.randn(64)
+    torch.manual_seed(3)
+    out = fused(x, y)
+    assert out.shape == (64,)
