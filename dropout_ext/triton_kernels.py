@@ -154,23 +154,25 @@ def _act_bwd(gs, v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _keep_tile(rng_ptr, group0, thr, drop_all, G: tl.constexpr):
-    """Keep bits of the [G, 4] tile of elements 4 * (group0 + g) + k.
+def _keep_tile(rng_ptr, group0, thr, drop_all, ROWS: tl.constexpr, R: tl.constexpr):
+    """Keep bits of the [ROWS, R] tile of consecutive elements 4 * group0 + j.
 
-    One Philox call per group: key = the 64-bit seed, counter = (group low,
-    group high, offset low, offset high); element k of a group takes word k.
+    One Philox call per group of four: key = the 64-bit seed, counter =
+    (group low, group high, offset low, offset high); element k of a group
+    takes word k. The four words are interleaved by joins, so a row of R
+    elements (16 bytes of the tensor per thread) needs no select chain.
     """
+    NG: tl.constexpr = ROWS * R // 4
     seed = tl.load(rng_ptr)
     offset = tl.load(rng_ptr + 1)
-    group = group0 + tl.arange(0, G).to(tl.int64)
+    group = group0 + tl.arange(0, NG).to(tl.int64)
     c0 = group.to(tl.uint32)
+    zero = tl.zeros_like(c0)
     c1 = (group >> 32).to(tl.uint32)
-    c2 = offset.to(tl.uint32)
-    c3 = (offset >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1 + tl.zeros_like(c0), c2 + tl.zeros_like(c0),
-                               c3 + tl.zeros_like(c0), n_rounds=10)
-    k = tl.arange(0, 4)[None, :]
-    w = tl.where(k == 0, w0[:, None], tl.where(k == 1, w1[:, None], tl.where(k == 2, w2[:, None], w3[:, None])))
+    c2 = offset.to(tl.uint32) + zero
+    c3 = (offset >> 32).to(tl.uint32) + zero
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=10)
+    w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROWS, R])
     return (w >= thr.to(tl.uint32)) & (drop_all == 0)
 
 
@@ -222,10 +224,11 @@ def _rounded(y, dtype: tl.constexpr):
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
 def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr: "u32", drop_all: "i32",
                 scale: "fp32", ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                MASK_FROM_PTR: tl.constexpr, SIZE_CLASS: tl.constexpr, BLOCK: tl.constexpr):
-    G: tl.constexpr = BLOCK // 4
+                MASK_FROM_PTR: tl.constexpr, SIZE_CLASS: tl.constexpr, R: tl.constexpr,
+                BLOCK: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK // R
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    local = tl.arange(0, G)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
     offs = start + local
     m = offs < n
     v = _f32(tl.load(x_ptr + offs, mask=m, other=0.0))
@@ -236,7 +239,7 @@ def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr:
     if MASK_FROM_PTR:
         keep = tl.load(keep_ptr + offs, mask=m, other=0) != 0
     else:
-        keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, G)
+        keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, ROWS, R)
     y = _drop(kept, keep)
     if HAS_RES:
         y = _f32(tl.load(res_ptr + offs, mask=m, other=0.0)) + y
@@ -246,10 +249,11 @@ def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr:
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
 def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H, thr: "u32", drop_all: "i32",
                 scale: "fp32", ACT: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
-                STORE_F32: tl.constexpr, SIZE_CLASS: tl.constexpr, BLOCK: tl.constexpr):
-    G: tl.constexpr = BLOCK // 4
+                STORE_F32: tl.constexpr, SIZE_CLASS: tl.constexpr, R: tl.constexpr,
+                BLOCK: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK // R
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    local = tl.arange(0, G)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
     offs = start + local
     m = offs < n
     gs = _f32(tl.load(g_ptr + offs, mask=m, other=0.0)) * scale
@@ -264,7 +268,7 @@ def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H
     if MASK_FROM_PTR:
         keep = tl.load(keep_ptr + offs, mask=m, other=0) != 0
     else:
-        keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, G)
+        keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, ROWS, R)
     d = _drop(d, keep)
     tl.store(dx_ptr + offs, _rounded(d, dx_ptr.dtype.element_ty), mask=m)
     if STORE_F32:
@@ -274,7 +278,8 @@ def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
 def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr, rows, H, thr: "u32",
                      drop_all: "i32", scale: "fp32", ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     MASK_FROM_PTR: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     MASK_FROM_PTR: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """Backward with the bias gradient, for a last dimension H divisible by 4.
 
     Program (r, c) walks ROWS rows over columns [c * BLOCK, (c + 1) * BLOCK)
@@ -283,14 +288,14 @@ def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr
     order fixed by the shape, so the result does not vary run to run. H % 4
     == 0 keeps every row start on a Philox group boundary.
     """
-    G: tl.constexpr = BLOCK // 4
+    TR: tl.constexpr = BLOCK // R
     pid_r = tl.program_id(0).to(tl.int64)
     c_start = tl.program_id(1).to(tl.int64) * BLOCK
-    cols = c_start + tl.arange(0, G)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    cols = c_start + tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
     cm = cols < H
     if HAS_BIAS:
         b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
-    acc = tl.zeros([G, 4], dtype=tl.float32)
+    acc = tl.zeros([TR, R], dtype=tl.float32)
     for i in range(ROWS):
         row = pid_r * ROWS + i
         m = cm & (row < rows)
@@ -306,7 +311,7 @@ def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr
         if MASK_FROM_PTR:
             keep = tl.load(keep_ptr + offs, mask=m, other=0) != 0
         else:
-            keep = _keep_tile(rng_ptr, (row * H + c_start) // 4, thr, drop_all, G)
+            keep = _keep_tile(rng_ptr, (row * H + c_start) // 4, thr, drop_all, TR, R)
         d = _drop(d, keep)
         tl.store(dx_ptr + offs, _rounded(d, dx_ptr.dtype.element_ty), mask=m)
         acc += tl.where(m, d, 0.0)
@@ -315,11 +320,11 @@ def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr
 
 @triton.jit(do_not_specialize=["thr", "drop_all"])
 def _mask_kernel(out_ptr, rng_ptr, n, thr: "u32", drop_all: "i32", SIZE_CLASS: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    G: tl.constexpr = BLOCK // 4
+                 R: tl.constexpr, BLOCK: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK // R
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, G)[:, None] * 4 + tl.arange(0, 4)[None, :]
-    keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, G)
+    offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
+    keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, ROWS, R)
     tl.store(out_ptr + offs, keep, mask=offs < n)
 
 
@@ -342,6 +347,12 @@ else:
 
 def _size_class(n: int) -> int:
     return 0 if n < (1 << 20) else (1 if n < (1 << 26) else 2)
+
+
+def _elems_per_row(t: torch.Tensor) -> int:
+    """Elements per row of a tile: 16 bytes of the tensor, so each thread
+    loads and stores 128 bits at a time."""
+    return max(4, 16 // t.element_size())
 
 
 def _launch_opts() -> dict:
@@ -402,7 +413,8 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     H = x.shape[-1] if x.dim() >= 1 else 1
     wrap(_fwd)[_grid(n)](x, b, r, keep if keep is not None else x, out, rng, n, H, thr, drop_all, scale,
                          ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                         MASK_FROM_PTR=keep is not None, SIZE_CLASS=_size_class(n), **_launch_opts())
+                         MASK_FROM_PTR=keep is not None, SIZE_CLASS=_size_class(n), R=_elems_per_row(x),
+                         **_launch_opts())
     return _like_input(input, out)
 
 
@@ -440,13 +452,14 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
         opts = _launch_opts()
         grid = lambda meta: (triton.cdiv(rows, per), triton.cdiv(H, meta["BLOCK"]))  # noqa: E731
         wrap(_bwd_rows)[grid](g, x, b, kp, dx, part, rng, rows, H, thr, drop_all, scale, ACT=act,
-                              HAS_BIAS=has_bias, MASK_FROM_PTR=keep is not None, ROWS=per, **opts)
+                              HAS_BIAS=has_bias, MASK_FROM_PTR=keep is not None, ROWS=per, R=_elems_per_row(g),
+                              **opts)
         db = part.sum(0).to(g.dtype)
     else:
         d32 = torch.empty(g.shape, dtype=torch.float32, device=g.device) if bias_grad else dx
         wrap(_bwd)[_grid(n)](g, x, b, kp, dx, d32, rng, n, H, thr, drop_all, scale, ACT=act,
                              HAS_BIAS=has_bias, MASK_FROM_PTR=keep is not None, STORE_F32=bias_grad,
-                             SIZE_CLASS=_size_class(n), **_launch_opts())
+                             SIZE_CLASS=_size_class(n), R=_elems_per_row(g), **_launch_opts())
         if bias_grad:
             db = d32.reshape(-1, H).sum(0).to(g.dtype)
     return _like_input(grad, dx), db
@@ -458,5 +471,6 @@ def dropout_mask(rng: torch.Tensor, shape: List[int], p: float, wrap: Callable =
     if n == 0:
         return out
     thr, drop_all, _ = _threshold(p)
-    wrap(_mask)[_grid(n)](out, rng, n, thr, drop_all, SIZE_CLASS=_size_class(n), **_launch_opts())
+    wrap(_mask)[_grid(n)](out, rng, n, thr, drop_all, SIZE_CLASS=_size_class(n), R=_elems_per_row(out),
+                          **_launch_opts())
     return out
