@@ -56,31 +56,49 @@ DX_INLINE void philox_words_scalar(const MaskParams& mp, uint64_t g0, int64_t ng
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DX_HAVE_AVX2_BUILD 1
-// Eight Philox groups per step in AVX2 registers, each counter word held in
-// the low half of a 64-bit lane: vpmuludq then yields the whole 64-bit
-// product, so a round costs two multiplies, two shifts and four xors per four
-// groups (no blends); the high halves carry garbage that vpmuludq ignores and
-// the final pack drops. Words land in element order (group g at w[4g..4g+3]).
-__attribute__((target("avx2"))) inline void philox4_avx2(__m256i c0, __m256i c1, __m256i c2, __m256i c3,
-                                                          const __m256i* keys, uint32_t* w) {
+// Philox groups in AVX2 registers, each counter word held in the low half of
+// a 64-bit lane: vpmuludq then yields the whole 64-bit product, so a round
+// costs two multiplies, two shifts and four xors per four groups (no blends);
+// the high halves carry garbage that vpmuludq ignores and the final pack
+// drops. kLanes independent chains of four groups run interleaved to hide
+// the multiply latency. Words land in element order (group g at w[4g..4g+3]).
+constexpr int kLanes = 4;
+constexpr int64_t kGroupsPerStep = 4 * kLanes;
+
+__attribute__((target("avx2"))) inline void philox_step_avx2(uint64_t g, __m256i c2v, __m256i c3v,
+                                                              const __m256i* keys, uint32_t* w) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
   const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
-  for (int r = 0; r < 10; ++r) {
-    const __m256i p0 = _mm256_mul_epu32(c0, m0);
-    const __m256i p1 = _mm256_mul_epu32(c2, m1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), keys[2 * r]);
-    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), keys[2 * r + 1]);
-    c1 = p1;
-    c3 = p0;
+  __m256i c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    // 64-bit group numbers, split into counter words; a step may cross a
+    // 2**32 boundary of the group number.
+    const int64_t base = static_cast<int64_t>(g) + 4 * l;
+    c0[l] = _mm256_add_epi64(_mm256_set1_epi64x(base), _mm256_setr_epi64x(0, 1, 2, 3));
+    c1[l] = _mm256_srli_epi64(c0[l], 32);
+    c2[l] = c2v;
+    c3[l] = c3v;
   }
-  // (w0, w1) and (w2, w3) of groups 0..3 as 32-bit pairs, then group order.
-  const __m256i a = _mm256_blend_epi32(c0, _mm256_slli_epi64(c1, 32), 0xAA);
-  const __m256i b = _mm256_blend_epi32(c2, _mm256_slli_epi64(c3, 32), 0xAA);
-  const __m256i g02 = _mm256_unpacklo_epi64(a, b);
-  const __m256i g13 = _mm256_unpackhi_epi64(a, b);
-  __m256i* out = reinterpret_cast<__m256i*>(w);
-  _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(g02, g13, 0x20));
-  _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(g02, g13, 0x31));
+  for (int r = 0; r < 10; ++r) {
+    for (int l = 0; l < kLanes; ++l) {
+      const __m256i p0 = _mm256_mul_epu32(c0[l], m0);
+      const __m256i p1 = _mm256_mul_epu32(c2[l], m1);
+      c0[l] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1[l]), keys[2 * r]);
+      c2[l] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[l]), keys[2 * r + 1]);
+      c1[l] = p1;
+      c3[l] = p0;
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    // (w0, w1) and (w2, w3) of four groups as 32-bit pairs, then group order.
+    const __m256i a = _mm256_blend_epi32(c0[l], _mm256_slli_epi64(c1[l], 32), 0xAA);
+    const __m256i b = _mm256_blend_epi32(c2[l], _mm256_slli_epi64(c3[l], 32), 0xAA);
+    const __m256i g02 = _mm256_unpacklo_epi64(a, b);
+    const __m256i g13 = _mm256_unpackhi_epi64(a, b);
+    __m256i* out = reinterpret_cast<__m256i*>(w + 16 * l);
+    _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(g02, g13, 0x20));
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(g02, g13, 0x31));
+  }
 }
 
 __attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& mp, uint64_t g0,
@@ -95,17 +113,10 @@ __attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& 
   }
   const __m256i c2 = _mm256_set1_epi64x(mp.offset_lo);
   const __m256i c3 = _mm256_set1_epi64x(mp.offset_hi);
-  for (int64_t j = 0; j < ngroups; j += 8) {
-    // 64-bit group numbers, split into counter words; a batch may cross a
-    // 2**32 boundary of the group number.
-    const uint64_t g = g0 + static_cast<uint64_t>(j);
-    const __m256i ga = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)), _mm256_setr_epi64x(0, 1, 2, 3));
-    const __m256i gb = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)), _mm256_setr_epi64x(4, 5, 6, 7));
-    philox4_avx2(ga, _mm256_srli_epi64(ga, 32), c2, c3, keys, w + 4 * j);
-    philox4_avx2(gb, _mm256_srli_epi64(gb, 32), c2, c3, keys, w + 4 * j + 16);
+  for (int64_t j = 0; j < ngroups; j += kGroupsPerStep) {
+    philox_step_avx2(g0 + static_cast<uint64_t>(j), c2, c3, keys, w + 4 * j);
   }
 }
-
 #endif
 
 // Keep bits for logical elements [pos, pos + len), len <= kChunk, as 32-bit
@@ -115,7 +126,7 @@ __attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& 
 // branch, so the element loops vectorise. Philox lanes are independent and vectorise too.
 template <bool AVX2>
 DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint32_t* keep) {
-  uint32_t w[kChunk + 4 + 32];  // room for a last, partly used batch of 8 groups
+  uint32_t w[kChunk + 4 + 64];  // room for a last, partly used step of 16 groups
   const uint64_t g0 = static_cast<uint64_t>(pos) >> 2;
   const int64_t ngroups = ((pos + len - 1) >> 2) - static_cast<int64_t>(g0) + 1;
 #ifdef DX_HAVE_AVX2_BUILD
