@@ -128,7 +128,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_sep("=", f"dropout_ext benchmark report: {env['device_name']} ({mode} run)")
     terminalreporter.write_line(f"torch {env['torch']}, triton {env['triton']}, threads {env['cpu_threads']}, {env['date']}")
     terminalreporter.write_line("time: median per call; GB/s: minimal bytes / time; %copy, t/copy: against "
-                                "clone() of the same tensor timed in alternation with the op; x eager / x compile: speedups measured side by side")
+                                "clone() of the same tensor; x eager / x compile: speedups. All implementations of a case and its "
+                                "clone() are timed in alternation, round by round, in one test")
     if ROWS:
         terminalreporter.write_line(_table(ROWS))
     if MEMORY_ROWS:

@@ -51,30 +51,34 @@ def test_copy_bandwidth(benchmark, request, copy_case):
                         "numel": numel, "impl": "copy", "bytes": 2 * numel * elem}, samples)
 
 
-@pytest.mark.parametrize("impl", ["dropout_ext", "eager", "torch.compile"])
-def test_op(benchmark, request, op, direction, dtype, numel, impl):
+def test_op(benchmark, request, op, direction, dtype, numel):
+    """Every implementation of one case (each dropout_ext backend here, the
+    eager composition, torch.compile of it) and clone() of the same tensor,
+    timed in alternation round by round on shared inputs: a slow phase of the
+    machine hits them all alike, so the speedups and the copy ratio hold."""
     device = bench_device(request.config)
     mode = request.config.getoption("--bench-mode")
-    impls = cases.implementations(op, device, impl)
+    impls = {}
+    for kind in ("dropout_ext", "eager", "torch.compile"):
+        impls.update(cases.implementations(op, device, kind))
     rounds, warmup = cases.rounds_for(numel, mode, device)
     elem = torch.empty((), dtype=dtype).element_size()
-    for name, fn in impls.items():
-        sets = cases.make_inputs(op, numel, dtype, device, direction != "forward", COPIES)
-        call = cases.make_call(fn, direction, sets)
-        # clone() of the same tensor, timed in alternation with the op: the
-        # copy ceiling for this case, immune to the machine's slow phases.
-        copy = cases.copy_call(numel, dtype, device, COPIES)
-        samples, copy_samples = cases.time_calls([call, copy], device, COPIES, rounds, max(warmup, 2))
-        benchmark.pedantic(call, args=(0,), rounds=1, iterations=1)
+    sets = cases.make_inputs(op, numel, dtype, device, direction != "forward", COPIES)
+    names = list(impls)
+    calls = [cases.make_call(impls[name], direction, sets) for name in names]
+    copy = cases.copy_call(numel, dtype, device, COPIES)
+    *samples, copy_samples = cases.time_calls(calls + [copy], device, COPIES, rounds, max(warmup, 2))
+    benchmark.pedantic(calls[0], args=(0,), rounds=1, iterations=1)
+    for name, impl_samples in zip(names, samples):
         row = {"op": op, "direction": direction, "dtype": str(dtype).replace("torch.", ""), "numel": numel,
                "impl": name, "bytes": cases.minimal_bytes(op, direction, numel, elem),
                "copy_time_s": cases.median(copy_samples), "copy_bytes": 2 * numel * elem}
         try:
-            row["saved_bytes_per_elem"] = cases.saved_bytes_per_element(fn, op, dtype, device)
+            row["saved_bytes_per_elem"] = cases.saved_bytes_per_element(impls[name], op, dtype, device)
         except Exception as exc:  # a compiled graph may refuse the hooks
             row["saved_bytes_per_elem"] = None
             row["saved_bytes_note"] = f"{type(exc).__name__}"
-        _record(benchmark, row, samples)
+        _record(benchmark, row, impl_samples)
 
 
 def test_transformer_block_memory(benchmark, request):
