@@ -9,7 +9,6 @@ import platform
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import dropout_ext

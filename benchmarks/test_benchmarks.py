@@ -5,7 +5,6 @@ nn.Dropout / the eager composition and torch.compile of it, side by side.
     pytest benchmarks --benchmark-only --bench-mode=full
 """
 
-import pytest
 import torch
 
 import cases

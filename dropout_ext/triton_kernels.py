@@ -222,8 +222,8 @@ def _rounded(y, dtype: tl.constexpr):
 # --- kernels ------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
-def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr: "u32", drop_all: "i32",
-                scale: "fp32", ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr: tl.uint32, drop_all: tl.int32,
+                scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                 MASK_FROM_PTR: tl.constexpr, SIZE_CLASS: tl.constexpr, R: tl.constexpr,
                 BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // R
@@ -247,8 +247,8 @@ def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr:
 
 
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
-def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H, thr: "u32", drop_all: "i32",
-                scale: "fp32", ACT: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
+def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H, thr: tl.uint32, drop_all: tl.int32,
+                scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
                 STORE_F32: tl.constexpr, SIZE_CLASS: tl.constexpr, R: tl.constexpr,
                 BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // R
@@ -276,8 +276,8 @@ def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H
 
 
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
-def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr, rows, H, thr: "u32",
-                     drop_all: "i32", scale: "fp32", ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr, rows, H, thr: tl.uint32,
+                     drop_all: tl.int32, scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                      MASK_FROM_PTR: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr,
                      BLOCK: tl.constexpr):
     """Backward with the bias gradient, for a last dimension H divisible by 4.
@@ -319,7 +319,7 @@ def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr
 
 
 @triton.jit(do_not_specialize=["thr", "drop_all"])
-def _mask_kernel(out_ptr, rng_ptr, n, thr: "u32", drop_all: "i32", SIZE_CLASS: tl.constexpr,
+def _mask_kernel(out_ptr, rng_ptr, n, thr: tl.uint32, drop_all: tl.int32, SIZE_CLASS: tl.constexpr,
                  R: tl.constexpr, BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // R
     start = tl.program_id(0).to(tl.int64) * BLOCK
