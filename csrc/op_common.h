@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,13 +29,29 @@ inline void check_p(double p) {
                     "dropout probability has to be between 0 and 1, but got ", p);
 }
 
+// rng is [seed, offset], or [seed, offset, p] with p's binary64 bits as the
+// third word: then p is data, not a constant of the caller (a compiled graph
+// whose dropout rate changes keeps one graph), and the float p argument is
+// not used.
 inline void check_rng(const at::Tensor& rng, const at::Tensor& input) {
-  TORCH_CHECK_VALUE(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2,
-                    "dropout_ext: rng must be an int64 tensor [seed, offset], got ",
+  TORCH_CHECK_VALUE(rng.scalar_type() == at::kLong && rng.dim() == 1 && (rng.numel() == 2 || rng.numel() == 3),
+                    "dropout_ext: rng must be an int64 tensor [seed, offset] or [seed, offset, p bits], got ",
                     rng.scalar_type(), " of shape ", rng.sizes());
   TORCH_CHECK_VALUE(rng.device().is_cpu() || rng.device() == input.device(),
                     "dropout_ext: rng must be on the CPU or on the input's device (",
                     input.device(), "), got ", rng.device());
+}
+
+inline bool rng_carries_p(const at::Tensor& rng) { return rng.numel() == 3; }
+
+// The p an op uses: the float argument, or the one rng carries when rng is
+// readable on the host (a device rng's p is read by the kernels themselves).
+inline double host_p(const at::Tensor& rng, double p) {
+  if (rng_carries_p(rng) && rng.device().is_cpu()) {
+    const int64_t bits = rng.contiguous().const_data_ptr<int64_t>()[2];
+    std::memcpy(&p, &bits, sizeof(p));
+  }
+  return p;
 }
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
@@ -100,8 +117,8 @@ inline MaskParams mask_params_from_host(const at::Tensor& rng, double p) {
 inline void check_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& residual, const at::Tensor& rng, double p) {
   check_float_input(input, "input");
-  check_p(p);
   check_rng(rng, input);
+  check_p(host_p(rng, p));
   if (bias.has_value()) check_bias(input, *bias);
   if (residual.has_value()) {
     check_companion(input, *residual, "residual");
@@ -115,8 +132,8 @@ inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor
                           const std::optional<at::Tensor>& bias, const at::Tensor& rng, double p,
                           c10::string_view activation, bool bias_grad) {
   check_float_input(grad, "grad");
-  check_p(p);
   check_rng(rng, grad);
+  check_p(host_p(rng, p));
   const Act act = parse_activation(activation);
   TORCH_CHECK_VALUE(act == Act::kIdentity || input.has_value(),
                     "dropout_ext: the backward of activation '", std::string(activation),
@@ -132,9 +149,8 @@ inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor
 }
 
 inline void check_mask_args(const at::Tensor& rng, at::IntArrayRef shape, double p) {
-  check_p(p);
-  TORCH_CHECK_VALUE(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2,
-                    "dropout_ext: rng must be an int64 tensor [seed, offset]");
+  check_rng(rng, rng);
+  check_p(host_p(rng, p));
   for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "dropout_ext: shape must be non-negative, got ", shape);
 }
 

@@ -17,7 +17,8 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(dropout_ext, m) {
   // rng is an int64 tensor [seed, offset] (docs/RNG.md), on the CPU or on the
   // input's device: a device tensor lets a captured CUDA graph draw a fresh
-  // (seed, offset) on every replay. mask_shape is [] for one draw per element,
+  // (seed, offset) on every replay. [seed, offset, p bits] carries p as data
+  // and the float p is then not used (a compiled graph stays valid for any p). mask_shape is [] for one draw per element,
   // or the input's shape with some dimensions 1 (structured dropout).
   m.def(
       "fused_dropout(Tensor input, Tensor? bias, Tensor? residual, Tensor rng, float p, "

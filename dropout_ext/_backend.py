@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 from typing import List, Optional
 
 import torch
@@ -56,8 +57,17 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
+def _rng_values(rng: torch.Tensor, p: float):
+    """(seed, offset, p) from an rng tensor [seed, offset] or [seed, offset, p bits]."""
+    values = rng.tolist()
+    if len(values) == 3:
+        p = struct.unpack("<d", struct.pack("<q", values[2]))[0]
+        p = min(max(p, 0.0), 1.0) if p == p else 0.0
+    return values[0], values[1], p
+
+
 def _reference_backward(grad, input, bias, rng, p, activation, mask_shape, bias_grad):
-    seed, offset = (int(v) for v in rng.tolist())
+    seed, offset, p = _rng_values(rng, p)
     return ref.fused_dropout_backward(grad, input, bias, seed, offset, p, activation, mask_shape, bias_grad)
 
 
@@ -66,10 +76,10 @@ class _ReferenceFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, residual, rng, p, activation, mask_shape):
-        seed, offset = (int(v) for v in rng.tolist())
+        seed, offset, p_eff = _rng_values(rng, p)
         ctx.args = (p, activation, mask_shape, bias is not None)
         ctx.save_for_backward(rng, x if activation != "identity" else None, bias)
-        out = ref.fused_dropout(x, bias, residual, seed, offset, p, activation, mask_shape)
+        out = ref.fused_dropout(x, bias, residual, seed, offset, p_eff, activation, mask_shape)
         if not x.is_contiguous():  # the input's memory format, as nn.Dropout keeps it
             out = torch.empty_like(x).copy_(out)
         return out
@@ -104,5 +114,5 @@ def mask(name: str, rng, shape, p: float, device: torch.device):
         from . import _triton_ops
 
         return _triton_ops.ops.triton_dropout_mask(rng.to(device), list(shape), p)
-    seed, offset = (int(v) for v in rng.tolist())
+    seed, offset, p = _rng_values(rng, p)
     return ref.dropout_mask(shape, p, seed, offset, device=device)

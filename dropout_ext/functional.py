@@ -84,7 +84,7 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, *, bias: Optional[torch.T
                   activation: str = "identity", residual: Optional[torch.Tensor] = None,
                   training: bool = True, seed: Optional[int] = None, offset: int = 0,
                   generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-                  mask_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+                  mask_shape: Optional[Sequence[int]] = None, _p_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``residual + dropout(act(input + bias), p)`` in one pass.
 
     ``bias`` broadcasts over the last dimension; ``activation`` is one of
@@ -93,7 +93,8 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, *, bias: Optional[torch.T
     ``seed=`` it is a pure function of (seed, offset, shape, p); otherwise
     (seed, offset) is drawn from ``generator`` or the default generator of
     the input's device. ``mask_shape`` (the input's shape with some sizes 1)
-    shares one draw along the size-1 dimensions.
+    shares one draw along the size-1 dimensions. ``_p_bits`` is set by the
+    modules under torch.compile (p as data; ``p`` is then not used).
     """
     p = _check_p(p)
     _check_tensor(input, "input")
@@ -102,12 +103,12 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, *, bias: Optional[torch.T
     mshape = _check_mask_shape(input, mask_shape)
     _check_seed(seed, offset, generator)
     name = _backend.resolve(backend, input.device)
-    if not training or p == 0.0:
+    if not training or (_p_bits is None and p == 0.0):
         if bias is None and residual is None and activation == "identity":
             return input
         rng = torch.zeros(2, dtype=torch.int64)
         return _backend.run(name, input, bias, residual, rng, 0.0, activation, ())
-    rng = draw_rng(input.device, generator, seed, offset)
+    rng = _rng_with_p(input, generator, seed, offset, _p_bits)
     return _backend.run(name, input, bias, residual, rng, p, activation, mshape)
 
 
@@ -127,11 +128,21 @@ def shared_mask_shape(shape: Sequence[int], broadcast_dims: Optional[Sequence[in
     return tuple(out)
 
 
-def _apply(input, p, training, inplace, mask_shape, seed, offset, generator, backend):
-    name = _backend.resolve(backend, input.device)
-    if not training or p == 0.0:
-        return input
+def _rng_with_p(input, generator, seed, offset, p_bits):
+    """The rng tensor; with ``p_bits`` (p's binary64 bits as an int64 tensor,
+    kept by the modules) it also carries p, which the kernels then read as
+    data: a compiled graph does not depend on p's value (docs/RNG.md)."""
     rng = draw_rng(input.device, generator, seed, offset)
+    if p_bits is None:
+        return rng
+    return torch.cat([rng, p_bits.reshape(1).to(rng.device)])
+
+
+def _apply(input, p, training, inplace, mask_shape, seed, offset, generator, backend, p_bits=None):
+    name = _backend.resolve(backend, input.device)
+    if not training or (p_bits is None and p == 0.0):
+        return input
+    rng = _rng_with_p(input, generator, seed, offset, p_bits)
     mshape = () if tuple(mask_shape) == tuple(input.shape) else tuple(mask_shape)
     out = _backend.run(name, input, None, None, rng, p, "identity", mshape)
     if inplace:
@@ -141,7 +152,8 @@ def _apply(input, p, training, inplace, mask_shape, seed, offset, generator, bac
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
             seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
-            backend: Optional[str] = None, broadcast_dims: Optional[Sequence[int]] = None) -> torch.Tensor:
+            backend: Optional[str] = None, broadcast_dims: Optional[Sequence[int]] = None,
+            _p_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout`` under the dropout_ext contract.
 
     ``broadcast_dims`` shares one draw along those dimensions (the mask is
@@ -153,7 +165,7 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
     _check_tensor(input, "input")
     _check_seed(seed, offset, generator)
     mshape = shared_mask_shape(input.shape, broadcast_dims)
-    return _apply(input, p, training, inplace, mshape, seed, offset, generator, backend)
+    return _apply(input, p, training, inplace, mshape, seed, offset, generator, backend, _p_bits)
 
 
 def _feature_mask_shape(input: torch.Tensor) -> tuple:
@@ -162,9 +174,9 @@ def _feature_mask_shape(input: torch.Tensor) -> tuple:
     return tuple(input.shape[:2]) + (1,) * (input.dim() - 2)
 
 
-def _feature_dropout(input, p, training, inplace, seed, offset, generator, backend):
+def _feature_dropout(input, p, training, inplace, seed, offset, generator, backend, p_bits):
     mshape = _feature_mask_shape(input)
-    return _apply(input, p, training, inplace, mshape, seed, offset, generator, backend)
+    return _apply(input, p, training, inplace, mshape, seed, offset, generator, backend, p_bits)
 
 
 def _checked(input, p, seed, offset, generator) -> float:
@@ -176,7 +188,7 @@ def _checked(input, p, seed, offset, generator) -> float:
 
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
               seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
-              backend: Optional[str] = None) -> torch.Tensor:
+              backend: Optional[str] = None, _p_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout1d``: one draw per channel of
     an (N, C, L) or (C, L) input, broadcast over L by the kernel."""
     p = _checked(input, p, seed, offset, generator)
@@ -189,7 +201,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "(i.e. 2D or 3D inputs).")
     batched = inp_dim == 3
     x = input if batched else input.unsqueeze(0)
-    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend)
+    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend, _p_bits)
     out = out if batched else out.squeeze(0)
     if inplace and out is not input:
         return input.copy_(out)
@@ -198,7 +210,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
               seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
-              backend: Optional[str] = None) -> torch.Tensor:
+              backend: Optional[str] = None, _p_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout2d``, with its shape rules and
     warnings (a 3-D input is taken as (N, C, L), as PyTorch does)."""
     p = _checked(input, p, seed, offset, generator)
@@ -219,12 +231,12 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
             "channel-wise dropout behavior, please switch to using dropout1d instead.",
             stacklevel=2)
-    return _feature_dropout(input, p, training, inplace, seed, offset, generator, backend)
+    return _feature_dropout(input, p, training, inplace, seed, offset, generator, backend, _p_bits)
 
 
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
               seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
-              backend: Optional[str] = None) -> torch.Tensor:
+              backend: Optional[str] = None, _p_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout3d``: one draw per channel of
     an (N, C, D, H, W) or (C, D, H, W) input."""
     p = _checked(input, p, seed, offset, generator)
@@ -239,7 +251,7 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             stacklevel=2)
     batched = inp_dim == 5
     x = input if batched else input.unsqueeze(0)
-    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend)
+    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend, _p_bits)
     out = out if batched else out.squeeze(0)
     if inplace and out is not input:
         return input.copy_(out)

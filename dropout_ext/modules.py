@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Optional, Sequence
 
 import torch
@@ -13,7 +14,32 @@ __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Fe
            "LockedDropout", "DropPath", "FusedDropout", "replace_dropout"]
 
 
-class Dropout(nn.Dropout):
+def _bits(p: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(p)))[0]
+
+
+class _RuntimeP:
+    """Keeps p also as a tensor (its binary64 bits, an int64 buffer that
+    ``.half()`` leaves alone and ``state_dict`` omits), updated whenever p is
+    assigned. Under torch.compile the forward passes that buffer instead of
+    the float, so the kernels read p as data and a new p (a schedule) reuses
+    the compiled graph instead of recompiling it."""
+
+    def _register_runtime_p(self) -> None:
+        self.register_buffer("_p_bits", torch.tensor(_bits(self.p), dtype=torch.int64), persistent=False)
+
+    def __setattr__(self, name, value):
+        if name == "p":
+            value = F._check_p(value)
+        super().__setattr__(name, value)
+        if name == "p" and "_p_bits" in self.__dict__.get("_buffers", {}):
+            self._buffers["_p_bits"].fill_(_bits(value))
+
+    def _compiled_p(self) -> Optional[torch.Tensor]:
+        return self._p_bits if torch.compiler.is_compiling() else None
+
+
+class Dropout(_RuntimeP, nn.Dropout):
     """Drop-in for ``torch.nn.Dropout``: same arguments, errors, ``repr``,
     train/eval behaviour and (empty) state dict; the mask follows the
     dropout_ext contract. It is an ``nn.Dropout``, so code that checks
@@ -26,47 +52,59 @@ class Dropout(nn.Dropout):
         F._check_p(p)  # first: nn.Dropout lets NaN through and fails obscurely on a non-number
         super().__init__(p, inplace)
         self.broadcast_dims = tuple(broadcast_dims) if broadcast_dims is not None else None
+        self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.dropout(input, self.p, self.training, self.inplace, broadcast_dims=self.broadcast_dims)
+        bits = self._compiled_p()
+        p = self.p if bits is None else 0.0
+        return F.dropout(input, p, self.training, self.inplace, broadcast_dims=self.broadcast_dims, _p_bits=bits)
 
     def extra_repr(self) -> str:
         extra = f", broadcast_dims={self.broadcast_dims}" if self.broadcast_dims is not None else ""
         return super().extra_repr() + extra
 
 
-class Dropout1d(nn.Dropout1d):
+class Dropout1d(_RuntimeP, nn.Dropout1d):
     """Drop-in for ``torch.nn.Dropout1d``: one draw per channel, broadcast over
     the length by the kernel (no full-size mask)."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         F._check_p(p)
         super().__init__(p, inplace)
+        self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.dropout1d(input, self.p, self.training, self.inplace)
+        bits = self._compiled_p()
+        p = self.p if bits is None else 0.0
+        return F.dropout1d(input, p, self.training, self.inplace, _p_bits=bits)
 
 
-class Dropout2d(nn.Dropout2d):
+class Dropout2d(_RuntimeP, nn.Dropout2d):
     """Drop-in for ``torch.nn.Dropout2d`` (same shape rules and warnings)."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         F._check_p(p)
         super().__init__(p, inplace)
+        self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.dropout2d(input, self.p, self.training, self.inplace)
+        bits = self._compiled_p()
+        p = self.p if bits is None else 0.0
+        return F.dropout2d(input, p, self.training, self.inplace, _p_bits=bits)
 
 
-class Dropout3d(nn.Dropout3d):
+class Dropout3d(_RuntimeP, nn.Dropout3d):
     """Drop-in for ``torch.nn.Dropout3d`` (same shape rules and warnings)."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         F._check_p(p)
         super().__init__(p, inplace)
+        self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.dropout3d(input, self.p, self.training, self.inplace)
+        bits = self._compiled_p()
+        p = self.p if bits is None else 0.0
+        return F.dropout3d(input, p, self.training, self.inplace, _p_bits=bits)
 
 
 class AlphaDropout(nn.AlphaDropout):
@@ -103,23 +141,26 @@ class LockedDropout(Dropout):
         return f"p={self.p}, batch_first={self.batch_first}"
 
 
-class DropPath(nn.Module):
+class DropPath(_RuntimeP, nn.Module):
     """Stochastic depth: drops a whole sample's branch (one draw per index of
     dimension 0), scaling kept samples by 1 / (1 - p)."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = F._check_p(p)
+        self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(1, input.dim()))
-        return F.dropout(input, self.p, self.training, broadcast_dims=dims or None)
+        bits = self._compiled_p()
+        p = self.p if bits is None else 0.0
+        return F.dropout(input, p, self.training, broadcast_dims=dims or None, _p_bits=bits)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
-class FusedDropout(nn.Module):
+class FusedDropout(_RuntimeP, nn.Module):
     """``residual + dropout(act(x + bias))`` as a module."""
 
     def __init__(self, p: float = 0.5, activation: str = "identity") -> None:
@@ -127,11 +168,14 @@ class FusedDropout(nn.Module):
         self.p = F._check_p(p)
         F._check_activation(activation)
         self.activation = activation
+        self._register_runtime_p()
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return F.fused_dropout(x, self.p, bias=bias, activation=self.activation, residual=residual,
-                               training=self.training)
+        bits = self._compiled_p()
+        p = self.p if bits is None else 0.0
+        return F.fused_dropout(x, p, bias=bias, activation=self.activation, residual=residual,
+                               training=self.training, _p_bits=bits)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, activation={self.activation!r}"

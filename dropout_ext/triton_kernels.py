@@ -154,6 +154,26 @@ def _act_bwd(gs, v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG: tl.constexpr):
+    """(t, drop_all, scale) of the contract: the host's, or, when the rng
+    tensor carries p (its binary64 bits in word 2), derived here with the
+    host's double arithmetic: t = floor(p * 2**32), scale = 1 / (1 - p)
+    rounded once to float32. NaN and negatives mean 0, 1 and above drop all."""
+    if P_FROM_RNG:
+        p = tl.load(rng_ptr + 2).to(tl.float64, bitcast=True)
+        p = tl.where(p >= 0.0, tl.minimum(p, 1.0), 0.0)
+        drop = p >= 1.0
+        t = tl.where(drop, 0.0, p * 4294967296.0).to(tl.uint32)
+        one = tl.full([], 1.0, tl.float64)
+        # float64 division is IEEE round-to-nearest in PTX (div.rn.f64);
+        # div_rn is needed only for float32, whose "/" is approximate.
+        s = tl.where(drop, 0.0, one / (one - p)).to(tl.float32)
+        return t, drop.to(tl.int32), s
+    else:
+        return thr.to(tl.uint32), drop_all, scale
+
+
+@triton.jit
 def _keep_tile(rng_ptr, group0, thr, drop_all, ROWS: tl.constexpr, R: tl.constexpr):
     """Keep bits of the [ROWS, R] tile of consecutive elements 4 * group0 + j.
 
@@ -173,7 +193,7 @@ def _keep_tile(rng_ptr, group0, thr, drop_all, ROWS: tl.constexpr, R: tl.constex
     c3 = (offset >> 32).to(tl.uint32) + zero
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=10)
     w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROWS, R])
-    return (w >= thr.to(tl.uint32)) & (drop_all == 0)
+    return (w >= thr) & (drop_all == 0)
 
 
 @triton.jit
@@ -224,8 +244,9 @@ def _rounded(y, dtype: tl.constexpr):
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
 def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr: tl.uint32, drop_all: tl.int32,
                 scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                MASK_FROM_PTR: tl.constexpr, SIZE_CLASS: tl.constexpr, R: tl.constexpr,
-                BLOCK: tl.constexpr):
+                MASK_FROM_PTR: tl.constexpr, SIZE_CLASS: tl.constexpr, P_FROM_RNG: tl.constexpr,
+                R: tl.constexpr, BLOCK: tl.constexpr):
+    thr, drop_all, scale = _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG)
     ROWS: tl.constexpr = BLOCK // R
     start = tl.program_id(0).to(tl.int64) * BLOCK
     local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
@@ -249,8 +270,9 @@ def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr:
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
 def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H, thr: tl.uint32, drop_all: tl.int32,
                 scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
-                STORE_F32: tl.constexpr, SIZE_CLASS: tl.constexpr, R: tl.constexpr,
-                BLOCK: tl.constexpr):
+                STORE_F32: tl.constexpr, SIZE_CLASS: tl.constexpr, P_FROM_RNG: tl.constexpr,
+                R: tl.constexpr, BLOCK: tl.constexpr):
+    thr, drop_all, scale = _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG)
     ROWS: tl.constexpr = BLOCK // R
     start = tl.program_id(0).to(tl.int64) * BLOCK
     local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
@@ -278,8 +300,8 @@ def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
 def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr, rows, H, thr: tl.uint32,
                      drop_all: tl.int32, scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     MASK_FROM_PTR: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     MASK_FROM_PTR: tl.constexpr, ROWS: tl.constexpr, P_FROM_RNG: tl.constexpr,
+                     R: tl.constexpr, BLOCK: tl.constexpr):
     """Backward with the bias gradient, for a last dimension H divisible by 4.
 
     Program (r, c) walks ROWS rows over columns [c * BLOCK, (c + 1) * BLOCK)
@@ -288,6 +310,7 @@ def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr
     order fixed by the shape, so the result does not vary run to run. H % 4
     == 0 keeps every row start on a Philox group boundary.
     """
+    thr, drop_all, scale = _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG)
     TR: tl.constexpr = BLOCK // R
     pid_r = tl.program_id(0).to(tl.int64)
     c_start = tl.program_id(1).to(tl.int64) * BLOCK
@@ -320,7 +343,8 @@ def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr
 
 @triton.jit(do_not_specialize=["thr", "drop_all"])
 def _mask_kernel(out_ptr, rng_ptr, n, thr: tl.uint32, drop_all: tl.int32, SIZE_CLASS: tl.constexpr,
-                 R: tl.constexpr, BLOCK: tl.constexpr):
+                 P_FROM_RNG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    thr, drop_all, _ = _params(rng_ptr, thr, drop_all, 1.0, P_FROM_RNG)
     ROWS: tl.constexpr = BLOCK // R
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
@@ -339,10 +363,13 @@ _INTERPRET_BLOCK = 64
 if _INTERPRET:
     _fwd, _bwd, _bwd_rows, _mask = _fwd_kernel, _bwd_kernel, _bwd_rows_kernel, _mask_kernel
 else:
-    _fwd = triton.autotune(_FLAT_CONFIGS, key=["ACT", "HAS_BIAS", "HAS_RES", "MASK_FROM_PTR", "SIZE_CLASS"])(_fwd_kernel)
-    _bwd = triton.autotune(_FLAT_CONFIGS, key=["ACT", "HAS_BIAS", "MASK_FROM_PTR", "STORE_F32", "SIZE_CLASS"])(_bwd_kernel)
-    _bwd_rows = triton.autotune(_ROW_CONFIGS, key=["ACT", "HAS_BIAS", "MASK_FROM_PTR", "ROWS"])(_bwd_rows_kernel)
-    _mask = triton.autotune(_FLAT_CONFIGS, key=["SIZE_CLASS"])(_mask_kernel)
+    _fwd = triton.autotune(_FLAT_CONFIGS, key=["ACT", "HAS_BIAS", "HAS_RES", "MASK_FROM_PTR", "SIZE_CLASS",
+                                                "P_FROM_RNG"])(_fwd_kernel)
+    _bwd = triton.autotune(_FLAT_CONFIGS, key=["ACT", "HAS_BIAS", "MASK_FROM_PTR", "STORE_F32", "SIZE_CLASS",
+                                                "P_FROM_RNG"])(_bwd_kernel)
+    _bwd_rows = triton.autotune(_ROW_CONFIGS, key=["ACT", "HAS_BIAS", "MASK_FROM_PTR", "ROWS", "P_FROM_RNG"])(
+        _bwd_rows_kernel)
+    _mask = triton.autotune(_FLAT_CONFIGS, key=["SIZE_CLASS", "P_FROM_RNG"])(_mask_kernel)
 
 
 def _size_class(n: int) -> int:
@@ -368,8 +395,12 @@ def _grid(n: int):
 
 # --- host side ----------------------------------------------------------------
 
-def _threshold(p: float) -> Tuple[int, int, float]:
-    """(t, drop_all, scale) of the contract, computed on the host in double."""
+def _threshold(p: float, rng: torch.Tensor) -> Tuple[int, int, float]:
+    """(t, drop_all, scale) of the contract, computed on the host in double;
+    unused placeholders when the rng tensor carries p (the kernels derive
+    them from it, see _params)."""
+    if rng.numel() == 3:
+        return 0, 0, 1.0
     if p >= 1.0:
         return 0, 1, 0.0
     return int(p * 4294967296.0), 0, 1.0 / (1.0 - p)
@@ -406,14 +437,15 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     if n == 0:
         return _like_input(input, out)
     rng = _rng_on(rng, x.device)
-    thr, drop_all, scale = _threshold(p)
+    thr, drop_all, scale = _threshold(p, rng)
     keep = _structured_keep(rng, x.shape, mask_shape, p, wrap)
     b = bias.contiguous() if bias is not None else x
     r = residual.contiguous() if residual is not None else x
     H = x.shape[-1] if x.dim() >= 1 else 1
     wrap(_fwd)[_grid(n)](x, b, r, keep if keep is not None else x, out, rng, n, H, thr, drop_all, scale,
                          ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                         MASK_FROM_PTR=keep is not None, SIZE_CLASS=_size_class(n), R=_elems_per_row(x),
+                         MASK_FROM_PTR=keep is not None, SIZE_CLASS=_size_class(n), P_FROM_RNG=rng.numel() == 3,
+                         R=_elems_per_row(x),
                          **_launch_opts())
     return _like_input(input, out)
 
@@ -438,7 +470,7 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     if n == 0:
         return _like_input(grad, dx), db
     rng = _rng_on(rng, g.device)
-    thr, drop_all, scale = _threshold(p)
+    thr, drop_all, scale = _threshold(p, rng)
     keep = _structured_keep(rng, g.shape, mask_shape, p, wrap)
     act = ACTS[activation]
     x = input.contiguous() if (input is not None and act != 0) else g
@@ -452,14 +484,16 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
         opts = _launch_opts()
         grid = lambda meta: (triton.cdiv(rows, per), triton.cdiv(H, meta["BLOCK"]))  # noqa: E731
         wrap(_bwd_rows)[grid](g, x, b, kp, dx, part, rng, rows, H, thr, drop_all, scale, ACT=act,
-                              HAS_BIAS=has_bias, MASK_FROM_PTR=keep is not None, ROWS=per, R=_elems_per_row(g),
+                              HAS_BIAS=has_bias, MASK_FROM_PTR=keep is not None, ROWS=per,
+                              P_FROM_RNG=rng.numel() == 3, R=_elems_per_row(g),
                               **opts)
         db = part.sum(0).to(g.dtype)
     else:
         d32 = torch.empty(g.shape, dtype=torch.float32, device=g.device) if bias_grad else dx
         wrap(_bwd)[_grid(n)](g, x, b, kp, dx, d32, rng, n, H, thr, drop_all, scale, ACT=act,
                              HAS_BIAS=has_bias, MASK_FROM_PTR=keep is not None, STORE_F32=bias_grad,
-                             SIZE_CLASS=_size_class(n), R=_elems_per_row(g), **_launch_opts())
+                             SIZE_CLASS=_size_class(n), P_FROM_RNG=rng.numel() == 3, R=_elems_per_row(g),
+                             **_launch_opts())
         if bias_grad:
             db = d32.reshape(-1, H).sum(0).to(g.dtype)
     return _like_input(grad, dx), db
@@ -470,7 +504,8 @@ def dropout_mask(rng: torch.Tensor, shape: List[int], p: float, wrap: Callable =
     n = out.numel()
     if n == 0:
         return out
-    thr, drop_all, _ = _threshold(p)
-    wrap(_mask)[_grid(n)](out, rng, n, thr, drop_all, SIZE_CLASS=_size_class(n), R=_elems_per_row(out),
+    thr, drop_all, _ = _threshold(p, rng)
+    wrap(_mask)[_grid(n)](out, rng, n, thr, drop_all, SIZE_CLASS=_size_class(n), P_FROM_RNG=rng.numel() == 3,
+                          R=_elems_per_row(out),
                           **_launch_opts())
     return out

@@ -164,3 +164,33 @@ def test_empty_and_zero_dim():
     x = torch.tensor(2.5)
     y = ops.fused_dropout(x, None, None, torch.tensor([1, 0]), 0.5, "identity", [])
     assert_bitwise_equal(y, ref.fused_dropout(x, None, None, 1, 0, 0.5))
+
+
+def _rng3(seed, offset, p):
+    import struct
+
+    bits = struct.unpack("<q", struct.pack("<d", p))[0]
+    return torch.tensor([seed, offset, bits])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.999, 1.0])
+@pytest.mark.parametrize("activation", ["identity", "gelu"])
+def test_p_carried_in_rng_equals_p_argument(p, activation):
+    """rng = [seed, offset, p bits] gives what [seed, offset] with p gives
+    (the float argument is then ignored), for masks, outputs and gradients."""
+    x, bias, res, grad = _inputs((7, 33), torch.float32)
+    rng2, rng3 = torch.tensor([5, 6]), _rng3(5, 6, p)
+    assert_bitwise_equal(ops.fused_dropout(x, bias, res, rng3, 0.77, activation, []),
+                         ops.fused_dropout(x, bias, res, rng2, p, activation, []))
+    a = ops.fused_dropout_backward(grad, x, bias, rng3, 0.77, activation, [], True)
+    b = ops.fused_dropout_backward(grad, x, bias, rng2, p, activation, [], True)
+    assert_bitwise_equal(a[0], b[0])
+    assert_bitwise_equal(a[1], b[1])
+    assert torch.equal(ops.dropout_mask(rng3, [5, 9], 0.3), ops.dropout_mask(rng2, [5, 9], p))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.5, 1.5])
+def test_p_carried_in_rng_is_validated(bad):
+    x = torch.randn(8)
+    with pytest.raises(ValueError, match="dropout probability"):
+        ops.fused_dropout(x, None, None, _rng3(1, 2, bad), 0.5, "identity", [])

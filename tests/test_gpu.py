@@ -290,3 +290,43 @@ def test_compute_sanitizer_clean(tool):
     proc = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, "-c", script],
                           capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.999, 1.0])
+def test_p_carried_on_device_equals_host_p(backend, p):
+    """rng = [seed, offset, p bits] on the GPU: the kernels derive t and the
+    scale from p in device memory with the host's arithmetic."""
+    import struct
+
+    _need(backend)
+    fwd, bwd, mask = _op(backend)
+    x, bias, res, grad = _inputs((33, 1024), torch.float32)
+    bits = struct.unpack("<q", struct.pack("<d", p))[0]
+    rng3, rng2 = torch.tensor([5, 6, bits], device="cuda"), torch.tensor([5, 6], device="cuda")
+    assert_bitwise_equal(fwd(x, bias, res, rng3, 0.77, "gelu", []), fwd(x, bias, res, rng2, p, "gelu", []))
+    assert_bitwise_equal(bwd(grad, x, bias, rng3, 0.77, "gelu", [], False)[0],
+                         bwd(grad, x, bias, rng2, p, "gelu", [], False)[0])
+    assert torch.equal(mask(rng3, [7, 9], 0.77), mask(rng2, [7, 9], p))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compiled_schedule_keeps_one_graph(backend, monkeypatch):
+    _need(backend)
+    from torch._dynamo.utils import counters
+
+    from dropout_ext import schedules
+
+    monkeypatch.setenv("DROPOUT_EXT_BACKEND", backend)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), dropout_ext.Dropout(0.1)).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    sched = schedules.DropoutScheduler(model, schedules.linear(0.1, 0.6, steps=5))
+    x = torch.randn(4096, 64, device="cuda")
+    counters.clear()
+    for _ in range(6):
+        with torch.no_grad():
+            rate = (compiled(x) == 0).float().mean().item()
+        assert abs(rate - sched.p) < 0.01
+        sched.step()
+    assert counters["stats"]["unique_graphs"] == 1

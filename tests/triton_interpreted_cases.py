@@ -133,3 +133,23 @@ def test_registered_ops_autograd_and_opcheck(tk):
     torch.library.opcheck(ops.triton_fused_dropout_backward, (g, xd, bd, rng, 0.5, "relu", [], True), test_utils=utils)
     torch.library.opcheck(ops.triton_dropout_mask, (rng, [3, 5], 0.5), test_utils=utils)
     assert torch.equal(ops.triton_dropout_mask(rng, [3, 5], 0.5), ref.dropout_mask((3, 5), 0.5, 99, 3))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_p_carried_in_rng(tk, p, dtype):
+    """With rng = [seed, offset, p bits] the kernels derive t and the scale
+    themselves, with the host's double arithmetic: the same bits."""
+    import struct
+
+    bits = struct.unpack("<q", struct.pack("<d", p))[0]
+    rng3 = torch.cat([_rng(), torch.tensor([bits])])
+    x, bias, res, grad = _inputs((5, 12), dtype)
+    assert_bitwise_equal(tk.fused_dropout(x, bias, res, rng3, 0.9, "gelu", []),
+                         ref.fused_dropout(x, bias, res, SEED, OFFSET, p, "gelu"))
+    dx, db = tk.fused_dropout_backward(grad, x, bias, rng3, 0.9, "silu", [], True)
+    dx_ref, _ = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, p, "silu", (), True)
+    assert_bitwise_equal(dx, dx_ref)
+    assert torch.equal(tk.dropout_mask(rng3, [3, 7], 0.9), ref.dropout_mask((3, 7), p, SEED, OFFSET))
+    y = tk.fused_dropout(x, None, None, rng3, 0.9, "identity", [5, 1])
+    assert_bitwise_equal(y, ref.fused_dropout(x, None, None, SEED, OFFSET, p, "identity", (5, 1)))

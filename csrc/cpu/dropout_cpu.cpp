@@ -365,6 +365,7 @@ at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Te
                              const std::optional<at::Tensor>& residual, const at::Tensor& rng,
                              double p, c10::string_view activation, at::IntArrayRef mask_shape) {
   check_forward(input, bias, residual, rng, p);
+  p = host_p(rng, p);
   const Act act = parse_activation(activation);
   const MaskParams mp = mask_params_from_host(rng, p);
   Layout lay = make_layout(input, mask_shape, mp);
@@ -400,6 +401,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
     const at::Tensor& rng, double p, c10::string_view activation, at::IntArrayRef mask_shape,
     bool bias_grad) {
   const Act act = check_backward(grad, input, bias, rng, p, activation, bias_grad);
+  p = host_p(rng, p);
   const MaskParams mp = mask_params_from_host(rng, p);
   Layout lay = make_layout(grad, mask_shape, mp);
   const at::Tensor g = grad.contiguous();
@@ -462,7 +464,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
 
 at::Tensor dropout_mask_cpu(const at::Tensor& rng, at::IntArrayRef shape, double p) {
   check_mask_args(rng, shape, p);
-  return keep_mask_cpu(mask_params_from_host(rng, p), shape);
+  return keep_mask_cpu(mask_params_from_host(rng, host_p(rng, p)), shape);
 }
 
 }  // namespace

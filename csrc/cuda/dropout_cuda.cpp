@@ -42,14 +42,19 @@ at::Tensor rng_on_device(const at::Tensor& rng, const at::Tensor& like) {
   return rng.device() == like.device() ? rng.contiguous() : rng.to(like.device());
 }
 
-cuda::RngArgs rng_args(const at::Tensor& rng_dev, double p) {
+// p_on_device: the rng the caller passed carries p on the GPU; reading it on
+// the host would synchronise, so the kernels read it there.
+cuda::RngArgs rng_args(const at::Tensor& rng_dev, double p, bool p_on_device) {
   const MaskParams mp = make_mask_params(0, 0, p);
   cuda::RngArgs r;
   r.seed_offset = rng_dev.const_data_ptr<int64_t>();
   r.threshold = mp.threshold;
   r.drop_all = mp.drop_all;
+  r.p_on_device = p_on_device;
   return r;
 }
+
+bool p_on_device(const at::Tensor& rng) { return rng_carries_p(rng) && !rng.device().is_cpu(); }
 
 double scale_of(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
 
@@ -63,15 +68,15 @@ struct Structured {
 };
 
 Structured structured_mask(const at::Tensor& input, at::IntArrayRef mask_shape, const at::Tensor& rng_dev,
-                           double p) {
+                           double p, bool device_p) {
   Structured s;
   const std::vector<int64_t> mshape = resolve_mask_shape(input, mask_shape);
   if (is_full_mask(input, mshape)) return s;
   TORCH_CHECK_VALUE(input.dim() <= cuda::kMaxDims, "dropout_ext: a structured mask supports up to ",
                     cuda::kMaxDims, " dimensions, got ", input.dim());
   s.keep = at::empty(mshape, input.options().dtype(at::kBool));
-  C10_CUDA_CHECK(cuda::launch_mask(s.keep.data_ptr<bool>(), s.keep.numel(), rng_args(rng_dev, p), sm_count(),
-                                   current_stream()));
+  C10_CUDA_CHECK(cuda::launch_mask(s.keep.data_ptr<bool>(), s.keep.numel(), rng_args(rng_dev, p, device_p),
+                                   sm_count(), current_stream()));
   const std::vector<int64_t> strides = mask_strides(input, mshape);
   s.view.keep = s.keep.const_data_ptr<bool>();
   s.view.ndim = static_cast<int>(input.dim());
@@ -88,6 +93,8 @@ at::Tensor fused_dropout_cuda(const at::Tensor& input, const std::optional<at::T
                               const std::optional<at::Tensor>& residual, const at::Tensor& rng, double p,
                               c10::string_view activation, at::IntArrayRef mask_shape) {
   check_forward(input, bias, residual, rng, p);
+  const bool device_p = p_on_device(rng);
+  p = host_p(rng, p);
   const Act act = parse_activation(activation);
   resolve_mask_shape(input, mask_shape);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -95,7 +102,7 @@ at::Tensor fused_dropout_cuda(const at::Tensor& input, const std::optional<at::T
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return like_input(input, out);
   const at::Tensor rng_dev = rng_on_device(rng, x);
-  const Structured s = structured_mask(x, mask_shape, rng_dev, p);
+  const Structured s = structured_mask(x, mask_shape, rng_dev, p, device_p);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   cuda::ForwardArgs a;
@@ -108,7 +115,7 @@ at::Tensor fused_dropout_cuda(const at::Tensor& input, const std::optional<at::T
   a.n = x.numel();
   a.H = last_dim(x);
   a.scale = scale_of(p);
-  a.rng = rng_args(rng_dev, p);
+  a.rng = rng_args(rng_dev, p, device_p);
   a.mask = s.view;
   C10_CUDA_CHECK(cuda::launch_forward(a, sm_count(), current_stream()));
   return like_input(input, out);
@@ -119,6 +126,8 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cuda(
     const at::Tensor& rng, double p, c10::string_view activation, at::IntArrayRef mask_shape,
     bool bias_grad) {
   const Act act = check_backward(grad, input, bias, rng, p, activation, bias_grad);
+  const bool device_p = p_on_device(rng);
+  p = host_p(rng, p);
   resolve_mask_shape(grad, mask_shape);
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor g = grad.contiguous();
@@ -133,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cuda(
     return {like_input(grad, dx), dbias};
   }
   const at::Tensor rng_dev = rng_on_device(rng, g);
-  const Structured s = structured_mask(g, mask_shape, rng_dev, p);
+  const Structured s = structured_mask(g, mask_shape, rng_dev, p, device_p);
   cuda::BackwardArgs a;
   a.dtype = kernel_dtype(g.scalar_type());
   a.act = static_cast<int>(act);
@@ -144,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cuda(
   a.n = n;
   a.H = last_dim(g);
   a.scale = scale_of(p);
-  a.rng = rng_args(rng_dev, p);
+  a.rng = rng_args(rng_dev, p, device_p);
   a.mask = s.view;
   at::Tensor partial;
   if (bias_grad) {
@@ -168,7 +177,8 @@ at::Tensor dropout_mask_cuda(const at::Tensor& rng, at::IntArrayRef shape, doubl
   at::Tensor out = at::empty(shape, rng.options().dtype(at::kBool));
   if (out.numel() == 0) return out;
   const at::Tensor rng_dev = rng.contiguous();
-  C10_CUDA_CHECK(cuda::launch_mask(out.data_ptr<bool>(), out.numel(), rng_args(rng_dev, p), sm_count(),
+  C10_CUDA_CHECK(cuda::launch_mask(out.data_ptr<bool>(), out.numel(),
+                                   rng_args(rng_dev, host_p(rng, p), p_on_device(rng)), sm_count(),
                                    current_stream()));
   return out;
 }

@@ -82,6 +82,13 @@ __device__ __forceinline__ double drop_value(double v, bool keep) {
                                      static_cast<long long>(0x8000000000000000ull));
 }
 
+// p carried in device memory, clamped as the host would have refused it:
+// NaN and negatives mean 0, anything from 1 up means drop everything.
+__device__ __forceinline__ double device_p(const RngArgs& r) {
+  const double p = __longlong_as_double(static_cast<long long>(r.seed_offset[2]));
+  return p >= 0.0 ? (p < 1.0 ? p : 1.0) : 0.0;
+}
+
 __device__ __forceinline__ MaskParams load_params(const RngArgs& r) {
   const uint64_t seed = static_cast<uint64_t>(r.seed_offset[0]);
   const uint64_t offset = static_cast<uint64_t>(r.seed_offset[1]);
@@ -92,7 +99,21 @@ __device__ __forceinline__ MaskParams load_params(const RngArgs& r) {
   m.offset_hi = static_cast<uint32_t>(offset >> 32);
   m.threshold = r.threshold;
   m.drop_all = r.drop_all;
+  if (r.p_on_device) {
+    // make_mask_params's arithmetic: floor(p * 2**32) in double.
+    const double p = device_p(r);
+    m.drop_all = p >= 1.0;
+    m.threshold = m.drop_all ? 0u : static_cast<uint32_t>(p * 4294967296.0);
+  }
   return m;
+}
+
+// The kept-value scale, 1 / (1 - p) in double rounded once to the math type.
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_scale(const RngArgs& r, double host_scale) {
+  if (!r.p_on_device) return static_cast<acc_t>(host_scale);
+  const double p = device_p(r);
+  return static_cast<acc_t>(p < 1.0 ? 1.0 / (1.0 - p) : 0.0);
 }
 
 // Keep bit of element i from a structured mask: its row-major index in the
@@ -180,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a, 
   const T* __restrict__ res = static_cast<const T*>(a.residual);
   T* __restrict__ out = static_cast<T*>(a.out);
   const MaskParams mp = load_params(a.rng);
-  const acc_t scale = static_cast<acc_t>(a.scale);
+  const acc_t scale = load_scale<acc_t>(a.rng, a.scale);
   const int64_t units = (a.n + E - 1) / E;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
@@ -217,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs a
   const T* __restrict__ bias = static_cast<const T*>(a.bias);
   T* __restrict__ dx = static_cast<T*>(a.dx);
   const MaskParams mp = load_params(a.rng);
-  const acc_t scale = static_cast<acc_t>(a.scale);
+  const acc_t scale = load_scale<acc_t>(a.rng, a.scale);
   const int64_t units = (a.n + E - 1) / E;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
@@ -263,7 +284,7 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(const BackwardA
   T* __restrict__ dx = static_cast<T*>(a.dx);
   acc_t* __restrict__ partial = static_cast<acc_t*>(a.partial);
   const MaskParams mp = load_params(a.rng);
-  const acc_t scale = static_cast<acc_t>(a.scale);
+  const acc_t scale = load_scale<acc_t>(a.rng, a.scale);
   const int64_t H = a.H;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * E;
   if (c0 >= H) return;

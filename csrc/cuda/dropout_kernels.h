@@ -30,9 +30,13 @@ struct StructuredMask {
 // What every kernel needs to draw keep bits: (seed, offset) are read from
 // device memory, so a captured CUDA graph sees the values of each replay.
 struct RngArgs {
-  const int64_t* seed_offset = nullptr;  // device [seed, offset]
+  const int64_t* seed_offset = nullptr;  // device [seed, offset] or [seed, offset, p bits]
   uint32_t threshold = 0;                // keep iff word >= threshold
   bool drop_all = false;                 // p == 1
+  // p is the binary64 in seed_offset[2]: the kernels derive the threshold
+  // and the scale from it (the host's arithmetic, in double), and the
+  // threshold, drop_all and the args' scale above are not used.
+  bool p_on_device = false;
 };
 
 struct ForwardArgs {
