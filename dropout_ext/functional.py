@@ -179,6 +179,17 @@ def _feature_dropout(input, p, training, inplace, seed, offset, generator, backe
     return _apply(input, p, training, inplace, mshape, seed, offset, generator, backend, p_bits)
 
 
+def _channel_dropout(input, batched, p, training, inplace, seed, offset, generator, backend, p_bits):
+    """Feature dropout of an input that may lack its batch dimension (taken
+    as a batch of one, as PyTorch's dropout1d/dropout3d do)."""
+    x = input if batched else input.unsqueeze(0)
+    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend, p_bits)
+    if out is x:  # eval mode or p == 0: the input itself
+        return input
+    out = out if batched else out.squeeze(0)
+    return input.copy_(out) if inplace else out
+
+
 def _checked(input, p, seed, offset, generator) -> float:
     p = _check_p(p)
     _check_tensor(input, "input")
@@ -199,13 +210,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
             "spatial dimension, a channel dimension, and an optional batch dimension "
             "(i.e. 2D or 3D inputs).")
-    batched = inp_dim == 3
-    x = input if batched else input.unsqueeze(0)
-    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend, _p_bits)
-    out = out if batched else out.squeeze(0)
-    if inplace and out is not input:
-        return input.copy_(out)
-    return out
+    return _channel_dropout(input, inp_dim == 3, p, training, inplace, seed, offset, generator, backend, _p_bits)
 
 
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
@@ -249,13 +254,7 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
             "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
             stacklevel=2)
-    batched = inp_dim == 5
-    x = input if batched else input.unsqueeze(0)
-    out = _feature_dropout(x, p, training, False, seed, offset, generator, backend, _p_bits)
-    out = out if batched else out.squeeze(0)
-    if inplace and out is not input:
-        return input.copy_(out)
-    return out
+    return _channel_dropout(input, inp_dim == 5, p, training, inplace, seed, offset, generator, backend, _p_bits)
 
 
 # SELU's negative saturation value, as in ATen's alpha dropout.

@@ -35,8 +35,12 @@ class _RuntimeP:
         if name == "p" and "_p_bits" in self.__dict__.get("_buffers", {}):
             self._buffers["_p_bits"].fill_(_bits(value))
 
-    def _compiled_p(self) -> Optional[torch.Tensor]:
-        return self._p_bits if torch.compiler.is_compiling() else None
+    def _p_args(self):
+        """(p, p bits) for the functional call: the float in eager mode; under
+        torch.compile the buffer, and the float (a guarded constant) unread."""
+        if torch.compiler.is_compiling():
+            return 0.0, self._p_bits
+        return self.p, None
 
 
 class Dropout(_RuntimeP, nn.Dropout):
@@ -55,8 +59,7 @@ class Dropout(_RuntimeP, nn.Dropout):
         self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bits = self._compiled_p()
-        p = self.p if bits is None else 0.0
+        p, bits = self._p_args()
         return F.dropout(input, p, self.training, self.inplace, broadcast_dims=self.broadcast_dims, _p_bits=bits)
 
     def extra_repr(self) -> str:
@@ -64,47 +67,39 @@ class Dropout(_RuntimeP, nn.Dropout):
         return super().extra_repr() + extra
 
 
-class Dropout1d(_RuntimeP, nn.Dropout1d):
+class _ChannelTwin(_RuntimeP):
+    """Dropout1d/2d/3d: nn's twin's constructor with p checked first, and the
+    forward of the matching functional (``_fn``)."""
+
+    _fn = None
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        F._check_p(p)
+        super().__init__(p, inplace)
+        self._register_runtime_p()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        p, bits = self._p_args()
+        return type(self)._fn(input, p, self.training, self.inplace, _p_bits=bits)
+
+
+class Dropout1d(_ChannelTwin, nn.Dropout1d):
     """Drop-in for ``torch.nn.Dropout1d``: one draw per channel, broadcast over
     the length by the kernel (no full-size mask)."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        F._check_p(p)
-        super().__init__(p, inplace)
-        self._register_runtime_p()
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bits = self._compiled_p()
-        p = self.p if bits is None else 0.0
-        return F.dropout1d(input, p, self.training, self.inplace, _p_bits=bits)
+    _fn = staticmethod(F.dropout1d)
 
 
-class Dropout2d(_RuntimeP, nn.Dropout2d):
+class Dropout2d(_ChannelTwin, nn.Dropout2d):
     """Drop-in for ``torch.nn.Dropout2d`` (same shape rules and warnings)."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        F._check_p(p)
-        super().__init__(p, inplace)
-        self._register_runtime_p()
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bits = self._compiled_p()
-        p = self.p if bits is None else 0.0
-        return F.dropout2d(input, p, self.training, self.inplace, _p_bits=bits)
+    _fn = staticmethod(F.dropout2d)
 
 
-class Dropout3d(_RuntimeP, nn.Dropout3d):
+class Dropout3d(_ChannelTwin, nn.Dropout3d):
     """Drop-in for ``torch.nn.Dropout3d`` (same shape rules and warnings)."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        F._check_p(p)
-        super().__init__(p, inplace)
-        self._register_runtime_p()
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bits = self._compiled_p()
-        p = self.p if bits is None else 0.0
-        return F.dropout3d(input, p, self.training, self.inplace, _p_bits=bits)
+    _fn = staticmethod(F.dropout3d)
 
 
 class AlphaDropout(nn.AlphaDropout):
@@ -152,8 +147,7 @@ class DropPath(_RuntimeP, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(1, input.dim()))
-        bits = self._compiled_p()
-        p = self.p if bits is None else 0.0
+        p, bits = self._p_args()
         return F.dropout(input, p, self.training, broadcast_dims=dims or None, _p_bits=bits)
 
     def extra_repr(self) -> str:
@@ -172,8 +166,7 @@ class FusedDropout(_RuntimeP, nn.Module):
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        bits = self._compiled_p()
-        p = self.p if bits is None else 0.0
+        p, bits = self._p_args()
         return F.fused_dropout(x, p, bias=bias, activation=self.activation, residual=residual,
                                training=self.training, _p_bits=bits)
 

@@ -239,6 +239,15 @@ def _rounded(y, dtype: tl.constexpr):
     return y.to(dtype)
 
 
+@triton.jit
+def _flat_tile(BLOCK: tl.constexpr, R: tl.constexpr):
+    """This program's tile of the flat tensor: its first element (64-bit) and
+    the [BLOCK // R, R] element offsets within it, R contiguous per row."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    local = tl.arange(0, BLOCK // R)[:, None] * R + tl.arange(0, R)[None, :]
+    return start, local
+
+
 # --- kernels ------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
@@ -248,8 +257,7 @@ def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr:
                 R: tl.constexpr, BLOCK: tl.constexpr):
     thr, drop_all, scale = _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG)
     ROWS: tl.constexpr = BLOCK // R
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
+    start, local = _flat_tile(BLOCK, R)
     offs = start + local
     m = offs < n
     v = _f32(tl.load(x_ptr + offs, mask=m, other=0.0))
@@ -274,8 +282,7 @@ def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H
                 R: tl.constexpr, BLOCK: tl.constexpr):
     thr, drop_all, scale = _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG)
     ROWS: tl.constexpr = BLOCK // R
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
+    start, local = _flat_tile(BLOCK, R)
     offs = start + local
     m = offs < n
     gs = _f32(tl.load(g_ptr + offs, mask=m, other=0.0)) * scale
@@ -346,8 +353,8 @@ def _mask_kernel(out_ptr, rng_ptr, n, thr: tl.uint32, drop_all: tl.int32, SIZE_C
                  P_FROM_RNG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     thr, drop_all, _ = _params(rng_ptr, thr, drop_all, 1.0, P_FROM_RNG)
     ROWS: tl.constexpr = BLOCK // R
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
+    start, local = _flat_tile(BLOCK, R)
+    offs = start + local
     keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, ROWS, R)
     tl.store(out_ptr + offs, keep, mask=offs < n)
 

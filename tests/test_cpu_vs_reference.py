@@ -8,33 +8,12 @@ import torch
 
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
-from conftest import TOLERANCES, assert_bitwise_equal
+from conftest import TOLERANCES, assert_bitwise_equal, check_contract, make_inputs
 
 ops = torch.ops.dropout_ext
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1,), (3,), (67,), (5, 7), (33, 65), (2, 3, 129), (4, 1, 1025)]
 PS = [0.0, 0.1, 0.5, 0.9, 1.0]
-
-
-def _exact(dtype, activation):
-    return dtype != torch.float64 or activation in ("identity", "relu")
-
-
-def _check(actual, expected, dtype, activation):
-    if _exact(dtype, activation):
-        assert_bitwise_equal(actual, expected)
-    else:
-        _, atol, rtol = TOLERANCES[dtype]
-        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
-
-
-def _inputs(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * 3).to(dtype)
-    bias = torch.randn(shape[-1], generator=g).to(dtype)
-    res = torch.randn(shape, generator=g).to(dtype)
-    grad = torch.randn(shape, generator=g).to(dtype)
-    return x, bias, res, grad
 
 
 @pytest.mark.parametrize("p", PS)
@@ -51,16 +30,16 @@ def test_mask_equals_reference(shape, p, seed, offset):
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("with_bias,with_res", [(False, False), (True, False), (True, True), (False, True)])
 def test_forward_backward_equal_reference(dtype, shape, p, activation, with_bias, with_res):
-    x, bias, res, grad = _inputs(shape, dtype)
+    x, bias, res, grad = make_inputs(shape, dtype)
     b = bias if with_bias else None
     r = res if with_res else None
     seed, offset = 2024, 11
     rng = torch.tensor([seed, offset])
     y = ops.fused_dropout(x, b, r, rng, p, activation, [])
-    _check(y, ref.fused_dropout(x, b, r, seed, offset, p, activation), dtype, activation)
+    check_contract(y, ref.fused_dropout(x, b, r, seed, offset, p, activation), dtype, activation)
     gx, gb = ops.fused_dropout_backward(grad, x, b, rng, p, activation, [], with_bias)
     gx_ref, gb_ref = ref.fused_dropout_backward(grad, x, b, seed, offset, p, activation, (), with_bias)
-    _check(gx, gx_ref, dtype, activation)
+    check_contract(gx, gx_ref, dtype, activation)
     if with_bias:
         _, atol, rtol = TOLERANCES[dtype]
         scale = max(1.0, gb_ref.abs().max().item())
@@ -97,7 +76,7 @@ def test_strided_inputs(dtype, layout, activation):
 @pytest.mark.parametrize("mask_shape", [(4, 6, 1, 1), (1, 6, 5, 1), (4, 1, 5, 7), (1, 1, 1, 7)])
 @pytest.mark.parametrize("activation", ["identity", "silu"])
 def test_structured_mask_equals_reference(mask_shape, activation):
-    x, bias, res, grad = _inputs((4, 6, 5, 7), torch.float32, seed=3)
+    x, bias, res, grad = make_inputs((4, 6, 5, 7), torch.float32, seed=3)
     rng = torch.tensor([99, 1])
     y = ops.fused_dropout(x, bias, res, rng, 0.4, activation, list(mask_shape))
     assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, 99, 1, 0.4, activation, mask_shape))
@@ -112,7 +91,7 @@ def test_structured_mask_equals_reference(mask_shape, activation):
 
 
 def test_thread_count_does_not_change_results():
-    x, bias, res, grad = _inputs((257, 1031), torch.float32, seed=5)
+    x, bias, res, grad = make_inputs((257, 1031), torch.float32, seed=5)
     rng = torch.tensor([5, 5])
     old = torch.get_num_threads()
     try:
@@ -178,7 +157,7 @@ def _rng3(seed, offset, p):
 def test_p_carried_in_rng_equals_p_argument(p, activation):
     """rng = [seed, offset, p bits] gives what [seed, offset] with p gives
     (the float argument is then ignored), for masks, outputs and gradients."""
-    x, bias, res, grad = _inputs((7, 33), torch.float32)
+    x, bias, res, grad = make_inputs((7, 33), torch.float32)
     rng2, rng3 = torch.tensor([5, 6]), _rng3(5, 6, p)
     assert_bitwise_equal(ops.fused_dropout(x, bias, res, rng3, 0.77, activation, []),
                          ops.fused_dropout(x, bias, res, rng2, p, activation, []))

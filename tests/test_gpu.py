@@ -19,7 +19,7 @@ import torch
 import dropout_ext
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
-from conftest import TOLERANCES, assert_bitwise_equal, requires_cuda
+from conftest import TOLERANCES, assert_bitwise_equal, check_contract, make_inputs, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -30,27 +30,6 @@ GPU_BACKENDS = ["cuda", "triton"]
 def _need(backend):
     if backend not in dropout_ext.available_backends("cuda"):
         pytest.skip(f"backend {backend!r} is not available here: {dropout_ext.available_backends('cuda')}")
-
-
-def _exact(dtype, activation):
-    return dtype != torch.float64 or activation in ("identity", "relu")
-
-
-def _check(actual, expected, dtype, activation):
-    if _exact(dtype, activation):
-        assert_bitwise_equal(actual, expected)
-    else:
-        _, atol, rtol = TOLERANCES[dtype]
-        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
-
-
-def _inputs(shape, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = (torch.randn(shape, generator=g, device="cuda") * 3).to(dtype)
-    bias = torch.randn(shape[-1], generator=g, device="cuda").to(dtype)
-    res = torch.randn(shape, generator=g, device="cuda").to(dtype)
-    grad = torch.randn(shape, generator=g, device="cuda").to(dtype)
-    return x, bias, res, grad
 
 
 def _op(backend):
@@ -82,15 +61,15 @@ def test_forward_backward_equal_reference(backend, dtype, shape, activation, wit
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("float64 is routed from the Triton backend to the CUDA kernel or the reference")
     fwd, bwd, _ = _op(backend)
-    x, bias, res, grad = _inputs(shape, dtype)
+    x, bias, res, grad = make_inputs(shape, dtype, device="cuda")
     b = bias if with_bias else None
     r = res if with_res else None
     rng = torch.tensor([2024, 11], device="cuda")
     y = fwd(x, b, r, rng, 0.3, activation, [])
-    _check(y, ref.fused_dropout(x, b, r, 2024, 11, 0.3, activation), dtype, activation)
+    check_contract(y, ref.fused_dropout(x, b, r, 2024, 11, 0.3, activation), dtype, activation)
     dx, db = bwd(grad, x, b, rng, 0.3, activation, [], with_bias)
     dx_ref, db_ref = ref.fused_dropout_backward(grad, x, b, 2024, 11, 0.3, activation, (), with_bias)
-    _check(dx, dx_ref, dtype, activation)
+    check_contract(dx, dx_ref, dtype, activation)
     if with_bias:
         _, atol, rtol = TOLERANCES[dtype]
         torch.testing.assert_close(db, db_ref, atol=max(atol, 1e-4) * shape[0], rtol=rtol)
@@ -101,7 +80,7 @@ def test_forward_backward_equal_reference(backend, dtype, shape, activation, wit
 def test_cuda_equals_triton(dtype, activation):
     _need("cuda")
     _need("triton")
-    x, bias, res, grad = _inputs((1031, 1024), dtype)
+    x, bias, res, grad = make_inputs((1031, 1024), dtype, device="cuda")
     rng = torch.tensor([5, 6], device="cuda")
     (f1, b1, _), (f2, b2, _) = _op("cuda"), _op("triton")
     assert_bitwise_equal(f1(x, bias, res, rng, 0.2, activation, []), f2(x, bias, res, rng, 0.2, activation, []))
@@ -130,7 +109,7 @@ def test_layouts(backend, layout):
 def test_structured_masks(backend, mask_shape):
     _need(backend)
     fwd, bwd, _ = _op(backend)
-    x, bias, res, grad = _inputs((8, 16, 9, 33), torch.float32)
+    x, bias, res, grad = make_inputs((8, 16, 9, 33), torch.float32, device="cuda")
     rng = torch.tensor([9, 0], device="cuda")
     y = fwd(x, bias, res, rng, 0.4, "silu", list(mask_shape))
     assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, 9, 0, 0.4, "silu", mask_shape))
@@ -257,7 +236,7 @@ def test_checkpoint_recompute_equal(backend, use_reentrant):
 def test_opcheck(backend):
     _need(backend)
     fwd, bwd, mask = _op(backend)
-    x, bias, res, grad = _inputs((8, 40), torch.float32)
+    x, bias, res, grad = make_inputs((8, 40), torch.float32, device="cuda")
     rng = torch.tensor([3, 4], device="cuda")
     torch.library.opcheck(fwd, (x.requires_grad_(), bias, res, rng, 0.5, "gelu", []))
     torch.library.opcheck(bwd, (grad, x.detach(), bias, rng, 0.5, "gelu", [], True))
@@ -301,7 +280,7 @@ def test_p_carried_on_device_equals_host_p(backend, p):
 
     _need(backend)
     fwd, bwd, mask = _op(backend)
-    x, bias, res, grad = _inputs((33, 1024), torch.float32)
+    x, bias, res, grad = make_inputs((33, 1024), torch.float32, device="cuda")
     bits = struct.unpack("<q", struct.pack("<d", p))[0]
     rng3, rng2 = torch.tensor([5, 6, bits], device="cuda"), torch.tensor([5, 6], device="cuda")
     assert_bitwise_equal(fwd(x, bias, res, rng3, 0.77, "gelu", []), fwd(x, bias, res, rng2, p, "gelu", []))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dropout_ext import reference as ref
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, make_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (7,), (5, 13), (2, 3, 9), (3, 12)]
@@ -30,15 +30,6 @@ def tk():
 
 def _rng():
     return torch.tensor([SEED - 2**64, OFFSET], dtype=torch.int64)
-
-
-def _inputs(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * 3).to(dtype)
-    bias = torch.randn(shape[-1], generator=g).to(dtype)
-    res = torch.randn(shape, generator=g).to(dtype)
-    grad = torch.randn(shape, generator=g).to(dtype)
-    return x, bias, res, grad
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
@@ -60,7 +51,7 @@ def test_mask_counter_crosses_2_32_groups(tk):
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("with_bias,with_res", [(False, False), (True, False), (True, True), (False, True)])
 def test_forward_backward(tk, dtype, shape, activation, with_bias, with_res):
-    x, bias, res, grad = _inputs(shape, dtype)
+    x, bias, res, grad = make_inputs(shape, dtype)
     b = bias if with_bias else None
     r = res if with_res else None
     p = 0.3
@@ -91,7 +82,7 @@ def test_edge_p_and_special_values(tk, dtype, p):
 
 @pytest.mark.parametrize("mask_shape", [(3, 1, 7), (1, 5, 1), (3, 5, 1)])
 def test_structured_mask(tk, mask_shape):
-    x, bias, res, grad = _inputs((3, 5, 7), torch.float32)
+    x, bias, res, grad = make_inputs((3, 5, 7), torch.float32)
     y = tk.fused_dropout(x, bias, res, _rng(), 0.4, "gelu", list(mask_shape))
     assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.4, "gelu", mask_shape))
     dx, _ = tk.fused_dropout_backward(grad, x, bias, _rng(), 0.4, "gelu", list(mask_shape), False)
@@ -144,7 +135,7 @@ def test_p_carried_in_rng(tk, p, dtype):
 
     bits = struct.unpack("<q", struct.pack("<d", p))[0]
     rng3 = torch.cat([_rng(), torch.tensor([bits])])
-    x, bias, res, grad = _inputs((5, 12), dtype)
+    x, bias, res, grad = make_inputs((5, 12), dtype)
     assert_bitwise_equal(tk.fused_dropout(x, bias, res, rng3, 0.9, "gelu", []),
                          ref.fused_dropout(x, bias, res, SEED, OFFSET, p, "gelu"))
     dx, db = tk.fused_dropout_backward(grad, x, bias, rng3, 0.9, "silu", [], True)
