@@ -1,10 +1,13 @@
-// Argument checks and contract plumbing shared by the CPU and CUDA glue
-// (both see torch; the CUDA kernels themselves do not).
+// The last-line argument checks of the C++ ops and the plumbing every C++
+// glue file shares (CPU, CUDA, and the CUDA kernels executed on the host).
+//
+// Python validates every argument first (dropout_ext/_validate.py); these
+// checks only stop a direct torch.ops call from reaching a kernel with bad
+// input, and they word each rule as _validate.py does.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -20,74 +23,69 @@ inline Act parse_activation(c10::string_view name) {
   if (name == "gelu") return Act::kGelu;
   if (name == "gelu_tanh") return Act::kGeluTanh;
   if (name == "silu") return Act::kSilu;
-  TORCH_CHECK_VALUE(false, "dropout_ext: activation must be one of 'identity', 'relu', 'gelu', "
-                    "'gelu_tanh', 'silu', got '", std::string(name), "'");
+  TORCH_CHECK_VALUE(false, "activation must be one of ('identity', 'relu', 'gelu', 'gelu_tanh', 'silu'), got '",
+                    std::string(name), "'");
 }
 
-inline void check_p(double p) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
-                    "dropout probability has to be between 0 and 1, but got ", p);
-}
-
-// rng is [seed, offset], or [seed, offset, p] with p's binary64 bits as the
-// third word: then p is data, not a constant of the caller (a compiled graph
-// whose dropout rate changes keeps one graph), and the float p argument is
-// not used.
-inline void check_rng(const at::Tensor& rng, const at::Tensor& input) {
-  TORCH_CHECK_VALUE(rng.scalar_type() == at::kLong && rng.dim() == 1 && (rng.numel() == 2 || rng.numel() == 3),
-                    "dropout_ext: rng must be an int64 tensor [seed, offset] or [seed, offset, p bits], got ",
-                    rng.scalar_type(), " of shape ", rng.sizes());
-  TORCH_CHECK_VALUE(rng.device().is_cpu() || rng.device() == input.device(),
-                    "dropout_ext: rng must be on the CPU or on the input's device (",
-                    input.device(), "), got ", rng.device());
-}
-
-inline bool rng_carries_p(const at::Tensor& rng) { return rng.numel() == 3; }
-
-// The p an op uses: the float argument, or the one rng carries when rng is
-// readable on the host (a device rng's p is read by the kernels themselves).
-inline double host_p(const at::Tensor& rng, double p) {
-  if (rng_carries_p(rng) && rng.device().is_cpu()) {
-    const int64_t bits = rng.contiguous().const_data_ptr<int64_t>()[2];
-    std::memcpy(&p, &bits, sizeof(p));
-  }
-  return p;
-}
-
-inline void check_float_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kFloat8_e4m3fn &&
-                       t.scalar_type() != at::kFloat8_e5m2,
-                   "dropout_ext: ", name, " must be float16, bfloat16, float32 or float64, got ",
-                   t.scalar_type());
+inline void check_float_tensor(const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, name,
+                   " must be float16, bfloat16, float32 or float64, got ", s);
 }
 
 inline void check_companion(const at::Tensor& input, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == input.device(), "dropout_ext: ", name,
-                    " must be on the input's device (", input.device(), "), got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "dropout_ext: ", name,
-                   " must have the input's dtype (", input.scalar_type(), "), got ",
-                   t.scalar_type());
+  check_float_tensor(t, name);
+  TORCH_CHECK_VALUE(t.device() == input.device(), name, " is on ", t.device(), ", but input is on ",
+                    input.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), name, " has dtype ", t.scalar_type(),
+                   ", but input has ", input.scalar_type());
 }
 
-inline void check_bias(const at::Tensor& input, const at::Tensor& bias) {
-  check_companion(input, bias, "bias");
-  TORCH_CHECK_VALUE(input.dim() >= 1 && bias.dim() == 1 && bias.size(0) == input.size(-1),
-                    "dropout_ext: bias must be 1-D with the size of the input's last dimension (",
-                    input.dim() >= 1 ? input.size(-1) : 0, "), got shape ", bias.sizes());
+inline void check_bias(const at::Tensor& input, const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return;
+  check_companion(input, *bias, "bias");
+  TORCH_CHECK_VALUE(input.dim() >= 1 && bias->dim() == 1 && bias->size(0) == input.size(-1),
+                    "bias must be 1-D with the size of input's last dimension (",
+                    input.dim() >= 1 ? input.size(-1) : 0, "), got shape ", bias->sizes());
+}
+
+inline void check_residual(const at::Tensor& input, const std::optional<at::Tensor>& residual) {
+  if (!residual.has_value()) return;
+  check_companion(input, *residual, "residual");
+  TORCH_CHECK_VALUE(residual->sizes().equals(input.sizes()), "residual must have input's shape ", input.sizes(),
+                    ", got ", residual->sizes());
+}
+
+// The dropout state [seed, offset, p bits] (docs/DESIGN.md) on `device`, or
+// none (no dropout).
+inline void check_state(const std::optional<at::Tensor>& state, const at::Device& device) {
+  if (!state.has_value()) return;
+  TORCH_CHECK_VALUE(state->scalar_type() == at::kLong && state->dim() == 1 && state->numel() == 3,
+                    "state must be an int64 tensor [seed, offset, p bits], got ", state->scalar_type(),
+                    " of shape ", state->sizes());
+  TORCH_CHECK_VALUE(state->device() == device, "state is on ", state->device(), ", but input is on ", device);
+}
+
+// The contract's parameters of a state the host can read (the CPU kernels,
+// and the CUDA kernels executed on the host). p is checked here because a
+// direct call may carry any bits; device kernels sanitise instead.
+inline MaskParams host_mask_params(const std::optional<at::Tensor>& state) {
+  if (!state.has_value()) return keep_all_params();
+  const at::Tensor s = state->contiguous();
+  const int64_t* w = s.const_data_ptr<int64_t>();
+  const double p = p_from_bits(w[2]);
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
+  return mask_params_from_state(w);
 }
 
 // mask_shape is [] or has the input's rank with every dimension either the
 // input's size or 1; returns the full mask shape.
 inline std::vector<int64_t> resolve_mask_shape(const at::Tensor& input, at::IntArrayRef mask_shape) {
   if (mask_shape.empty()) return input.sizes().vec();
-  TORCH_CHECK_VALUE(static_cast<int64_t>(mask_shape.size()) == input.dim(),
-                    "dropout_ext: mask_shape must have the input's rank (", input.dim(),
-                    "), got ", mask_shape);
-  for (int64_t d = 0; d < input.dim(); ++d) {
-    TORCH_CHECK_VALUE(mask_shape[d] == input.size(d) || mask_shape[d] == 1,
-                      "dropout_ext: mask_shape[", d, "] must be ", input.size(d), " or 1, got ",
-                      mask_shape[d]);
-  }
+  bool ok = static_cast<int64_t>(mask_shape.size()) == input.dim();
+  for (int64_t d = 0; ok && d < input.dim(); ++d) ok = mask_shape[d] == input.size(d) || mask_shape[d] == 1;
+  TORCH_CHECK_VALUE(ok, "mask_shape must have input's rank with each size equal to input's ", input.sizes(),
+                    " or 1, got ", mask_shape);
   return mask_shape.vec();
 }
 
@@ -107,51 +105,41 @@ inline std::vector<int64_t> mask_strides(const at::Tensor& input, const std::vec
   return st;
 }
 
-inline MaskParams mask_params_from_host(const at::Tensor& rng, double p) {
-  TORCH_CHECK(rng.device().is_cpu(), "dropout_ext: internal: host rng expected");
-  const at::Tensor r = rng.contiguous();
-  const int64_t* v = r.const_data_ptr<int64_t>();
-  return make_mask_params(static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1]), p);
+// The forward's arguments, checked; returns the activation.
+inline Act check_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
+                         c10::string_view activation, at::IntArrayRef mask_shape) {
+  check_float_tensor(input, "input");
+  check_bias(input, bias);
+  check_residual(input, residual);
+  check_state(state, input.device());
+  resolve_mask_shape(input, mask_shape);
+  return parse_activation(activation);
 }
 
-inline void check_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& residual, const at::Tensor& rng, double p) {
-  check_float_input(input, "input");
-  check_rng(rng, input);
-  check_p(host_p(rng, p));
-  if (bias.has_value()) check_bias(input, *bias);
-  if (residual.has_value()) {
-    check_companion(input, *residual, "residual");
-    TORCH_CHECK_VALUE(residual->sizes().equals(input.sizes()),
-                      "dropout_ext: residual must have the input's shape ", input.sizes(), ", got ",
-                      residual->sizes());
-  }
-}
-
+// The backward's arguments, checked; returns the activation.
 inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor>& input,
-                          const std::optional<at::Tensor>& bias, const at::Tensor& rng, double p,
-                          c10::string_view activation, bool bias_grad) {
-  check_float_input(grad, "grad");
-  check_rng(rng, grad);
-  check_p(host_p(rng, p));
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state,
+                          c10::string_view activation, at::IntArrayRef mask_shape, bool bias_grad) {
+  check_float_tensor(grad, "grad");
   const Act act = parse_activation(activation);
-  TORCH_CHECK_VALUE(act == Act::kIdentity || input.has_value(),
-                    "dropout_ext: the backward of activation '", std::string(activation),
-                    "' needs the saved input");
+  TORCH_CHECK_VALUE(act == Act::kIdentity || input.has_value(), "the backward of activation '",
+                    std::string(activation), "' needs the saved input");
   if (input.has_value()) {
     check_companion(grad, *input, "input");
-    TORCH_CHECK_VALUE(input->sizes().equals(grad.sizes()), "dropout_ext: input must have grad's shape ",
-                      grad.sizes(), ", got ", input->sizes());
+    TORCH_CHECK_VALUE(input->sizes().equals(grad.sizes()), "input must have grad's shape ", grad.sizes(),
+                      ", got ", input->sizes());
   }
-  if (bias.has_value()) check_bias(grad, *bias);
-  TORCH_CHECK_VALUE(!bias_grad || grad.dim() >= 1, "dropout_ext: bias_grad needs an input of rank >= 1");
+  check_bias(grad, bias);
+  check_state(state, grad.device());
+  resolve_mask_shape(grad, mask_shape);
+  TORCH_CHECK_VALUE(!bias_grad || grad.dim() >= 1, "bias_grad needs an input of rank >= 1");
   return act;
 }
 
-inline void check_mask_args(const at::Tensor& rng, at::IntArrayRef shape, double p) {
-  check_rng(rng, rng);
-  check_p(host_p(rng, p));
-  for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "dropout_ext: shape must be non-negative, got ", shape);
+inline void check_mask_args(const at::Tensor& state, at::IntArrayRef shape) {
+  check_state(state, state.device());
+  for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "shape must be non-negative, got ", shape);
 }
 
 // Results are computed in logical (row-major) order; a non-contiguous input

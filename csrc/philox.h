@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define DX_HD __host__ __device__ __forceinline__
@@ -57,7 +58,9 @@ DX_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
   out[3] = c3;
 }
 
-// The contract's parameters, derived once on the host.
+// The contract's parameters. They derive from the dropout state
+// [seed, offset, p bits] (docs/RNG.md) by this one function on every backend
+// and device, so no caller re-derives the threshold or the scale.
 struct MaskParams {
   uint32_t key0;       // low 32 bits of the seed
   uint32_t key1;       // high 32 bits of the seed
@@ -65,20 +68,47 @@ struct MaskParams {
   uint32_t offset_hi;  // counter word 3
   uint32_t threshold;  // keep iff word >= threshold
   bool drop_all;       // p == 1: floor(p * 2**32) does not fit 32 bits
+  bool keep_all;       // p == 0 or no state: nothing is drawn
+  double scale;        // 1 / (1 - p) in double, rounded once to the math type by the kernels
 };
 
-inline MaskParams make_mask_params(uint64_t seed, uint64_t offset, double p) {
+DX_HD double p_from_bits(int64_t bits) {
+  double p;
+#if defined(__CUDA_ARCH__)
+  p = __longlong_as_double(static_cast<long long>(bits));
+#else
+  std::memcpy(&p, &bits, sizeof(p));
+#endif
+  return p;
+}
+
+// p as data (a device word nobody validated on the host) is sanitised the
+// way the host would have refused it: NaN and negatives keep everything,
+// anything from 1 up drops everything.
+DX_HD MaskParams make_mask_params(uint64_t seed, uint64_t offset, double p) {
   MaskParams m;
   m.key0 = static_cast<uint32_t>(seed);
   m.key1 = static_cast<uint32_t>(seed >> 32);
   m.offset_lo = static_cast<uint32_t>(offset);
   m.offset_hi = static_cast<uint32_t>(offset >> 32);
+  p = p >= 0.0 ? p : 0.0;
   m.drop_all = p >= 1.0;
-  // Computed in double on the host so every backend compares against the
-  // same integer; floor(p * 2**32) for p < 1 is at most 2**32 - 1.
-  const double t = p * 4294967296.0;
-  m.threshold = m.drop_all ? 0u : static_cast<uint32_t>(t);
+  // floor(p * 2**32) for p < 1 is at most 2**32 - 1: it fits the word.
+  m.threshold = m.drop_all ? 0u : static_cast<uint32_t>(p * 4294967296.0);
+  m.keep_all = !m.drop_all && m.threshold == 0u;
+  m.scale = m.drop_all ? 0.0 : 1.0 / (1.0 - p);
   return m;
+}
+
+// No state: no dropout (eval mode, or p == 0 known on the host).
+DX_HD MaskParams keep_all_params() { return make_mask_params(0, 0, 0.0); }
+
+// state is [seed, offset, p bits] in memory this code can read (host memory
+// for the CPU kernels, device memory for the CUDA kernels), or nullptr.
+DX_HD MaskParams mask_params_from_state(const int64_t* state) {
+  if (state == nullptr) return keep_all_params();
+  return make_mask_params(static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]),
+                          p_from_bits(state[2]));
 }
 
 // The four words of the group that holds logical elements 4g .. 4g+3.

@@ -1,26 +1,142 @@
-"""Loads the compiled ops and gives them fake (meta) kernels and autograd.
+"""The ops of every backend: one schema table, one registration.
 
-The schemas live in csrc/ops.cpp. Importing ``_C`` registers them with the
-dispatcher as ``torch.ops.dropout_ext.*``; without it the package falls back
-to the reference (see ``HAS_C``).
+Each backend is an op family ``torch.ops.dropout_ext.{prefix}fused_dropout``,
+``{prefix}fused_dropout_backward`` and ``{prefix}dropout_mask`` defined here
+from the same schemas, with the same fake kernels and the same autograd
+(``_autograd``); only the kernels differ:
+
+- ``""``: the C++ kernels, CPU and CUDA dispatch keys (registered by ``_C``
+  beside them, csrc/cpu and csrc/cuda);
+- ``"cuda_host_"``: the CUDA kernels executed on the host, every block and
+  thread, on CPU tensors (csrc/cuda_host): the CUDA backend's interpreter;
+- ``"triton_"``: the Triton kernels (``triton_kernels``), CUDA key, and CPU
+  under ``TRITON_INTERPRET=1``;
+- ``"reference_"``: the pure-PyTorch reference, any device.
+
+The schemas live in Python, not in ``TORCH_LIBRARY``, so the reference keeps
+them in a tree where ``_C`` was never built.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
-from . import _autograd
+from . import _autograd, _validate
+
+SCHEMAS = {
+    # state: int64 [seed, offset, p bits] on the input's device, or None for
+    # no dropout (docs/DESIGN.md). mask_shape: [] for one draw per element, or
+    # the input's shape with some sizes 1 (structured dropout).
+    "fused_dropout": "(Tensor input, Tensor? bias, Tensor? residual, Tensor? state, str activation, "
+                     "int[] mask_shape) -> Tensor",
+    "fused_dropout_backward": "(Tensor grad, Tensor? input, Tensor? bias, Tensor? state, str activation, "
+                              "int[] mask_shape, bool bias_grad) -> (Tensor, Tensor)",
+    "dropout_mask": "(Tensor state, int[] shape) -> Tensor",
+}
+PREFIXES = ("", "cuda_host_", "triton_", "reference_")
+
+_lib = torch.library.Library("dropout_ext", "DEF")
+
+
+class OpSet(NamedTuple):
+    """One backend's three ops."""
+
+    forward: object
+    backward: object
+    mask: object
+
+
+def op_set(prefix: str) -> OpSet:
+    ns = torch.ops.dropout_ext
+    return OpSet(*(getattr(ns, prefix + name) for name in SCHEMAS))
+
+
+def _fake_forward(input, bias, residual, state, activation, mask_shape):
+    return torch.empty_like(input)
+
+
+def _fake_backward(grad, input, bias, state, activation, mask_shape, bias_grad):
+    return torch.empty_like(grad), grad.new_empty((grad.shape[-1],) if bias_grad else (0,))
+
+
+def _fake_mask(state, shape):
+    return state.new_empty(shape, dtype=torch.bool)
+
+
+_FAKES = {"fused_dropout": _fake_forward, "fused_dropout_backward": _fake_backward, "dropout_mask": _fake_mask}
+
+for _prefix in PREFIXES:
+    for _name, _schema in SCHEMAS.items():
+        _lib.define(_prefix + _name + _schema)
+        torch.library.register_fake(f"dropout_ext::{_prefix}{_name}", _FAKES[_name], lib=_lib)
+    _autograd.register(_prefix, op_set(_prefix))
+
+
+# --- the Python kernels --------------------------------------------------------
+
+def _check_forward(input, bias, residual, state, activation, mask_shape):
+    _validate.check_fused_args(input, bias, residual, activation, mask_shape)
+    _validate.check_state(state, input.device)
+
+
+def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad):
+    _validate.check_tensor(grad, "grad")
+    _validate.check_activation(activation)
+    if input is None and activation != "identity":
+        raise ValueError(f"the backward of activation {activation!r} needs the saved input")
+    if input is not None:
+        _validate.check_fused_args(input, bias, None, activation, mask_shape)
+    _validate.check_state(state, grad.device)
+
+
+def _check_mask(state, shape):
+    _validate.check_state(state, state.device)
+    _validate.check_shape(shape)
+
+
+_CHECKS = {"fused_dropout": _check_forward, "fused_dropout_backward": _check_backward, "dropout_mask": _check_mask}
+
+
+def _python_kernel(module: str, name: str):
+    """The kernel ``name`` of ``dropout_ext.<module>`` (its ``KERNELS``
+    table), imported on first use
+    (Triton is imported only when a Triton kernel runs), behind the argument
+    checks every direct call gets."""
+    check = _CHECKS[name]
+
+    def kernel(*args):
+        check(*args)
+        return importlib.import_module(f"{__package__}.{module}").KERNELS[name](*args)
+
+    kernel.__name__ = f"{module}_{name}"
+    return kernel
+
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_PYTHON_KERNELS = {
+    "reference_": ("reference", ("CPU", "CUDA")),
+    # Under Triton's interpreter the kernels run on CPU tensors, its debugging mode.
+    "triton_": ("triton_kernels", ("CUDA", "CPU") if TRITON_INTERPRET else ("CUDA",)),
+}
+for _prefix, (_module, _keys) in _PYTHON_KERNELS.items():
+    for _name in SCHEMAS:
+        for _key in _keys:
+            _lib.impl(_prefix + _name, _python_kernel(_module, _name), _key)
+
+
+# --- the C++ kernels -----------------------------------------------------------
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.dropout_ext)
+    from . import _C  # noqa: F401  (registers the C++ kernels of "" and "cuda_host_")
 
     HAS_C = True
-    _C_ERROR = None
 except ImportError as exc:  # a source tree where the extension was never built
     HAS_C = False
-    _C_ERROR = exc
     warnings.warn(
         "dropout_ext: the compiled extension dropout_ext._C is not available "
         f"({exc}); every call falls back to the pure-PyTorch reference, which is "
@@ -30,27 +146,11 @@ except ImportError as exc:  # a source tree where the extension was never built
     )
 
 
-def has_cuda_kernels() -> bool:
-    """Whether _C was built with the CUDA kernels."""
-    if not HAS_C:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("dropout_ext::fused_dropout", "CUDA")
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dropout_ext::{op}", key)
 
 
-if HAS_C:
-    ops = torch.ops.dropout_ext
-
-    @torch.library.register_fake("dropout_ext::fused_dropout")
-    def _fused_dropout_fake(input, bias, residual, rng, p, activation, mask_shape):
-        return torch.empty_like(input)
-
-    @torch.library.register_fake("dropout_ext::fused_dropout_backward")
-    def _fused_dropout_backward_fake(grad, input, bias, rng, p, activation, mask_shape, bias_grad):
-        db = grad.new_empty((grad.shape[-1],) if bias_grad else (0,))
-        return torch.empty_like(grad), db
-
-    @torch.library.register_fake("dropout_ext::dropout_mask")
-    def _dropout_mask_fake(rng, shape, p):
-        return rng.new_empty(shape, dtype=torch.bool)
-
-    _autograd.register("dropout_ext::fused_dropout", ops.fused_dropout, ops.fused_dropout_backward)
+# Read once here: the dispatcher query is not traceable, and a call under
+# torch.compile must find the answer as a constant.
+HAS_CUDA_KERNELS = HAS_C and _has_kernel("fused_dropout", "CUDA")
+HAS_CUDA_HOST_KERNELS = HAS_C and _has_kernel("cuda_host_fused_dropout", "CPU")

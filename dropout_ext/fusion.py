@@ -17,13 +17,14 @@ the unfused one with dropout_ext's Dropout. Outputs agree to rounding only:
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from . import functional as F
+from .modules import Dropout, FusedDropout
 
 __all__ = ["LinearDropout", "fuse_dropout"]
 
@@ -32,33 +33,19 @@ _ACT_FUNCTIONS = {torch.relu: "relu", nn.functional.relu: "relu", nn.functional.
                   nn.functional.gelu: "gelu"}
 
 
-class LinearDropout(nn.Module):
+class LinearDropout(FusedDropout):
     """``residual + dropout(act(x @ W.T + b))`` with the bias, activation,
-    dropout and residual in one pass after the matmul."""
+    dropout and residual in one pass after the matmul. A FusedDropout, so
+    its p is runtime data like every module's (schedules, one compiled
+    graph for any p)."""
 
     def __init__(self, linear: nn.Linear, p: float, activation: str = "identity") -> None:
-        super().__init__()
+        super().__init__(p, activation)
         self.linear = linear
-        self.p = F._check_p(p)
-        F._check_activation(activation)
-        self.activation = activation
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = nn.functional.linear(x, self.linear.weight)
-        return F.fused_dropout(y, self.p, bias=self.linear.bias, activation=self.activation, residual=residual,
-                               training=self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, activation={self.activation!r}"
-
-
-class _ResidualDropout(nn.Module):
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return F.fused_dropout(y, self.p, residual=residual, training=self.training)
+        return super().forward(y, self.linear.bias, residual)
 
 
 class _Tracer(fx.Tracer):
@@ -91,74 +78,74 @@ def _activation(gm, node) -> Optional[str]:
     return None
 
 
-def _single_user(node) -> bool:
-    return len(node.users) == 1
+@dataclass
+class _Match:
+    """One fusable pattern around a dropout node: [linear ->] [act ->]
+    dropout [-> + residual]."""
+
+    dropout: fx.Node
+    module: nn.Module
+    src: fx.Node                        # the dropout's input
+    activation: str = "identity"
+    linear_node: Optional[fx.Node] = None
+    add: Optional[fx.Node] = None       # the residual add that consumes the dropout
+    residual: Optional[fx.Node] = None
+
+
+def _match(gm, node) -> Optional[_Match]:
+    drop = _module(gm, node, (nn.Dropout, Dropout))
+    if drop is None or getattr(drop, "broadcast_dims", None) is not None or drop.inplace:
+        return None
+    m = _Match(node, drop, node.args[0])
+    lin_node = m.src
+    act = _activation(gm, m.src)
+    if act is not None and len(m.src.users) == 1:
+        m.activation, lin_node = act, m.src.args[0]
+    if _module(gm, lin_node, (nn.Linear,)) is not None and len(lin_node.users) == 1:
+        m.linear_node = lin_node
+    if len(node.users) == 1:
+        (user,) = node.users
+        if user.op == "call_function" and user.target in (operator.add, torch.add) \
+                and len(user.args) == 2 and not user.kwargs:
+            m.add, m.residual = user, (user.args[1] if user.args[0] is node else user.args[0])
+    if m.linear_node is None and (m.add is None or m.activation != "identity"):
+        return None  # nothing to fuse, or act -> dropout with a residual but no linear
+    return m
+
+
+def _rewrite(gm, m: _Match, name: str) -> None:
+    """Replace the matched nodes by one call of a fused module ``name``."""
+    if m.linear_node is not None:
+        fused = LinearDropout(gm.get_submodule(m.linear_node.target), m.module.p, m.activation)
+        args = (m.linear_node.args[0],) + ((m.residual,) if m.residual is not None else ())
+    else:
+        fused = FusedDropout(m.module.p)
+        args = (m.src, None, m.residual)
+    fused.train(m.module.training)
+    gm.add_submodule(name, fused)
+    replaced = m.add if m.add is not None else m.dropout
+    with gm.graph.inserting_before(replaced):
+        new = gm.graph.call_module(name, args)
+    replaced.replace_all_uses_with(new)
+    act_node = m.src if m.activation != "identity" else None
+    for dead in dict.fromkeys([replaced, m.dropout, act_node, m.linear_node]):  # users before producers
+        if dead is not None and not dead.users and dead.op != "placeholder":
+            gm.graph.erase_node(dead)
 
 
 def fuse_dropout(model: nn.Module) -> fx.GraphModule:
-    """A traced copy of ``model`` with the patterns above fused; the model
-    itself is left unchanged. Dropout modules are nn.Dropout or
+    """A traced copy of ``model`` with the patterns above fused into
+    ``FusedDropout`` modules (``LinearDropout`` where a Linear joins); the
+    model itself is left unchanged. Dropout modules are nn.Dropout or
     dropout_ext.Dropout without broadcast_dims."""
-    from .modules import Dropout
-
-    dropout_kinds = (nn.Dropout, Dropout)
     gm = fx.GraphModule(model, _Tracer().trace(model))
     count = 0
-
-    def plain_dropout(node):
-        m = _module(gm, node, dropout_kinds)
-        if m is None or getattr(m, "broadcast_dims", None) is not None or m.inplace:
-            return None
-        return m
-
     for node in list(gm.graph.nodes):
-        drop = plain_dropout(node)
-        if drop is None:
-            continue
-        src = node.args[0]
-        act, lin_node = "identity", src
-        a = _activation(gm, src)
-        if a is not None and _single_user(src):
-            act, lin_node = a, src.args[0]
-        linear = _module(gm, lin_node, (nn.Linear,))
-        if linear is None or not _single_user(lin_node):
-            linear = None
-        # x + dropout(y): the dropout's only user is an add with one other input
-        residual = None
-        (user,) = node.users if len(node.users) == 1 else (None,)
-        if user is not None and user.op == "call_function" and user.target in (operator.add, torch.add) \
-                and len(user.args) == 2 and not user.kwargs:
-            residual = user.args[1] if user.args[0] is node else user.args[0]
-        if linear is None and residual is None:
-            continue
-        if linear is None and act != "identity":
-            continue  # act -> dropout with a residual but no linear: leave it
-        name = f"fused_dropout_{count}"
-        count += 1
-        if linear is not None:
-            fused = LinearDropout(linear, drop.p, act)
-            fused.train(drop.training)
-            gm.add_submodule(name, fused)
-            args = (lin_node.args[0],) + ((residual,) if residual is not None else ())
-        else:
-            fused = _ResidualDropout(drop.p)
-            fused.train(drop.training)
-            gm.add_submodule(name, fused)
-            args = (src, residual)
-        replaced = user if residual is not None else node
-        with gm.graph.inserting_before(replaced):
-            new = gm.graph.call_module(name, args)
-        replaced.replace_all_uses_with(new)
-        chain = [replaced, node, src if act != "identity" else None, lin_node if linear is not None else None]
-        seen = set()
-        for dead in chain:  # users before producers
-            if dead is None or dead in seen:
-                continue
-            seen.add(dead)
-            if not dead.users and dead.op != "placeholder":
-                gm.graph.erase_node(dead)
+        m = _match(gm, node)
+        if m is not None:
+            _rewrite(gm, m, f"fused_dropout_{count}")
+            count += 1
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.fused_count = count
     return gm

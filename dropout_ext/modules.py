@@ -2,45 +2,41 @@
 
 from __future__ import annotations
 
-import struct
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import functional as F
+from ._state import p_bits
+from ._validate import check_activation, check_fused_args, check_p, check_tensor
 
 __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
            "LockedDropout", "DropPath", "FusedDropout", "replace_dropout"]
 
 
-def _bits(p: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(p)))[0]
-
-
 class _RuntimeP:
-    """Keeps p also as a tensor (its binary64 bits, an int64 buffer that
-    ``.half()`` leaves alone and ``state_dict`` omits), updated whenever p is
-    assigned. Under torch.compile the forward passes that buffer instead of
-    the float, so the kernels read p as data and a new p (a schedule) reuses
-    the compiled graph instead of recompiling it."""
+    """p as the number users read and assign, and as the tensor of its
+    binary64 bits that becomes the dropout state's third word (an int64
+    buffer: ``.half()`` leaves it alone, ``state_dict`` omits it, ``.to()``
+    moves it), updated on every assignment."""
 
     def _register_runtime_p(self) -> None:
-        self.register_buffer("_p_bits", torch.tensor(_bits(self.p), dtype=torch.int64), persistent=False)
+        self.register_buffer("_p_bits", torch.tensor(p_bits(self.p), dtype=torch.int64), persistent=False)
 
     def __setattr__(self, name, value):
         if name == "p":
-            value = F._check_p(value)
+            value = check_p(value)
         super().__setattr__(name, value)
         if name == "p" and "_p_bits" in self.__dict__.get("_buffers", {}):
-            self._buffers["_p_bits"].fill_(_bits(value))
+            self._buffers["_p_bits"].fill_(p_bits(value))
 
-    def _p_args(self):
-        """(p, p bits) for the functional call: the float in eager mode; under
-        torch.compile the buffer, and the float (a guarded constant) unread."""
-        if torch.compiler.is_compiling():
-            return 0.0, self._p_bits
-        return self.p, None
+    def _rate(self):
+        """p for the kernels. Under torch.compile the tensor, so p is data and
+        a schedule that changes it keeps one graph; in eager mode the number,
+        which skips all work at p == 0 and needs no copy when the module
+        was not moved with its input."""
+        return self._p_bits if torch.compiler.is_compiling() else self.p
 
 
 class Dropout(_RuntimeP, nn.Dropout):
@@ -53,14 +49,14 @@ class Dropout(_RuntimeP, nn.Dropout):
 
     def __init__(self, p: float = 0.5, inplace: bool = False,
                  broadcast_dims: Optional[Sequence[int]] = None) -> None:
-        F._check_p(p)  # first: nn.Dropout lets NaN through and fails obscurely on a non-number
+        check_p(p)  # first: nn.Dropout lets NaN through and fails obscurely on a non-number
         super().__init__(p, inplace)
         self.broadcast_dims = tuple(broadcast_dims) if broadcast_dims is not None else None
         self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        p, bits = self._p_args()
-        return F.dropout(input, p, self.training, self.inplace, broadcast_dims=self.broadcast_dims, _p_bits=bits)
+        check_tensor(input, "input")
+        return F._broadcast_dropout(input, self._rate(), self.training, self.inplace, self.broadcast_dims)
 
     def extra_repr(self) -> str:
         extra = f", broadcast_dims={self.broadcast_dims}" if self.broadcast_dims is not None else ""
@@ -68,60 +64,66 @@ class Dropout(_RuntimeP, nn.Dropout):
 
 
 class _ChannelTwin(_RuntimeP):
-    """Dropout1d/2d/3d: nn's twin's constructor with p checked first, and the
-    forward of the matching functional (``_fn``)."""
+    """Dropout1d/2d/3d: nn's twin's constructor with p checked first, and
+    channel dropout under the twin's shape rule (``_batched``)."""
 
-    _fn = None
+    _batched = None
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        F._check_p(p)
+        check_p(p)
         super().__init__(p, inplace)
         self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        p, bits = self._p_args()
-        return type(self)._fn(input, p, self.training, self.inplace, _p_bits=bits)
+        check_tensor(input, "input")
+        batched = type(self)._batched(input)
+        return F._channel_dropout(batched, input, self._rate(), self.training, self.inplace)
 
 
 class Dropout1d(_ChannelTwin, nn.Dropout1d):
     """Drop-in for ``torch.nn.Dropout1d``: one draw per channel, broadcast over
     the length by the kernel (no full-size mask)."""
 
-    _fn = staticmethod(F.dropout1d)
+    _batched = staticmethod(F._batched_1d)
 
 
 class Dropout2d(_ChannelTwin, nn.Dropout2d):
     """Drop-in for ``torch.nn.Dropout2d`` (same shape rules and warnings)."""
 
-    _fn = staticmethod(F.dropout2d)
+    _batched = staticmethod(F._batched_2d)
 
 
 class Dropout3d(_ChannelTwin, nn.Dropout3d):
     """Drop-in for ``torch.nn.Dropout3d`` (same shape rules and warnings)."""
 
-    _fn = staticmethod(F.dropout3d)
+    _batched = staticmethod(F._batched_3d)
 
 
-class AlphaDropout(nn.AlphaDropout):
+class _AlphaTwin:
+    """AlphaDropout/FeatureAlphaDropout: nn's twin's constructor with p
+    checked first, and the matching functional (``_fn``). p stays a number:
+    the affine constants are computed from it in Python."""
+
+    _fn = None
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        check_p(p)
+        super().__init__(p, inplace)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return type(self)._fn(input, self.p, self.training, self.inplace)
+
+
+class AlphaDropout(_AlphaTwin, nn.AlphaDropout):
     """Drop-in for ``torch.nn.AlphaDropout`` (SELU networks)."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        F._check_p(p)
-        super().__init__(p, inplace)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.alpha_dropout(input, self.p, self.training, self.inplace)
+    _fn = staticmethod(F.alpha_dropout)
 
 
-class FeatureAlphaDropout(nn.FeatureAlphaDropout):
+class FeatureAlphaDropout(_AlphaTwin, nn.FeatureAlphaDropout):
     """Drop-in for ``torch.nn.FeatureAlphaDropout``."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        F._check_p(p)
-        super().__init__(p, inplace)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.feature_alpha_dropout(input, self.p, self.training, self.inplace)
+    _fn = staticmethod(F.feature_alpha_dropout)
 
 
 class LockedDropout(Dropout):
@@ -142,13 +144,13 @@ class DropPath(_RuntimeP, nn.Module):
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        self.p = F._check_p(p)
+        self.p = check_p(p)
         self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_tensor(input, "input")
         dims = tuple(range(1, input.dim()))
-        p, bits = self._p_args()
-        return F.dropout(input, p, self.training, broadcast_dims=dims or None, _p_bits=bits)
+        return F._broadcast_dropout(input, self._rate(), self.training, False, dims or None)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -159,16 +161,16 @@ class FusedDropout(_RuntimeP, nn.Module):
 
     def __init__(self, p: float = 0.5, activation: str = "identity") -> None:
         super().__init__()
-        self.p = F._check_p(p)
-        F._check_activation(activation)
+        self.p = check_p(p)
+        check_activation(activation)
         self.activation = activation
         self._register_runtime_p()
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        p, bits = self._p_args()
-        return F.fused_dropout(x, p, bias=bias, activation=self.activation, residual=residual,
-                               training=self.training, _p_bits=bits)
+        bias, residual = F._follow_autocast(x, bias, residual)
+        mshape = check_fused_args(x, bias, residual, self.activation, None)
+        return F._fused(x, self._rate(), bias, residual, self.activation, mshape, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, activation={self.activation!r}"

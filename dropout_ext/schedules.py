@@ -17,7 +17,7 @@ from typing import Callable, List
 
 from torch import nn
 
-from . import functional as F
+from ._validate import check_p
 from .modules import DropPath, FusedDropout
 
 __all__ = ["constant", "linear", "cosine", "DropoutScheduler"]
@@ -27,7 +27,7 @@ Schedule = Callable[[int], float]
 
 def _p(value, name) -> float:
     try:
-        return F._check_p(value)
+        return check_p(value)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{name}: {exc}") from None
 

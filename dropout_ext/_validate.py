@@ -1,0 +1,133 @@
+"""Every argument rule of dropout_ext, with its one wording.
+
+The public functions, the modules, the schedules, fusion and the Python op
+implementations (Triton, reference) all check through here before any
+tensor is touched, so bad input changes nothing. The C++ glue
+(csrc/op_common.h) repeats only the checks a direct ``torch.ops`` call could
+slip past, with these same messages.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_p(p) -> float:
+    """p as a float in [0, 1]. A tensor is refused: p reaches the kernels as
+    data only inside the dropout state (docs/DESIGN.md)."""
+    if isinstance(p, torch.Tensor) or not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout probability p must be a real number, got {type(p).__name__}")
+    p = float(p)
+    if not (0.0 <= p <= 1.0):  # also rejects NaN
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return p
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_companion(input, t, name: str) -> None:
+    check_tensor(t, name)
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device}, but input is on {input.device}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, but input has {input.dtype}")
+
+
+def check_bias(input, bias) -> None:
+    if bias is None:
+        return
+    _check_companion(input, bias, "bias")
+    if input.dim() == 0 or bias.dim() != 1 or bias.shape[0] != input.shape[-1]:
+        last = input.shape[-1] if input.dim() else "none (0-dim input)"
+        raise ValueError(f"bias must be 1-D with the size of input's last dimension ({last}), "
+                         f"got shape {tuple(bias.shape)}")
+
+
+def check_residual(input, residual) -> None:
+    if residual is None:
+        return
+    _check_companion(input, residual, "residual")
+    if residual.shape != input.shape:
+        raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+
+
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_mask_shape(input, mask_shape) -> tuple:
+    """The structured mask shape, () for one draw per element (also what an
+    empty ``mask_shape`` means)."""
+    if mask_shape is None or len(mask_shape) == 0:
+        return ()
+    shape = tuple(int(s) for s in mask_shape)
+    if len(shape) != input.dim() or any(m not in (s, 1) for m, s in zip(shape, input.shape)):
+        raise ValueError(f"mask_shape must have input's rank with each size equal to input's "
+                         f"{tuple(input.shape)} or 1, got {shape}")
+    return () if shape == tuple(input.shape) else shape
+
+
+def check_shape(shape) -> tuple:
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must be non-negative, got {shape}")
+    return shape
+
+
+def as_u64(value, name: str) -> int:
+    """A seed or offset as the unsigned 64-bit integer the contract keys on."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"{name} must fit in 64 bits (-2**63 <= {name} < 2**64), got {value}")
+    return value & (2**64 - 1)
+
+
+def check_seed(seed, offset, generator, device) -> None:
+    if seed is not None:
+        as_u64(seed, "seed")
+        as_u64(offset, "offset")
+        if generator is not None:
+            raise ValueError("pass either seed= or generator=, not both")
+        return
+    if offset != 0:
+        raise ValueError("offset is only meaningful together with seed=")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != torch.device(device).type:
+            raise ValueError(f"generator is on {generator.device}, but the input is on {device}")
+
+
+def check_state(state, device) -> None:
+    """The dropout state an op takes: int64 [seed, offset, p bits] on the
+    input's device (docs/DESIGN.md), or None for no dropout."""
+    if state is None:
+        return
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.int64 or tuple(state.shape) != (3,):
+        got = f"{state.dtype} of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor) \
+            else type(state).__name__
+        raise ValueError(f"state must be an int64 tensor [seed, offset, p bits], got {got}")
+    if state.device != torch.device(device):
+        raise ValueError(f"state is on {state.device}, but input is on {device}")
+
+
+def check_fused_args(input, bias, residual, activation, mask_shape: Optional[Sequence[int]]) -> tuple:
+    """Everything the fused op takes besides p and the RNG; returns the mask shape."""
+    check_tensor(input, "input")
+    check_bias(input, bias)
+    check_residual(input, residual)
+    check_activation(activation)
+    return check_mask_shape(input, mask_shape)
