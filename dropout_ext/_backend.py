@@ -70,12 +70,19 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
 
 def ops_for(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> _ops.OpSet:
     """The op family that runs ``backend`` (see ``resolve``) on ``device``."""
-    name = resolve(backend, device)
-    prefix = _TABLE[name, device.type]
-    if name == "triton" and dtype == torch.float64:
-        # No Triton kernel takes float64: the CUDA kernels do where they are built.
-        prefix = _TABLE.get(("cuda", device.type), "reference_")
-    return _OPS[prefix]
+    key = (backend, os.environ.get("DROPOUT_EXT_BACKEND"), device.type, dtype == torch.float64)
+    ops = _CHOSEN.get(key)
+    if ops is None:
+        name = resolve(backend, device)
+        prefix = _TABLE[name, device.type]
+        if name == "triton" and dtype == torch.float64:
+            # No Triton kernel takes float64: the CUDA kernels do where they are built.
+            prefix = _TABLE.get(("cuda", device.type), "reference_")
+        ops = _CHOSEN[key] = _OPS[prefix]
+    return ops
 
 
+# Answers of ops_for: the table never changes after import, and the lookup
+# runs on every call.
+_CHOSEN: Dict[tuple, _ops.OpSet] = {}
 _OPS = {prefix: _ops.op_set(prefix) for prefix in _ops.PREFIXES}

@@ -57,14 +57,20 @@ def make_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset
     """
     if seed is not None:
         words = [_signed(as_u64(seed, "seed")), _signed(as_u64(offset, "offset"))]
-        if not isinstance(p, torch.Tensor):
-            return _words(words + [p_bits(p)], device)
-        rng = _words(words, device)
     else:
         rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
-    if not isinstance(p, torch.Tensor):
-        return torch.cat([rng, _words([p_bits(p)], device)])
-    return torch.cat([rng, p.reshape(1).to(device)])
+        if isinstance(p, torch.Tensor) or device.type != "cpu":
+            return torch.cat([rng, _p_word(p, device)])
+        words = rng.tolist()  # a host tensor: reading it is free, and one tensor beats a cat
+    if isinstance(p, torch.Tensor):
+        return torch.cat([_words(words, device), _p_word(p, device)])
+    return _words(words + [p_bits(p)], device)
+
+
+def _p_word(p: Rate, device: torch.device) -> torch.Tensor:
+    if isinstance(p, torch.Tensor):
+        return p.reshape(1).to(device)
+    return _words([p_bits(p)], device)
 
 
 def state_values(state: Optional[torch.Tensor]):
