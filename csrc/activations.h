@@ -14,11 +14,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "activation_constants.h"
 #include "philox.h"
 
 namespace dropout_ext {
-
-enum class Act : int { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
 
 DX_HD float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
@@ -33,19 +32,19 @@ DX_HD float bits_to_float(uint32_t u) {
 // exp(x) for x <= 0 (every caller passes a non-positive argument). Results
 // below exp(-87) are flushed to 0 so no backend depends on subnormal support.
 DX_HD float exp_nonpos(float x) {
-  const bool in_range = x >= -87.0f;  // false for NaN and for tiny results
+  const bool in_range = x >= actc::EXP_MIN;  // false for NaN and for tiny results
   const float xc = in_range ? x : 0.0f;
-  const float t = xc * 0x1.715476p+0f;                        // x * log2(e)
-  const float k = (t + 0x1.8p+23f) - 0x1.8p+23f;              // round half even
-  const float r = (xc - k * 0x1.62e4p-1f) - k * 0x1.7f7d1cp-20f;  // Cody-Waite ln 2
-  float poly = 0x1.a01a02p-13f;                               // 1/7!
-  poly = 0x1.6c16c2p-10f + r * poly;                          // 1/6!
-  poly = 0x1.111112p-7f + r * poly;                           // 1/5!
-  poly = 0x1.555556p-5f + r * poly;                           // 1/4!
-  poly = 0x1.555556p-3f + r * poly;                           // 1/3!
-  poly = 0.5f + r * poly;
-  poly = 1.0f + r * poly;
-  poly = 1.0f + r * poly;
+  const float t = xc * actc::LOG2E;
+  const float k = (t + actc::ROUND_MAGIC) - actc::ROUND_MAGIC;  // round half even
+  const float r = (xc - k * actc::LN2_HI) - k * actc::LN2_LO;   // Cody-Waite ln 2
+  float poly = actc::EXP_C7;
+  poly = actc::EXP_C6 + r * poly;
+  poly = actc::EXP_C5 + r * poly;
+  poly = actc::EXP_C4 + r * poly;
+  poly = actc::EXP_C3 + r * poly;
+  poly = actc::EXP_C2 + r * poly;
+  poly = actc::EXP_C1 + r * poly;
+  poly = actc::EXP_C0 + r * poly;
   const int32_t ki = static_cast<int32_t>(k);                 // in [-126, 0]
   const float scale = bits_to_float(static_cast<uint32_t>(ki + 127) << 23);
   const float e = poly * scale;
@@ -78,13 +77,13 @@ struct ActOps<Act::kGelu> {
     float e;     // exp(-v*v/2)
   };
   DX_HD static Parts parts(float v) {
-    const float z = (v < 0.0f ? -v : v) * 0x1.6a09e6p-1f;
-    const float t = 1.0f / (1.0f + 0x1.4f740ap-2f * z);
-    float poly = 0x1.0fb844p+0f;
-    poly = -0x1.7401c6p+0f + t * poly;
-    poly = 0x1.6be1c6p+0f + t * poly;
-    poly = -0x1.23531cp-2f + t * poly;
-    poly = 0x1.04f20cp-2f + t * poly;
+    const float z = (v < 0.0f ? -v : v) * actc::SQRT1_2;
+    const float t = 1.0f / (1.0f + actc::AS_P * z);
+    float poly = actc::AS_A1;
+    poly = actc::AS_A2 + t * poly;
+    poly = actc::AS_A3 + t * poly;
+    poly = actc::AS_A4 + t * poly;
+    poly = actc::AS_A5 + t * poly;
     poly = t * poly;
     const float e = exp_nonpos(-(z * z));
     const float q = poly * e;  // erfc(|v| / sqrt 2)
@@ -93,12 +92,11 @@ struct ActOps<Act::kGelu> {
   DX_HD static float fwd(float v) { return (0.5f * v) * parts(v).cdf2; }
   DX_HD static float grad(float v) {
     const Parts s = parts(v);
-    return 0.5f * s.cdf2 + v * (s.e * 0x1.988454p-2f);  // + v * pdf(v)
+    return 0.5f * s.cdf2 + v * (s.e * actc::INV_SQRT_2PI);  // + v * pdf(v)
   }
-  DX_HD static double fwd(double v) { return 0.5 * v * (1.0 + erf(v * 0.70710678118654752440)); }
+  DX_HD static double fwd(double v) { return 0.5 * v * (1.0 + erf(v * actc::SQRT1_2_F64)); }
   DX_HD static double grad(double v) {
-    return 0.5 * (1.0 + erf(v * 0.70710678118654752440)) +
-           v * exp(-0.5 * v * v) * 0.39894228040143267794;
+    return 0.5 * (1.0 + erf(v * actc::SQRT1_2_F64)) + v * exp(-0.5 * v * v) * actc::INV_SQRT_2PI_F64;
   }
 };
 
@@ -111,7 +109,7 @@ struct ActOps<Act::kGeluTanh> {
     float omt;  // 1 - tanh(u)
   };
   DX_HD static Parts parts(float v) {
-    const float u = 0x1.988454p-1f * (v + 0x1.6e4e26p-5f * ((v * v) * v));
+    const float u = actc::SQRT_2_OVER_PI * (v + actc::GELU_TANH_C * ((v * v) * v));
     const float e = exp_nonpos(-(2.0f * (u < 0.0f ? -u : u)));
     const float d = 1.0f + e;
     const float big = 2.0f / d;
@@ -122,18 +120,18 @@ struct ActOps<Act::kGeluTanh> {
   DX_HD static float fwd(float v) { return (0.5f * v) * parts(v).opt; }
   DX_HD static float grad(float v) {
     const Parts s = parts(v);
-    const float du = 0x1.988454p-1f * (1.0f + 0x1.12ba9ep-3f * (v * v));
+    const float du = actc::SQRT_2_OVER_PI * (1.0f + actc::GELU_TANH_3C * (v * v));
     return 0.5f * s.opt + ((0.5f * v) * (s.opt * s.omt)) * du;
   }
   DX_HD static double fwd(double v) {
-    const double u = 0.79788456080286535588 * (v + 0.044715 * v * v * v);
+    const double u = actc::SQRT_2_OVER_PI_F64 * (v + actc::GELU_TANH_C_F64 * v * v * v);
     return 0.5 * v * (1.0 + tanh(u));
   }
   DX_HD static double grad(double v) {
-    const double u = 0.79788456080286535588 * (v + 0.044715 * v * v * v);
+    const double u = actc::SQRT_2_OVER_PI_F64 * (v + actc::GELU_TANH_C_F64 * v * v * v);
     const double t = tanh(u);
     return 0.5 * (1.0 + t) +
-           0.5 * v * (1.0 - t * t) * 0.79788456080286535588 * (1.0 + 3.0 * 0.044715 * v * v);
+           0.5 * v * (1.0 - t * t) * actc::SQRT_2_OVER_PI_F64 * (1.0 + 3.0 * actc::GELU_TANH_C_F64 * v * v);
   }
 };
 
@@ -169,6 +167,29 @@ DX_HD acc_t act_backward(acc_t g_scaled, acc_t v) {
     return ActOps<A>::pass(v) ? g_scaled : acc_t(0);
   } else {
     return g_scaled * ActOps<A>::grad(v);
+  }
+}
+
+}  // namespace dropout_ext
+
+#include <type_traits>
+
+namespace dropout_ext {
+
+// Calls f(std::integral_constant<Act, act>{}): the one switch from a runtime
+// activation to a kernel instantiated for it, for every backend's launcher.
+// Act is a deduced parameter so that a translation unit's own
+// dispatch_act(Act, F) stays the more specialised overload, not an ambiguous one.
+template <typename ActT, typename F>
+decltype(auto) dispatch_act(ActT act, F&& f) {
+  static_assert(std::is_same<ActT, Act>::value, "dispatch_act takes an Act");
+  switch (act) {
+    case Act::kRelu: return f(std::integral_constant<Act, Act::kRelu>{});
+    case Act::kGelu: return f(std::integral_constant<Act, Act::kGelu>{});
+    case Act::kGeluTanh: return f(std::integral_constant<Act, Act::kGeluTanh>{});
+    case Act::kSilu: return f(std::integral_constant<Act, Act::kSilu>{});
+    case Act::kIdentity:
+    default: return f(std::integral_constant<Act, Act::kIdentity>{});
   }
 }
 

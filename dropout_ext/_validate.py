@@ -10,11 +10,13 @@ slip past, with these same messages.
 from __future__ import annotations
 
 import numbers
+import struct
 from typing import Optional, Sequence
 
 import torch
 
-ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
+from ._contract import ACTIVATIONS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -113,7 +115,9 @@ def check_seed(seed, offset, generator, device) -> None:
 
 def check_state(state, device) -> None:
     """The dropout state an op takes: int64 [seed, offset, p bits] on the
-    input's device (docs/DESIGN.md), or None for no dropout."""
+    input's device (docs/DESIGN.md), or None for no dropout. Where the host
+    can read it for free (a CPU state) its p is checked too; a device
+    state's p is data the kernels sanitise."""
     if state is None:
         return
     if not isinstance(state, torch.Tensor) or state.dtype != torch.int64 or tuple(state.shape) != (3,):
@@ -122,6 +126,10 @@ def check_state(state, device) -> None:
         raise ValueError(f"state must be an int64 tensor [seed, offset, p bits], got {got}")
     if state.device != torch.device(device):
         raise ValueError(f"state is on {state.device}, but input is on {device}")
+    if state.device.type == "cpu" and not isinstance(state, torch._subclasses.FakeTensor):
+        p = struct.unpack("<d", struct.pack("<q", int(state[2])))[0]
+        if not (0.0 <= p <= 1.0):
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 def check_fused_args(input, bias, residual, activation, mask_shape: Optional[Sequence[int]]) -> tuple:

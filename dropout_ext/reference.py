@@ -14,30 +14,36 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._contract import F32, F64
+from ._state import state_values
+from ._validate import ACTIVATIONS, as_u64  # noqa: F401  (the reference's names)
+
 M32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 
-ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 
-_f = float.fromhex
-# Every constant below is exactly representable in float32.
-LOG2E = _f("0x1.715476p+0")
-ROUND_MAGIC = _f("0x1.8p+23")
-LN2_HI = _f("0x1.62e4p-1")
-LN2_LO = _f("0x1.7f7d1cp-20")
-EXP_TAYLOR = [_f("0x1.a01a02p-13"), _f("0x1.6c16c2p-10"), _f("0x1.111112p-7"), _f("0x1.555556p-5"),
-              _f("0x1.555556p-3"), 0.5, 1.0, 1.0]
-SQRT1_2 = _f("0x1.6a09e6p-1")
-AS_P = _f("0x1.4f740ap-2")
-AS_A = [_f("0x1.0fb844p+0"), -_f("0x1.7401c6p+0"), _f("0x1.6be1c6p+0"), -_f("0x1.23531cp-2"),
-        _f("0x1.04f20cp-2")]
-INV_SQRT_2PI = _f("0x1.988454p-2")
-SQRT_2_OVER_PI = _f("0x1.988454p-1")
-GELU_TANH_C = _f("0x1.6e4e26p-5")
-GELU_TANH_3C = _f("0x1.12ba9ep-3")
+# The activations' constants, from the one table every backend uses (float32
+# values; the *_F64 ones are the float64 activations').
+EXP_MIN = F32["EXP_MIN"]
+LOG2E = F32["LOG2E"]
+ROUND_MAGIC = F32["ROUND_MAGIC"]
+LN2_HI = F32["LN2_HI"]
+LN2_LO = F32["LN2_LO"]
+EXP_TAYLOR = [F32[f"EXP_C{i}"] for i in range(7, -1, -1)]  # Horner order: 1/7! first
+SQRT1_2 = F32["SQRT1_2"]
+AS_P = F32["AS_P"]
+AS_A = [F32[f"AS_A{i}"] for i in range(1, 6)]  # Horner order: a1 first
+INV_SQRT_2PI = F32["INV_SQRT_2PI"]
+SQRT_2_OVER_PI = F32["SQRT_2_OVER_PI"]
+GELU_TANH_C = F32["GELU_TANH_C"]
+GELU_TANH_3C = F32["GELU_TANH_3C"]
+SQRT1_2_F64 = F64["SQRT1_2_F64"]
+INV_SQRT_2PI_F64 = F64["INV_SQRT_2PI_F64"]
+SQRT_2_OVER_PI_F64 = F64["SQRT_2_OVER_PI_F64"]
+GELU_TANH_C_F64 = F64["GELU_TANH_C_F64"]
 
 
 # --- Philox4x32-10 -----------------------------------------------------------
@@ -59,15 +65,6 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
         k0 = (k0 + PHILOX_W0) & M32
         k1 = (k1 + PHILOX_W1) & M32
     return c0, c1, c2, c3
-
-
-def as_u64(value: int, name: str) -> int:
-    """A seed or offset as the unsigned 64-bit integer the contract keys on."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not -(2**63) <= value < 2**64:
-        raise ValueError(f"{name} must fit in 64 bits (-2**63 <= {name} < 2**64), got {value}")
-    return value & (2**64 - 1)
 
 
 def threshold(p: float) -> Optional[int]:
@@ -115,7 +112,7 @@ def _div(num, den: torch.Tensor) -> torch.Tensor:
 
 
 def exp_nonpos(x: torch.Tensor) -> torch.Tensor:
-    in_range = x >= -87.0
+    in_range = x >= EXP_MIN
     xc = torch.where(in_range, x, torch.zeros_like(x))
     t = xc * LOG2E
     k = (t + ROUND_MAGIC) - ROUND_MAGIC
@@ -168,9 +165,9 @@ def activation_forward(v: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.where(v < 0, torch.zeros_like(v), v)
     if v.dtype == torch.float64:
         if activation == "gelu":
-            return 0.5 * v * (1.0 + torch.erf(v * 0.70710678118654752440))
+            return 0.5 * v * (1.0 + torch.erf(v * SQRT1_2_F64))
         if activation == "gelu_tanh":
-            return 0.5 * v * (1.0 + torch.tanh(0.79788456080286535588 * (v + 0.044715 * v * v * v)))
+            return 0.5 * v * (1.0 + torch.tanh(SQRT_2_OVER_PI_F64 * (v + GELU_TANH_C_F64 * v * v * v)))
         return v * (1.0 / (1.0 + torch.exp(-v)))
     if activation == "gelu":
         return (0.5 * v) * _gelu_parts(v)[0]
@@ -185,12 +182,12 @@ def activation_grad(v: torch.Tensor, activation: str) -> torch.Tensor:
     """act'(v) for the smooth activations."""
     if v.dtype == torch.float64:
         if activation == "gelu":
-            return 0.5 * (1.0 + torch.erf(v * 0.70710678118654752440)) + \
-                v * torch.exp(-0.5 * v * v) * 0.39894228040143267794
+            return 0.5 * (1.0 + torch.erf(v * SQRT1_2_F64)) + \
+                v * torch.exp(-0.5 * v * v) * INV_SQRT_2PI_F64
         if activation == "gelu_tanh":
-            t = torch.tanh(0.79788456080286535588 * (v + 0.044715 * v * v * v))
-            return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.79788456080286535588 * \
-                (1.0 + 3.0 * 0.044715 * v * v)
+            t = torch.tanh(SQRT_2_OVER_PI_F64 * (v + GELU_TANH_C_F64 * v * v * v))
+            return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI_F64 * \
+                (1.0 + 3.0 * GELU_TANH_C_F64 * v * v)
         s = 1.0 / (1.0 + torch.exp(-v))
         return s * (1.0 + v * (1.0 - s))
     if activation == "gelu":
@@ -266,5 +263,33 @@ def fused_dropout_backward(grad: torch.Tensor, x: Optional[torch.Tensor], bias: 
     dx = _drop(keep, d)
     db = None
     if bias_grad:
-        db = dx.to(torch.float64).reshape(-1, grad.shape[-1]).sum(0).to(grad.dtype)
+        db = dx.to(torch.float64).reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0).to(grad.dtype)
     return dx.to(grad.dtype), db
+
+
+# --- the reference's op kernels (the ``reference_`` ops of _ops) ---------------
+
+def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """The result in the input's memory format, as every backend returns it."""
+    if input.is_contiguous():
+        return result
+    return torch.empty_like(input).copy_(result)
+
+
+def _op_forward(input, bias, residual, state, activation, mask_shape):
+    seed, offset, p = state_values(state)
+    return _like_input(input, fused_dropout(input, bias, residual, seed, offset, p, activation, mask_shape))
+
+
+def _op_backward(grad, input, bias, state, activation, mask_shape, bias_grad):
+    seed, offset, p = state_values(state)
+    dx, db = fused_dropout_backward(grad, input, bias, seed, offset, p, activation, mask_shape, bias_grad)
+    return _like_input(grad, dx), (db if bias_grad else grad.new_empty((0,)))
+
+
+def _op_mask(state, shape):
+    seed, offset, p = state_values(state)
+    return dropout_mask(shape, p, seed, offset, device=state.device)
+
+
+KERNELS = {"fused_dropout": _op_forward, "fused_dropout_backward": _op_backward, "dropout_mask": _op_mask}
