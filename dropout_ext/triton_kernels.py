@@ -1,111 +1,169 @@
 """Triton kernels for y = residual + dropout(act(x + bias)), its backward and
 the keep mask, under the contract of docs/RNG.md.
 
-The launchers here are plain functions of tensors; ``_triton_ops`` registers
-them as ``torch.library.triton_op``s with autograd. They take a ``wrap``
-argument (``torch.library.wrap_triton`` inside the registered ops, the
-identity otherwise) so the same code also runs under the Triton interpreter
-(``TRITON_INTERPRET=1``) on CPU tensors, which is how CI checks it.
+``KERNELS`` holds the three launchers, plain functions with the op schemas'
+arguments; ``_ops`` registers them as the ``triton_`` ops (the CUDA key, and
+the CPU key under ``TRITON_INTERPRET=1``, where the kernels run on CPU tensors
+in Triton's interpreter, which is how they are tested without a GPU).
 
 Contract rules that shape the code:
-- the random words come from ``tl.philox`` with the contract's counter words
-  (group i >> 2 split into two words, the offset split into two), never from
-  ``tl.rand``/``tl.randint4x``, whose counter mapping changed between Triton
-  releases; one Philox call serves the four elements of a group;
-- keep iff word >= t, an unsigned integer compare; t and the scale are
-  runtime arguments that are not specialised, so a new p reuses the binary;
-- float32 math with IEEE division (``div_rn``) and no FMA contraction
-  (``enable_fp_fusion=False``): the activations are the exact operation
-  sequences of csrc/activations.h, so every backend rounds alike;
+- the mask parameters come from the state tensor [seed, offset, p bits] in
+  device memory, derived in the kernel by one prologue (``_mask_params``) with
+  the host's double arithmetic, so a CUDA graph replays fresh draws and a new
+  p compiles nothing; no state means keep everything, with no Philox at all;
+- the random words come from ``tl.philox`` with the contract's counter words,
+  never from ``tl.rand``/``tl.randint4x``, whose counter mapping changed
+  between Triton releases; one Philox call serves four elements;
+- float32 math with IEEE division and no FMA contraction: every float
+  operation of the value path goes through ``_mul``/``_add``/``_sub``/``_div``,
+  which emit explicitly rounded PTX (``mul.rn`` ...). The rounding rule lives
+  in the kernel source because launch options do not survive every caller
+  (Inductor keeps only the arguments of a user-defined Triton kernel, so
+  ``enable_fp_fusion=False`` would be lost under torch.compile);
 - a dropped element is a zero with the sign bit of the value it replaces;
 - 64-bit element indices throughout.
+
+Layout: one elementwise body (``_tile``) serves the forward and the backward
+(the ``BWD`` constexpr), used by the flat kernel and by the row-sum kernel of
+the bias gradient; each program takes the unmasked path when its block is
+full, so the bulk of any tensor, whatever its size, moves in 128-bit accesses.
 """
 
+import contextlib
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._contract import ACTIVATIONS, F32
+
 AVAILABLE = True
 
-ACTS = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-# float64 is routed to another backend (see _backend.run).
+# float64 is routed to another backend (see _backend).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+ACTS = {name: i for i, name in enumerate(ACTIVATIONS)}
+IDENTITY = tl.constexpr(ACTS["identity"])
+RELU = tl.constexpr(ACTS["relu"])
+GELU = tl.constexpr(ACTS["gelu"])
+GELU_TANH = tl.constexpr(ACTS["gelu_tanh"])
+SILU = tl.constexpr(ACTS["silu"])
 
-def _direct(kernel):
-    return kernel
+EXP_MIN = tl.constexpr(F32["EXP_MIN"])
+LOG2E = tl.constexpr(F32["LOG2E"])
+ROUND_MAGIC = tl.constexpr(F32["ROUND_MAGIC"])
+LN2_HI = tl.constexpr(F32["LN2_HI"])
+LN2_LO = tl.constexpr(F32["LN2_LO"])
+EXP_C7 = tl.constexpr(F32["EXP_C7"])
+EXP_C6 = tl.constexpr(F32["EXP_C6"])
+EXP_C5 = tl.constexpr(F32["EXP_C5"])
+EXP_C4 = tl.constexpr(F32["EXP_C4"])
+EXP_C3 = tl.constexpr(F32["EXP_C3"])
+EXP_C2 = tl.constexpr(F32["EXP_C2"])
+EXP_C1 = tl.constexpr(F32["EXP_C1"])
+EXP_C0 = tl.constexpr(F32["EXP_C0"])
+SQRT1_2 = tl.constexpr(F32["SQRT1_2"])
+AS_P = tl.constexpr(F32["AS_P"])
+AS_A1 = tl.constexpr(F32["AS_A1"])
+AS_A2 = tl.constexpr(F32["AS_A2"])
+AS_A3 = tl.constexpr(F32["AS_A3"])
+AS_A4 = tl.constexpr(F32["AS_A4"])
+AS_A5 = tl.constexpr(F32["AS_A5"])
+INV_SQRT_2PI = tl.constexpr(F32["INV_SQRT_2PI"])
+SQRT_2_OVER_PI = tl.constexpr(F32["SQRT_2_OVER_PI"])
+GELU_TANH_C = tl.constexpr(F32["GELU_TANH_C"])
+GELU_TANH_3C = tl.constexpr(F32["GELU_TANH_3C"])
 
 
-_c = lambda h: tl.constexpr(float.fromhex(h))  # noqa: E731  (exact in float32)
-LOG2E = _c("0x1.715476p+0")
-ROUND_MAGIC = _c("0x1.8p+23")
-LN2_HI = _c("0x1.62e4p-1")
-LN2_LO = _c("0x1.7f7d1cp-20")
-E7 = _c("0x1.a01a02p-13")
-E6 = _c("0x1.6c16c2p-10")
-E5 = _c("0x1.111112p-7")
-E4 = _c("0x1.555556p-5")
-E3 = _c("0x1.555556p-3")
-SQRT1_2 = _c("0x1.6a09e6p-1")
-AS_P = _c("0x1.4f740ap-2")
-AS_A1 = _c("0x1.0fb844p+0")
-AS_A2 = _c("-0x1.7401c6p+0")
-AS_A3 = _c("0x1.6be1c6p+0")
-AS_A4 = _c("-0x1.23531cp-2")
-AS_A5 = _c("0x1.04f20cp-2")
-INV_SQRT_2PI = _c("0x1.988454p-2")
-SQRT_2_OVER_PI = _c("0x1.988454p-1")
-GELU_TANH_C = _c("0x1.6e4e26p-5")
-GELU_TANH_3C = _c("0x1.12ba9ep-3")
+# --- float32 arithmetic that is never contracted ---------------------------------
+# On the GPU: one PTX instruction with an explicit rounding mode, which neither
+# LLVM (inline asm is opaque) nor ptxas (explicitly rounded mul/add are never
+# fused) can merge into an FMA, whatever fp-fusion option the kernel is built
+# with. Under the interpreter numpy evaluates each float32 operation on its
+# own, correctly rounded; there the helpers are plain functions, as a call to
+# a jitted helper costs the interpreter far more than the arithmetic.
+
+if _INTERPRET:
+    def _mul(a, b):
+        return a * b
+
+    def _add(a, b):
+        return a + b
+
+    def _sub(a, b):
+        return a - b
+
+    def _div(a, b):
+        # numpy's float32 division is IEEE; tl.math.div_rn is not accepted
+        # by every Triton interpreter.
+        return a / b
+else:
+    @triton.jit
+    def _mul(a, b):
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _add(a, b):
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _sub(a, b):
+        return tl.inline_asm_elementwise("sub.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _div(a, b):
+        # Triton's "/" on float32 is an approximate division on the GPU.
+        return tl.math.div_rn(a, b)
 
 
-# --- device functions (csrc/activations.h, line for line) ----------------------
+# --- the activations (csrc/activations.h, operation for operation) -----------------
 
 @triton.jit
 def _exp_nonpos(x):
-    in_range = x >= -87.0
+    in_range = x >= EXP_MIN
     xc = tl.where(in_range, x, 0.0)
-    t = xc * LOG2E
-    k = (t + ROUND_MAGIC) - ROUND_MAGIC
-    r = (xc - k * LN2_HI) - k * LN2_LO
-    poly = E6 + r * E7
-    poly = E5 + r * poly
-    poly = E4 + r * poly
-    poly = E3 + r * poly
-    poly = 0.5 + r * poly
-    poly = 1.0 + r * poly
-    poly = 1.0 + r * poly
-    ki = k.to(tl.int32)
-    scale = ((ki + 127) << 23).to(tl.float32, bitcast=True)
-    e = poly * scale
-    return tl.where(in_range, e, tl.where(x != x, x, 0.0))
+    k = _sub(_add(_mul(xc, LOG2E), ROUND_MAGIC), ROUND_MAGIC)
+    r = _sub(_sub(xc, _mul(k, LN2_HI)), _mul(k, LN2_LO))
+    poly = _add(EXP_C6, _mul(r, EXP_C7))
+    poly = _add(EXP_C5, _mul(r, poly))
+    poly = _add(EXP_C4, _mul(r, poly))
+    poly = _add(EXP_C3, _mul(r, poly))
+    poly = _add(EXP_C2, _mul(r, poly))
+    poly = _add(EXP_C1, _mul(r, poly))
+    poly = _add(EXP_C0, _mul(r, poly))
+    scale = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(in_range, _mul(poly, scale), tl.where(x != x, x, 0.0))
 
 
 @triton.jit
 def _gelu_parts(v):
-    z = tl.where(v < 0.0, -v, v) * SQRT1_2
-    t = tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), 1.0 + AS_P * z)
-    poly = AS_A2 + t * AS_A1
-    poly = AS_A3 + t * poly
-    poly = AS_A4 + t * poly
-    poly = AS_A5 + t * poly
-    poly = t * poly
-    e = _exp_nonpos(-(z * z))
-    q = poly * e
-    return tl.where(v >= 0.0, 2.0 - q, q), e
+    """(1 + erf(v / sqrt 2), exp(-v*v/2))."""
+    z = _mul(tl.where(v < 0.0, -v, v), SQRT1_2)
+    t = _div(tl.full(v.shape, 1.0, tl.float32), _add(1.0, _mul(AS_P, z)))
+    poly = _add(AS_A2, _mul(t, AS_A1))
+    poly = _add(AS_A3, _mul(t, poly))
+    poly = _add(AS_A4, _mul(t, poly))
+    poly = _add(AS_A5, _mul(t, poly))
+    poly = _mul(t, poly)
+    e = _exp_nonpos(-_mul(z, z))
+    q = _mul(poly, e)
+    return tl.where(v >= 0.0, _sub(2.0, q), q), e
 
 
 @triton.jit
 def _gelu_tanh_parts(v):
-    u = SQRT_2_OVER_PI * (v + GELU_TANH_C * ((v * v) * v))
-    e = _exp_nonpos(-(2.0 * tl.where(u < 0.0, -u, u)))
-    d = 1.0 + e
-    big = tl.math.div_rn(tl.full(v.shape, 2.0, tl.float32), d)
-    small = tl.math.div_rn(2.0 * e, d)
+    """(1 + tanh(u), 1 - tanh(u))."""
+    u = _mul(SQRT_2_OVER_PI, _add(v, _mul(GELU_TANH_C, _mul(_mul(v, v), v))))
+    e = _exp_nonpos(-_mul(2.0, tl.where(u < 0.0, -u, u)))
+    d = _add(1.0, e)
+    big = _div(tl.full(v.shape, 2.0, tl.float32), d)
+    small = _div(_mul(2.0, e), d)
     pos = u >= 0.0
     return tl.where(pos, big, small), tl.where(pos, small, big)
 
@@ -113,78 +171,93 @@ def _gelu_tanh_parts(v):
 @triton.jit
 def _sigmoid(v):
     e = _exp_nonpos(tl.where(v < 0.0, v, -v))
-    d = 1.0 + e
-    return tl.where(v >= 0.0, tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), d), tl.math.div_rn(e, d))
+    d = _add(1.0, e)
+    return tl.where(v >= 0.0, _div(tl.full(v.shape, 1.0, tl.float32), d), _div(e, d))
 
 
 @triton.jit
-def _act_fwd(v, ACT: tl.constexpr):
-    if ACT == 1:
+def _act_forward(v, ACT: tl.constexpr):
+    if ACT == RELU:
         v = tl.where(v < 0.0, 0.0, v)
-    elif ACT == 2:
+    elif ACT == GELU:
         cdf2, _e = _gelu_parts(v)
-        v = (0.5 * v) * cdf2
-    elif ACT == 3:
+        v = _mul(_mul(0.5, v), cdf2)
+    elif ACT == GELU_TANH:
         opt, _omt = _gelu_tanh_parts(v)
-        v = (0.5 * v) * opt
-    elif ACT == 4:
-        v = v * _sigmoid(v)
+        v = _mul(_mul(0.5, v), opt)
+    elif ACT == SILU:
+        v = _mul(v, _sigmoid(v))
     return v
 
 
 @triton.jit
-def _act_bwd(gs, v, ACT: tl.constexpr):
-    """The gradient through the activation of one kept element, given the
-    scaled incoming gradient gs (relu selects, so 0 * Inf stays 0)."""
-    if ACT == 1:
-        d = tl.where(v > 0.0, gs, 0.0)
-    elif ACT == 2:
+def _act_derivative(v, ACT: tl.constexpr):
+    """act'(v) of the smooth activations."""
+    if ACT == GELU:
         cdf2, e = _gelu_parts(v)
-        d = gs * (0.5 * cdf2 + v * (e * INV_SQRT_2PI))
-    elif ACT == 3:
+        d = _add(_mul(0.5, cdf2), _mul(v, _mul(e, INV_SQRT_2PI)))
+    elif ACT == GELU_TANH:
         opt, omt = _gelu_tanh_parts(v)
-        du = SQRT_2_OVER_PI * (1.0 + GELU_TANH_3C * (v * v))
-        d = gs * (0.5 * opt + ((0.5 * v) * (opt * omt)) * du)
-    elif ACT == 4:
-        s = _sigmoid(v)
-        d = gs * (s * (1.0 + v * (1.0 - s)))
+        du = _mul(SQRT_2_OVER_PI, _add(1.0, _mul(GELU_TANH_3C, _mul(v, v))))
+        d = _add(_mul(0.5, opt), _mul(_mul(_mul(0.5, v), _mul(opt, omt)), du))
     else:
-        d = gs
+        s = _sigmoid(v)
+        d = _mul(s, _add(1.0, _mul(v, _sub(1.0, s))))
     return d
 
 
 @triton.jit
-def _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG: tl.constexpr):
-    """(t, drop_all, scale) of the contract: the host's, or, when the rng
-    tensor carries p (its binary64 bits in word 2), derived here with the
-    host's double arithmetic: t = floor(p * 2**32), scale = 1 / (1 - p)
-    rounded once to float32. NaN and negatives mean 0, 1 and above drop all."""
-    if P_FROM_RNG:
-        p = tl.load(rng_ptr + 2).to(tl.float64, bitcast=True)
-        p = tl.where(p >= 0.0, tl.minimum(p, 1.0), 0.0)
-        drop = p >= 1.0
-        t = tl.where(drop, 0.0, p * 4294967296.0).to(tl.uint32)
-        one = tl.full([], 1.0, tl.float64)
-        # float64 division is IEEE round-to-nearest in PTX (div.rn.f64);
-        # div_rn is needed only for float32, whose "/" is approximate.
-        s = tl.where(drop, 0.0, one / (one - p)).to(tl.float32)
-        return t, drop.to(tl.int32), s
+def _act_backward(gs, v, ACT: tl.constexpr):
+    """The gradient through the activation, given the scaled incoming
+    gradient gs: identity and relu select (so 0 * Inf never appears), the
+    smooth activations multiply by their derivative."""
+    if ACT == IDENTITY:
+        d = gs
+    elif ACT == RELU:
+        d = tl.where(v > 0.0, gs, 0.0)
     else:
-        return thr.to(tl.uint32), drop_all, scale
+        d = _mul(gs, _act_derivative(v, ACT))
+    return d
+
+
+# --- the mask ------------------------------------------------------------------------
+
+@triton.jit
+def _mask_params(state_ptr, HAS_STATE: tl.constexpr):
+    """(threshold, drop_all, keep_all, scale) of the contract from p's binary64
+    bits in state[2], with the host's double arithmetic: t = floor(p * 2**32),
+    scale = 1 / (1 - p) rounded once to float32; NaN and negative p count as
+    0, p >= 1 drops everything. Without a state every element is kept."""
+    if HAS_STATE:
+        p = tl.load(state_ptr + 2).to(tl.float64, bitcast=True)
+        p = tl.where(p >= 0.0, p, 0.0)
+        drop_all = p >= 1.0
+        # p * 2**32 is exact and below 2**32 when p < 1; the conversion truncates.
+        thr = tl.where(drop_all, 0.0, p * 4294967296.0).to(tl.uint32)
+        one = tl.full([], 1.0, tl.float64)
+        # float64 "/" is IEEE round-to-nearest on every target (div.rn.f64).
+        scale = tl.where(drop_all, 0.0, one / tl.where(drop_all, one, one - p)).to(tl.float32)
+        keep_all = (thr == 0) & (drop_all == 0)
+    else:
+        thr = tl.full([], 0, tl.uint32)
+        drop_all = tl.full([], 0, tl.int1)
+        keep_all = tl.full([], 1, tl.int1)
+        scale = tl.full([], 1.0, tl.float32)
+    return thr, drop_all, keep_all, scale
 
 
 @triton.jit
-def _keep_tile(rng_ptr, group0, thr, drop_all, ROWS: tl.constexpr, R: tl.constexpr):
+def _philox_keep(state_ptr, group0, thr, ROWS: tl.constexpr, R: tl.constexpr):
     """Keep bits of the [ROWS, R] tile of consecutive elements 4 * group0 + j.
 
     One Philox call per group of four: key = the 64-bit seed, counter =
     (group low, group high, offset low, offset high); element k of a group
     takes word k. The four words are interleaved by joins, so a row of R
-    elements (16 bytes of the tensor per thread) needs no select chain.
+    elements needs no select chain.
     """
     NG: tl.constexpr = ROWS * R // 4
-    seed = tl.load(rng_ptr)
-    offset = tl.load(rng_ptr + 1)
+    seed = tl.load(state_ptr)
+    offset = tl.load(state_ptr + 1)
     group = group0 + tl.arange(0, NG).to(tl.int64)
     c0 = group.to(tl.uint32)
     zero = tl.zeros_like(c0)
@@ -193,7 +266,21 @@ def _keep_tile(rng_ptr, group0, thr, drop_all, ROWS: tl.constexpr, R: tl.constex
     c3 = (offset >> 32).to(tl.uint32) + zero
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=10)
     w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROWS, R])
-    return (w >= thr) & (drop_all == 0)
+    return w >= thr
+
+
+@triton.jit
+def _keep(state_ptr, keep_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS: tl.constexpr, R: tl.constexpr,
+          MASK_FROM_PTR: tl.constexpr, MASKED: tl.constexpr):
+    """The keep bits of a tile: from an expanded structured mask, or drawn."""
+    if MASK_FROM_PTR:
+        keep = _load(keep_ptr, offs, m, MASKED) != 0
+    elif keep_all | drop_all:
+        # p == 0 or p >= 1: no Philox (the common eval-like and p == 0 calls)
+        keep = tl.full([ROWS, R], 0, tl.int1) | keep_all
+    else:
+        keep = _philox_keep(state_ptr, group0, thr, ROWS, R)
+    return keep
 
 
 @triton.jit
@@ -205,16 +292,22 @@ def _drop(value, keep):
     return (bits & and_mask).to(tl.float32, bitcast=True)
 
 
+# --- memory ------------------------------------------------------------------------
+
 @triton.jit
-def _bias_col(start, local, H, BLOCK: tl.constexpr):
-    """Column (position in the last dimension) of elements start + local."""
-    row0 = start // H
-    col = (start - row0 * H) + local
-    if H >= BLOCK:
-        col = tl.where(col >= H, col - H, col)
+def _load(ptr, offs, m, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs, mask=m, other=0)
     else:
-        col = col % H
-    return col
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _store(ptr, offs, value, m, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value, mask=m)
+    else:
+        tl.store(ptr + offs, value)
 
 
 @triton.jit
@@ -240,189 +333,234 @@ def _rounded(y, dtype: tl.constexpr):
 
 
 @triton.jit
-def _flat_tile(BLOCK: tl.constexpr, R: tl.constexpr):
-    """This program's tile of the flat tensor: its first element (64-bit) and
-    the [BLOCK // R, R] element offsets within it, R contiguous per row."""
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    local = tl.arange(0, BLOCK // R)[:, None] * R + tl.arange(0, R)[None, :]
-    return start, local
-
-
-# --- kernels ------------------------------------------------------------------
-
-@triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
-def _fwd_kernel(x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, rng_ptr, n, H, thr: tl.uint32, drop_all: tl.int32,
-                scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                MASK_FROM_PTR: tl.constexpr, SIZE_CLASS: tl.constexpr, P_FROM_RNG: tl.constexpr,
-                R: tl.constexpr, BLOCK: tl.constexpr):
-    thr, drop_all, scale = _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG)
-    ROWS: tl.constexpr = BLOCK // R
-    start, local = _flat_tile(BLOCK, R)
-    offs = start + local
-    m = offs < n
-    v = _f32(tl.load(x_ptr + offs, mask=m, other=0.0))
-    if HAS_BIAS:
-        col = _bias_col(start, local, H, BLOCK)
-        v = v + _f32(tl.load(bias_ptr + col, mask=m, other=0.0))
-    kept = _act_fwd(v, ACT) * scale
-    if MASK_FROM_PTR:
-        keep = tl.load(keep_ptr + offs, mask=m, other=0) != 0
+def _bias_col(start, local, H, BLOCK: tl.constexpr):
+    """Column (position in the last dimension) of elements start + local."""
+    row0 = start // H
+    col = (start - row0 * H) + local
+    if H >= BLOCK:
+        col = tl.where(col >= H, col - H, col)
     else:
-        keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, ROWS, R)
-    y = _drop(kept, keep)
-    if HAS_RES:
-        y = _f32(tl.load(res_ptr + offs, mask=m, other=0.0)) + y
-    tl.store(out_ptr + offs, _rounded(y, out_ptr.dtype.element_ty), mask=m)
+        col = col % H
+    return col
 
 
-@triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
-def _bwd_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, d32_ptr, rng_ptr, n, H, thr: tl.uint32, drop_all: tl.int32,
-                scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
-                STORE_F32: tl.constexpr, SIZE_CLASS: tl.constexpr, P_FROM_RNG: tl.constexpr,
-                R: tl.constexpr, BLOCK: tl.constexpr):
-    thr, drop_all, scale = _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG)
-    ROWS: tl.constexpr = BLOCK // R
-    start, local = _flat_tile(BLOCK, R)
-    offs = start + local
-    m = offs < n
-    gs = _f32(tl.load(g_ptr + offs, mask=m, other=0.0)) * scale
-    if ACT != 0:
-        v = _f32(tl.load(x_ptr + offs, mask=m, other=0.0))
-        if HAS_BIAS:
-            col = _bias_col(start, local, H, BLOCK)
-            v = v + _f32(tl.load(bias_ptr + col, mask=m, other=0.0))
-        d = _act_bwd(gs, v, ACT)
-    else:
-        d = gs
-    if MASK_FROM_PTR:
-        keep = tl.load(keep_ptr + offs, mask=m, other=0) != 0
-    else:
-        keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, ROWS, R)
-    d = _drop(d, keep)
-    tl.store(dx_ptr + offs, _rounded(d, dx_ptr.dtype.element_ty), mask=m)
-    if STORE_F32:
-        tl.store(d32_ptr + offs, d, mask=m)
+# --- the one elementwise body ----------------------------------------------------------
 
+@triton.jit
+def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, group0,
+          thr, drop_all, keep_all, scale, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+          HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, STORE_F32: tl.constexpr, BWD: tl.constexpr,
+          ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr):
+    """One [ROWS, R] tile at element offsets offs (row-major indices), mask m
+    when MASKED; b is the tile's bias in float32 (HAS_BIAS).
 
-@triton.jit(do_not_specialize=["thr", "drop_all", "scale"])
-def _bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, rng_ptr, rows, H, thr: tl.uint32,
-                     drop_all: tl.int32, scale: tl.float32, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     MASK_FROM_PTR: tl.constexpr, ROWS: tl.constexpr, P_FROM_RNG: tl.constexpr,
-                     R: tl.constexpr, BLOCK: tl.constexpr):
-    """Backward with the bias gradient, for a last dimension H divisible by 4.
-
-    Program (r, c) walks ROWS rows over columns [c * BLOCK, (c + 1) * BLOCK)
-    and writes the column sums of the unrounded dx to row r of a partial
-    buffer; summing that buffer over its rows finishes the reduction in an
-    order fixed by the shape, so the result does not vary run to run. H % 4
-    == 0 keeps every row start on a Philox group boundary.
+    Forward (src = x): out = residual + drop(act(x + b) * scale).
+    Backward (src = dy): out = drop(act'(x + b) * (dy * scale)); also the
+    unrounded float32 result to f32_ptr (STORE_F32). Returns that result.
     """
-    thr, drop_all, scale = _params(rng_ptr, thr, drop_all, scale, P_FROM_RNG)
+    a = _f32(_load(src_ptr, offs, m, MASKED))
+    if BWD:
+        if HAS_STATE:
+            a = _mul(a, scale)
+        if ACT != IDENTITY:
+            v = _f32(_load(x_ptr, offs, m, MASKED))
+            if HAS_BIAS:
+                v = _add(v, b)
+            a = _act_backward(a, v, ACT)
+    else:
+        if HAS_BIAS:
+            a = _add(a, b)
+        a = _act_forward(a, ACT)
+        if HAS_STATE:
+            a = _mul(a, scale)
+    if HAS_STATE:
+        keep = _keep(state_ptr, keep_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS, R, MASK_FROM_PTR, MASKED)
+        a = _drop(a, keep)
+    if HAS_RES:
+        a = _add(_f32(_load(res_ptr, offs, m, MASKED)), a)
+    _store(out_ptr, offs, _rounded(a, out_ptr.dtype.element_ty), m, MASKED)
+    if STORE_F32:
+        _store(f32_ptr, offs, a, m, MASKED)
+    return a
+
+
+# --- kernels ----------------------------------------------------------------------------
+# n is not specialised: whether a program's block is full is decided in the
+# kernel, so one binary serves every size.
+
+@triton.jit(do_not_specialize=["n"])
+def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, n, H,
+                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
+                 MASK_FROM_PTR: tl.constexpr, STORE_F32: tl.constexpr, BWD: tl.constexpr,
+                 R: tl.constexpr, BLOCK: tl.constexpr):
+    """The tensor as a flat array of n elements, BLOCK per program, in
+    [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row."""
+    ROWS: tl.constexpr = BLOCK // R
+    thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
+    offs = start + local
+    if start + BLOCK <= n:
+        # A full block: no mask, so the accesses stay 128 bits wide.
+        b = 0.0
+        if HAS_BIAS:
+            b = _f32(tl.load(bias_ptr + _bias_col(start, local, H, BLOCK)))
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, None, b, start // 4,
+              thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, STORE_F32, BWD,
+              ROWS, R, False)
+    else:
+        m = offs < n
+        b = 0.0
+        if HAS_BIAS:
+            b = _f32(tl.load(bias_ptr + _bias_col(start, local, H, BLOCK), mask=m, other=0.0))
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, start // 4,
+              thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, STORE_F32, BWD,
+              ROWS, R, True)
+
+
+@triton.jit
+def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, r0, rows, H, c_start, cols, cm, thr, drop_all,
+               keep_all, scale, b, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+               MASK_FROM_PTR: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, TR: tl.constexpr, R: tl.constexpr,
+               MASKED: tl.constexpr):
+    acc = tl.zeros([TR, R], dtype=tl.float32)
+    for i in range(ROWS_PER_PROGRAM):
+        row = r0 + i
+        if row < rows:
+            offs = row * H + cols
+            d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, dx_ptr, dx_ptr, state_ptr, offs, cm, b, (row * H + c_start) // 4,
+                      thr, drop_all, keep_all, scale, ACT, HAS_BIAS, False, HAS_STATE, MASK_FROM_PTR, False, True,
+                      TR, R, MASKED)
+            if MASKED:
+                d = tl.where(cm, d, 0.0)
+            acc = _add(acc, d)
+    return acc
+
+
+@triton.jit
+def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, rows, H, ACT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
+                 ROWS_PER_PROGRAM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """The backward with the bias gradient, for a last dimension H divisible
+    by 4 (every row then starts on a Philox group).
+
+    Program (r, c) walks ROWS_PER_PROGRAM rows over columns
+    [c * BLOCK, (c + 1) * BLOCK) and writes the column sums of the unrounded
+    dx to row r of a partial buffer; summing that buffer over its rows
+    finishes the reduction in an order fixed by the shape, so the result does
+    not vary run to run (no atomics).
+    """
     TR: tl.constexpr = BLOCK // R
+    thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     pid_r = tl.program_id(0).to(tl.int64)
     c_start = tl.program_id(1).to(tl.int64) * BLOCK
     cols = c_start + tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
-    cm = cols < H
-    if HAS_BIAS:
-        b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
-    acc = tl.zeros([TR, R], dtype=tl.float32)
-    for i in range(ROWS):
-        row = pid_r * ROWS + i
-        m = cm & (row < rows)
-        offs = row * H + cols
-        gs = _f32(tl.load(g_ptr + offs, mask=m, other=0.0)) * scale
-        if ACT != 0:
-            v = _f32(tl.load(x_ptr + offs, mask=m, other=0.0))
-            if HAS_BIAS:
-                v = v + b
-            d = _act_bwd(gs, v, ACT)
-        else:
-            d = gs
-        if MASK_FROM_PTR:
-            keep = tl.load(keep_ptr + offs, mask=m, other=0) != 0
-        else:
-            keep = _keep_tile(rng_ptr, (row * H + c_start) // 4, thr, drop_all, TR, R)
-        d = _drop(d, keep)
-        tl.store(dx_ptr + offs, _rounded(d, dx_ptr.dtype.element_ty), mask=m)
-        acc += tl.where(m, d, 0.0)
-    tl.store(part_ptr + pid_r * H + cols, acc, mask=cm)
+    r0 = pid_r * ROWS_PER_PROGRAM
+    if c_start + BLOCK <= H:
+        b = 0.0
+        if HAS_BIAS:
+            b = _f32(tl.load(bias_ptr + cols))
+        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, r0, rows, H, c_start, cols, None, thr, drop_all,
+                         keep_all, scale, b, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, ROWS_PER_PROGRAM, TR, R, False)
+        tl.store(part_ptr + pid_r * H + cols, acc)
+    else:
+        cm = cols < H
+        b = 0.0
+        if HAS_BIAS:
+            b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
+        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, r0, rows, H, c_start, cols, cm, thr, drop_all,
+                         keep_all, scale, b, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, ROWS_PER_PROGRAM, TR, R, True)
+        tl.store(part_ptr + pid_r * H + cols, acc, mask=cm)
 
 
-@triton.jit(do_not_specialize=["thr", "drop_all"])
-def _mask_kernel(out_ptr, rng_ptr, n, thr: tl.uint32, drop_all: tl.int32, SIZE_CLASS: tl.constexpr,
-                 P_FROM_RNG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
-    thr, drop_all, _ = _params(rng_ptr, thr, drop_all, 1.0, P_FROM_RNG)
+@triton.jit(do_not_specialize=["n"])
+def _mask_kernel(out_ptr, state_ptr, n, R: tl.constexpr, BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // R
-    start, local = _flat_tile(BLOCK, R)
-    offs = start + local
-    keep = _keep_tile(rng_ptr, start // 4, thr, drop_all, ROWS, R)
-    tl.store(out_ptr + offs, keep, mask=offs < n)
+    thr, drop_all, keep_all, _scale = _mask_params(state_ptr, True)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
+    keep = _keep(state_ptr, out_ptr, offs, None, start // 4, thr, drop_all, keep_all, ROWS, R, False, False)
+    if start + BLOCK <= n:
+        tl.store(out_ptr + offs, keep)
+    else:
+        tl.store(out_ptr + offs, keep, mask=offs < n)
 
 
-# Block sizes and warps are tuned once per (dtype, activation, bias, residual,
-# size class) on the GPU the kernels first run on. Under the interpreter one
-# small block is used (nothing to tune on the CPU).
-_FLAT_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in
-                 ((512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16))]
-_ROW_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 2), (512, 4), (1024, 4), (1024, 8))]
-_INTERPRET_BLOCK = 64
+# --- launch configuration ------------------------------------------------------------------
+# Fixed, chosen from the dtype and the size alone: no autotuning, so no launch
+# ever benchmarks (which synchronises the device and would break a CUDA graph
+# being captured), and a shape first seen during capture launches like any other.
 
-if _INTERPRET:
-    _fwd, _bwd, _bwd_rows, _mask = _fwd_kernel, _bwd_kernel, _bwd_rows_kernel, _mask_kernel
-else:
-    _fwd = triton.autotune(_FLAT_CONFIGS, key=["ACT", "HAS_BIAS", "HAS_RES", "MASK_FROM_PTR", "SIZE_CLASS",
-                                                "P_FROM_RNG"])(_fwd_kernel)
-    _bwd = triton.autotune(_FLAT_CONFIGS, key=["ACT", "HAS_BIAS", "MASK_FROM_PTR", "STORE_F32", "SIZE_CLASS",
-                                                "P_FROM_RNG"])(_bwd_kernel)
-    _bwd_rows = triton.autotune(_ROW_CONFIGS, key=["ACT", "HAS_BIAS", "MASK_FROM_PTR", "ROWS", "P_FROM_RNG"])(
-        _bwd_rows_kernel)
-    _mask = triton.autotune(_FLAT_CONFIGS, key=["SIZE_CLASS", "P_FROM_RNG"])(_mask_kernel)
+# (largest n, rows of 16 bytes per thread, warps), first match wins
+_FLAT_TABLE = ((1 << 16, 1, 4), (1 << 22, 2, 8), (None, 4, 8))
+_ROWS_WARPS = 4
+# Under the interpreter, tiny blocks, so that small test tensors span several
+# programs and take both the full-block and the partial-block path.
+_INTERPRET_ROWS = 8
 
 
-def _size_class(n: int) -> int:
-    return 0 if n < (1 << 20) else (1 if n < (1 << 26) else 2)
+def _vector(elem_size: int) -> int:
+    """Elements per row of a tile: 16 bytes of the tensor (a 128-bit access)."""
+    return max(4, 16 // elem_size)
 
 
-def _elems_per_row(t: torch.Tensor) -> int:
-    """Elements per row of a tile: 16 bytes of the tensor, so each thread
-    loads and stores 128 bits at a time."""
-    return max(4, 16 // t.element_size())
-
-
-def _launch_opts() -> dict:
-    opts = {"enable_fp_fusion": False}
+def flat_config(n: int, elem_size: int) -> Tuple[int, int, int]:
+    """(R, BLOCK, num_warps) of the flat kernels for n elements of elem_size bytes."""
+    R = _vector(elem_size)
     if _INTERPRET:
-        opts["BLOCK"] = _INTERPRET_BLOCK
-    return opts
+        return R, R * _INTERPRET_ROWS, 1
+    for limit, rows, warps in _FLAT_TABLE:
+        if limit is None or n <= limit:
+            return R, R * 32 * warps * rows, warps
+    raise AssertionError("unreachable")
 
 
-def _grid(n: int):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+def rows_config(rows: int, H: int, elem_size: int) -> Tuple[int, int, int, int]:
+    """(R, BLOCK, num_warps, rows per program) of the bias-gradient kernel."""
+    R = _vector(elem_size)
+    if _INTERPRET:
+        return R, 4 * R, 1, 2
+    block = min(R * 32 * _ROWS_WARPS, max(R, triton.next_power_of_2(H)))
+    warps = max(1, min(_ROWS_WARPS, block // (R * 32)))
+    # Enough programs to fill a large GPU, few enough that the partial buffer
+    # stays small.
+    per = max(1, (rows * triton.cdiv(H, block)) // 1024)
+    return R, block, warps, min(256, 1 << (per.bit_length() - 1))
 
 
-# --- host side ----------------------------------------------------------------
+# --- host side --------------------------------------------------------------------------------
 
-def _threshold(p: float, rng: torch.Tensor) -> Tuple[int, int, float]:
-    """(t, drop_all, scale) of the contract, computed on the host in double;
-    unused placeholders when the rng tensor carries p (the kernels derive
-    them from it, see _params)."""
-    if rng.numel() == 3:
-        return 0, 0, 1.0
-    if p >= 1.0:
-        return 0, 1, 0.0
-    return int(p * 4294967296.0), 0, 1.0 / (1.0 - p)
+def _device_guard(t: torch.Tensor):
+    """Launches go to the current CUDA device, so make it the tensors' one
+    (an input on cuda:1 while cuda:0 is current). Not for CPU tensors (the
+    interpreter), nor for fake ones, which are traced and never launched."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch._subclasses.fake_tensor import is_fake
 
-
-def _rng_on(rng: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return rng if rng.device == device else rng.to(device)
+    if is_fake(t):
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
-def _structured_keep(rng, shape, mask_shape, p, wrap) -> Optional[torch.Tensor]:
+def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
+    """Every launch of this module: on ``like``'s device."""
+    with _device_guard(like):
+        kernel[grid](*args, **meta)
+
+
+def _state_on(state: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    if state is None or state.device == device:
+        return state
+    return state.to(device)
+
+
+def _structured_keep(state, shape, mask_shape) -> Optional[torch.Tensor]:
     """For a structured mask: its small keep mask broadcast to the full shape
     (a 1-byte temporary, never saved for backward)."""
-    if not mask_shape or tuple(mask_shape) == tuple(shape):
+    if state is None or not mask_shape or tuple(mask_shape) == tuple(shape):
         return None
-    small = dropout_mask(rng, list(mask_shape), p, wrap)
+    small = dropout_mask(state, list(mask_shape))
     return small.expand(tuple(shape)).contiguous()
 
 
@@ -435,84 +573,80 @@ def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _last_dim(t: torch.Tensor) -> int:
+    return t.shape[-1] if t.dim() >= 1 else 1
+
+
 def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                  rng: torch.Tensor, p: float, activation: str, mask_shape: Sequence[int],
-                  wrap: Callable = _direct) -> torch.Tensor:
+                  state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int]) -> torch.Tensor:
     x = input.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     n = x.numel()
     if n == 0:
         return _like_input(input, out)
-    rng = _rng_on(rng, x.device)
-    thr, drop_all, scale = _threshold(p, rng)
-    keep = _structured_keep(rng, x.shape, mask_shape, p, wrap)
+    state = _state_on(state, x.device)
+    keep = _structured_keep(state, x.shape, mask_shape)
     b = bias.contiguous() if bias is not None else x
     r = residual.contiguous() if residual is not None else x
-    H = x.shape[-1] if x.dim() >= 1 else 1
-    wrap(_fwd)[_grid(n)](x, b, r, keep if keep is not None else x, out, rng, n, H, thr, drop_all, scale,
-                         ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                         MASK_FROM_PTR=keep is not None, SIZE_CLASS=_size_class(n), P_FROM_RNG=rng.numel() == 3,
-                         R=_elems_per_row(x),
-                         **_launch_opts())
+    R, block, warps = flat_config(n, x.element_size())
+    _launch(_flat_kernel, (triton.cdiv(n, block),), x,
+            x, x, b, r, keep if keep is not None else x, out, out, state if state is not None else x, n, _last_dim(x),
+            ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None, STORE_F32=False, BWD=False,
+            R=R, BLOCK=block, num_warps=warps)
     return _like_input(input, out)
 
 
-def _row_block(rows: int, H: int, block_guess: int = 1024) -> int:
-    """Rows per program of the bias-gradient kernel: enough programs to fill
-    a large GPU, few enough that the partial buffer stays small."""
-    col_blocks = max(1, triton.cdiv(H, block_guess))
-    want_programs = 1024
-    per = max(1, (rows * col_blocks) // want_programs)
-    return min(256, 1 << (per.bit_length() - 1))
-
-
 def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                           rng: torch.Tensor, p: float, activation: str, mask_shape: Sequence[int],
-                           bias_grad: bool, wrap: Callable = _direct) -> Tuple[torch.Tensor, torch.Tensor]:
+                           state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int],
+                           bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     g = grad.contiguous()
     dx = torch.empty_like(g, memory_format=torch.contiguous_format)
-    H = g.shape[-1] if g.dim() >= 1 else 1
+    H = _last_dim(g)
     n = g.numel()
-    db = g.new_zeros((H,) if bias_grad else (0,))
+    if not bias_grad:
+        db = g.new_empty((0,))
+    elif n == 0:
+        db = g.new_zeros((H,))
     if n == 0:
         return _like_input(grad, dx), db
-    rng = _rng_on(rng, g.device)
-    thr, drop_all, scale = _threshold(p, rng)
-    keep = _structured_keep(rng, g.shape, mask_shape, p, wrap)
+    state = _state_on(state, g.device)
+    keep = _structured_keep(state, g.shape, mask_shape)
     act = ACTS[activation]
-    x = input.contiguous() if (input is not None and act != 0) else g
-    b = bias.contiguous() if bias is not None else g
-    has_bias = bias is not None and act != 0
+    x = input.contiguous() if (input is not None and act != ACTS["identity"]) else g
+    has_bias = bias is not None and act != ACTS["identity"]
+    b = bias.contiguous() if has_bias else g
     kp = keep if keep is not None else g
+    st = state if state is not None else g
+    common = dict(ACT=act, HAS_BIAS=has_bias, HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None)
     if bias_grad and H % 4 == 0:
         rows = n // H
-        per = _row_block(rows, H)
-        part = torch.empty((triton.cdiv(rows, per), H), dtype=torch.float32, device=g.device)
-        opts = _launch_opts()
-        grid = lambda meta: (triton.cdiv(rows, per), triton.cdiv(H, meta["BLOCK"]))  # noqa: E731
-        wrap(_bwd_rows)[grid](g, x, b, kp, dx, part, rng, rows, H, thr, drop_all, scale, ACT=act,
-                              HAS_BIAS=has_bias, MASK_FROM_PTR=keep is not None, ROWS=per,
-                              P_FROM_RNG=rng.numel() == 3, R=_elems_per_row(g),
-                              **opts)
+        R, block, warps, per = rows_config(rows, H, g.element_size())
+        part = g.new_empty((triton.cdiv(rows, per), H), dtype=torch.float32)
+        _launch(_rows_kernel, (triton.cdiv(rows, per), triton.cdiv(H, block)), g,
+                g, x, b, kp, dx, part, st, rows, H, ROWS_PER_PROGRAM=per, R=R, BLOCK=block, num_warps=warps,
+                **common)
         db = part.sum(0).to(g.dtype)
     else:
-        d32 = torch.empty(g.shape, dtype=torch.float32, device=g.device) if bias_grad else dx
-        wrap(_bwd)[_grid(n)](g, x, b, kp, dx, d32, rng, n, H, thr, drop_all, scale, ACT=act,
-                             HAS_BIAS=has_bias, MASK_FROM_PTR=keep is not None, STORE_F32=bias_grad,
-                             SIZE_CLASS=_size_class(n), P_FROM_RNG=rng.numel() == 3, R=_elems_per_row(g),
-                             **_launch_opts())
+        d32 = g.new_empty(g.shape, dtype=torch.float32) if bias_grad else dx
+        R, block, warps = flat_config(n, g.element_size())
+        _launch(_flat_kernel, (triton.cdiv(n, block),), g,
+                g, x, b, g, kp, dx, d32, st, n, H, HAS_RES=False, STORE_F32=bias_grad, BWD=True,
+                R=R, BLOCK=block, num_warps=warps, **common)
         if bias_grad:
             db = d32.reshape(-1, H).sum(0).to(g.dtype)
     return _like_input(grad, dx), db
 
 
-def dropout_mask(rng: torch.Tensor, shape: List[int], p: float, wrap: Callable = _direct) -> torch.Tensor:
-    out = torch.empty(tuple(shape), dtype=torch.bool, device=rng.device)
+def dropout_mask(state: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    out = state.new_empty(tuple(shape), dtype=torch.bool)
     n = out.numel()
     if n == 0:
         return out
-    thr, drop_all, _ = _threshold(p, rng)
-    wrap(_mask)[_grid(n)](out, rng, n, thr, drop_all, SIZE_CLASS=_size_class(n), P_FROM_RNG=rng.numel() == 3,
-                          R=_elems_per_row(out),
-                          **_launch_opts())
+    R, block, warps = flat_config(n, 1)
+    _launch(_mask_kernel, (triton.cdiv(n, block),), out, out, state, n, R=R, BLOCK=block, num_warps=warps)
     return out
+
+
+KERNELS = {"fused_dropout": fused_dropout, "fused_dropout_backward": fused_dropout_backward,
+           "dropout_mask": dropout_mask}

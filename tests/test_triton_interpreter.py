@@ -4,36 +4,45 @@ triton_interpreted_cases.py).
 
 Triton decides when it is first imported whether kernels are interpreted, so
 the cases run in a child pytest with TRITON_INTERPRET=1 set from its start;
-this test fails with the child's report if any case fails."""
+this test fails with the child's report if any case fails.
+
+The child runs under this interpreter, or under each Python named in
+DROPOUT_EXT_TRITON_PYTHON (paths separated by os.pathsep), e.g. venvs holding
+other Triton releases: the checkout is put first on the child's PYTHONPATH,
+so such a venv needs only torch, triton, pytest and numpy.
+
+    DROPOUT_EXT_TRITON_PYTHON=/venvs/triton-3.7.1/bin/python pytest tests/test_triton_interpreter.py
+"""
 
 import os
 import subprocess
 import sys
 
-CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_interpreted_cases.py")
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+CASES = os.path.join(TESTS, "triton_interpreted_cases.py")
+PYTHONS = [p for p in os.environ.get("DROPOUT_EXT_TRITON_PYTHON", "").split(os.pathsep) if p] or [sys.executable]
 
 
-def test_triton_kernels_under_interpreter():
+def run_cases(python, extra_args=(), timeout=1800):
+    """The interpreted cases under ``python``; the CompletedProcess."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", CASES, "-q", "-p", "no:cacheprovider",
-                           "-W", "ignore::DeprecationWarning"],
-                          env=env, capture_output=True, text=True, timeout=1800,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    env.pop("DROPOUT_EXT_BACKEND", None)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [python, "-m", "pytest", CASES, "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+           *extra_args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=TESTS)
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_triton_kernels_under_interpreter(python):
+    version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], capture_output=True,
+                             text=True, timeout=300)
+    assert version.returncode == 0, f"{python} cannot import triton: {version.stderr[-2000:]}"
+    proc = run_cases(python)
     summary = proc.stdout.strip().splitlines()[-1:] or [""]
-    print(f"interpreted Triton tests: {summary[0]}")
+    print(f"interpreted Triton {version.stdout.strip()} tests: {summary[0]}")
     assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
     assert " passed" in summary[0] and "skipped" not in summary[0], summary[0]
-
-
-def test_new_p_needs_no_new_specialisation():
-    """t and the scale are runtime arguments: the kernel parameters that carry
-    them are excluded from Triton's value specialisation, so a new p reuses
-    the compiled kernel (checked on the kernel objects; no GPU needed)."""
-    from dropout_ext import triton_kernels as tk
-
-    for kernel in (tk._fwd_kernel, tk._bwd_kernel, tk._bwd_rows_kernel, tk._mask_kernel):
-        params = {p.name: p for p in kernel.params}
-        assert params["thr"].do_not_specialize and params["drop_all"].do_not_specialize
-        assert params["thr"].annotation_type == "u32"
-        if "scale" in params:
-            assert params["scale"].do_not_specialize and params["scale"].annotation_type == "fp32"

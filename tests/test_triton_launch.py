@@ -1,0 +1,152 @@
+"""How the Triton launchers launch, checked without a GPU: on the device of
+their tensors, and with fixed launch configurations (no autotuning, so a
+launch never benchmarks, which would synchronise and break a CUDA graph being
+captured).
+
+There is no CUDA device here, so the launchers get tensors that claim to live
+on cuda:1 (a wrapper subclass whose data stays on the CPU), the kernels are
+replaced by recorders, and ``torch.cuda.device`` by a stand-in that tracks the
+current device: a launch made while cuda:1 is not current is a launch on the
+wrong GPU."""
+
+import ast
+import inspect
+import math
+
+import pytest
+import torch
+from torch.utils._pytree import tree_map
+
+from dropout_ext import triton_kernels as K
+
+
+class OnDevice(torch.Tensor):
+    """A CPU tensor that reports another device (metadata only)."""
+
+    @staticmethod
+    def __new__(cls, inner, device):
+        t = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,
+                                                device=device)
+        t.inner = inner
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        device = []
+
+        def unwrap(t):
+            if isinstance(t, OnDevice):
+                device.append(t.device)
+                return t.inner
+            if isinstance(t, torch.device) and t.type == "cuda":
+                return torch.device("cpu")
+            return t
+
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        return tree_map(lambda t: OnDevice(t, device[0]) if isinstance(t, torch.Tensor) else t, out)
+
+    def contiguous(self, memory_format=torch.contiguous_format):
+        # Tensor.contiguous would enter a CUDA device guard before dispatch.
+        return OnDevice(self.inner.contiguous(memory_format=memory_format), self.device)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """(launches, current): each launch as (kernel name, current device at
+    launch, grid, meta); the stand-in torch.cuda.device keeps ``current``."""
+    current = [torch.device("cuda", 0)]
+    launches = []
+
+    class device:  # noqa: N801  (stands in for torch.cuda.device)
+        def __init__(self, dev):
+            self.dev = torch.device(dev)
+
+        def __enter__(self):
+            self.prev = current[0]
+            current[0] = self.dev
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((self.name, current[0], grid, meta))
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    for name in ("_flat_kernel", "_rows_kernel", "_mask_kernel"):
+        monkeypatch.setattr(K, name, Kernel(name))
+    return launches, current
+
+
+def _on(device, *tensors):
+    return [OnDevice(t, device) if t is not None else None for t in tensors]
+
+
+def _every_launcher(device):
+    x, b, r, g = _on(device, torch.randn(4, 6, 8), torch.randn(8), torch.randn(4, 6, 8), torch.randn(4, 6, 8))
+    (state,) = _on(device, torch.tensor([1, 2, 4599075939470750515]))  # p = 0.3
+    K.fused_dropout(x, b, r, state, "gelu", [])
+    K.fused_dropout(x, b, r, state, "gelu", [4, 1, 8])  # structured: the mask kernel, then the flat one
+    K.fused_dropout(x, None, None, None, "identity", [])
+    K.fused_dropout_backward(g, x, b, state, "silu", [], True)  # the bias-gradient row kernel
+    x7, b7, g7 = _on(device, torch.randn(4, 6, 7), torch.randn(7), torch.randn(4, 6, 7))
+    K.fused_dropout_backward(g7, x7, b7, state, "silu", [], True)  # the flat kernel's float32 copy
+    K.fused_dropout_backward(g, None, None, None, "identity", [], False)
+    K.dropout_mask(state, [5, 3])
+
+
+def test_launches_on_the_tensors_device(recorded):
+    launches, current = recorded
+    _every_launcher("cuda:1")
+    assert {name for name, *_ in launches} == {"_flat_kernel", "_rows_kernel", "_mask_kernel"}
+    for name, device, _, _ in launches:
+        assert device == torch.device("cuda", 1), f"{name} launched on {device}, its tensors are on cuda:1"
+    assert current[0] == torch.device("cuda", 0)  # the caller's device is restored
+
+
+def test_cpu_tensors_launch_without_a_cuda_guard():
+    # The interpreter's CPU tensors: no CUDA call at all.
+    guard = K._device_guard(torch.empty(1))
+    assert not isinstance(guard, torch.cuda.device)
+
+
+def test_every_launch_goes_through_the_guard():
+    """No kernel[grid](...) call outside _launch: a new launch site cannot
+    skip the device guard."""
+    tree = ast.parse(inspect.getsource(K))
+    sites = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                    sites.append(fn.name)
+    assert sites == ["_launch"]
+
+
+def test_fixed_launch_configs_no_autotuning(recorded):
+    """Every kernel is a plain jitted function launched with an explicit
+    BLOCK and num_warps from a table: nothing to benchmark at run time."""
+    from triton.runtime.autotuner import Autotuner
+
+    assert not any(isinstance(v, Autotuner) for v in vars(K).values())
+    assert "autotune" not in inspect.getsource(K).replace("no autotuning", "")
+    launches, _ = recorded
+    _every_launcher("cuda:1")
+    for name, _, grid, meta in launches:
+        assert isinstance(grid, tuple) and all(isinstance(d, int) and d >= 1 for d in grid), (name, grid)
+        assert isinstance(meta["BLOCK"], int) and math.log2(meta["BLOCK"]).is_integer()
+        assert meta["num_warps"] in (1, 2, 4, 8, 16)
+
+
+@pytest.mark.parametrize("elem_size,R", [(4, 4), (2, 8), (1, 16)])
+def test_config_table(elem_size, R):
+    """Rows of 16 bytes (one 128-bit access a thread), whole warps of them."""
+    for n in (1, 1000, 2**16, 2**16 + 1, 2**22, 2**22 + 1, 2**31 + 3):
+        r, block, warps = K.flat_config(n, elem_size)
+        assert r == R and block % (R * 32 * warps) == 0 and math.log2(block).is_integer()
+    for rows, H in ((1, 4), (7, 12), (4096, 4096), (10**6, 768), (3, 2**20)):
+        r, block, warps, per = K.rows_config(rows, H, elem_size)
+        assert r == R and block % R == 0 and math.log2(block).is_integer() and 1 <= per <= 256
