@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import ROOT
+
 
 def test_fallback_without_compiled_extension():
     code = textwrap.dedent("""
@@ -23,8 +25,13 @@ def test_fallback_without_compiled_extension():
         y = F.dropout(x, 0.5, seed=3)
         mask = dropout_ext.reference.dropout_mask((100,), 0.5, 3)
         assert torch.equal(y, torch.where(mask, x * 2.0, torch.copysign(torch.zeros(100), x)))
+        # the fused op and its autograd too (the schemas live in Python, not in _C)
+        xr = x.clone().requires_grad_()
+        F.fused_dropout(xr, 0.5, activation="gelu", seed=3).sum().backward()
+        dx, _ = dropout_ext.reference.fused_dropout_backward(torch.ones(100), x, None, 3, 0, 0.5, "gelu")
+        assert torch.equal(xr.grad, dx)
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")

@@ -7,6 +7,11 @@ import torch
 from torch import nn
 
 import dropout_ext
+from dropout_ext import schedules
+
+
+def _count(model, kind):
+    return sum(isinstance(m, kind) for m in model.modules())
 
 
 class Block(nn.Module):
@@ -29,6 +34,8 @@ def test_fused_block_matches_unfused(act, name):
     fused = dropout_ext.fuse_dropout(model)
     kinds = [type(m).__name__ for m in fused.modules()]
     assert kinds.count("LinearDropout") == (2 if name else 1)
+    assert _count(fused, dropout_ext.FusedDropout) == (2 if name else 1)
+    assert _count(fused, nn.Dropout) == (0 if name else 1)  # Identity -> Dropout is left alone
     x = torch.randn(8, 16, requires_grad=True)
     torch.manual_seed(5)
     ref = model(x)
@@ -74,8 +81,69 @@ def test_residual_without_linear_and_unfusable_patterns():
             return w
 
     fused = dropout_ext.fuse_dropout(M())
-    assert fused.fused_count == 1
+    assert _count(fused, dropout_ext.FusedDropout) == 1
+    assert _count(fused, nn.Dropout) == 1  # the unfusable one is left as it was
     x, y = torch.randn(64), torch.randn(64)
     torch.manual_seed(3)
     out = fused(x, y)
     assert out.shape == (64,)
+
+
+def test_scheduler_reaches_fused_modules():
+    """A DropoutScheduler on the fused model sets p on its fused modules, and
+    the fused model then drops what the unfused one drops at that p."""
+    torch.manual_seed(0)
+    model = Block(nn.GELU())
+    dropout_ext.replace_dropout(model)
+    fused = dropout_ext.fuse_dropout(model)
+    sched = schedules.DropoutScheduler(fused, schedules.linear(0.1, 0.7, steps=3))
+    assert len(sched.modules) == 2 and all(isinstance(m, dropout_ext.FusedDropout) for m in sched.modules)
+    x = torch.randn(64, 16)
+    for _ in range(4):
+        assert all(m.p == pytest.approx(sched.p) for m in sched.modules)
+        model.drop1.p = model.drop2.p = sched.p
+        torch.manual_seed(7)
+        expected = model(x)
+        torch.manual_seed(7)
+        out = fused(x)
+        assert torch.equal(out == x, expected == x)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        sched.step()
+
+
+class _LinearDrop(nn.Module):
+    def __init__(self, residual):
+        super().__init__()
+        self.fc, self.drop, self.residual = nn.Linear(16, 16), nn.Dropout(0.1), residual
+
+    def forward(self, x):
+        y = self.drop(self.fc(x))
+        return x + y if self.residual else y
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["linear", "linear+residual"])
+def test_compiled_fused_model_keeps_one_graph_while_p_changes(residual):
+    """As for the other modules (test_schedules.py): the fused modules pass p
+    as data under torch.compile, so six values of p from a schedule run one
+    compiled graph, each at its own drop rate (5 sigma)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fused = dropout_ext.fuse_dropout(_LinearDrop(residual))
+    assert _count(fused, dropout_ext.FusedDropout) == 1 and _count(fused, nn.Dropout) == 0
+    compiled = torch.compile(fused, fullgraph=True, dynamic=False)
+    sched = schedules.DropoutScheduler(fused, schedules.linear(0.1, 0.6, steps=5))
+    x = torch.randn(4096, 16)
+    counters.clear()
+    seen = []
+    for _ in range(6):
+        with torch.no_grad():
+            out = compiled(x)
+        dropped = (out == x) if residual else (out == 0)
+        rate, p, n = dropped.float().mean().item(), sched.p, x.numel()
+        assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1e-3, (rate, p)
+        seen.append(p)
+        sched.step()
+    assert len(set(seen)) == 6
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

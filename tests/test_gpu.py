@@ -1,11 +1,11 @@
-"""GPU backends (CUDA C++ and Triton) against the reference and each other,
-on a GPU; every test here skips, with the reason, on a machine without one.
-
-Bit equality with the reference on large and odd-sized tensors for every
-dtype and activation; CUDA == Triton; misaligned, strided and channels_last
-inputs; structured masks; a tensor over 2**31 elements; statistics;
-torch.compile; CUDA-graph replays; checkpoint recompute; opcheck; the same
-(seed, offset) draw for both backends; compute-sanitizer on a small run."""
+"""What only a GPU can show (every test here skips, with the reason, on a
+machine without one): a tensor over 2**31 elements, drop rates, CUDA-graph
+replays, torch.compile, checkpoint recompute, no host synchronisation, a
+compiled schedule, compute-sanitizer. The GPU backends' masks, outputs and
+gradients against the reference (large, odd, misaligned, strided and
+channels_last tensors, structured masks, special values, p from device memory,
+the generator's draws, opcheck) are test_conformance.py's gpu_cuda and
+gpu_triton cases."""
 
 import os
 import shutil
@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import dropout_ext
+from dropout_ext import _ops, _state
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
-from conftest import TOLERANCES, assert_bitwise_equal, check_contract, make_inputs, requires_cuda
+from conftest import assert_bitwise_equal, requires_cuda
 
 pytestmark = requires_cuda
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 GPU_BACKENDS = ["cuda", "triton"]
 
 
@@ -32,89 +32,12 @@ def _need(backend):
         pytest.skip(f"backend {backend!r} is not available here: {dropout_ext.available_backends('cuda')}")
 
 
-def _op(backend):
-    ops = torch.ops.dropout_ext
-    if backend == "cuda":
-        return ops.fused_dropout, ops.fused_dropout_backward, ops.dropout_mask
-    from dropout_ext import _triton_ops  # noqa: F401
-
-    return ops.triton_fused_dropout, ops.triton_fused_dropout_backward, ops.triton_dropout_mask
+def _ops_of(backend) -> _ops.OpSet:
+    return _ops.op_set({"cuda": "", "triton": "triton_"}[backend])
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("shape", [(1,), (67,), (4097, 3), (257, 1024), (3, 1000, 777), (1 << 22,)])
-@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
-def test_mask_equals_reference(backend, shape, p):
-    _need(backend)
-    mask_op = _op(backend)[2]
-    rng = torch.tensor([2**63 + 12345 - 2**64, 2**40 + 3], device="cuda")
-    assert torch.equal(mask_op(rng, list(shape), p), ref.dropout_mask(shape, p, 2**63 + 12345, 2**40 + 3, device="cuda"))
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 7), (33, 65), (513, 1024), (2, 3, 4099)])
-@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
-@pytest.mark.parametrize("with_bias,with_res", [(False, False), (True, False), (True, True)])
-def test_forward_backward_equal_reference(backend, dtype, shape, activation, with_bias, with_res):
-    _need(backend)
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("float64 is routed from the Triton backend to the CUDA kernel or the reference")
-    fwd, bwd, _ = _op(backend)
-    x, bias, res, grad = make_inputs(shape, dtype, device="cuda")
-    b = bias if with_bias else None
-    r = res if with_res else None
-    rng = torch.tensor([2024, 11], device="cuda")
-    y = fwd(x, b, r, rng, 0.3, activation, [])
-    check_contract(y, ref.fused_dropout(x, b, r, 2024, 11, 0.3, activation), dtype, activation)
-    dx, db = bwd(grad, x, b, rng, 0.3, activation, [], with_bias)
-    dx_ref, db_ref = ref.fused_dropout_backward(grad, x, b, 2024, 11, 0.3, activation, (), with_bias)
-    check_contract(dx, dx_ref, dtype, activation)
-    if with_bias:
-        _, atol, rtol = TOLERANCES[dtype]
-        torch.testing.assert_close(db, db_ref, atol=max(atol, 1e-4) * shape[0], rtol=rtol)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
-def test_cuda_equals_triton(dtype, activation):
-    _need("cuda")
-    _need("triton")
-    x, bias, res, grad = make_inputs((1031, 1024), dtype, device="cuda")
-    rng = torch.tensor([5, 6], device="cuda")
-    (f1, b1, _), (f2, b2, _) = _op("cuda"), _op("triton")
-    assert_bitwise_equal(f1(x, bias, res, rng, 0.2, activation, []), f2(x, bias, res, rng, 0.2, activation, []))
-    assert_bitwise_equal(b1(grad, x, bias, rng, 0.2, activation, [], False)[0],
-                         b2(grad, x, bias, rng, 0.2, activation, [], False)[0])
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("layout", ["misaligned", "transposed", "sliced", "channels_last", "channels_last_3d"])
-def test_layouts(backend, layout):
-    _need(backend)
-    fwd = _op(backend)[0]
-    base = torch.randn(4, 6, 5, 7, 3, device="cuda")
-    x = {"misaligned": base.flatten()[1:1 + 4 * 6 * 35].view(4, 6, 35),
-         "transposed": base.transpose(1, 4), "sliced": base[:, 1:5, ::2],
-         "channels_last": base[..., 0].contiguous(memory_format=torch.channels_last),
-         "channels_last_3d": base.contiguous(memory_format=torch.channels_last_3d)}[layout]
-    rng = torch.tensor([1, 2], device="cuda")
-    y = fwd(x, None, None, rng, 0.5, "gelu", [])
-    assert y.stride() == torch.empty_like(x).stride()
-    assert_bitwise_equal(y.contiguous(), ref.fused_dropout(x.contiguous(), None, None, 1, 2, 0.5, "gelu"))
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("mask_shape", [(8, 16, 1, 1), (8, 1, 9, 1), (1, 16, 1, 33)])
-def test_structured_masks(backend, mask_shape):
-    _need(backend)
-    fwd, bwd, _ = _op(backend)
-    x, bias, res, grad = make_inputs((8, 16, 9, 33), torch.float32, device="cuda")
-    rng = torch.tensor([9, 0], device="cuda")
-    y = fwd(x, bias, res, rng, 0.4, "silu", list(mask_shape))
-    assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, 9, 0, 0.4, "silu", mask_shape))
-    dx, _ = bwd(grad, x, bias, rng, 0.4, "silu", list(mask_shape), False)
-    assert_bitwise_equal(dx, ref.fused_dropout_backward(grad, x, bias, 9, 0, 0.4, "silu", mask_shape)[0])
+def _state_on_gpu(p, seed, offset):
+    return _state.make_state(torch.device("cuda"), p, seed, offset)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -127,14 +50,14 @@ def test_over_2_31_elements(backend):
     if free < 3 * 2 * n:
         pytest.skip(f"needs {3 * 2 * n / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
     x = torch.ones(n, dtype=torch.bfloat16, device="cuda")
-    rng = torch.tensor([31, 7], device="cuda")
-    y = _op(backend)[0](x, None, None, rng, 0.5, "identity", [])
+    state = _state_on_gpu(0.5, 31, 7)
+    y = _ops_of(backend).forward(x, None, None, state, "identity", [])
     for centre in (2**31, 2**32):
         idx = torch.arange(centre - 4100, min(n, centre + 4100), device="cuda")
         keep = ref.keep_for_indices(idx, 0.5, 31, 7)
         assert torch.equal(y[idx] == 2, keep) and torch.all((y[idx] == 0) | keep)
     del y
-    dx, _ = _op(backend)[1](x, None, None, rng, 0.5, "identity", [], False)
+    dx, _ = _ops_of(backend).backward(x, None, None, state, "identity", [], False)
     idx = torch.arange(2**32 - 64, 2**32 + 64, device="cuda")
     assert torch.equal(dx[idx] == 2, ref.keep_for_indices(idx, 0.5, 31, 7))
 
@@ -144,21 +67,10 @@ def test_over_2_31_elements(backend):
 def test_drop_rate_within_5_sigma(backend, p):
     _need(backend)
     n = 1 << 24
-    m = _op(backend)[2](torch.tensor([int(p * 1e6), 0], device="cuda"), [n], p)
+    m = _ops_of(backend).mask(_state_on_gpu(p, int(p * 1e6), 0), [n])
     dropped = n - int(m.sum())
     sigma = (n * p * (1 - p)) ** 0.5
     assert abs(dropped - n * p) < 5 * sigma
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_same_generator_state_same_mask_for_both_backends(backend):
-    _need(backend)
-    x = torch.randn(4096, device="cuda")
-    torch.cuda.manual_seed(1234)
-    a = F.dropout(x, 0.5, backend=backend)
-    torch.cuda.manual_seed(1234)
-    b = F.dropout(x, 0.5, backend="reference")
-    assert_bitwise_equal(a, b)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -233,14 +145,32 @@ def test_checkpoint_recompute_equal(backend, use_reentrant):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_opcheck(backend):
+def test_no_host_synchronisation(backend):
+    """The state lives on the GPU and the kernels read p, seed and offset from
+    it: drawing it, the forward, the backward and the mask never synchronise
+    with the host (torch's sync debug mode turns a synchronising call into an
+    error), with seed= or from the generator, with and without a bias."""
     _need(backend)
-    fwd, bwd, mask = _op(backend)
-    x, bias, res, grad = make_inputs((8, 40), torch.float32, device="cuda")
-    rng = torch.tensor([3, 4], device="cuda")
-    torch.library.opcheck(fwd, (x.requires_grad_(), bias, res, rng, 0.5, "gelu", []))
-    torch.library.opcheck(bwd, (grad, x.detach(), bias, rng, 0.5, "gelu", [], True))
-    torch.library.opcheck(mask, (rng, [5, 7], 0.5))
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    b = torch.randn(1000, device="cuda", requires_grad=True)
+    g = torch.randn(64, 1000, device="cuda")
+
+    def work():
+        F.dropout(x, 0.3, backend=backend).backward(g)
+        F.fused_dropout(x, 0.3, bias=b, activation="gelu", seed=5, offset=2**40, backend=backend).backward(g)
+        F.fused_dropout(x, 0.3, residual=x, training=False, backend=backend).backward(g)
+        F.dropout2d(x.view(8, 8, 10, 100), 0.3, backend=backend)
+        dropout_ext.dropout_mask((64, 1000), 0.3, seed=1, device="cuda", backend=backend)
+
+    work()  # first calls: Triton compiles and autotunes (which synchronises)
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        work()
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+    torch.cuda.synchronize()
 
 
 _SANITIZED = textwrap.dedent("""
@@ -269,24 +199,6 @@ def test_compute_sanitizer_clean(tool):
     proc = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, "-c", script],
                           capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-5000:]
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.999, 1.0])
-def test_p_carried_on_device_equals_host_p(backend, p):
-    """rng = [seed, offset, p bits] on the GPU: the kernels derive t and the
-    scale from p in device memory with the host's arithmetic."""
-    import struct
-
-    _need(backend)
-    fwd, bwd, mask = _op(backend)
-    x, bias, res, grad = make_inputs((33, 1024), torch.float32, device="cuda")
-    bits = struct.unpack("<q", struct.pack("<d", p))[0]
-    rng3, rng2 = torch.tensor([5, 6, bits], device="cuda"), torch.tensor([5, 6], device="cuda")
-    assert_bitwise_equal(fwd(x, bias, res, rng3, 0.77, "gelu", []), fwd(x, bias, res, rng2, p, "gelu", []))
-    assert_bitwise_equal(bwd(grad, x, bias, rng3, 0.77, "gelu", [], False)[0],
-                         bwd(grad, x, bias, rng2, p, "gelu", [], False)[0])
-    assert torch.equal(mask(rng3, [7, 9], 0.77), mask(rng2, [7, 9], p))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

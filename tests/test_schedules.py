@@ -44,9 +44,10 @@ def test_scheduler_sets_p_on_every_dropout_module():
 
 
 def test_p_is_a_kernel_argument_no_new_kernels():
-    """In eager mode a new p is a new argument to the same kernel: the CPU op
-    takes p as a double, and the Triton kernels exclude t and the scale from
-    specialisation (test_triton_interpreter.py checks that)."""
+    """In eager mode a new p is new data for the same kernel: p reaches every
+    op in the dropout state [seed, offset, p bits], and the Triton kernels
+    exclude t and the scale from specialisation (test_triton_interpreter.py
+    checks that). Each step drops at the scheduled rate (5 sigma)."""
     x = torch.ones(1 << 16)
     model = nn.Sequential(dropout_ext.Dropout(0.1))
     sched = schedules.DropoutScheduler(model, schedules.linear(0.1, 0.7, steps=3))
@@ -66,7 +67,8 @@ def test_p_is_a_kernel_argument_no_new_kernels():
 def test_p_is_a_runtime_value_under_compile(make):
     """A compiled model follows the scheduler's p with one graph: under
     torch.compile the modules pass p as data (an int64 buffer of its bits,
-    carried in the rng tensor), so nothing is recompiled for a new p."""
+    the dropout state's third word), so nothing is recompiled for a new p.
+    (The fused modules of fuse_dropout: test_fusion.py.)"""
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 

@@ -1,0 +1,673 @@
+"""Every backend against the reference: one suite, parametrised by backend.
+
+Masks, outputs and gradients equal ``dropout_ext.reference`` bit for bit
+(float64 gelu, gelu_tanh and silu to rounding: they use the C library on each
+side; bias gradients to rounding: backends sum in different orders; see
+docs/RNG.md), for every dtype, activation, bias/residual combination, odd
+shapes, p in {0, 0.1, 0.5, 0.9, 1} and at the threshold's edges, no state
+(eval mode), seeds and offsets up to 2**64 - 1, the generator's draws,
+strided and misaligned layouts, structured masks, special values, and through
+the op family's autograd. Each backend is checked twice: its op family
+directly (``dropout_ext._ops.op_set(prefix)`` with a dropout state
+``[seed, offset, p bits]``) and through the public API (``backend=``).
+
+The backends (the first word of every test id, and no test name holds one,
+so ``-k <id>`` selects a backend's cases):
+
+=========== ============== ======== =========== ======================================
+id          op prefix      device   backend=    runs
+=========== ============== ======== =========== ======================================
+cpu         ``""``         cpu      "cpu"       always (the compiled extension)
+reference   ``reference_`` cpu      "reference" always
+cuda_host   ``cuda_host_`` cpu      "cuda"      the CUDA kernels executed on the host;
+                                                skipped while
+                                                ``_ops.HAS_CUDA_HOST_KERNELS`` is False
+triton      ``triton_``    cpu      "triton"    only with TRITON_INTERPRET=1, and then
+                                                alone (see ``conftest.run_triton_conformance``)
+gpu_cuda    ``""``         cuda     "cuda"      with a CUDA build of torch; skipped
+gpu_triton  ``triton_``    cuda     "triton"    without a GPU or the backend
+=========== ============== ======== =========== ======================================
+
+cuda_host and triton are slow (a host driver walking every block and thread;
+Triton's interpreter), so they take smaller shape and p sets (``small=``), as
+does the reference backend (its op family against its own functions checks
+only the op plumbing); the GPU backends add large shapes (``gpu=``).
+"""
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dropout_ext import _backend, _ops, _state
+from dropout_ext import functional as F
+from dropout_ext import reference as ref
+from conftest import TOLERANCES, assert_bitwise_equal, check_contract, make_inputs, requires_cuda
+
+TRITON_MODE = os.environ.get("TRITON_INTERPRET") == "1"
+
+ACTIVATIONS = list(ref.ACTIVATIONS)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+PS = [0.0, 0.1, 0.5, 0.9, 1.0]
+EXTRAS = ["plain", "bias", "res", "bias+res"]
+# A seed >= 2**63 (its sign bit reaches the key) and an offset > 2**32 (both
+# counter words), for every test that does not choose its own.
+SEED, OFFSET = 0xF123456789ABCDEF, 2**32 + 5
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: str
+    prefix: str
+    device: str
+    public: str                     # the public API's backend= name that reaches this op family
+    small: bool = False             # slow: smaller parameter sets
+    float64: bool = True            # the op family takes float64
+    marks: tuple = field(default=(), compare=False)
+
+    def __str__(self):
+        return self.id
+
+    @property
+    def ops(self) -> _ops.OpSet:
+        return _ops.op_set(self.prefix)
+
+    @property
+    def dtypes(self):
+        return [d for d in DTYPES if d != torch.float64 or self.float64]
+
+    def state(self, p, seed=SEED, offset=OFFSET) -> torch.Tensor:
+        return _state.make_state(torch.device(self.device), p, seed, offset)
+
+
+def _backends():
+    if TRITON_MODE:
+        return [Backend("triton", "triton_", "cpu", "triton", small=True, float64=False)]
+    no_host = pytest.mark.skipif(
+        not _ops.HAS_CUDA_HOST_KERNELS,
+        reason="the CUDA kernels executed on the host are not built here "
+               "(dropout_ext._ops.HAS_CUDA_HOST_KERNELS is False: cuda_host_fused_dropout has no CPU kernel)")
+    # The reference backend checks the reference's op family (state, layout and
+    # autograd plumbing) against its own functions: the small sets suffice.
+    found = [Backend("cpu", "", "cpu", "cpu"), Backend("reference", "reference_", "cpu", "reference", small=True),
+             Backend("cuda_host", "cuda_host_", "cpu", "cuda", small=True, marks=(no_host,))]
+    if torch.version.cuda:  # a CUDA build of torch: GPU cases, skipped (with the reason) without a GPU
+        no_cuda = pytest.mark.skipif(not _ops.HAS_CUDA_KERNELS, reason="the extension has no CUDA kernels here")
+        no_triton = pytest.mark.skipif(not _backend._HAS_TRITON, reason="Triton is not installed")
+        found += [Backend("gpu_cuda", "", "cuda", "cuda", marks=(requires_cuda, no_cuda)),
+                  Backend("gpu_triton", "triton_", "cuda", "triton", float64=False,
+                          marks=(requires_cuda, no_triton))]
+    return found
+
+
+BACKENDS = _backends()
+
+
+def _id(value) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value) or "scalar"
+    return str(value)
+
+
+def cases(small=None, gpu=None, **axes):
+    """``parametrize`` arguments: every backend times the product of
+    ``axes``. Slow backends take ``small``'s values for the axes it names;
+    GPU backends add ``gpu``'s values. A ``dtype`` axis leaves out the
+    dtypes a backend does not take. Ids start with the backend's id."""
+    params = []
+    for b in BACKENDS:
+        values = dict(axes)
+        if b.small and small:
+            values.update(small)
+        if b.device == "cuda" and gpu:
+            values = {k: list(v) + list(gpu.get(k, ())) for k, v in values.items()}
+        if "dtype" in values:
+            values["dtype"] = [d for d in values["dtype"] if d in b.dtypes]
+        for combo in itertools.product(*values.values()):
+            params.append(pytest.param(b, *combo, marks=b.marks, id="-".join([b.id] + [_id(v) for v in combo])))
+    return ",".join(["b", *axes]), params
+
+
+def public(b: Backend, monkeypatch, dtype=torch.float32) -> str:
+    """The ``backend=`` name that reaches ``b``'s op family from the public API
+    on ``b``'s device, checked to reach it. cuda_host is routed as
+    DROPOUT_EXT_CUDA_INTERPRET=1 routes it (CUDA kernels for CPU tensors)."""
+    if b.id == "cuda_host":
+        monkeypatch.setitem(_backend._TABLE, ("cuda", "cpu"), "cuda_host_")
+        monkeypatch.setattr(_backend, "_CHOSEN", {})  # ops_for's memo, for this test only
+    reached = _backend.ops_for(b.public, torch.device(b.device), dtype)
+    assert [o._qualified_op_name for o in reached] == [o._qualified_op_name for o in b.ops]
+    return b.public
+
+
+def _with(extras, bias, res):
+    return (bias if "bias" in extras else None), (res if "res" in extras else None)
+
+
+def check_bias_grad(actual, expected, dtype, shape):
+    """Bias gradients are sums in backend-specific orders: equal to rounding,
+    scaled by the magnitude and the number of rows (docs/RNG.md)."""
+    _, atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=atol * scale * max(1, shape[0]), rtol=rtol)
+
+
+# --- masks --------------------------------------------------------------------
+
+MASK_SHAPES = [(1,), (3,), (4,), (5,), (67,), (130,), (1000, 3), (3, 5, 7), (2, 3, 5, 7)]
+WORDS = [(0, 0), (123, 5), (2**64 - 1, 2**63 + 7), (-1, 3), (SEED, OFFSET), (7, 2**32 - 1), (7, 2**64 - 1)]
+
+
+@pytest.mark.parametrize(*cases(shape=MASK_SHAPES, p=PS, words=WORDS,
+                                small=dict(shape=[(5,), (130,), (3, 5, 7)], p=[0.0, 0.5, 1.0]),
+                                gpu=dict(shape=[(4097, 3), (257, 1024), (3, 1000, 777), (1 << 22,)])))
+def test_mask(b, shape, p, words, monkeypatch):
+    seed, offset = words
+    expected = ref.dropout_mask(shape, p, seed, offset, device=b.device)
+    mask = b.ops.mask(b.state(p, seed, offset), list(shape))
+    assert mask.dtype == torch.bool and mask.device.type == b.device
+    assert torch.equal(mask, expected)
+    name = public(b, monkeypatch)
+    assert torch.equal(F.dropout_mask(shape, p, seed, offset, device=b.device, backend=name), expected)
+
+
+@pytest.mark.parametrize(*cases(lane=[0, 1, 2, 3]))
+def test_mask_philox_known_answer_through_threshold(b, lane):
+    """Seed 0, offset 0: element ``lane`` takes word ``lane`` of Random123's
+    all-zero known answer, so it is kept at t == word and dropped at t == word + 1."""
+    word = [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8][lane]
+    assert bool(b.ops.mask(b.state(word / 2**32, 0, 0), [4])[lane])
+    assert not bool(b.ops.mask(b.state((word + 1) / 2**32, 0, 0), [4])[lane])
+
+
+if not TRITON_MODE:
+    def test_philox_known_answers():
+        # Random123 kat_vectors: counter and key all zero, and all ones.
+        z = torch.zeros(1, dtype=torch.int64)
+        assert [int(w) for w in ref.philox4x32_10(z, z, z, z, 0, 0)] == \
+            [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+        f = torch.full((1,), 0xFFFFFFFF, dtype=torch.int64)
+        assert [int(w) for w in ref.philox4x32_10(f, f, f, f, 0xFFFFFFFF, 0xFFFFFFFF)] == \
+            [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+# --- forward and backward: the matrix ----------------------------------------
+
+SHAPES = [(1,), (3,), (67,), (5, 7), (33, 65), (2, 3, 129), (4, 1, 1025)]
+# (3, 12) and (5, 40): a last dimension that is a multiple of 4 takes the
+# Triton backward's bias-gradient row kernel, with full and partial blocks.
+SMALL_SHAPES = [(7,), (5, 13), (2, 3, 9), (3, 12), (5, 40)]
+
+
+@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=SHAPES, p=PS, activation=ACTIVATIONS, extras=EXTRAS,
+                                small=dict(shape=SMALL_SHAPES, p=[0.3]),
+                                gpu=dict(shape=[(513, 1024), (2, 3, 4099)])))
+def test_forward_backward(b, dtype, shape, p, activation, extras):
+    """The matrix. (The slow backends' p = 0 and p = 1 with every activation
+    and companion: test_edge_p.)"""
+    x, bias, res, grad = make_inputs(shape, dtype, device=b.device)
+    bias, res = _with(extras, bias, res)
+    state = b.state(p)
+    y = b.ops.forward(x, bias, res, state, activation, [])
+    check_contract(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, p, activation), dtype, activation)
+    dx, db = b.ops.backward(grad, x, bias, state, activation, [], bias is not None)
+    dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, p, activation, (), bias is not None)
+    check_contract(dx, dx_ref, dtype, activation)
+    if bias is not None:
+        check_bias_grad(db, db_ref, dtype, shape)
+    else:
+        assert db.shape == (0,)
+
+
+@pytest.mark.parametrize(*cases(dtype=DTYPES, activation=ACTIVATIONS, extras=EXTRAS,
+                                small=dict(activation=["identity", "gelu"])))
+def test_public_api(b, dtype, activation, extras, monkeypatch):
+    """F.fused_dropout / F.dropout with backend= and seed=: the reference's
+    outputs, and its gradients through autograd."""
+    shape = (6, 37)
+    x, bias, res, grad = make_inputs(shape, dtype, seed=1, device=b.device)
+    bias, res = _with(extras, bias, res)
+    name = public(b, monkeypatch, dtype)
+    xr = x.clone().requires_grad_()
+    br = bias.clone().requires_grad_() if bias is not None else None
+    rr = res.clone().requires_grad_() if res is not None else None
+    y = F.fused_dropout(xr, 0.3, bias=br, activation=activation, residual=rr, seed=SEED, offset=OFFSET,
+                        backend=name)
+    check_contract(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.3, activation), dtype, activation)
+    y.backward(grad)
+    dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, 0.3, activation, (), bias is not None)
+    check_contract(xr.grad, dx_ref, dtype, activation)
+    if br is not None:
+        check_bias_grad(br.grad, db_ref, dtype, shape)
+    if rr is not None:
+        assert_bitwise_equal(rr.grad, grad)
+    if extras == "plain" and activation == "identity":
+        assert_bitwise_equal(F.dropout(x, 0.3, seed=SEED, offset=OFFSET, backend=name),
+                             ref.fused_dropout(x, None, None, SEED, OFFSET, 0.3))
+
+
+@pytest.mark.parametrize(*cases(n=list(range(1, 68)), small=dict(n=list(range(1, 18)) + [31, 32, 33, 63, 64, 65, 67])))
+def test_every_size_around_vector_widths(b, n, monkeypatch):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(b.device).requires_grad_()
+    y = F.fused_dropout(x, 0.5, activation="silu", seed=n, backend=public(b, monkeypatch))
+    xd = x.detach()
+    assert_bitwise_equal(y, ref.fused_dropout(xd, None, None, n, 0, 0.5, "silu"))
+    g = torch.randn(n, generator=torch.Generator().manual_seed(-n)).to(b.device)
+    y.backward(g)
+    assert_bitwise_equal(x.grad, ref.fused_dropout_backward(g, xd, None, n, 0, 0.5, "silu")[0])
+
+
+# --- seeds, offsets and the generator -------------------------------------------
+
+@pytest.mark.parametrize(*cases(words=[(0, 0), (2**63, 0), (2**64 - 1, 2**64 - 1), (-1, 2**63 + 7),
+                                       (-(2**63), -1), (SEED, OFFSET)]))
+def test_seed_and_offset_words(b, words, monkeypatch):
+    """seed= and offset= anywhere in [-2**63, 2**64): negative values are
+    taken modulo 2**64, as the contract keys on unsigned words."""
+    seed, offset = words
+    x = torch.randn(5, 67, generator=torch.Generator().manual_seed(2)).to(b.device)
+    name = public(b, monkeypatch)
+    useed, uoffset = seed % 2**64, offset % 2**64
+    assert_bitwise_equal(F.dropout(x, 0.5, seed=seed, offset=offset, backend=name),
+                         ref.fused_dropout(x, None, None, useed, uoffset, 0.5))
+    assert torch.equal(F.dropout_mask(x.shape, 0.5, seed, offset, device=b.device, backend=name),
+                       ref.dropout_mask(x.shape, 0.5, useed, uoffset, device=b.device))
+
+
+def _manual_seed(device, seed):
+    if device == "cuda":
+        torch.cuda.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+@pytest.mark.parametrize(*cases())
+def test_draws_from_the_generator(b, monkeypatch):
+    """Without seed=, (seed, offset) comes from the device's generator: the
+    same generator state gives the reference backend's masks and gradients."""
+    name = public(b, monkeypatch)
+    x = torch.randn(16, 65, generator=torch.Generator().manual_seed(3)).to(b.device)
+    bias = torch.randn(65, generator=torch.Generator().manual_seed(4)).to(b.device)
+    results = []
+    for backend in (name, "reference"):
+        _manual_seed(b.device, 1234)
+        plain = F.dropout(x, 0.5, backend=backend)
+        gen = torch.Generator(device=b.device).manual_seed(4)
+        xr, br = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = F.fused_dropout(xr, 0.2, bias=br, activation="gelu", generator=gen, backend=backend)
+        y.backward(torch.ones_like(y))
+        results.append((plain, y.detach(), xr.grad, br.grad))
+    (plain, y, dx, db), (plain_ref, y_ref, dx_ref, db_ref) = results
+    assert_bitwise_equal(plain, plain_ref)
+    assert_bitwise_equal(y, y_ref)
+    assert_bitwise_equal(dx, dx_ref)
+    check_bias_grad(db, db_ref, torch.float32, x.shape)
+    assert 0.4 < (plain == 0).float().mean().item() < 0.6
+
+
+# --- p == 0 and no state ----------------------------------------------------------
+
+def _special_values(dtype, device, repeat=16):
+    info = torch.finfo(dtype)
+    values = [float("nan"), float("inf"), -float("inf"), info.max, -info.max, info.tiny / 4, -info.tiny / 2,
+              info.tiny, 0.0, -0.0, 1.0, -2.5, 7.0, 1e-40, -3.0e38, 65504.0]
+    return torch.tensor(values * repeat, dtype=torch.float64).to(dtype).to(device)
+
+
+@pytest.mark.parametrize(*cases(dtype=DTYPES))
+def test_p0_gives_the_input_bitwise(b, dtype, monkeypatch):
+    """p == 0 through the op (a state with p = 0, or no state at all) keeps
+    every element unscaled: the input's bits, -0.0, subnormals, Inf and NaN
+    included; the public API returns the input itself."""
+    x = _special_values(dtype, b.device)
+    for state in (b.state(0.0), None):
+        assert_bitwise_equal(b.ops.forward(x, None, None, state, "identity", []), x)
+        assert_bitwise_equal(b.ops.forward(x.view(16, 16), None, None, state, "identity", [16, 1]), x.view(16, 16))
+        dx, db = b.ops.backward(x, None, None, state, "identity", [], False)
+        assert_bitwise_equal(dx, x)
+        assert db.shape == (0,)
+    assert bool(b.ops.mask(b.state(0.0), [37]).all())
+    name = public(b, monkeypatch, dtype)
+    assert F.dropout(x, 0.0, backend=name) is x
+    assert F.dropout(x, 0.5, training=False, backend=name) is x
+
+
+@pytest.mark.parametrize(*cases(dtype=DTYPES, activation=ACTIVATIONS, extras=EXTRAS,
+                                small=dict(activation=["identity", "relu", "gelu"])))
+def test_edge_p(b, dtype, activation, extras, monkeypatch):
+    """No state (eval mode: residual + act(x + bias), the reference at p = 0),
+    a state with p = 0 (every element kept, scale 1) and one with p = 1
+    (every element dropped), forward and backward; the public API's eval
+    mode takes the no-state path."""
+    shape = (5, 13)
+    x, bias, res, grad = make_inputs(shape, dtype, seed=2, device=b.device)
+    bias, res = _with(extras, bias, res)
+    for state, (seed, offset, p) in [(None, (0, 0, 0.0)), (b.state(0.0), (SEED, OFFSET, 0.0)),
+                                     (b.state(1.0), (SEED, OFFSET, 1.0))]:
+        expected = ref.fused_dropout(x, bias, res, seed, offset, p, activation)
+        check_contract(b.ops.forward(x, bias, res, state, activation, []), expected, dtype, activation)
+        dx, db = b.ops.backward(grad, x, bias, state, activation, [], bias is not None)
+        dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, seed, offset, p, activation, (),
+                                                    bias is not None)
+        check_contract(dx, dx_ref, dtype, activation)
+        if bias is not None:
+            check_bias_grad(db, db_ref, dtype, shape)
+    name = public(b, monkeypatch, dtype)
+    y = F.fused_dropout(x, 0.5, bias=bias, residual=res, activation=activation, training=False, backend=name)
+    check_contract(y, ref.fused_dropout(x, bias, res, 0, 0, 0.0, activation), dtype, activation)
+
+
+@pytest.mark.parametrize(*cases(p=[-0.0, 2**-40, 2**-32, 3 * 2**-33, 0.5 + 2**-40, 1 - 2**-32, 1 - 2**-53]))
+def test_extreme_p(b, p, monkeypatch):
+    """p at the edges of the threshold's arithmetic (t = floor(p * 2**32) in
+    double, scale = 1/(1 - p) rounded once): -0.0, p so small that t is 0 or 1,
+    and so close to 1 that only the largest words are kept with a huge scale."""
+    x, bias, res, grad = make_inputs((5, 40), torch.float32, seed=6, device=b.device)
+    state = b.state(p)
+    check = dict(dtype=torch.float32, activation="gelu")
+    check_contract(b.ops.forward(x, bias, res, state, "gelu", []),
+                   ref.fused_dropout(x, bias, res, SEED, OFFSET, p, "gelu"), **check)
+    dx, db = b.ops.backward(grad, x, bias, state, "gelu", [], True)
+    dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, p, "gelu", (), True)
+    check_contract(dx, dx_ref, **check)
+    check_bias_grad(db, db_ref, torch.float32, x.shape)
+    assert torch.equal(b.ops.mask(state, [4096]), ref.dropout_mask((4096,), p, SEED, OFFSET, device=b.device))
+    y = F.dropout(x, p, seed=SEED, offset=OFFSET, backend=public(b, monkeypatch))
+    assert_bitwise_equal(y, ref.fused_dropout(x, None, None, SEED, OFFSET, p))
+
+
+# --- special values -----------------------------------------------------------
+
+def _replaced(x, p, activation, grad=None):
+    """The value a dropped element replaces: act(x) * scale forward,
+    grad * scale * act'(x) backward, in the math type (docs/RNG.md)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    v, scale = x.to(acc), (1.0 / (1.0 - p) if p < 1.0 else 0.0)
+    if grad is None:
+        return ref.activation_forward(v, activation) * scale
+    gs = grad.to(acc) * scale
+    if activation == "identity":
+        return gs
+    if activation == "relu":
+        return torch.where(v > 0, gs, torch.zeros_like(gs))
+    return gs * ref.activation_grad(v, activation)
+
+
+def check_special(actual, expected, replaced, dtype, activation):
+    """The contract with NaN and Inf about: where the replaced value is NaN a
+    kept element is NaN and a dropped one a zero of either sign (its sign is
+    not part of the contract); everywhere else check_contract."""
+    loose = torch.isnan(replaced)
+    a, e = actual[loose], expected[loose]
+    assert torch.equal(torch.isnan(a), torch.isnan(e))
+    assert torch.equal(a == 0, e == 0)
+    check_contract(actual[~loose], expected[~loose], dtype, activation)
+
+
+@pytest.mark.parametrize(*cases(dtype=DTYPES, p=[0.0, 0.25, 0.5, 1.0], activation=ACTIVATIONS,
+                                small=dict(p=[0.0, 0.5, 1.0])))
+def test_special_values(b, dtype, p, activation):
+    x = _special_values(dtype, b.device)
+    grad = x.flip(0)
+    state = b.state(p)
+    y = b.ops.forward(x, None, None, state, activation, [])
+    expected = ref.fused_dropout(x, None, None, SEED, OFFSET, p, activation)
+    check_special(y, expected, _replaced(x, p, activation), dtype, activation)
+    dx, _ = b.ops.backward(grad, x, None, state, activation, [], False)
+    dx_ref, _ = ref.fused_dropout_backward(grad, x, None, SEED, OFFSET, p, activation)
+    check_special(dx, dx_ref, _replaced(x, p, activation, grad), dtype, activation)
+    if activation == "identity" and 0.0 < p < 1.0:
+        # kept: nn.Dropout's arithmetic exactly (max * scale overflows to Inf
+        # as it does there); dropped: a zero, also for NaN and Inf
+        keep = ref.dropout_mask(x.shape, p, SEED, OFFSET, device=b.device)
+        native = torch.ops.aten.native_dropout_backward(x, keep, 1.0 / (1.0 - p))
+        assert_bitwise_equal(y[keep], native[keep])
+        assert bool((y[~keep] == 0).all())
+        big = keep & (x == torch.finfo(dtype).max)
+        assert bool(big.any()) and bool(torch.isinf(y[big]).all())
+
+
+# --- layouts ------------------------------------------------------------------
+
+LAYOUTS = ["transposed", "sliced", "channels_last", "channels_last_3d", "expanded", "size1", "misaligned",
+           "storage_offset", "inner_stride"]
+
+
+def _layout(kind, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(4, 6, 5, 7, generator=g).to(dtype).to(device)
+    if kind == "transposed":
+        return base.transpose(1, 3)
+    if kind == "sliced":
+        return base[:, ::2, 1:, ::3]
+    if kind == "channels_last":
+        return base.contiguous(memory_format=torch.channels_last)
+    if kind == "channels_last_3d":
+        return base.view(2, 2, 6, 5, 7).contiguous(memory_format=torch.channels_last_3d)
+    if kind == "expanded":
+        return base[:, :1].expand(4, 6, 5, 7)
+    if kind == "size1":
+        return base[:, :1]
+    if kind == "misaligned":  # one element past an aligned start: no vector access is aligned
+        flat = torch.randn(1 + 4 * 6 * 35, generator=g).to(dtype).to(device)
+        return flat[1:].view(4, 6, 35)
+    if kind == "storage_offset":
+        return base.flatten()[3:][: 6 * 5 * 7].view(6, 5, 7)
+    if kind == "inner_stride":
+        return base[..., ::2]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(*cases(layout=LAYOUTS, dtype=[torch.float32, torch.bfloat16],
+                                activation=["identity", "gelu"], small=dict(activation=["gelu"])))
+def test_layouts_through_the_op(b, layout, dtype, activation):
+    """Strided input and residual, a gradient in yet another layout: the
+    reference's values, in the input's (gradient's) memory format."""
+    x = _layout(layout, dtype, b.device, 1)
+    res = _layout(layout, dtype, b.device, 2)
+    bias = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(3)).to(dtype).to(b.device)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(dtype).to(b.device)
+    grad = grad.transpose(0, -1).contiguous().transpose(0, -1)
+    xc, rc, gc = x.contiguous(), res.contiguous(), grad.contiguous()
+    state = b.state(0.3)
+    y = b.ops.forward(x, bias, res, state, activation, [])
+    assert y.stride() == torch.empty_like(x).stride()
+    assert_bitwise_equal(y.contiguous(), ref.fused_dropout(xc, bias, rc, SEED, OFFSET, 0.3, activation))
+    dx, db = b.ops.backward(grad, x, bias, state, activation, [], True)
+    assert dx.stride() == torch.empty_like(grad).stride()
+    dx_ref, db_ref = ref.fused_dropout_backward(gc, xc, bias, SEED, OFFSET, 0.3, activation, (), True)
+    assert_bitwise_equal(dx.contiguous(), dx_ref)
+    check_bias_grad(db, db_ref, dtype, x.shape)
+
+
+@pytest.mark.parametrize(*cases(layout=LAYOUTS, activation=["identity", "gelu"], small=dict(activation=["gelu"])))
+def test_layouts_through_autograd(b, layout, activation, monkeypatch):
+    x = _layout(layout, torch.float32, b.device, 5).requires_grad_()
+    bias = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(6)).to(b.device).requires_grad_()
+    y = F.fused_dropout(x, 0.3, bias=bias, activation=activation, seed=11, backend=public(b, monkeypatch))
+    assert y.stride() == torch.empty_like(x).stride()
+    xc, bd = x.detach().contiguous(), bias.detach()
+    assert_bitwise_equal(y.contiguous(), ref.fused_dropout(xc, bd, None, 11, 0, 0.3, activation))
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(b.device)
+    y.backward(g)
+    dx, db = ref.fused_dropout_backward(g, xc, bd, 11, 0, 0.3, activation, (), True)
+    if layout != "expanded":  # an expanded leaf's gradient is summed over the broadcast
+        assert_bitwise_equal(x.grad.contiguous(), dx)
+    torch.testing.assert_close(bias.grad, db, atol=1e-4, rtol=1e-4)
+
+
+# --- structured masks ---------------------------------------------------------
+
+MASK_OF = [(4, 6, 1, 1), (1, 6, 5, 1), (4, 1, 5, 7), (1, 1, 1, 7), (1, 1, 1, 1), (4, 6, 5, 7)]
+
+
+@pytest.mark.parametrize(*cases(mask_shape=MASK_OF, activation=["identity", "silu", "gelu_tanh"],
+                                small=dict(activation=["identity", "silu"])))
+def test_structured_masks(b, mask_shape, activation, monkeypatch):
+    """mask_shape: the reference's values, and the applied mask is exactly
+    dropout_mask(mask_shape) broadcast to the input."""
+    shape = (4, 6, 5, 7)
+    x, bias, res, grad = make_inputs(shape, torch.float32, seed=3, device=b.device)
+    state, ms = b.state(0.4), list(mask_shape)
+    expected = ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.4, activation, mask_shape)
+    assert_bitwise_equal(b.ops.forward(x, bias, res, state, activation, ms), expected)
+    keep = ref.dropout_mask(mask_shape, 0.4, SEED, OFFSET, device=b.device).expand(shape)
+    plain = b.ops.forward(x, None, None, state, "identity", ms)
+    assert torch.equal(plain != 0, keep & (x != 0))
+    dx, db = b.ops.backward(grad, x, bias, state, activation, ms, True)
+    dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, 0.4, activation, mask_shape, True)
+    assert_bitwise_equal(dx, dx_ref)
+    torch.testing.assert_close(db, db_ref, atol=1e-4, rtol=1e-5)
+    name = public(b, monkeypatch)
+    y = F.fused_dropout(x, 0.4, bias=bias, residual=res, activation=activation, seed=SEED, offset=OFFSET,
+                        mask_shape=mask_shape, backend=name)
+    assert_bitwise_equal(y, expected)
+    if mask_shape == (4, 6, 1, 1):
+        assert_bitwise_equal(F.dropout2d(x, 0.4, seed=SEED, offset=OFFSET, backend=name),
+                             ref.fused_dropout(x, None, None, SEED, OFFSET, 0.4, "identity", mask_shape))
+
+
+# --- edge shapes ----------------------------------------------------------------
+
+@pytest.mark.parametrize(*cases())
+def test_empty_and_zero_dim(b, monkeypatch):
+    state = b.state(0.5)
+    for shape in [(0,), (3, 0), (0, 5), (2, 0, 3)]:
+        x = torch.randn(shape, device=b.device)
+        y = b.ops.forward(x, None, None, state, "gelu", [])
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert b.ops.mask(state, list(shape)).shape == shape
+        if shape[-1]:
+            bias = torch.randn(shape[-1], device=b.device)
+            assert b.ops.forward(x, bias, x, state, "silu", []).shape == shape
+            dx, db = b.ops.backward(x, x, bias, state, "silu", [], True)
+            assert dx.shape == shape and torch.equal(db, torch.zeros_like(bias))
+    x = torch.tensor(2.5, device=b.device)
+    assert_bitwise_equal(b.ops.forward(x, None, None, state, "identity", []),
+                         ref.fused_dropout(x, None, None, SEED, OFFSET, 0.5))
+    assert_bitwise_equal(b.ops.backward(x, x, None, state, "relu", [], False)[0],
+                         ref.fused_dropout_backward(x, x, None, SEED, OFFSET, 0.5, "relu")[0])
+    assert b.ops.mask(state, []).shape == ()
+    name = public(b, monkeypatch)
+    for x in (torch.randn(0), torch.randn(2, 0, 3), torch.tensor(1.5)):
+        x = x.to(b.device)
+        assert_bitwise_equal(F.dropout(x, 0.5, seed=3, backend=name), ref.fused_dropout(x, None, None, 3, 0, 0.5))
+    y = F.fused_dropout(torch.randn(0, 4, device=b.device), 0.5, bias=torch.randn(4, device=b.device),
+                        activation="gelu", backend=name)
+    assert y.shape == (0, 4)
+
+
+# --- the op family's autograd ------------------------------------------------------
+
+NEEDS = ["x", "bias", "res", "x+bias+res", "x,no bias"]
+
+
+@pytest.mark.parametrize(*cases(activation=ACTIVATIONS, needs=NEEDS, mask_shape=[(), (5, 1)],
+                                small=dict(mask_shape=[(5, 1)])))
+def test_op_autograd(b, activation, needs, mask_shape):
+    """torch.autograd through the backend's op family gives the reference op
+    family's gradients (and the reference functions'), for each subset of
+    inputs that requires grad; double backward for plain dropout."""
+    x, bias, res, g = make_inputs((5, 12), torch.float32, seed=4, device=b.device)
+    if needs == "x,no bias":
+        bias = None
+    leaves = {"x": x, "bias": bias, "res": res}
+    wanted = [k for k in ("x", "bias", "res") if k in needs.split(",")[0].split("+")]
+    state = b.state(0.25)
+
+    def grads(ops):
+        inputs = {k: (v.clone().requires_grad_(k in wanted) if v is not None else None) for k, v in leaves.items()}
+        y = ops.forward(inputs["x"], inputs["bias"], inputs["res"], state, activation, list(mask_shape))
+        return y, torch.autograd.grad(y, [inputs[k] for k in wanted], g)
+
+    y, got = grads(b.ops)
+    y_ref, expected = grads(_ops.op_set("reference_"))
+    assert_bitwise_equal(y, y_ref)
+    dx_ref, db_ref = ref.fused_dropout_backward(g, x, bias, SEED, OFFSET, 0.25, activation, mask_shape,
+                                                bias is not None)
+    for name, a, e in zip(wanted, got, expected):
+        if name == "bias":
+            check_bias_grad(a, e, torch.float32, x.shape)
+            check_bias_grad(a, db_ref, torch.float32, x.shape)
+        else:
+            assert_bitwise_equal(a, e)
+            assert_bitwise_equal(a, dx_ref if name == "x" else g)
+    if needs == "x,no bias" and activation == "identity":
+        xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(b.ops.forward(xr, None, None, state, "identity", list(mask_shape)), xr, gr,
+                                    create_graph=True)
+        h = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(b.device)
+        (ggrad,) = torch.autograd.grad(gx, gr, h)
+        assert_bitwise_equal(ggrad, ref.fused_dropout(h, None, None, SEED, OFFSET, 0.25, "identity", mask_shape))
+
+
+@pytest.mark.parametrize(*cases(activation=["identity", "gelu"]))
+def test_opcheck(b, activation):
+    """torch.library.opcheck on the op family: schema, fake kernel, autograd
+    registration, AOT dispatch. Under Triton's interpreter only the schema and
+    autograd registration are checked (it runs kernels on real data; the fake
+    and compile checks of the Triton ops run on a GPU)."""
+    utils = ("test_schema", "test_autograd_registration") if b.id == "triton" else None
+    kw = {"test_utils": utils} if utils else {}
+    x, bias, res, _ = make_inputs((3, 8), torch.float32, device=b.device)
+    state = b.state(0.5)
+    fwd, bwd, mask = b.ops
+    torch.library.opcheck(fwd, (x, bias, res, state, activation, []), **kw)
+    torch.library.opcheck(fwd, (x.clone().requires_grad_(), bias.clone().requires_grad_(), res, state,
+                                activation, []), **kw)
+    torch.library.opcheck(fwd, (x, bias, None, None, activation, []), **kw)
+    torch.library.opcheck(fwd, (x, None, res, state, activation, [3, 1]), **kw)
+    torch.library.opcheck(bwd, (res, x, bias, state, activation, [], True), **kw)
+    torch.library.opcheck(bwd, (res, x, None, state, activation, [1, 8], False), **kw)
+    torch.library.opcheck(mask, (state, [3, 5]), **kw)
+
+
+# --- properties (hypothesis) ------------------------------------------------------
+
+@st.composite
+def _random_case(draw, dtypes):
+    rank = draw(st.integers(1, 4))
+    shape = tuple(draw(st.integers(0, 9)) for _ in range(rank))
+    return dict(shape=shape, dtype=draw(st.sampled_from(dtypes)), p=draw(st.sampled_from(PS)),
+                activation=draw(st.sampled_from(ACTIVATIONS)), bias=draw(st.booleans()),
+                residual=draw(st.booleans()), transpose=draw(st.booleans()) and rank >= 2,
+                broadcast=[draw(st.booleans()) for _ in range(rank)] if draw(st.booleans()) else None,
+                seed=draw(st.integers(-(2**63), 2**64 - 1)), offset=draw(st.integers(0, 2**64 - 1)))
+
+
+@pytest.mark.parametrize(*cases())
+def test_property_equals_reference(b):
+    """Random shapes (zero sizes included), dtypes, p, activations, companions,
+    transposes, structured masks, seeds and offsets: forward and backward."""
+
+    @settings(max_examples=40 if b.small else 300, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(_random_case(b.dtypes))
+    def check(case):
+        g = torch.Generator().manual_seed(0)
+        dtype, p, act = case["dtype"], case["p"], case["activation"]
+        x = (torch.randn(case["shape"], generator=g) * 3).to(dtype).to(b.device)
+        if case["transpose"]:
+            x = x.transpose(0, -1)
+        bias = torch.randn(x.shape[-1], generator=g).to(dtype).to(b.device) if case["bias"] else None
+        res = torch.randn(x.shape, generator=g).to(dtype).to(b.device) if case["residual"] else None
+        grad = torch.randn(x.shape, generator=g).to(dtype).to(b.device)
+        mshape = [1 if one else s for one, s in zip(case["broadcast"], x.shape)] if case["broadcast"] else []
+        seed, offset = case["seed"] % 2**64, case["offset"]
+        state = b.state(p, case["seed"], offset)
+        xc = x.contiguous()
+        y = b.ops.forward(x, bias, res, state, act, mshape)
+        check_contract(y.contiguous(), ref.fused_dropout(xc, bias, res, seed, offset, p, act, mshape), dtype, act)
+        dx, db = b.ops.backward(grad, x, bias, state, act, mshape, bias is not None)
+        dx_ref, db_ref = ref.fused_dropout_backward(grad, xc, bias, seed, offset, p, act, mshape, bias is not None)
+        check_contract(dx.contiguous(), dx_ref, dtype, act)
+        if bias is not None:
+            check_bias_grad(db, db_ref, dtype, x.shape)
+
+    check()
