@@ -1,6 +1,6 @@
-"""What the benchmark suite measures: ops, implementations, minimal byte
-counts and the timers. Shared by the pytest-benchmark suite and its smoke
-test."""
+"""What the benchmark suite measures: the cases (op, direction, dtype, size),
+the implementations of each, minimal byte counts, input sets and the clocks.
+Shared by the pytest-benchmark suite and its conftest."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ import dropout_ext
 from dropout_ext import functional as F
 
 P = 0.1
+# Input sets a case rotates through, so a timed call does not find its data in
+# the cache the previous call left warm (that would flatter the small sizes).
+COPIES = 3
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # op -> (activation, bias?, residual?)
 OPS: Dict[str, Tuple[str, bool, bool]] = {
@@ -39,6 +43,12 @@ def minimal_bytes(op: str, direction: str, numel: int, elem: int) -> int:
     bwd = 2 + (1 if act != "identity" else 0)  # read dy (and x), write dx; dresidual is dy
     per = {"forward": fwd, "backward": bwd, "forward_backward": fwd + bwd}[direction]
     return per * numel * elem
+
+
+def impl_bytes(op: str, direction: str, impl: str, numel: int, elem: int) -> int:
+    """The bytes an implementation's GB/s is computed from: the op's minimal
+    bytes, or for clone() its own read and write."""
+    return 2 * numel * elem if impl == "copy" else minimal_bytes(op, direction, numel, elem)
 
 
 _ACT = {"identity": lambda v: v, "relu": torch.relu, "gelu": TF.gelu,
@@ -66,20 +76,29 @@ def ext_fn(op: str, backend: str) -> Callable:
     return fn
 
 
-def implementations(op: str, device: torch.device, kind: str) -> Dict[str, Callable]:
-    """The implementations of one kind: every dropout_ext backend here, the
-    eager composition, or torch.compile of it (built only when asked for)."""
-    if kind == "dropout_ext":
-        return {f"dropout_ext[{name}]": ext_fn(op, name)
-                for name in dropout_ext.available_backends(device) if name != "reference"}
-    if kind == "eager":
-        return {"eager": eager_fn(op)}
-    return {"torch.compile": torch.compile(eager_fn(op), dynamic=False)}
+def impl_names(device: torch.device) -> List[str]:
+    """Every implementation of a case, in the order a paired round runs them:
+    each dropout_ext backend here (the reference is the oracle, not a
+    contender), the eager composition (nn.Dropout's functional form for plain
+    dropout), torch.compile of it, and clone() of the input, the copy ceiling
+    of an op that reads and writes each element once."""
+    ext = [f"dropout_ext[{name}]" for name in dropout_ext.available_backends(device) if name != "reference"]
+    return ext + ["eager", "torch.compile", "copy"]
+
+
+def build_impl(op: str, name: str) -> Callable:
+    """The function of a named implementation ("copy" has none: see copy_call)."""
+    if name.startswith("dropout_ext[") and name.endswith("]"):
+        return ext_fn(op, name[len("dropout_ext["):-1])
+    if name == "eager":
+        return eager_fn(op)
+    if name == "torch.compile":
+        return torch.compile(eager_fn(op), dynamic=False)
+    raise ValueError(f"unknown implementation {name!r}")
 
 
 def make_inputs(op: str, numel: int, dtype, device, requires_grad: bool, copies: int):
-    """`copies` independent input sets to rotate through, so a timed call
-    does not find its data in the cache left by the previous one."""
+    """`copies` independent input sets to rotate through."""
     _, bias, res = OPS[op]
     rows = max(1, numel // HIDDEN)
     shape = (rows, HIDDEN) if numel >= HIDDEN else (numel,)
@@ -92,57 +111,77 @@ def make_inputs(op: str, numel: int, dtype, device, requires_grad: bool, copies:
     return sets
 
 
-def make_call(fn: Callable, direction: str, sets) -> Callable[[int], None]:
-    """A callable timing one direction on input set k."""
+def make_grads(sets):
+    return [torch.randn_like(s[0]) for s in sets]
+
+
+def make_call(fn: Callable, direction: str, sets, grads) -> Callable[[int], None]:
+    """A callable running one direction of `fn` on input set k. It returns
+    nothing, so the output is freed inside the timed call, as in a training
+    step, not kept alive across the next one."""
     if direction == "forward":
-        return lambda k: fn(*sets[k])
-    grads = [torch.randn_like(s[0]) for s in sets]
+        def forward(k):
+            fn(*sets[k])
+        return forward
     if direction == "forward_backward":
-        def call(k):
+        def forward_backward(k):
             x, b, r = sets[k]
             y = fn(x, b, r)
             torch.autograd.grad(y, [t for t in (x, b, r) if t is not None], grads[k])
-        return call
+        return forward_backward
     outs = [fn(*s) for s in sets]
 
-    def call(k):
+    def backward(k):
         x, b, r = sets[k]
         torch.autograd.grad(outs[k], [t for t in (x, b, r) if t is not None], grads[k], retain_graph=True)
-    return call
+    return backward
 
 
-def copy_call(numel: int, dtype, device, copies: int) -> Callable[[int], None]:
-    srcs = [torch.randn(numel, device=device).to(dtype) for _ in range(copies)]
-    return lambda k: srcs[k].clone()
+def copy_call(sets) -> Callable[[int], None]:
+    """clone() of the case's own input tensors, rotated like the op's."""
+    srcs = [s[0].detach() for s in sets]
+
+    def copy(k):
+        srcs[k].clone()
+    return copy
 
 
-def time_calls(calls: List[Callable[[int], None]], device: torch.device, copies: int, rounds: int,
-               warmup: int) -> List[List[float]]:
-    """Seconds per call for each callable, one sample per round, rotating the
-    input sets. The callables alternate within each round, so a slow phase of
-    the machine (page reclaim, another process) hits them alike and their
-    ratio holds. On CUDA each sample is a CUDA-event interval after a
-    synchronised warm-up."""
-    for i in range(warmup):
-        for call in calls:
-            call(i % copies)
-    samples: List[List[float]] = [[] for _ in calls]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    for i in range(rounds):
-        for call, out in zip(calls, samples):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call(i % copies)
-                end.record()
-                end.synchronize()
-                out.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                call(i % copies)
-                out.append(time.perf_counter() - t0)
-    return samples
+_cuda_last_event = None
+_cuda_elapsed_s = 0.0
+
+
+def cuda_event_timer() -> float:
+    """A clock in seconds read from CUDA events, for pytest-benchmark's
+    `timer` option. A reading records an event on the current stream and
+    waits for it, so the difference of two readings is the GPU time between
+    them, launch gaps included, and work queued before the first reading (a
+    round's setup) is not counted. Intervals between readings are summed in
+    float64: elapsed_time is a float32 count of milliseconds, too coarse to
+    measure from one fixed origin over a whole run."""
+    global _cuda_last_event, _cuda_elapsed_s
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    event.synchronize()
+    if _cuda_last_event is not None:
+        _cuda_elapsed_s += _cuda_last_event.elapsed_time(event) / 1e3
+    _cuda_last_event = event
+    return _cuda_elapsed_s
+
+
+def timer_for(device: torch.device) -> Callable[[], float]:
+    return cuda_event_timer if device.type == "cuda" else time.perf_counter
+
+
+def paired_round(calls: List[Callable[[int], None]], timer: Callable[[], float], k: int,
+                 samples: List[List[float]]) -> None:
+    """One round of a paired measurement: each callable once on input set k,
+    each timed alone, one after the other. Alternating within the round makes
+    a slow phase of the machine (page reclaim, another process) hit every
+    implementation alike, so their ratios hold."""
+    for call, out in zip(calls, samples):
+        t0 = timer()
+        call(k)
+        out.append(timer() - t0)
 
 
 def saved_bytes_per_element(fn: Callable, op: str, dtype, device) -> float:
@@ -175,17 +214,36 @@ def sizes(device: torch.device, mode: str) -> List[int]:
     return [1 << 20, 1 << 24] if device.type == "cpu" else [1 << 20, 1 << 24, 1 << 28]
 
 
-def dtypes(device: torch.device, mode: str):
+def dtypes(device: torch.device, mode: str) -> List[str]:
     if mode == "smoke":
-        return [torch.float32]
-    out = [torch.float32, torch.bfloat16]
+        return ["float32"]
+    out = ["float32", "bfloat16"]
     if device.type == "cuda":
-        out.append(torch.float16)
+        out.append("float16")
     return out
 
 
+def bench_cases(device: torch.device, mode: str) -> List[Tuple[str, str, str, int]]:
+    """(op, direction, dtype, numel) of every case of a run, in run order."""
+    ops = list(OPS) if mode == "full" else DEFAULT_OPS
+    return [(op, d, dt, n) for op in ops for d in DIRECTIONS for dt in dtypes(device, mode)
+            for n in sizes(device, mode)]
+
+
+def size_id(numel: int) -> str:
+    """2**24 -> "16Mi": test ids are matched by `pytest -k`, which rejects "^"."""
+    for unit, shift in (("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if numel >= 1 << shift and numel % (1 << shift) == 0:
+            return f"{numel >> shift}{unit}"
+    return str(numel)
+
+
+def case_id(op: str, direction: str, dtype: str, numel: int) -> str:
+    return f"{op}-{direction}-{dtype}-{size_id(numel)}"
+
+
 def rounds_for(numel: int, mode: str, device: torch.device) -> Tuple[int, int]:
-    """(rounds, warm-up calls): enough rounds for a stable median, bounded so
+    """(rounds, warm-up rounds): enough rounds for a stable median, bounded so
     the slowest CPU case (nn.Dropout at 2**26) stays within seconds."""
     if mode == "smoke":
         return 1, 1

@@ -1,6 +1,6 @@
-"""Benchmark options, the shared result table, and the report written when
-the run ends (table on the terminal, JSON and PNG plots in the results
-folder)."""
+"""Benchmark options, the order the cases run in, the shared result table,
+and the report written when the run ends (table on the terminal, JSON and
+PNG plots in the results folder)."""
 
 import datetime
 import json
@@ -9,10 +9,13 @@ import platform
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import cases
 import dropout_ext
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = []
 MEMORY_ROWS = []
 
@@ -23,7 +26,9 @@ def pytest_addoption(parser):
                 help="default: a handful of sizes; full: the whole sweep; smoke: tiny, no timing claims")
     g.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when present)")
     g.addoption("--bench-threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.addoption("--bench-out", default=os.path.join(os.path.dirname(__file__), "results", "latest"),
+    g.addoption("--bench-rounds", type=int, default=None,
+                help="timed rounds per test (default: by size, e.g. 15 at 2**24 elements on the CPU, 100 on CUDA)")
+    g.addoption("--bench-out", default=os.path.join(HERE, "results", "latest"),
                 help="folder for the JSON and the plots")
 
 
@@ -34,9 +39,36 @@ def bench_device(config) -> torch.device:
     return torch.device(name)
 
 
+def bench_rounds(config, numel: int, device: torch.device):
+    """(rounds, warm-up rounds) of one test."""
+    rounds, warmup = cases.rounds_for(numel, config.getoption("--bench-mode"), device)
+    return config.getoption("--bench-rounds") or rounds, warmup
+
+
 def pytest_configure(config):
     threads = config.getoption("--bench-threads") or os.cpu_count()
     torch.set_num_threads(threads)
+    device = bench_device(config)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the CUDA-event clock records on the current device
+
+
+def _case_key(item):
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "numel" not in params or os.path.dirname(str(item.path)) != HERE:
+        return None
+    return params["op"], params["direction"], params["dtype"], params["numel"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Runs the tests of one case back to back (each implementation alone,
+    then the paired test), so they share the case's inputs, its torch.compile
+    and its warm-up instead of building them once per test."""
+    order = {c: i for i, c in enumerate(cases.bench_cases(bench_device(config), config.getoption("--bench-mode")))}
+    slots = [i for i, item in enumerate(items) if _case_key(item) in order]
+    ordered = sorted((items[i] for i in slots), key=lambda item: order[_case_key(item)])  # stable: test_impl first
+    for i, item in zip(slots, ordered):
+        items[i] = item
 
 
 def environment(device: torch.device) -> dict:
@@ -67,6 +99,18 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "pytest " + " ".join(sys.argv[1:]),
     }
+
+
+def _machine(device: torch.device) -> dict:
+    env = environment(device)
+    return {k: v for k, v in env.items() if k not in ("date", "command")}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # Saved runs carry the device and versions, and --benchmark-compare warns
+    # when a baseline was measured on another device, torch or thread count.
+    machine_info["dropout_ext_bench"] = _machine(bench_device(config))
 
 
 def _add_ratios(rows):
@@ -128,7 +172,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"torch {env['torch']}, triton {env['triton']}, threads {env['cpu_threads']}, {env['date']}")
     terminalreporter.write_line("time: median per call; GB/s: minimal bytes / time; %copy, t/copy: against "
                                 "clone() of the same tensor; x eager / x compile: speedups. All implementations of a case and its "
-                                "clone() are timed in alternation, round by round, in one test")
+                                "clone() are timed in alternation, round by round, in one test (test_paired); pytest-benchmark's "
+                                "own tables are of each implementation timed alone (test_impl), grouped per case")
     if ROWS:
         terminalreporter.write_line(_table(ROWS))
     if MEMORY_ROWS:

@@ -28,13 +28,16 @@ def main():
         data = json.load(f)
     env, rows = data["environment"], data["rows"]
     out = args.out or os.path.dirname(args.json)
+    os.makedirs(out, exist_ok=True)
+    # The ceiling of a panel is the clone() timed in alternation with its own
+    # case; results written before clone() was paired per case have one
+    # clone() row per dtype and size (op "copy") instead.
     copy = defaultdict(dict)
-    for r in rows:
-        if r["impl"] == "copy":
-            copy[r["dtype"]][r["numel"]] = r["gbps"]
     panels = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["impl"] != "copy":
+        if r["impl"] == "copy":
+            copy[(r["dtype"], r["op"], r["direction"])][r["numel"]] = r["gbps"]
+        else:
             panels[(r["dtype"], r["op"], r["direction"])][r["impl"]].append((r["numel"], r["gbps"]))
     written = []
     for dtype in sorted({k[0] for k in panels}):
@@ -48,15 +51,17 @@ def main():
                 for impl, pts in sorted(panels.get((dtype, op, d), {}).items()):
                     pts.sort()
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-                if copy[dtype]:
-                    xs = sorted(copy[dtype])
-                    ax.plot(xs, [copy[dtype][x] for x in xs], "k--", label="copy (clone)")
+                ceiling = copy.get((dtype, op, d)) or copy.get((dtype, "copy", "forward"))
+                if ceiling:
+                    xs = sorted(ceiling)
+                    ax.plot(xs, [ceiling[x] for x in xs], "k--", label="copy (clone)")
                 ax.set_xscale("log", base=2)
                 ax.set_title(f"{op} {d} ({dtype})", fontsize=9)
                 ax.set_xlabel("elements")
                 ax.set_ylabel("GB/s (minimal bytes)")
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
+                if ax.get_legend_handles_labels()[0]:  # a -k subset leaves panels empty
+                    ax.legend(fontsize=7)
         fig.suptitle(f"{env['device_name']} - torch {env['torch']} - {env['date']}", fontsize=10)
         fig.tight_layout()
         name = os.path.join(out, os.path.basename(args.json).replace(".json", f"-{dtype}.png"))

@@ -3,87 +3,180 @@ nn.Dropout / the eager composition and torch.compile of it, side by side.
 
     pytest benchmarks --benchmark-only                # a handful of sizes
     pytest benchmarks --benchmark-only --bench-mode=full
+
+Each case (op, direction, dtype, size) is measured twice over:
+
+- test_impl[<case>-<impl>]: one implementation alone, its rounds timed by
+  pytest-benchmark, grouped per case, so pytest-benchmark's table, --benchmark-save,
+  --benchmark-compare and --benchmark-histogram see every implementation;
+- test_paired[<case>]: all implementations and clone() in alternation, round
+  by round, whose per-implementation medians feed the report's table, the
+  JSON and the plots (the ratios hold on a machine whose speed drifts).
+
+conftest runs the tests of one case back to back, so they share its inputs,
+its torch.compile and its warm-up.
 """
 
+import itertools
+
+import pytest
 import torch
 
 import cases
 import transformer_block
-from conftest import MEMORY_ROWS, ROWS, bench_device
+from conftest import MEMORY_ROWS, ROWS, bench_device, bench_rounds
 
-COPIES = 3
+PAIRED_GROUP = "paired rounds (every implementation and clone() in alternation)"
 
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     device = bench_device(config)
     mode = config.getoption("--bench-mode")
-    ops = list(cases.OPS) if mode == "full" else cases.DEFAULT_OPS
-    if "op" in metafunc.fixturenames:
-        params = [(op, d, dt, n) for op in ops for d in cases.DIRECTIONS
-                  for dt in cases.dtypes(device, mode) for n in cases.sizes(device, mode)]
-        ids = [f"{op}-{d}-{str(dt).replace('torch.', '')}-2^{cases.log2(n)}" for op, d, dt, n in params]
-        metafunc.parametrize("op,direction,dtype,numel", params, ids=ids)
-    if "copy_case" in metafunc.fixturenames:
-        params = [(dt, n) for dt in cases.dtypes(device, mode) for n in cases.sizes(device, mode)]
-        metafunc.parametrize("copy_case", params, ids=[f"{str(dt).replace('torch.', '')}-2^{cases.log2(n)}" for dt, n in params])
+    if "numel" not in metafunc.fixturenames:
+        return
+    # The clock of a benchmark is set per test; on CUDA it must wait for the GPU.
+    timer = {"timer": cases.cuda_event_timer} if device.type == "cuda" else {}
+    params = []
+    for op, direction, dtype, numel in cases.bench_cases(device, mode):
+        cid = cases.case_id(op, direction, dtype, numel)
+        if "impl" in metafunc.fixturenames:
+            for impl in cases.impl_names(device):
+                params.append(pytest.param(op, direction, dtype, numel, impl, id=f"{cid}-{impl}",
+                                           marks=pytest.mark.benchmark(group=cid, **timer)))
+        else:
+            params.append(pytest.param(op, direction, dtype, numel, id=cid,
+                                       marks=pytest.mark.benchmark(group=PAIRED_GROUP, **timer)))
+    names = "op,direction,dtype,numel" + (",impl" if "impl" in metafunc.fixturenames else "")
+    metafunc.parametrize(names, params)
 
 
-def _record(benchmark, row, samples):
-    med = cases.median(samples)
-    row.update(time_s=med, gbps=row["bytes"] / med / 1e9, rounds=len(samples))
-    benchmark.extra_info.update(row)
-    ROWS.append(row)
+@pytest.fixture(scope="module", autouse=True)
+def _compile_or_fail():
+    # A torch.compile that ran out of recompiles would fall back to eager and
+    # be reported under its own name: fail instead.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
 
 
-def test_copy_bandwidth(benchmark, request, copy_case):
-    """clone(): the device's copy bandwidth, the ceiling for a read-one-write-one op."""
-    dtype, numel = copy_case
+_case = {}        # the state of the case now running (one at a time: its tensors can be GiBs)
+_saved = {}       # (op, dtype, impl, device) -> saved bytes per element, independent of direction and size
+
+
+def _case_state(op, direction, dtype, numel, device):
+    key = (op, direction, dtype, numel, str(device))
+    if _case.get("key") != key:
+        _case.clear()
+        # torch.compile caches graphs per code object, and every case compiles
+        # the same eager function: without a reset the ninth case would hit
+        # dynamo's recompile limit and run eager under the torch.compile name.
+        torch._dynamo.reset()
+        sets = cases.make_inputs(op, numel, cases.DTYPES[dtype], device, direction != "forward", cases.COPIES)
+        grads = cases.make_grads(sets) if direction != "forward" else None
+        _case.update(key=key, sets=sets, grads=grads, fns={}, calls={}, solo={}, warm=set())
+    return _case
+
+
+def _call(state, op, direction, impl):
+    if impl not in state["calls"]:
+        if impl == "copy":
+            state["calls"][impl] = cases.copy_call(state["sets"])
+        else:
+            fn = state["fns"][impl] = cases.build_impl(op, impl)
+            state["calls"][impl] = cases.make_call(fn, direction, state["sets"], state["grads"])
+    return state["calls"][impl]
+
+
+def _saved_bytes(state, op, dtype, impl, device):
+    if impl == "copy":
+        return None, None
+    key = (op, dtype, impl, str(device))
+    if key not in _saved:
+        try:
+            _saved[key] = (cases.saved_bytes_per_element(state["fns"][impl], op, cases.DTYPES[dtype], device), None)
+        except Exception as exc:  # a compiled graph may refuse the hooks
+            _saved[key] = (None, type(exc).__name__)
+    return _saved[key]
+
+
+def _rotation():
+    """pytest-benchmark setup: hands each round the next input set."""
+    k = itertools.cycle(range(cases.COPIES))
+    return lambda: ((next(k),), {})
+
+
+def _case_info(op, direction, dtype, numel, device):
+    return {"op": op, "direction": direction, "dtype": dtype, "numel": numel, "device": str(device)}
+
+
+def test_impl(benchmark, request, op, direction, dtype, numel, impl):
+    """One implementation of one case, timed alone: its rounds are pytest-benchmark's statistics."""
     device = bench_device(request.config)
-    mode = request.config.getoption("--bench-mode")
-    rounds, warmup = cases.rounds_for(numel, mode, device)
-    call = cases.copy_call(numel, dtype, device, COPIES)
-    samples, = cases.time_calls([call], device, COPIES, rounds, warmup)
-    benchmark.pedantic(call, args=(0,), rounds=1, iterations=1)
-    elem = torch.empty((), dtype=dtype).element_size()
-    _record(benchmark, {"op": "copy", "direction": "forward", "dtype": str(dtype).replace("torch.", ""),
-                        "numel": numel, "impl": "copy", "bytes": 2 * numel * elem}, samples)
+    rounds, warmup = bench_rounds(request.config, numel, device)
+    state = _case_state(op, direction, dtype, numel, device)
+    call = _call(state, op, direction, impl)
+    benchmark.pedantic(call, setup=_rotation(), rounds=rounds, warmup_rounds=warmup)
+    state["warm"].add(impl)
+    elem = cases.DTYPES[dtype].itemsize
+    info = dict(_case_info(op, direction, dtype, numel, device), impl=impl,
+                bytes=cases.impl_bytes(op, direction, impl, numel, elem))
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        med = benchmark.stats.stats.median
+        state["solo"][impl] = med
+        info["gbps"] = info["bytes"] / med / 1e9
+    info["saved_bytes_per_elem"], note = _saved_bytes(state, op, dtype, impl, device)
+    if note:
+        info["saved_bytes_note"] = note
+    benchmark.extra_info.update(info)
 
 
-def test_op(benchmark, request, op, direction, dtype, numel):
+def test_paired(benchmark, request, op, direction, dtype, numel):
     """Every implementation of one case (each dropout_ext backend here, the
     eager composition, torch.compile of it) and clone() of the same tensor,
     timed in alternation round by round on shared inputs: a slow phase of the
-    machine hits them all alike, so the speedups and the copy ratio hold."""
+    machine hits them all alike, so the speedups and the copy ratio hold.
+    pytest-benchmark records the whole round; each implementation's samples
+    feed the report."""
     device = bench_device(request.config)
-    mode = request.config.getoption("--bench-mode")
-    impls = {}
-    for kind in ("dropout_ext", "eager", "torch.compile"):
-        impls.update(cases.implementations(op, device, kind))
-    rounds, warmup = cases.rounds_for(numel, mode, device)
-    elem = torch.empty((), dtype=dtype).element_size()
-    sets = cases.make_inputs(op, numel, dtype, device, direction != "forward", COPIES)
-    names = list(impls)
-    calls = [cases.make_call(impls[name], direction, sets) for name in names]
-    copy = cases.copy_call(numel, dtype, device, COPIES)
-    *samples, copy_samples = cases.time_calls(calls + [copy], device, COPIES, rounds, max(warmup, 2))
-    benchmark.pedantic(calls[0], args=(0,), rounds=1, iterations=1)
+    rounds, warmup = bench_rounds(request.config, numel, device)
+    state = _case_state(op, direction, dtype, numel, device)
+    names = cases.impl_names(device)
+    calls = [_call(state, op, direction, name) for name in names]
+    if state["warm"].issuperset(names):
+        # Warmed by this case's test_impl runs; one round still brings every
+        # implementation's data back into play after the others'.
+        warmup = min(warmup, 1)
+    timer = cases.timer_for(device)
+    samples = [[] for _ in names]
+    benchmark.pedantic(lambda k: cases.paired_round(calls, timer, k, samples), setup=_rotation(),
+                       rounds=rounds, warmup_rounds=warmup)
+    # The warm-up rounds came first; keep the timed ones (all there is under --benchmark-disable).
+    samples = [s[-rounds:] for s in samples]
+    elem = cases.DTYPES[dtype].itemsize
+    copy_samples = samples[names.index("copy")]
+    medians = {}
     for name, impl_samples in zip(names, samples):
-        row = {"op": op, "direction": direction, "dtype": str(dtype).replace("torch.", ""), "numel": numel,
-               "impl": name, "bytes": cases.minimal_bytes(op, direction, numel, elem),
-               "copy_time_s": cases.median(copy_samples), "copy_bytes": 2 * numel * elem}
-        try:
-            row["saved_bytes_per_elem"] = cases.saved_bytes_per_element(impls[name], op, dtype, device)
-        except Exception as exc:  # a compiled graph may refuse the hooks
-            row["saved_bytes_per_elem"] = None
-            row["saved_bytes_note"] = f"{type(exc).__name__}"
-        _record(benchmark, row, impl_samples)
+        med = medians[name] = cases.median(impl_samples)
+        nbytes = cases.impl_bytes(op, direction, name, numel, elem)
+        row = dict(_case_info(op, direction, dtype, numel, device), impl=name, bytes=nbytes, time_s=med,
+                   gbps=nbytes / med / 1e9, rounds=len(impl_samples),
+                   solo_time_s=state["solo"].get(name))  # test_impl's median, when it ran
+        if name != "copy":
+            row.update(copy_time_s=cases.median(copy_samples), copy_bytes=2 * numel * elem)
+            row["saved_bytes_per_elem"], note = _saved_bytes(state, op, dtype, name, device)
+            if note:
+                row["saved_bytes_note"] = note
+        ROWS.append(row)
+    benchmark.extra_info.update(_case_info(op, direction, dtype, numel, device), impls=names,
+                                median_s=medians)
 
 
+@pytest.mark.benchmark(group="transformer block")
 def test_transformer_block_memory(benchmark, request):
     """A small transformer block trained a few steps with nn.Dropout, with
     dropout_ext swapped in, and with the fused ops: peak memory and step time
-    (each variant in its own process; see transformer_block.py)."""
+    (each variant in its own process; see transformer_block.py). One round:
+    the figures are in extra_info, the time is the three processes'."""
     device = bench_device(request.config)
     mode = request.config.getoption("--bench-mode")
     threads = request.config.getoption("--bench-threads")

@@ -176,6 +176,12 @@ def run_all(device, threads=None, smoke=False):
     """Each variant in a fresh process, so one's peak cannot hide another's."""
     import subprocess
 
+    import dropout_ext
+
+    # The children measure the dropout_ext this process imported, also when
+    # that is an uninstalled checkout found through the working directory.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dropout_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(part for part in (root, os.environ.get("PYTHONPATH")) if part))
     rows = []
     for variant in VARIANTS:
         cmd = [sys.executable, os.path.join(HERE, "transformer_block.py"), "--variant", variant, "--device", device]
@@ -183,7 +189,9 @@ def run_all(device, threads=None, smoke=False):
             cmd += ["--threads", str(threads)]
         if smoke:
             cmd.append("--smoke")
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"transformer_block.py --variant {variant} failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return rows
 
