@@ -6,13 +6,16 @@
 // reference (dropout_ext/reference.py), the Triton kernel and the CUDA kernel
 // evaluate the same sequence, so all backends agree bit for bit. This only
 // holds when the compiler neither contracts a*b+c into an FMA nor reorders:
-// the CPU build uses -ffp-contract=off, nvcc --fmad=false, Triton
-// enable_fp_fusion=False. Float64 math uses the C library.
+// the CPU build uses -ffp-contract=off, nvcc --fmad=false, and the Triton
+// kernels spell each multiply and add as an explicitly rounded instruction
+// (mul.rn/add.rn), which no compiler option can fuse. Float64 math uses the
+// C library.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "activation_constants.h"
 #include "philox.h"
@@ -170,19 +173,11 @@ DX_HD acc_t act_backward(acc_t g_scaled, acc_t v) {
   }
 }
 
-}  // namespace dropout_ext
-
-#include <type_traits>
-
-namespace dropout_ext {
 
 // Calls f(std::integral_constant<Act, act>{}): the one switch from a runtime
-// activation to a kernel instantiated for it, for every backend's launcher.
-// Act is a deduced parameter so that a translation unit's own
-// dispatch_act(Act, F) stays the more specialised overload, not an ambiguous one.
-template <typename ActT, typename F>
-decltype(auto) dispatch_act(ActT act, F&& f) {
-  static_assert(std::is_same<ActT, Act>::value, "dispatch_act takes an Act");
+// activation to a kernel instantiated for it, for every C++ backend.
+template <typename F>
+decltype(auto) dispatch_act(Act act, F&& f) {
   switch (act) {
     case Act::kRelu: return f(std::integral_constant<Act, Act::kRelu>{});
     case Act::kGelu: return f(std::integral_constant<Act, Act::kGelu>{});

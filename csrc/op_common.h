@@ -17,6 +17,34 @@
 
 namespace dropout_ext {
 
+// Values in messages as Python prints them ("torch.float32", "(3, 4)"), so a
+// rule reads the same from the C++ checks as from dropout_ext/_validate.py.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline std::string py_shape(at::IntArrayRef shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(shape[i]);
+  }
+  return out + (shape.size() == 1 ? ",)" : ")");
+}
+
 inline Act parse_activation(c10::string_view name) {
   if (name == "identity") return Act::kIdentity;
   if (name == "relu") return Act::kRelu;
@@ -30,15 +58,15 @@ inline Act parse_activation(c10::string_view name) {
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, name,
-                   " must be float16, bfloat16, float32 or float64, got ", s);
+                   " must be float16, bfloat16, float32 or float64, got ", py_dtype(s));
 }
 
 inline void check_companion(const at::Tensor& input, const at::Tensor& t, const char* name) {
   check_float_tensor(t, name);
   TORCH_CHECK_VALUE(t.device() == input.device(), name, " is on ", t.device(), ", but input is on ",
                     input.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), name, " has dtype ", t.scalar_type(),
-                   ", but input has ", input.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), name, " has dtype ", py_dtype(t.scalar_type()),
+                   ", but input has ", py_dtype(input.scalar_type()));
 }
 
 inline void check_bias(const at::Tensor& input, const std::optional<at::Tensor>& bias) {
@@ -46,14 +74,14 @@ inline void check_bias(const at::Tensor& input, const std::optional<at::Tensor>&
   check_companion(input, *bias, "bias");
   TORCH_CHECK_VALUE(input.dim() >= 1 && bias->dim() == 1 && bias->size(0) == input.size(-1),
                     "bias must be 1-D with the size of input's last dimension (",
-                    input.dim() >= 1 ? input.size(-1) : 0, "), got shape ", bias->sizes());
+                    input.dim() >= 1 ? input.size(-1) : 0, "), got shape ", py_shape(bias->sizes()));
 }
 
 inline void check_residual(const at::Tensor& input, const std::optional<at::Tensor>& residual) {
   if (!residual.has_value()) return;
   check_companion(input, *residual, "residual");
-  TORCH_CHECK_VALUE(residual->sizes().equals(input.sizes()), "residual must have input's shape ", input.sizes(),
-                    ", got ", residual->sizes());
+  TORCH_CHECK_VALUE(residual->sizes().equals(input.sizes()), "residual must have input's shape ",
+                    py_shape(input.sizes()), ", got ", py_shape(residual->sizes()));
 }
 
 // The dropout state [seed, offset, p bits] (docs/DESIGN.md) on `device`, or
@@ -61,8 +89,8 @@ inline void check_residual(const at::Tensor& input, const std::optional<at::Tens
 inline void check_state(const std::optional<at::Tensor>& state, const at::Device& device) {
   if (!state.has_value()) return;
   TORCH_CHECK_VALUE(state->scalar_type() == at::kLong && state->dim() == 1 && state->numel() == 3,
-                    "state must be an int64 tensor [seed, offset, p bits], got ", state->scalar_type(),
-                    " of shape ", state->sizes());
+                    "state must be an int64 tensor [seed, offset, p bits], got ",
+                    py_dtype(state->scalar_type()), " of shape ", py_shape(state->sizes()));
   TORCH_CHECK_VALUE(state->device() == device, "state is on ", state->device(), ", but input is on ", device);
 }
 
@@ -84,8 +112,8 @@ inline std::vector<int64_t> resolve_mask_shape(const at::Tensor& input, at::IntA
   if (mask_shape.empty()) return input.sizes().vec();
   bool ok = static_cast<int64_t>(mask_shape.size()) == input.dim();
   for (int64_t d = 0; ok && d < input.dim(); ++d) ok = mask_shape[d] == input.size(d) || mask_shape[d] == 1;
-  TORCH_CHECK_VALUE(ok, "mask_shape must have input's rank with each size equal to input's ", input.sizes(),
-                    " or 1, got ", mask_shape);
+  TORCH_CHECK_VALUE(ok, "mask_shape must have input's rank with each size equal to input's ",
+                    py_shape(input.sizes()), " or 1, got ", py_shape(mask_shape));
   return mask_shape.vec();
 }
 
@@ -127,8 +155,8 @@ inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor
                     std::string(activation), "' needs the saved input");
   if (input.has_value()) {
     check_companion(grad, *input, "input");
-    TORCH_CHECK_VALUE(input->sizes().equals(grad.sizes()), "input must have grad's shape ", grad.sizes(),
-                      ", got ", input->sizes());
+    TORCH_CHECK_VALUE(input->sizes().equals(grad.sizes()), "input must have grad's shape ",
+                      py_shape(grad.sizes()), ", got ", py_shape(input->sizes()));
   }
   check_bias(grad, bias);
   check_state(state, grad.device());
@@ -139,7 +167,7 @@ inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor
 
 inline void check_mask_args(const at::Tensor& state, at::IntArrayRef shape) {
   check_state(state, state.device());
-  for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "shape must be non-negative, got ", shape);
+  for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "shape must be non-negative, got ", py_shape(shape));
 }
 
 // Results are computed in logical (row-major) order; a non-contiguous input

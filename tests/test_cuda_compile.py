@@ -1,11 +1,20 @@
 """Every CUDA source compiles with nvcc for Ampere (sm_80) and Hopper (sm_90)
-with warnings as errors, on any machine with nvcc, GPU or not: a kernel that
-does not compile fails the default test run. The kernels include no torch
-header, so this needs only the CUDA toolkit; the torch-facing glue
-(csrc/cuda/dropout_cuda.cpp) is built and tested where torch has CUDA."""
+with warnings as errors, on any machine with nvcc, GPU or not, and the code
+ptxas makes of the kernels is checked: no stack frame or spills, the bias
+gradient's register count, 128-bit loads and stores in the streaming
+kernels, and no call to the 64-bit integer division routine (the kernels
+divide by launch constants with a multiply and a shift). The kernels include
+no torch header, so this needs only the CUDA toolkit.
+
+The torch-facing glue (csrc/cuda/dropout_cuda.cpp) needs a CUDA build of
+torch to compile; its launch discipline (device guard, current stream, every
+launch checked, no host copy or sync) is checked here on its source, and its
+op bodies (csrc/cuda/ops_impl.h) run in tests/test_cuda_host.py."""
 
 import glob
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 ARCHS = ["sm_80", "sm_90"]
+# The routines nvcc calls for a 64-bit integer / or %.
+DIV64_ROUTINES = ("__cuda_sm20_div_s64", "__cuda_sm20_div_u64", "__cuda_sm20_rem_s64", "__cuda_sm20_rem_u64")
+# The bias-gradient kernel used 92-128 registers and a 272-byte stack frame
+# (a __noinline__ helper taking the mask by reference); now it may not need
+# more than this, so two blocks of 256 threads fit an SM.
+BIAS_GRAD_MAX_REGISTERS = 96
 
 
 def _nvcc():
@@ -26,26 +42,209 @@ def _nvcc():
     return path if os.path.exists(path) else None
 
 
+def _disassembler():
+    """(tool, argv prefix) listing a cubin's SASS per function: nvdisasm (names
+    call targets) or cuobjdump, from PATH, the toolkit, or Triton's bundle."""
+    dirs = [os.path.dirname(os.path.realpath(p)) for p in filter(None, [_nvcc()])]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            dirs.append(os.path.join(os.environ[var], "bin"))
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.origin:
+        dirs.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin"))
+    for name, args in (("nvdisasm", ["-c"]), ("cuobjdump", ["-sass"])):
+        for path in [shutil.which(name)] + [os.path.join(d, name) for d in dirs]:
+            if path and os.path.isfile(path) and os.access(path, os.X_OK):
+                return name, [path] + args
+    return None, None
+
+
+def _need(tool, what):
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must check the CUDA kernels, but {what} was not found")
+        pytest.skip(f"{what} not found (set CUDA_HOME); CI runs this check")
+
+
 def _compile(nvcc, source, arch, out_dir):
-    out = os.path.join(out_dir, f"{os.path.basename(source)}.{arch}.o")
+    keep = os.path.join(out_dir, f"{os.path.basename(source)}.{arch}")
+    os.makedirs(keep, exist_ok=True)
+    out = os.path.join(keep, "out.o")
     cmd = [nvcc, "-std=c++17", "-O3", "--fmad=false", f"-arch={arch}", "-Werror", "all-warnings",
-           "-Xcompiler", "-Wall,-Wextra,-Werror", "-c", source, "-o", out]
+           "-Xcompiler", "-Wall,-Wextra,-Werror", "-Xptxas", "-v", "--keep", "--keep-dir", keep,
+           "-c", source, "-o", out]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    return cmd, proc
+    cubins = glob.glob(os.path.join(keep, f"*{arch}*.cubin")) or glob.glob(os.path.join(keep, "*.cubin"))
+    return cmd, proc, cubins[0] if cubins else None
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """{(source, arch): (cmd, process, cubin)}, each compiled once."""
+    nvcc = _nvcc()
+    _need(nvcc, "nvcc")
+    out = str(tmp_path_factory.mktemp("nvcc"))
+    jobs = [(src, arch) for src in CU_FILES for arch in ARCHS]
+    workers = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), workers))) as pool:
+        results = list(pool.map(lambda j: _compile(nvcc, j[0], j[1], out), jobs))
+    return dict(zip(jobs, results))
+
+
+def _demangle(names):
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return list(names)
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else list(names)
+
+
+def _ptxas_report(stderr):
+    """{kernel (demangled): (registers, stack bytes, spill stores, spill loads)} from -Xptxas -v."""
+    entries, cur, frame = {}, None, (0, 0, 0)
+    for line in stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            cur, frame = m.group(1), (0, 0, 0)
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            frame = tuple(int(v) for v in m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur:
+            entries[cur] = (int(m.group(1)),) + frame
+            cur = None
+    return dict(zip(_demangle(list(entries)), entries.values()))
+
+
+def _sass_by_function(cubin):
+    """{function (demangled): SASS text}."""
+    tool, argv = _disassembler()
+    _need(tool, "nvdisasm or cuobjdump")
+    text = subprocess.run(argv + [cubin], capture_output=True, text=True).stdout
+    header = r"^\.text\.(\S+):" if tool == "nvdisasm" else r"^\s*Function : (\S+)"
+    parts, cur = {}, None
+    for line in text.splitlines():
+        m = re.match(header, line)
+        if m:
+            cur = m.group(1)
+            parts[cur] = []
+        elif cur:
+            parts[cur].append(line)
+    names = list(parts)
+    return {d: "\n".join(parts[n]) for d, n in zip(_demangle(names), names)}
+
+
+def _ok(builds):
+    failures = [f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}" for cmd, proc, _ in builds.values()
+                if proc.returncode != 0]
+    assert not failures, "\n\n".join(failures)
+
+
+def _libm_kernel(name):
+    """float64 gelu, gelu_tanh and silu call the C library's erf/exp/tanh,
+    whose device versions may use a stack of their own."""
+    return "<double, (dropout_ext::Act)" in name and any(f"Act){k}" in name for k in (2, 3, 4))
 
 
 def test_there_are_cuda_sources():
     assert CU_FILES, "no .cu files found under csrc/cuda"
 
 
-def test_cuda_sources_compile_with_warnings_as_errors(tmp_path):
-    nvcc = _nvcc()
-    if nvcc is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must compile the CUDA sources, but nvcc was not found")
-        pytest.skip("nvcc not found (set CUDA_HOME); CI compiles the CUDA sources")
-    jobs = [(src, arch) for src in CU_FILES for arch in ARCHS]
-    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda j: _compile(nvcc, j[0], j[1], str(tmp_path)), jobs))
-    failures = [f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}" for cmd, proc in results if proc.returncode != 0]
-    assert not failures, "\n\n".join(failures)
+def test_cuda_sources_compile_with_warnings_as_errors(builds):
+    _ok(builds)
+
+
+def test_no_stack_frame_or_spills(builds):
+    _ok(builds)
+    bad = []
+    for (src, arch), (_, proc, _) in builds.items():
+        report = _ptxas_report(proc.stderr)
+        assert report, f"no ptxas report for {src} {arch}"
+        for name, (regs, stack, spill_st, spill_ld) in report.items():
+            if (stack or spill_st or spill_ld) and not _libm_kernel(name):
+                bad.append(f"{arch} {name}: {regs} registers, {stack} bytes stack, {spill_st}/{spill_ld} spill")
+    assert not bad, "\n".join(bad)
+
+
+def test_bias_gradient_kernel_registers(builds):
+    _ok(builds)
+    seen = []
+    for (src, arch), (_, proc, _) in builds.items():
+        for name, (regs, stack, spill_st, spill_ld) in _ptxas_report(proc.stderr).items():
+            if "BiasGradKernel" not in name:
+                continue
+            short = re.sub(r"dropout_ext::(cuda::)?|\(anonymous namespace\)::|void |>\(.*", "", name) + ">"
+            seen.append(f"{arch} {short}: {regs} registers, {stack} bytes stack")
+            if _libm_kernel(name):
+                continue
+            assert stack == 0 and spill_st == 0 and spill_ld == 0, seen[-1]
+            assert regs <= BIAS_GRAD_MAX_REGISTERS, seen[-1]
+    assert len(seen) == 20 * len(ARCHS), seen
+    print("\n".join(seen))
+
+
+def test_streaming_kernels_use_128_bit_accesses(builds):
+    _ok(builds)
+    for (src, arch), (_, _, cubin) in builds.items():
+        sass = _sass_by_function(cubin)
+        kernels = {n: s for n, s in sass.items() if "ElementwiseKernel" in n or "BiasGradKernel" in n}
+        assert len(kernels) == 60, sorted(sass)
+        for name, code in kernels.items():
+            assert re.search(r"LDG\.E\.128", code), f"{arch} {name}: no 128-bit load"
+            assert re.search(r"STG\.E\.128", code), f"{arch} {name}: no 128-bit store"
+            # the structured path is compiled in: byte loads of the small mask
+            assert re.search(r"LDG\.E\.(S8|U8)", code), f"{arch} {name}: no structured-mask path"
+
+
+def test_no_64_bit_division_routine(builds):
+    """Structured masks, bias columns and grid-stride loops divide by launch
+    constants; a 64-bit / or % would call a ~70-instruction routine per use
+    (the structured path used to, per dimension per element)."""
+    _ok(builds)
+    for (src, arch), (_, _, cubin) in builds.items():
+        with open(cubin, "rb") as f:
+            symbols = f.read()
+        found = [r for r in DIV64_ROUTINES if r.encode() in symbols]
+        if found:
+            tool, _ = _disassembler()
+            where = []
+            if tool == "nvdisasm":
+                where = [n for n, code in _sass_by_function(cubin).items() if any(r in code for r in found)]
+            pytest.fail(f"{arch}: {found} called by {where or 'some kernel'}")
+
+
+# --- the CUDA glue, checked on its source -------------------------------------
+
+def _source(name):
+    with open(os.path.join(CUDA_DIR, name)) as f:
+        return re.sub(r"//[^\n]*", "", f.read())  # code only
+
+
+def test_every_launch_is_on_the_current_stream_and_checked():
+    kernels = _source("dropout_kernels.cu")
+    launches = re.findall(r"<<<(.*?)>>>\((.*?)\);\s*\n\s*(.*?)\n", kernels, re.S)
+    assert launches, "no kernel launch found in dropout_kernels.cu"
+    for config, _, after in launches:
+        args = [a.strip() for a in config.split(",")] if "dim3" not in config else \
+            re.split(r",\s*(?![^()]*\))", config)
+        assert len(args) == 4 and args[3].strip() == "stream", f"launch <<<{config}>>> not on the given stream"
+        assert "cudaGetLastError()" in after, f"launch <<<{config}>>> not followed by cudaGetLastError()"
+    glue = _source("dropout_cuda.cpp")
+    assert "c10::cuda::CUDAGuard" in glue, "no device guard"
+    assert "getCurrentCUDAStream" in glue, "not on the current stream"
+    calls = re.findall(r"[^\n]*cuda::launch_\w+\(", glue)
+    assert len(calls) == 3 and all("C10_CUDA_CHECK(" in c for c in calls), calls
+
+
+def test_cuda_glue_neither_copies_to_the_device_nor_syncs():
+    """The state is read by the kernels in device memory: a CPU state is
+    refused (check_state), never copied over, and nothing waits for the GPU."""
+    for name in ("dropout_cuda.cpp", "ops_impl.h", "dropout_kernels.cu"):
+        code = _source(name)
+        for banned in (".to(", ".cpu(", ".item(", ".tolist(", "cudaMemcpy", "ynchronize", "host_mask_params",
+                       ".sum(", "pin_memory"):
+            assert banned not in code, f"{name} uses {banned!r}"
+    impl = _source("ops_impl.h")
+    for check in ("check_forward(", "check_backward(", "check_mask_args("):
+        assert check in impl, f"ops_impl.h does not call {check}"

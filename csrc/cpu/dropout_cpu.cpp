@@ -27,7 +27,8 @@ namespace {
 
 #define DX_INLINE inline __attribute__((always_inline))
 
-// Elements handled per inner step: 16 Philox groups, a few cache lines.
+// Elements handled per inner step: kChunk / 4 Philox groups, whose words
+// stay in L1 between the draw and the element loop.
 constexpr int64_t kChunk = 256;
 constexpr int64_t kGrain = 1 << 15;
 constexpr uint32_t kDropMask = 0x80000000u;
@@ -126,6 +127,10 @@ __attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& 
 // branch, so the element loops vectorise. Philox lanes are independent and vectorise too.
 template <bool AVX2>
 DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint32_t* keep) {
+  if (mp.keep_all) {  // p == 0 or no state: no word is needed
+    std::fill(keep, keep + len, ~0u);
+    return;
+  }
   uint32_t w[kChunk + 4 + 64];  // room for a last, partly used step of 16 groups
   const uint64_t g0 = static_cast<uint64_t>(pos) >> 2;
   const int64_t ngroups = ((pos + len - 1) >> 2) - static_cast<int64_t>(g0) + 1;
@@ -309,17 +314,6 @@ void mask_fill(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
   mask_default(mp, out, b, e);
 }
 
-template <typename F>
-void dispatch_act(Act act, F&& f) {
-  switch (act) {
-    case Act::kIdentity: return f(std::integral_constant<Act, Act::kIdentity>{});
-    case Act::kRelu: return f(std::integral_constant<Act, Act::kRelu>{});
-    case Act::kGelu: return f(std::integral_constant<Act, Act::kGelu>{});
-    case Act::kGeluTanh: return f(std::integral_constant<Act, Act::kGeluTanh>{});
-    case Act::kSilu: return f(std::integral_constant<Act, Act::kSilu>{});
-  }
-}
-
 // The keep mask of a (small) structured mask shape, materialised once.
 at::Tensor keep_mask_cpu(const MaskParams& mp, at::IntArrayRef shape) {
   at::Tensor m = at::empty(shape, at::TensorOptions().dtype(at::kBool));
@@ -336,11 +330,10 @@ struct Layout {
 };
 
 template <typename scalar_t>
-void fill_common(KernelArgs<scalar_t>& a, Layout& lay, const at::Tensor& input, const MaskParams& mp,
-                 double p) {
+void fill_common(KernelArgs<scalar_t>& a, Layout& lay, const at::Tensor& input, const MaskParams& mp) {
   using acc_t = at::opmath_type<scalar_t>;
   a.mp = mp;
-  a.scale = p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
+  a.scale = static_cast<acc_t>(mp.scale);
   a.H = input.dim() >= 1 ? std::max<int64_t>(input.size(-1), 1) : 1;
   if (lay.mask.defined()) {
     a.mask = lay.mask.const_data_ptr<bool>();
@@ -350,10 +343,12 @@ void fill_common(KernelArgs<scalar_t>& a, Layout& lay, const at::Tensor& input, 
   }
 }
 
+// A structured mask is drawn once at its own small shape and read through
+// strides; no state means nothing is dropped, so no mask is drawn at all.
 Layout make_layout(const at::Tensor& input, at::IntArrayRef mask_shape, const MaskParams& mp) {
   Layout lay;
   lay.mshape = resolve_mask_shape(input, mask_shape);
-  if (!is_full_mask(input, lay.mshape)) {
+  if (!is_full_mask(input, lay.mshape) && !mp.keep_all) {
     lay.sizes = input.sizes().vec();
     lay.mstride = mask_strides(input, lay.mshape);
     lay.mask = keep_mask_cpu(mp, lay.mshape);
@@ -362,12 +357,10 @@ Layout make_layout(const at::Tensor& input, at::IntArrayRef mask_shape, const Ma
 }
 
 at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& residual, const at::Tensor& rng,
-                             double p, c10::string_view activation, at::IntArrayRef mask_shape) {
-  check_forward(input, bias, residual, rng, p);
-  p = host_p(rng, p);
-  const Act act = parse_activation(activation);
-  const MaskParams mp = mask_params_from_host(rng, p);
+                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
+                             c10::string_view activation, at::IntArrayRef mask_shape) {
+  const Act act = check_forward(input, bias, residual, state, activation, mask_shape);
+  const MaskParams mp = host_mask_params(state);
   Layout lay = make_layout(input, mask_shape, mp);
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -377,7 +370,7 @@ at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Te
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_dropout_cpu", [&] {
     KernelArgs<scalar_t> a;
-    fill_common(a, lay, x, mp, p);
+    fill_common(a, lay, x, mp);
     a.x = x.const_data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>();
     if (b.defined()) a.bias = b.const_data_ptr<scalar_t>();
@@ -398,11 +391,10 @@ at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Te
 
 std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
-    const at::Tensor& rng, double p, c10::string_view activation, at::IntArrayRef mask_shape,
+    const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
     bool bias_grad) {
-  const Act act = check_backward(grad, input, bias, rng, p, activation, bias_grad);
-  p = host_p(rng, p);
-  const MaskParams mp = mask_params_from_host(rng, p);
+  const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad);
+  const MaskParams mp = host_mask_params(state);
   Layout lay = make_layout(grad, mask_shape, mp);
   const at::Tensor g = grad.contiguous();
   const at::Tensor x = input.has_value() ? input->contiguous() : at::Tensor();
@@ -417,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fused_dropout_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     KernelArgs<scalar_t> a;
-    fill_common(a, lay, g, mp, p);
+    fill_common(a, lay, g, mp);
     a.g = g.const_data_ptr<scalar_t>();
     a.out = dx.data_ptr<scalar_t>();
     if (x.defined()) a.x = x.const_data_ptr<scalar_t>();
@@ -462,9 +454,9 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
   return {like_input(grad, dx), dbias};
 }
 
-at::Tensor dropout_mask_cpu(const at::Tensor& rng, at::IntArrayRef shape, double p) {
-  check_mask_args(rng, shape, p);
-  return keep_mask_cpu(mask_params_from_host(rng, host_p(rng, p)), shape);
+at::Tensor dropout_mask_cpu(const at::Tensor& state, at::IntArrayRef shape) {
+  check_mask_args(state, shape);
+  return keep_mask_cpu(host_mask_params(state), shape);
 }
 
 }  // namespace

@@ -1,0 +1,712 @@
+// The per-thread code of the CUDA kernels, __host__ __device__.
+//
+// nvcc compiles it into the __global__ kernels of dropout_kernels.cu; g++
+// compiles the same lines into the host driver (csrc/cuda_host/driver.cpp),
+// which runs every block and thread of a launch on the CPU. So the host
+// build needs no CUDA header: the few device-only operations (128-bit
+// loads, half/bfloat16 conversions, 64-bit multiply-high, bit casts) have a
+// host twin with the same result, bit for bit.
+//
+// A kernel is a struct with Params, a Shared block, kPhases and
+// phase<k>(params, idx, shared): the phases are the code between
+// __syncthreads(), so the host runs phase k of every thread of a block
+// before phase k + 1, as the GPU's barrier orders them.
+//
+// Each thread step handles a unit of 16 bytes per tensor (4 float, 8 half
+// or bfloat16, 4 double as two 16-byte halves), so a unit of a flat walk
+// starts on a Philox group boundary and one Philox call serves four
+// elements. Keep bits live in a register bitmask, never in memory. Math is
+// float32 (float64 for double) with one rounding on store; nvcc runs with
+// --fmad=false and g++ with -ffp-contract=off so the activations round
+// exactly as activations.h says on both.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#include "../activations.h"
+#include "../philox.h"
+#include "kernel_args.h"
+
+namespace dropout_ext {
+namespace cuda {
+
+// blockIdx.x/y, threadIdx.x, gridDim.x/y of one thread of a launch.
+struct Idx {
+  uint32_t block_x;
+  uint32_t block_y;
+  uint32_t thread;
+  uint32_t grid_x;
+  uint32_t grid_y;
+};
+
+// --- storage types and their conversions ------------------------------------
+
+// 16-bit floats as their bits, the same type on host and device.
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+DX_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+DX_HD uint64_t double_bits(double f) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(f));
+#else
+  uint64_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+DX_HD double bits_to_double(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+#if !defined(__CUDA_ARCH__)
+// IEEE binary16 <-> binary32 in integer arithmetic, round to nearest even:
+// the results of cvt.f32.f16 / cvt.rn.f16.f32 and of c10::Half.
+inline float half_to_float_host(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu;
+  const uint32_t m = h & 0x3FFu;
+  if (e == 0x1F) return bits_to_float(sign | 0x7F800000u | (m << 13));
+  if (e == 0) {
+    const float v = static_cast<float>(m) * 0x1p-24f;  // exact: m < 2**10
+    return bits_to_float(sign | float_bits(v));
+  }
+  return bits_to_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+inline uint16_t float_to_half_host(float f) {
+  const uint32_t x = float_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
+  if (ax >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 rounds to Inf
+  if (ax >= 0x38800000u) {  // normal: drop 13 mantissa bits, rebias 127 -> 15
+    const uint32_t r = ax + 0xFFFu + ((ax >> 13) & 1u) - 0x38000000u;
+    return static_cast<uint16_t>(sign | (r >> 13));
+  }
+  if (ax <= 0x33000000u) return static_cast<uint16_t>(sign);  // <= 2**-25: ties to even zero
+  // Subnormal result: |f| / 2**-24 rounded to an integer (0x400 is the
+  // smallest normal, which the encoding then reads correctly).
+  const uint32_t m = (ax & 0x7FFFFFu) | 0x800000u;
+  const uint32_t shift = 126u - (ax >> 23);  // in [14, 24]
+  uint32_t q = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u);
+  const uint32_t halfway = 1u << (shift - 1u);
+  q += (rem > halfway || (rem == halfway && (q & 1u))) ? 1u : 0u;
+  return static_cast<uint16_t>(sign | q);
+}
+
+// Round to nearest even, NaN as 0x7FC0: c10::BFloat16's bits.
+inline uint16_t float_to_bfloat16_host(float f) {
+  const uint32_t b = float_bits(f);
+  if (f != f) return 0x7FC0u;
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+#endif
+
+template <typename T>
+struct Num;
+
+template <>
+struct Num<float> {
+  using acc = float;
+  DX_HD static float load(float v) { return v; }
+  DX_HD static float store(float v) { return v; }
+};
+
+template <>
+struct Num<double> {
+  using acc = double;
+  DX_HD static double load(double v) { return v; }
+  DX_HD static double store(double v) { return v; }
+};
+
+template <>
+struct Num<Half> {
+  using acc = float;
+  DX_HD static float load(Half v) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(__ushort_as_half(v.bits));
+#else
+    return half_to_float_host(v.bits);
+#endif
+  }
+  DX_HD static Half store(float v) {
+#if defined(__CUDA_ARCH__)
+    return Half{__half_as_ushort(__float2half_rn(v))};
+#else
+    return Half{float_to_half_host(v)};
+#endif
+  }
+};
+
+template <>
+struct Num<BFloat16> {
+  using acc = float;
+  DX_HD static float load(BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+  DX_HD static BFloat16 store(float v) {
+#if defined(__CUDA_ARCH__)
+    return BFloat16{__bfloat16_as_ushort(__float2bfloat16_rn(v))};
+#else
+    return BFloat16{float_to_bfloat16_host(v)};
+#endif
+  }
+};
+
+template <typename F>
+decltype(auto) dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kDouble: return f(double{});
+    case DType::kHalf: return f(Half{});
+    case DType::kBFloat16: return f(BFloat16{});
+    case DType::kFloat:
+    default: return f(float{});
+  }
+}
+
+// --- memory access ------------------------------------------------------------
+
+struct alignas(16) Bits128 {
+  uint32_t w[4];
+};
+
+// One 128-bit read-only load (LDG.E.128.CONSTANT) or store (STG.E.128);
+// memcpy on the host.
+DX_HD Bits128 load16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 v = __ldg(static_cast<const uint4*>(p));
+  return Bits128{{v.x, v.y, v.z, v.w}};
+#else
+  Bits128 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+#endif
+}
+
+DX_HD void store16(void* p, const Bits128& v) {
+#if defined(__CUDA_ARCH__)
+  *static_cast<uint4*>(p) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
+}
+
+template <typename T>
+struct Unit {
+  static constexpr int kElems = sizeof(T) == 2 ? 8 : 4;
+  static constexpr int kVec16 = kElems * static_cast<int>(sizeof(T)) / 16;
+  static constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
+};
+
+// The unit at p + e0: len valid elements (the rest read as zero); vec means
+// the whole unit is there and 16-byte aligned.
+template <typename T>
+DX_HD void load_unit(const T* p, int64_t e0, int len, bool vec, T (&v)[Unit<T>::kElems]) {
+  constexpr int E = Unit<T>::kElems;
+  if (vec) {
+    Bits128 raw[Unit<T>::kVec16];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < Unit<T>::kVec16; ++k) raw[k] = load16(p + e0 + k * Unit<T>::kPer16);
+    std::memcpy(v, raw, sizeof(raw));
+  } else {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < E; ++j) v[j] = j < len ? p[e0 + j] : T{};
+  }
+}
+
+template <typename T>
+DX_HD void store_unit(T* p, int64_t e0, int len, bool vec, const T (&v)[Unit<T>::kElems]) {
+  constexpr int E = Unit<T>::kElems;
+  if (vec) {
+    Bits128 raw[Unit<T>::kVec16];
+    std::memcpy(raw, v, sizeof(raw));
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < Unit<T>::kVec16; ++k) store16(p + e0 + k * Unit<T>::kPer16, raw[k]);
+  } else {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < E; ++j) {
+      if (j < len) p[e0 + j] = v[j];
+    }
+  }
+}
+
+// --- index arithmetic -----------------------------------------------------------
+
+DX_HD uint64_t umulhi64(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b);
+#else
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+#endif
+}
+
+// floor(n / d) for 0 <= n < 2**63, by FastDiv's multiply and shift.
+DX_HD uint64_t fast_div(uint64_t n, const FastDiv& d) {
+  return d.divisor == 1 ? n : umulhi64(n, d.magic) >> d.shift;
+}
+
+DX_HD int64_t fast_mod(int64_t n, const FastDiv& d) {
+  const uint64_t q = fast_div(static_cast<uint64_t>(n), d);
+  return static_cast<int64_t>(static_cast<uint64_t>(n) - q * d.divisor);
+}
+
+// --- keep bits --------------------------------------------------------------------
+
+// Mask index of element e (local row-major index) of a structured mask, and
+// its digit in the innermost collapsed dimension. Unrolled over kMaxDims so
+// every size and stride is a constant-indexed kernel parameter.
+DX_HD int64_t structured_index(const StructuredMask& sm, int64_t e, int64_t& inner_digit) {
+  uint64_t q = static_cast<uint64_t>(e);
+  int64_t m = 0;
+  inner_digit = e;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int d = 0; d < kMaxDims; ++d) {
+    if (d < sm.ndim) {
+      if (d == sm.ndim - 1) {  // the outermost: q is already its digit
+        if (d == 0) inner_digit = static_cast<int64_t>(q);
+        m += static_cast<int64_t>(q) * sm.stride[d];
+      } else {
+        const uint64_t next = fast_div(q, sm.size[d]);
+        const int64_t digit = static_cast<int64_t>(q - next * sm.size[d].divisor);
+        if (d == 0) inner_digit = digit;
+        m += digit * sm.stride[d];
+        q = next;
+      }
+    }
+  }
+  return m;
+}
+
+// Keep bits of the structured-mask unit at local element e0 (bit j:
+// element e0 + j). One index computation per unit; elements step by the
+// innermost stride unless the unit crosses the end of an innermost run.
+template <int E>
+DX_HD uint32_t structured_keep(const StructuredMask& sm, int64_t e0, int len) {
+  int64_t digit;
+  const int64_t m0 = structured_index(sm, e0, digit);
+  uint32_t bits = 0;
+  if (digit + len <= static_cast<int64_t>(sm.size[0].divisor)) {
+    const int64_t step = sm.stride[0];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < E; ++j) {
+      if (j < len) bits |= static_cast<uint32_t>(sm.keep[m0 + j * step]) << j;
+    }
+  } else {
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+    for (int j = 0; j < len; ++j) {
+      int64_t unused;
+      bits |= static_cast<uint32_t>(sm.keep[structured_index(sm, e0 + j, unused)]) << j;
+    }
+  }
+  return bits;
+}
+
+// Keep bits of len elements from logical index i0, which need not start a
+// Philox group (the bias-gradient kernel's rows when H % 4 != 0): one draw
+// per group the unit touches.
+template <int E>
+DX_HD uint32_t ungrouped_keep(const MaskParams& mp, int64_t i0, int len) {
+  uint32_t bits = 0;
+  const uint64_t g_end = static_cast<uint64_t>(i0 + len - 1) >> 2;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+  for (uint64_t g = static_cast<uint64_t>(i0) >> 2; g <= g_end; ++g) {
+    uint32_t w[4];
+    philox_group(mp, g, w);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < 4; ++k) {
+      const int64_t j = static_cast<int64_t>(g * 4 + static_cast<uint64_t>(k)) - i0;
+      if (j >= 0 && j < len) bits |= static_cast<uint32_t>(keep_word(mp, w[k])) << j;
+    }
+  }
+  return bits;
+}
+
+// Keep bits drawn by Philox for len elements from logical index i0.
+// keep_all and drop_all are uniform branches: no Philox runs for them.
+template <int E>
+DX_HD uint32_t philox_keep(const MaskParams& mp, int64_t i0, int len) {
+  if (mp.keep_all) return (1u << E) - 1u;
+  if (mp.drop_all) return 0u;
+  if ((i0 & 3) != 0) return ungrouped_keep<E>(mp, i0, len);
+  uint32_t bits = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int q = 0; q < E / 4; ++q) {
+    uint32_t w[4];
+    philox_group(mp, (static_cast<uint64_t>(i0) >> 2) + static_cast<uint64_t>(q), w);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < 4; ++k) bits |= static_cast<uint32_t>(keep_word(mp, w[k])) << (4 * q + k);
+  }
+  return bits;
+}
+
+// Keep bits of the unit at local element e0, logical index i0 = base + e0:
+// from the structured mask when there is one (it was drawn with these
+// MaskParams, so keep_all still means every bit set).
+template <int E>
+DX_HD uint32_t unit_keep(const MaskParams& mp, const StructuredMask& sm, int64_t e0, int64_t i0, int len) {
+  if (mp.keep_all) return (1u << E) - 1u;
+  if (sm.keep != nullptr) return structured_keep<E>(sm, e0, len);
+  return philox_keep<E>(mp, i0, len);
+}
+
+// A dropped element keeps only the sign bit of its value: x * 0 for finite
+// x, as in nn.Dropout, and a zero for NaN and Inf too.
+DX_HD float drop_value(float v, bool keep) { return keep ? v : bits_to_float(float_bits(v) & 0x80000000u); }
+
+DX_HD double drop_value(double v, bool keep) {
+  return keep ? v : bits_to_double(double_bits(v) & 0x8000000000000000ull);
+}
+
+// --- one unit, either direction ---------------------------------------------------
+
+enum class Dir : int { kForward = 0, kBackward = 1 };
+
+// What every thread derives once from the arguments.
+template <typename T>
+struct ThreadCtx {
+  using acc_t = typename Num<T>::acc;
+  MaskParams mp;
+  acc_t scale;
+  const T* in;     // forward: x; backward: grad
+  const T* aux;    // forward: residual; backward: saved x
+  const T* bias;
+  T* out;
+};
+
+template <typename T, Dir D>
+DX_HD ThreadCtx<T> thread_ctx(const DropoutArgs& a) {
+  ThreadCtx<T> c;
+  c.mp = mask_params_from_state(a.state);
+  c.scale = static_cast<typename Num<T>::acc>(c.mp.scale);
+  c.in = static_cast<const T*>(D == Dir::kForward ? a.x : a.grad);
+  c.aux = static_cast<const T*>(D == Dir::kForward ? a.residual : a.x);
+  c.bias = static_cast<const T*>(a.bias);
+  c.out = static_cast<T*>(a.out);
+  return c;
+}
+
+// The unit at local element e0: len elements, keep bits, col = the bias
+// column of element e0. Stores the rounded results and returns the
+// unrounded ones in d (the bias gradient sums those).
+//   forward:  y  = residual + drop(act(x + bias) * scale)
+//   backward: dx = drop(act'(x + bias) * grad * scale)
+template <typename T, Act A, Dir D>
+DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint32_t keep, int64_t col,
+                     const FastDiv& H, typename Num<T>::acc (&d)[Unit<T>::kElems]) {
+  using acc_t = typename Num<T>::acc;
+  constexpr int E = Unit<T>::kElems;
+  constexpr bool kNeedsX = D == Dir::kForward || A != Act::kIdentity;
+  const bool with_aux = D == Dir::kForward ? c.aux != nullptr : A != Act::kIdentity;
+  const bool with_bias = kNeedsX && c.bias != nullptr;
+  const int64_t h = static_cast<int64_t>(H.divisor);
+  T in[E];
+  T aux[E] = {};
+  T out[E];
+  load_unit(c.in, e0, len, vec, in);
+  if (with_aux) load_unit(c.aux, e0, len, vec, aux);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < E; ++j) {
+    const bool kept = (keep >> j) & 1u;
+    acc_t v = acc_t(0);
+    if constexpr (kNeedsX) {
+      v = Num<T>::load(D == Dir::kForward ? in[j] : aux[j]);
+      if (with_bias) {
+        v = v + Num<T>::load(c.bias[col]);
+        col = col + 1 == h ? 0 : col + 1;
+      }
+    }
+    acc_t y;
+    if constexpr (D == Dir::kForward) {
+      y = drop_value(ActOps<A>::fwd(v) * c.scale, kept);
+      d[j] = y;
+      if (with_aux) y = Num<T>::load(aux[j]) + y;
+    } else {
+      const acc_t gs = Num<T>::load(in[j]) * c.scale;
+      y = drop_value(act_backward<A, acc_t>(gs, v), kept);
+      d[j] = y;
+    }
+    out[j] = Num<T>::store(y);
+  }
+  store_unit(c.out, e0, len, vec, out);
+}
+
+// --- the kernels --------------------------------------------------------------------
+
+struct NoShared {};
+
+// Forward, or backward without the bias gradient: a grid-stride walk over
+// the units of the flat tensor.
+template <typename T, Act A, Dir D>
+struct ElementwiseKernel {
+  struct Params {
+    DropoutArgs a;
+    bool vec;  // every streamed pointer 16-byte aligned
+  };
+  using Shared = NoShared;
+  static constexpr int kPhases = 1;
+
+  template <int kPhase>
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
+    constexpr int E = Unit<T>::kElems;
+    const DropoutArgs& a = p.a;
+    const int64_t units = (a.n + E - 1) / E;
+    int64_t u = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread;
+    if (u >= units) return;
+    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
+    const ThreadCtx<T> c = thread_ctx<T, D>(a);
+    const bool bias_cols = c.bias != nullptr && (D == Dir::kForward || A != Act::kIdentity);
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+    for (; u < units; u += stride) {
+      const int64_t e0 = u * E;
+      const int64_t i0 = a.base + e0;
+      const int len = a.n - e0 < E ? static_cast<int>(a.n - e0) : E;
+      const uint32_t keep = unit_keep<E>(c.mp, a.mask, e0, i0, len);
+      const int64_t col = bias_cols ? fast_mod(i0, a.H) : 0;
+      typename Num<T>::acc d[E];
+      unit_step<T, A, D>(c, e0, len, p.vec && len == E, keep, col, a.H, d);
+    }
+  }
+};
+
+// Backward with the bias gradient (see BiasGradPlan). Phase 0: each thread
+// walks its rows in its column unit, stores dx and sums the unrounded dx per
+// column in registers, then parks the sums in shared memory. Phase 1: a
+// thread per column of the tile adds the row lanes' sums in lane order and
+// writes the block's partial sum.
+template <typename T, Act A>
+struct BiasGradKernel {
+  using acc_t = typename Num<T>::acc;
+  static constexpr int E = Unit<T>::kElems;
+  struct Params {
+    DropoutArgs a;
+    BiasGradPlan plan;
+    bool vec;  // every streamed pointer 16-byte aligned and H % E == 0
+  };
+  struct Shared {
+    acc_t sums[kThreads * E];  // [row lane][column of the tile]
+  };
+  static constexpr int kPhases = 2;
+
+  template <int kPhase>
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh) {
+    const DropoutArgs& a = p.a;
+    const BiasGradPlan& g = p.plan;
+    const int64_t H = static_cast<int64_t>(a.H.divisor);
+    const int tile_cols = g.col_units * E;
+    if constexpr (kPhase == 0) {
+      const int lane_c = static_cast<int>(idx.thread) & (g.col_units - 1);
+      const int lane_r = static_cast<int>(idx.thread) >> g.col_shift;
+      const int64_t c0 = (static_cast<int64_t>(idx.block_x) * g.col_units + lane_c) * E;
+      acc_t acc[E];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int j = 0; j < E; ++j) acc[j] = acc_t(0);
+      if (c0 < H) {
+        const ThreadCtx<T> c = thread_ctx<T, Dir::kBackward>(a);
+        const int len = H - c0 < E ? static_cast<int>(H - c0) : E;
+        const bool vec = p.vec && len == E;
+        const int64_t r0 = static_cast<int64_t>(idx.block_y) * g.rows_per_block;
+        const int64_t r1 = r0 + g.rows_per_block < g.rows ? r0 + g.rows_per_block : g.rows;
+        for (int64_t r = r0 + lane_r; r < r1; r += g.row_lanes) {
+          const int64_t e0 = r * H + c0;
+          const uint32_t keep = unit_keep<E>(c.mp, a.mask, e0, a.base + e0, len);
+          acc_t d[E];
+          unit_step<T, A, Dir::kBackward>(c, e0, len, vec, keep, c0, a.H, d);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int j = 0; j < E; ++j) {
+            if (j < len) acc[j] += d[j];
+          }
+        }
+      }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int j = 0; j < E; ++j) sh.sums[idx.thread * E + j] = acc[j];
+    } else {
+      const int t = static_cast<int>(idx.thread);
+      if (t >= tile_cols) return;
+      const int64_t col = static_cast<int64_t>(idx.block_x) * tile_cols + t;
+      if (col >= H) return;
+      acc_t s = acc_t(0);
+      for (int lane = 0; lane < g.row_lanes; ++lane) s += sh.sums[lane * tile_cols + t];
+      static_cast<acc_t*>(a.partial)[static_cast<int64_t>(idx.block_y) * H + col] = s;
+    }
+  }
+};
+
+// dbias[h] = the row blocks' partial sums added in block order, rounded once.
+template <typename T>
+struct BiasReduceKernel {
+  using acc_t = typename Num<T>::acc;
+  struct Params {
+    const acc_t* partial;
+    T* dbias;
+    int64_t H;
+    int64_t row_blocks;
+  };
+  using Shared = NoShared;
+  static constexpr int kPhases = 1;
+
+  template <int kPhase>
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
+    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
+    // Not unrolled: an unrolled grid-stride loop divides by the stride for
+    // its trip count, a call to the 64-bit division routine.
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+    for (int64_t h = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread; h < p.H; h += stride) {
+      acc_t s = acc_t(0);
+      for (int64_t b = 0; b < p.row_blocks; ++b) s += p.partial[b * p.H + h];
+      p.dbias[h] = Num<T>::store(s);
+    }
+  }
+};
+
+// The keep mask, one Philox group (four bytes) per thread step.
+struct MaskKernel {
+  struct Params {
+    MaskArgs a;
+    bool aligned;  // out is 4-byte aligned
+  };
+  using Shared = NoShared;
+  static constexpr int kPhases = 1;
+
+  template <int kPhase>
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
+    const MaskArgs& a = p.a;
+    const int64_t groups = (a.n + 3) / 4;
+    int64_t grp = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread;
+    if (grp >= groups) return;
+    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
+    const MaskParams mp = mask_params_from_state(a.state);
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+    for (; grp < groups; grp += stride) {
+      const int64_t e0 = grp * 4;
+      const int len = a.n - e0 < 4 ? static_cast<int>(a.n - e0) : 4;
+      const uint32_t bits = philox_keep<4>(mp, a.base + e0, len);
+      if (p.aligned && len == 4) {
+        // Byte k of the word is element e0 + k (little-endian, as the GPU).
+        const uint32_t word = (bits & 1u) | ((bits & 2u) << 7) | ((bits & 4u) << 14) | ((bits & 8u) << 21);
+#if defined(__CUDA_ARCH__)
+        *reinterpret_cast<uint32_t*>(a.out + e0) = word;
+#else
+        std::memcpy(a.out + e0, &word, sizeof(word));
+#endif
+      } else {
+        for (int k = 0; k < len; ++k) a.out[e0 + k] = (bits >> k) & 1u;
+      }
+    }
+  }
+};
+
+// The launches of each op, written once for the CUDA launchers and the host
+// driver: which kernels, with which parameters, on which grid, in order.
+// r.launch<K>(params, grid) runs kernel K and returns false (keeping the
+// error) when it could not.
+template <class Runner>
+bool run_forward(Runner& r, const DropoutArgs& a, int sm_count) {
+  if (a.n == 0) return true;
+  return dispatch_dtype(a.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const uint32_t blocks = flat_blocks((a.n + Unit<T>::kElems - 1) / Unit<T>::kElems, sm_count);
+    return dispatch_act(static_cast<Act>(a.act), [&](auto act) {
+      using K = ElementwiseKernel<T, decltype(act)::value, Dir::kForward>;
+      return r.template launch<K>(typename K::Params{a, forward_vec(a)}, Grid2{blocks, 1});
+    });
+  });
+}
+
+template <class Runner>
+bool run_backward(Runner& r, const DropoutArgs& a, int sm_count) {
+  if (a.n == 0) return true;
+  return dispatch_dtype(a.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    constexpr int E = Unit<T>::kElems;
+    return dispatch_act(static_cast<Act>(a.act), [&](auto act) {
+      constexpr Act A = decltype(act)::value;
+      if (a.partial == nullptr) {
+        using K = ElementwiseKernel<T, A, Dir::kBackward>;
+        const uint32_t blocks = flat_blocks((a.n + E - 1) / E, sm_count);
+        return r.template launch<K>(typename K::Params{a, backward_vec(a)}, Grid2{blocks, 1});
+      }
+      const int64_t H = static_cast<int64_t>(a.H.divisor);
+      const BiasGradPlan plan = plan_bias_grad(a.n / H, H, E, sm_count);
+      using K = BiasGradKernel<T, A>;
+      if (!r.template launch<K>(typename K::Params{a, plan, backward_vec(a) && H % E == 0}, plan.grid)) {
+        return false;
+      }
+      using R = BiasReduceKernel<T>;
+      const typename R::Params rp{static_cast<const typename R::acc_t*>(a.partial), static_cast<T*>(a.dbias), H,
+                                  plan.row_blocks};
+      return r.template launch<R>(rp, Grid2{plan.reduce_blocks, 1});
+    });
+  });
+}
+
+template <class Runner>
+bool run_mask(Runner& r, const MaskArgs& a, int sm_count) {
+  if (a.n == 0) return true;
+  const bool aligned = (reinterpret_cast<uintptr_t>(a.out) & 3) == 0;
+  return r.template launch<MaskKernel>(MaskKernel::Params{a, aligned}, Grid2{flat_blocks((a.n + 3) / 4, sm_count), 1});
+}
+
+}  // namespace cuda
+}  // namespace dropout_ext

@@ -1,0 +1,213 @@
+// The ops of the CUDA kernels, written once for both places they run: the
+// CUDA dispatch key (dropout_cuda.cpp, kernels launched on the GPU) and the
+// host driver (csrc/cuda_host/driver.cpp, the same kernels executed on the
+// CPU). Checks, allocation and the kernels' arguments are here; an Exec
+// supplies the rest:
+//
+//   exec.guard(device)       an RAII device guard (CUDAGuard, or nothing)
+//   exec.check_p(state)      refuse a p outside [0, 1] where the state is
+//                            readable on the host; a no-op on the GPU, whose
+//                            kernels sanitise p instead of syncing to read it
+//   exec.sm_count()          the SM count the grids are computed for
+//   exec.forward(args, sms)  / backward(args, sms) / mask(args, sms): launch,
+//                            checked, on the current stream
+//
+// Sees torch but no CUDA header, so the host driver builds without a CUDA
+// toolkit.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../op_common.h"
+#include "kernel_args.h"
+
+namespace dropout_ext {
+namespace cuda {
+
+inline DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "no CUDA kernel for dtype ", t);
+  return DType::kFloat;
+}
+
+inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+inline int64_t last_dim(const at::Tensor& t) { return t.dim() >= 1 ? std::max<int64_t>(t.size(-1), 1) : 1; }
+
+// The state's words where the kernels read them: on the input's device
+// (check_state refuses any other), contiguous. Nothing is read on the host.
+inline at::Tensor state_words(const std::optional<at::Tensor>& state) {
+  return state.has_value() ? state->contiguous() : at::Tensor();
+}
+
+// The structured mask's index map: the input's dimensions with size-1 ones
+// dropped and neighbours merged where the mask index is linear across them
+// (both broadcast, or both kept and adjacent in the mask), innermost first.
+// Dropout2d's (N, C, H, W) over (N, C, 1, 1) becomes [H*W broadcast, N*C].
+inline StructuredMask collapse_mask(const at::Tensor& input, const std::vector<int64_t>& mshape) {
+  const std::vector<int64_t> st = mask_strides(input, mshape);
+  std::vector<int64_t> sizes, strides;  // outermost first
+  for (int64_t d = 0; d < input.dim(); ++d) {
+    const int64_t s = input.size(d);
+    if (s == 1) continue;
+    if (!sizes.empty() && strides.back() == s * st[d]) {
+      sizes.back() *= s;
+      strides.back() = st[d];
+    } else {
+      sizes.push_back(s);
+      strides.push_back(st[d]);
+    }
+  }
+  if (sizes.empty()) {  // a single element
+    sizes.push_back(1);
+    strides.push_back(0);
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(sizes.size()) <= kMaxDims, "a structured mask supports up to ",
+                    kMaxDims, " alternating runs of broadcast and kept dimensions, got ", sizes.size(),
+                    " for input shape ", input.sizes(), " and mask_shape ", mshape);
+  StructuredMask m;
+  m.ndim = static_cast<int>(sizes.size());
+  for (int d = 0; d < m.ndim; ++d) {
+    m.size[d] = make_fast_div(static_cast<uint64_t>(sizes[m.ndim - 1 - d]));
+    m.stride[d] = strides[m.ndim - 1 - d];
+  }
+  return m;
+}
+
+// A structured mask: its small keep mask, drawn by the mask kernel from the
+// state in device memory, and its index map; the kernels never see a
+// full-size mask. No state means no dropout: no mask at all.
+struct Structured {
+  at::Tensor keep;
+  StructuredMask view;
+};
+
+template <class Exec>
+Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, at::IntArrayRef mask_shape,
+                           const int64_t* state) {
+  Structured s;
+  const std::vector<int64_t> mshape = resolve_mask_shape(input, mask_shape);
+  if (is_full_mask(input, mshape) || state == nullptr) return s;
+  s.keep = at::empty(mshape, input.options().dtype(at::kBool));
+  MaskArgs m;
+  m.out = s.keep.data_ptr<bool>();
+  m.n = s.keep.numel();
+  m.state = state;
+  exec.mask(m, sms);
+  s.view = collapse_mask(input, mshape);
+  s.view.keep = s.keep.const_data_ptr<bool>();
+  return s;
+}
+
+// base: the logical index of element 0, nonzero only from the host driver's
+// test entry points.
+template <class Exec>
+at::Tensor fused_dropout_op(const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
+                            c10::string_view activation, at::IntArrayRef mask_shape, int64_t base = 0) {
+  const Act act = check_forward(input, bias, residual, state, activation, mask_shape);
+  exec.check_p(state);
+  [[maybe_unused]] const auto guard = exec.guard(input.device());
+  const at::Tensor x = input.contiguous();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return like_input(input, out);
+  const int sms = exec.sm_count();
+  const at::Tensor st = state_words(state);
+  const int64_t* words = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
+  const Structured s = structured_mask(exec, sms, x, mask_shape, words);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  DropoutArgs a;
+  a.dtype = kernel_dtype(x.scalar_type());
+  a.act = static_cast<int>(act);
+  a.x = x.const_data_ptr();
+  a.bias = ptr_or_null(b);
+  a.residual = ptr_or_null(r);
+  a.out = out.data_ptr();
+  a.n = x.numel();
+  a.H = make_fast_div(static_cast<uint64_t>(last_dim(x)));
+  a.state = words;
+  a.base = base;
+  a.mask = s.view;
+  exec.forward(a, sms);
+  return like_input(input, out);
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
+    const Exec& exec, const at::Tensor& grad, const std::optional<at::Tensor>& input,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view activation,
+    at::IntArrayRef mask_shape, bool bias_grad, int64_t base = 0) {
+  const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad);
+  exec.check_p(state);
+  [[maybe_unused]] const auto guard = exec.guard(grad.device());
+  const at::Tensor g = grad.contiguous();
+  // identity's derivative needs neither the input nor the bias
+  const bool needs_x = act != Act::kIdentity;
+  const at::Tensor x = needs_x ? input->contiguous() : at::Tensor();
+  const at::Tensor b = (needs_x && bias.has_value()) ? bias->contiguous() : at::Tensor();
+  at::Tensor dx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor dbias = bias_grad ? at::empty({g.size(-1)}, g.options()) : at::empty({0}, g.options());
+  const int64_t n = g.numel();
+  if (n == 0) {
+    if (bias_grad) dbias.zero_();
+    return {like_input(grad, dx), dbias};
+  }
+  const int sms = exec.sm_count();
+  const at::Tensor st = state_words(state);
+  const int64_t* words = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
+  const Structured s = structured_mask(exec, sms, g, mask_shape, words);
+  DropoutArgs a;
+  a.dtype = kernel_dtype(g.scalar_type());
+  a.act = static_cast<int>(act);
+  a.grad = g.const_data_ptr();
+  a.x = ptr_or_null(x);
+  a.bias = ptr_or_null(b);
+  a.out = dx.data_ptr();
+  a.n = n;
+  a.H = make_fast_div(static_cast<uint64_t>(last_dim(g)));
+  a.state = words;
+  a.base = base;
+  a.mask = s.view;
+  at::Tensor partial;
+  if (bias_grad) {
+    const int64_t H = last_dim(g);
+    const BiasGradPlan plan = plan_bias_grad(n / H, H, unit_elems(a.dtype), sms);
+    const at::ScalarType acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    partial = at::empty({plan.row_blocks, H}, g.options().dtype(acc));
+    a.partial = partial.data_ptr();
+    a.dbias = dbias.data_ptr();
+  }
+  exec.backward(a, sms);
+  return {like_input(grad, dx), dbias};
+}
+
+template <class Exec>
+at::Tensor dropout_mask_op(const Exec& exec, const at::Tensor& state, at::IntArrayRef shape, int64_t base = 0) {
+  check_mask_args(state, shape);
+  exec.check_p(state);
+  [[maybe_unused]] const auto guard = exec.guard(state.device());
+  at::Tensor out = at::empty(shape, state.options().dtype(at::kBool));
+  if (out.numel() == 0) return out;
+  const at::Tensor st = state.contiguous();
+  MaskArgs m;
+  m.out = out.data_ptr<bool>();
+  m.n = out.numel();
+  m.state = st.const_data_ptr<int64_t>();
+  m.base = base;
+  exec.mask(m, exec.sm_count());
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace dropout_ext

@@ -1,0 +1,374 @@
+"""The CUDA kernels, executed on the host, equal the reference bit for bit.
+
+The cuda_host_ ops (csrc/cuda_host/driver.cpp) run the op bodies and the
+per-thread kernel code that nvcc compiles for the GPU (csrc/cuda/ops_impl.h,
+csrc/cuda/kernel_body.h) on CPU tensors: every block and thread of each
+launch, on the grid an H100 gets. So this file checks the CUDA backend's
+arithmetic, masks, index math, vector/scalar paths and launch layout on any
+machine, GPU or not, and never skips.
+
+The test-only ops of the dropout_ext_testing namespace take the launch's SM
+count (small grids: several units per thread) and the logical index of
+element 0 (index arithmetic past 2**31 and 2**32 without allocating).
+"""
+
+import math
+import struct
+
+import pytest
+import torch
+
+from dropout_ext import _ops
+from dropout_ext import reference as ref
+from conftest import TOLERANCES, assert_bitwise_equal, bits, check_contract, make_inputs
+
+ops = torch.ops.dropout_ext
+testing = torch.ops.dropout_ext_testing
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SEED, OFFSET = 2024, 11
+
+
+def unit_elems(dtype):
+    return 8 if dtype in (torch.float16, torch.bfloat16) else 4
+
+
+def state(p, seed=SEED, offset=OFFSET):
+    return torch.tensor([seed, offset, struct.unpack("<q", struct.pack("<d", p))[0]], dtype=torch.int64)
+
+
+def test_host_driver_is_built():
+    assert _ops.HAS_CUDA_HOST_KERNELS, "dropout_ext._C lacks the cuda_host_ kernels (csrc/cuda_host)"
+
+
+def _both(x, bias, res, grad, st, activation, mask_shape=(), bias_grad=False):
+    """(forward, dx, dbias) of the host-run CUDA kernels and of the reference."""
+    ms = list(mask_shape)
+    got = (ops.cuda_host_fused_dropout(x, bias, res, st, activation, ms),
+           *ops.cuda_host_fused_dropout_backward(grad, x, bias, st, activation, ms, bias_grad))
+    want = (ops.reference_fused_dropout(x, bias, res, st, activation, ms),
+            *ops.reference_fused_dropout_backward(grad, x, bias, st, activation, ms, bias_grad))
+    return got, want
+
+
+def _check_bias_grad(db, db_ref, dtype, rows):
+    _, atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, db_ref.abs().max().item())
+    torch.testing.assert_close(db, db_ref, atol=atol * scale * rows, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+def test_forward_backward_equal_reference(dtype, activation):
+    for shape in [(1,), (7,), (3, 37), (2, 5, 64), (1027,)]:
+        x, bias, res, grad = make_inputs(shape, dtype, seed=len(shape))
+        for b, r in [(None, None), (bias, None), (None, res), (bias, res)]:
+            got, want = _both(x, b, r, grad, state(0.3), activation, bias_grad=b is not None)
+            check_contract(got[0], want[0], dtype, activation)
+            check_contract(got[1], want[1], dtype, activation)
+            if b is not None:
+                _check_bias_grad(got[2], want[2], dtype, x.numel() // shape[-1])
+            else:
+                assert got[2].shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu_tanh"])
+def test_misaligned_views_take_the_scalar_path(dtype, activation):
+    """A storage offset of one element leaves the pointers off 16 bytes: the
+    kernels then load and store element by element (the CPU allocator's 64-byte
+    alignment gives the 128-bit path everywhere else in this file)."""
+    shape = (6, 45)
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(5)
+    flat = [(torch.randn(n + 1, generator=g) * 3).to(dtype) for _ in range(3)]
+    x, res, grad = (t[1:].view(shape) for t in flat)
+    assert x.data_ptr() % 16 != 0 and x.is_contiguous()
+    bias = torch.randn(shape[-1], generator=g).to(dtype)
+    got, want = _both(x, bias, res, grad, state(0.4), activation, bias_grad=True)
+    check_contract(got[0], want[0], dtype, activation)
+    check_contract(got[1], want[1], dtype, activation)
+    _check_bias_grad(got[2], want[2], dtype, shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grid_stride_loop(dtype):
+    """One SM: 8 blocks of 256 threads, so each thread walks several units."""
+    n = 3 * 8 * 256 * unit_elems(dtype) + 5
+    x, bias, res, grad = make_inputs((n // 5, 5), dtype, seed=9)
+    st = state(0.25)
+    y = testing.cuda_host_fused_dropout(x, bias, res, st, "silu", [], 0, 1)
+    assert_bitwise_equal(y, ops.reference_fused_dropout(x, bias, res, st, "silu", []))
+    dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, "silu", [], False, 0, 1)
+    assert_bitwise_equal(dx, ops.reference_fused_dropout_backward(grad, x, bias, st, "silu", [], False)[0])
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-12, 0.3, 1.0, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_p_carried_in_the_state(p, dtype):
+    """p is data: 0 (and p < 2**-32, and no state) keeps everything without
+    drawing, 1 drops everything; NaN and Inf inputs are dropped to zeros."""
+    x, bias, res, grad = make_inputs((9, 33), dtype, seed=2)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    st = None if p is None else state(p)
+    got, want = _both(x, bias, res, grad, st, "relu", bias_grad=True)
+    assert_bitwise_equal(got[0], want[0])
+    assert_bitwise_equal(got[1], want[1])
+    _check_bias_grad(got[2], want[2], dtype, 9)
+    m = ops.cuda_host_dropout_mask(state(0.0 if p is None else p), [5, 7])
+    assert torch.equal(m, ops.reference_dropout_mask(state(0.0 if p is None else p), [5, 7]))
+
+
+@pytest.mark.parametrize("p,read_as", [(float("nan"), 0.0), (-0.5, 0.0), (-float("inf"), 0.0), (1.5, 1.0),
+                                       (float("inf"), 1.0)])
+def test_p_outside_0_1(p, read_as):
+    """The host can read the state, so the ops refuse such p as the CPU ops
+    do; a GPU cannot without a sync, so its kernels read NaN and negatives as
+    0 and anything from 1 up as 1: the test entry points (which leave p to
+    the kernels) show that sanitising."""
+    x, bias, res, grad = make_inputs((6, 20), torch.float32, seed=3)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        ops.cuda_host_fused_dropout(x, bias, res, state(p), "gelu", [])
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        ops.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "gelu", [], True)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        ops.cuda_host_dropout_mask(state(p), [3])
+    y = testing.cuda_host_fused_dropout(x, bias, res, state(p), "gelu", [], 0, 132)
+    assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, read_as, "gelu"))
+    dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "gelu", [], True, 0, 132)
+    assert_bitwise_equal(dx, ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, read_as, "gelu")[0])
+    m = testing.cuda_host_dropout_mask(state(p), [5, 7], 0, 132)
+    assert torch.equal(m, ref.dropout_mask((5, 7), read_as, SEED, OFFSET))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 1023, 4099])
+def test_mask_equals_reference(n):
+    for seed, offset in [(0, 0), (2**64 - 1, 2**63 + 7), (-1, 3)]:
+        st = torch.tensor([seed - 2**64 if seed >= 2**63 else seed,
+                           offset - 2**64 if offset >= 2**63 else offset,
+                           struct.unpack("<q", struct.pack("<d", 0.5))[0]])
+        assert torch.equal(ops.cuda_host_dropout_mask(st, [n]), ops.reference_dropout_mask(st, [n]))
+    m = testing.cuda_host_dropout_mask(state(0.5), [n], 0, 1)  # one SM's grid
+    assert torch.equal(m, ops.reference_dropout_mask(state(0.5), [n]))
+
+
+STRUCTURED = [
+    ((4, 6, 5, 7), (4, 6, 1, 1)),   # Dropout2d: runs of 35 (not a multiple of a unit)
+    ((4, 6, 5, 7), (1, 6, 5, 1)),
+    ((4, 6, 5, 7), (4, 1, 5, 7)),   # locked dropout: units cross the kept rows
+    ((4, 6, 5, 7), (1, 1, 1, 7)),
+    ((3, 17, 9), (3, 1, 9)),
+    ((8, 3, 2, 2), (8, 1, 1, 1)),   # DropPath
+    ((2, 3, 4, 5, 6, 7, 2, 3), (2, 1, 4, 1, 6, 1, 2, 1)),  # 8 alternating runs, the most there can be
+    ((1, 1, 1), (1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,mask_shape", STRUCTURED)
+def test_structured_masks(dtype, shape, mask_shape):
+    x, bias, res, grad = make_inputs(shape, dtype, seed=4)
+    for p in (0.5, 0.0):
+        got, want = _both(x, bias, res, grad, state(p), "gelu" if dtype != torch.float64 else "relu",
+                          mask_shape, bias_grad=True)
+        assert_bitwise_equal(got[0], want[0])
+        assert_bitwise_equal(got[1], want[1])
+        _check_bias_grad(got[2], want[2], dtype, x.numel() // shape[-1])
+    # no state: no mask is drawn, everything is kept
+    got, want = _both(x, bias, res, grad, None, "identity", mask_shape)
+    assert_bitwise_equal(got[0], want[0])
+    assert_bitwise_equal(got[1], want[1])
+
+
+def _kernel_order_dbias(d, plan, dtype):
+    """The bias gradient in the kernels' summation order: per row block, each
+    row lane sums its rows (r0 + lane, r0 + lane + row_lanes, ...), the lanes
+    are added in lane order, then the row blocks in block order, all in the
+    math type from the unrounded dx `d` [rows, H]."""
+    _, row_lanes, rows_per_block, row_blocks, _, _ = plan
+    rows, H = d.shape
+    total = torch.zeros(H, dtype=d.dtype)
+    for b in range(row_blocks):
+        r0, r1 = b * rows_per_block, min((b + 1) * rows_per_block, rows)
+        block = torch.zeros(H, dtype=d.dtype)
+        for lane in range(row_lanes):
+            s = torch.zeros(H, dtype=d.dtype)
+            for r in range(r0 + lane, r1, row_lanes):
+                s = s + d[r]
+            block = block + s
+        total = total + block
+    return total.to(dtype)
+
+
+def _unrounded_dx(grad, x, bias, st, activation):
+    """dx before its rounding to the dtype: the reference's math on inputs
+    widened exactly to the math type."""
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return ops.reference_fused_dropout_backward(grad.to(acc), x.to(acc), bias.to(acc), st, activation, [],
+                                                False)[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,H,sm_count", [
+    (300, 768, 132),  # bf16: 96 units per row, 3 full tiles of 32; 8 row lanes
+    (299, 13, 1),     # H % 4 != 0: rows start mid-group; rows not a multiple of the row block
+    (1000, 1, 132),   # one column: 256 row lanes
+    (37, 301, 2),     # 2+ tiles, a partial last unit, misfitting rows
+    (5, 4, 132),
+])
+def test_bias_gradient_in_kernel_order(dtype, rows, H, sm_count):
+    """The bias-gradient kernel (all 256 threads of a block busy, lanes
+    reduced in shared memory in a fixed order) gives exactly the sum in its
+    documented order, for any row count and width."""
+    activation = "gelu_tanh" if dtype != torch.float64 else "relu"
+    x, bias, _, grad = make_inputs((rows, H), dtype, seed=rows + H)
+    st = state(0.35)
+    plan = testing.cuda_bias_grad_plan(rows, H, unit_elems(dtype), sm_count)
+    col_units, row_lanes, rows_per_block, row_blocks, grid_x, grid_y = plan
+    assert col_units * row_lanes == 256 and grid_y == row_blocks
+    assert row_blocks == -(-rows // rows_per_block)
+    dx, db = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, activation, [], True, 0, sm_count)
+    dx_ref, db_ref = ops.reference_fused_dropout_backward(grad, x, bias, st, activation, [], True)
+    assert_bitwise_equal(dx, dx_ref)
+    _check_bias_grad(db, db_ref, dtype, rows)
+    assert_bitwise_equal(db, _kernel_order_dbias(_unrounded_dx(grad, x, bias, st, activation), plan, dtype))
+
+
+def test_bias_gradient_keeps_every_thread_busy():
+    """H = 768 in bfloat16 is 96 units of 8 columns: three tiles of 32 units,
+    so every thread of every block has a column (the kernel before used 96 of
+    its 256 threads for this shape, one column unit each)."""
+    col_units, row_lanes, rows_per_block, row_blocks, grid_x, _ = testing.cuda_bias_grad_plan(4096, 768, 8, 132)
+    assert (col_units, row_lanes, grid_x) == (32, 8, 3)
+    assert grid_x * col_units * 8 == 768 and rows_per_block >= row_lanes
+
+
+def test_launch_layout_changes_no_bit_of_the_outputs():
+    x, bias, res, grad = make_inputs((123, 40), torch.float32, seed=8)
+    st = state(0.2)
+    outs = [testing.cuda_host_fused_dropout(x, bias, res, st, "gelu", [], 0, sms) for sms in (1, 3, 132)]
+    dxs = [testing.cuda_host_fused_dropout_backward(grad, x, bias, st, "gelu", [], True, 0, sms) for sms in (1, 132)]
+    for y in outs[1:]:
+        assert_bitwise_equal(y, outs[0])
+    assert_bitwise_equal(dxs[1][0], dxs[0][0])
+
+
+def _expected_at(x, bias, res, grad, p, activation, base):
+    """Forward and dx of the elements base .. base + n - 1 of a huge tensor
+    whose last dimension is x's: keep bits and bias columns from the logical
+    index (reference.keep_for_indices), math as the reference's."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    H = x.shape[-1]
+    idx = base + torch.arange(x.numel(), dtype=torch.int64)
+    keep = ref.keep_for_indices(idx, p, SEED, OFFSET).reshape(x.shape)
+    v = x.to(acc) + bias.to(acc)[idx % H].reshape(x.shape)
+    scale = 1.0 / (1.0 - p)
+    kept = ref.activation_forward(v, activation) * scale
+    y = res.to(acc) + torch.where(keep, kept, torch.copysign(torch.zeros_like(kept), kept))
+    gs = grad.to(acc) * scale
+    if activation == "identity":
+        d = gs
+    elif activation == "relu":
+        d = torch.where(v > 0, gs, torch.zeros_like(gs))
+    else:
+        d = gs * ref.activation_grad(v, activation)
+    dx = torch.where(keep, d, torch.copysign(torch.zeros_like(d), d))
+    return y.to(x.dtype), dx.to(x.dtype), keep
+
+
+def _base_before(boundary, H=48):
+    """A multiple of H (and so of 16) some rows before `boundary`."""
+    return (boundary // H) * H - 8 * H
+
+
+@pytest.mark.parametrize("boundary", [2**31, 2**32, 2**34, 2**62 - 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_arithmetic_past_2_31_and_2_32(boundary, dtype):
+    """Elements whose logical index crosses 2**31, 2**32 and 2**34 (where the
+    Philox counter's second word becomes nonzero): keep bits, bias columns
+    (base % H by the kernels' multiply-shift division) and the bias
+    gradient's rows, against keep_for_indices."""
+    shape = (40, 48)
+    base = _base_before(boundary)
+    assert base < boundary < base + math.prod(shape)
+    x, bias, res, grad = make_inputs(shape, dtype, seed=6)
+    p = 0.3
+    y_want, dx_want, keep = _expected_at(x, bias, res, grad, p, "silu", base)
+    y = testing.cuda_host_fused_dropout(x, bias, res, state(p), "silu", [], base, 1)
+    assert_bitwise_equal(y, y_want)
+    dx, db = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "silu", [], True, base, 1)
+    assert_bitwise_equal(dx, dx_want)
+    _check_bias_grad(db, dx_want.double().sum(0).to(dtype), dtype, shape[0])
+    m = testing.cuda_host_dropout_mask(state(p), list(shape), base, 132)
+    assert torch.equal(m, keep)
+    # the same span without a base is a different set of draws
+    assert not torch.equal(m, ops.cuda_host_dropout_mask(state(p), list(shape)))
+
+
+def test_index_past_2_32_with_unaligned_rows():
+    """H % 4 != 0 puts row starts mid-group; the bias-gradient kernel then
+    draws each group its unit touches, here with indices above 2**32."""
+    shape, base = (33, 7), (2**32 // 112) * 112  # a multiple of 16 and of 7
+    assert base < 2**32 < base + 33 * 7
+    x, bias, _, grad = make_inputs(shape, torch.float32, seed=7)
+    _, dx_want, _ = _expected_at(x, bias, torch.zeros_like(x), grad, 0.5, "relu", base)
+    dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(0.5), "relu", [], True, base, 1)
+    assert_bitwise_equal(dx, dx_want)
+
+
+def test_fast_division_is_exact():
+    """The kernels' 64-bit division by a launch constant (multiply-high and
+    shift, no division routine) over the whole int64 range."""
+    g = torch.Generator().manual_seed(0)
+    n = torch.cat([torch.randint(0, 2**63 - 1, (20000,), generator=g, dtype=torch.int64),
+                   torch.randint(0, 2**33, (5000,), generator=g, dtype=torch.int64),
+                   torch.tensor([0, 1, 2, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**62, 2**63 - 1])])
+    divisors = [1, 2, 3, 5, 7, 48, 768, 1000003, 2**31 - 1, 2**31, 2**32 + 1, 2**40 + 7, 2**62 + 3, 2**63 - 1]
+    divisors += torch.randint(1, 2**63 - 1, (8,), generator=g).tolist()
+    for d in divisors:
+        q, r = testing.cuda_fast_divmod(n, d)
+        assert torch.equal(q, torch.div(n, d, rounding_mode="floor")), d
+        assert torch.equal(r, torch.remainder(n, d)), d
+        edge = torch.tensor([d - 1, d, min(d + 1, 2**63 - 1), 2**63 - 1 - (2**63 - 1) % d])
+        q, r = testing.cuda_fast_divmod(edge, d)
+        assert torch.equal(q, torch.div(edge, d, rounding_mode="floor")), d
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_and_bfloat16_conversions_on_the_host(dtype):
+    """The host twins of the device conversions round to nearest even
+    exactly as PyTorch does: every 16-bit value round-trips, and random
+    float32 bit patterns, ties, subnormals and overflow round as .to() does."""
+    as_float = lambda b: b.to(torch.int16).view(dtype).float()  # noqa: E731
+    every = as_float(torch.arange(-(2**15), 2**15, dtype=torch.int32))
+    g = torch.Generator().manual_seed(1)
+    rand = torch.randint(-(2**31), 2**31 - 1, (200000,), generator=g, dtype=torch.int64).to(torch.int32)
+    finite = torch.arange(0, 0x7BFF if dtype == torch.float16 else 0x7F7F, dtype=torch.int32)
+    ties = (as_float(finite) + as_float(finite + 1)) / 2  # exact in float32: halfway between neighbours
+    ties = torch.cat([ties, -ties])
+    special = torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 2**-24, 2**-25, 1.5 * 2**-25, 2**-14,
+                            2**-14 - 2**-25, 3.0e38, float("inf"), float("nan")])
+    for values in (every, rand.view(torch.float32), ties, special, -special):
+        rounded, back = testing.cuda_round(values, dtype)
+        want = values.to(dtype)
+        assert torch.equal(bits(rounded.to(dtype)), bits(want))
+        assert torch.equal(bits(back), bits(want.float()))
+
+
+def test_zero_dim_empty_and_strided_inputs():
+    st = state(0.5)
+    for x in (torch.tensor(1.5), torch.empty(0, 3), torch.randn(6, 5).t()):
+        y = ops.cuda_host_fused_dropout(x, None, None, st, "relu", [])
+        assert_bitwise_equal(y, ops.reference_fused_dropout(x, None, None, st, "relu", []))
+        assert y.stride() == x.stride() or x.numel() == 0
+    grad = torch.empty(0, 3)
+    dx, db = ops.cuda_host_fused_dropout_backward(grad, None, None, st, "identity", [], True)
+    assert dx.shape == (0, 3) and torch.equal(db, torch.zeros(3))
+
+
+def test_bad_state_is_refused():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="state must be an int64 tensor"):
+        ops.cuda_host_fused_dropout(x, None, None, torch.tensor([1, 2]), "identity", [])
+    with pytest.raises(ValueError, match="state must be an int64 tensor"):
+        ops.cuda_host_dropout_mask(torch.tensor([1.0, 2.0, 3.0]), [3])
