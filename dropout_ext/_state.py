@@ -41,7 +41,7 @@ def _words(values, device: torch.device) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64)
     out = torch.empty(len(values), dtype=torch.int64, device=device)
     for i, v in enumerate(values):
-        out[i] = v
+        out[i].fill_(v)  # a scalar fill, where `out[i] = v` would copy from a host tensor
     return out
 
 

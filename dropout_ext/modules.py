@@ -31,12 +31,16 @@ class _RuntimeP:
         if name == "p" and "_p_bits" in self.__dict__.get("_buffers", {}):
             self._buffers["_p_bits"].fill_(p_bits(value))
 
-    def _rate(self):
+    def _rate(self, input: torch.Tensor):
         """p for the kernels. Under torch.compile the tensor, so p is data and
         a schedule that changes it keeps one graph; in eager mode the number,
-        which skips all work at p == 0 and needs no copy when the module
-        was not moved with its input."""
-        return self._p_bits if torch.compiler.is_compiling() else self.p
+        which skips all work at p == 0. A module left on another device than
+        its input (nn.Dropout holds no tensor, so models often never move it)
+        gives the number under compile too: a graph specialised on p beats a
+        copy from the host on every call."""
+        if torch.compiler.is_compiling() and self._p_bits.device == input.device:
+            return self._p_bits
+        return self.p
 
 
 class Dropout(_RuntimeP, nn.Dropout):
@@ -56,7 +60,7 @@ class Dropout(_RuntimeP, nn.Dropout):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_tensor(input, "input")
-        return F._broadcast_dropout(input, self._rate(), self.training, self.inplace, self.broadcast_dims)
+        return F._broadcast_dropout(input, self._rate(input), self.training, self.inplace, self.broadcast_dims)
 
     def extra_repr(self) -> str:
         extra = f", broadcast_dims={self.broadcast_dims}" if self.broadcast_dims is not None else ""
@@ -77,7 +81,7 @@ class _ChannelTwin(_RuntimeP):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_tensor(input, "input")
         batched = type(self)._batched(input)
-        return F._channel_dropout(batched, input, self._rate(), self.training, self.inplace)
+        return F._channel_dropout(batched, input, self._rate(input), self.training, self.inplace)
 
 
 class Dropout1d(_ChannelTwin, nn.Dropout1d):
@@ -150,7 +154,7 @@ class DropPath(_RuntimeP, nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_tensor(input, "input")
         dims = tuple(range(1, input.dim()))
-        return F._broadcast_dropout(input, self._rate(), self.training, False, dims or None)
+        return F._broadcast_dropout(input, self._rate(input), self.training, False, dims or None)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -170,7 +174,7 @@ class FusedDropout(_RuntimeP, nn.Module):
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         bias, residual = F._follow_autocast(x, bias, residual)
         mshape = check_fused_args(x, bias, residual, self.activation, None)
-        return F._fused(x, self._rate(), bias, residual, self.activation, mshape, self.training)
+        return F._fused(x, self._rate(x), bias, residual, self.activation, mshape, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, activation={self.activation!r}"

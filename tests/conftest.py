@@ -1,8 +1,6 @@
 """Shared helpers for the test suite."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -74,22 +72,6 @@ class Snapshot:
             assert t._version == version, "an input's version counter moved"
             if t.device.type != "meta":
                 assert torch.equal(t.detach(), copy), "an input's values changed"
-
-
-def run_triton_conformance(python=None, extra_args=(), timeout=1800):
-    """The conformance suite's Triton cases under the Triton interpreter:
-    ``python -m pytest tests/test_conformance.py -k triton`` in a child process
-    whose environment has TRITON_INTERPRET=1 from its start (Triton reads it
-    when first imported), run from the repository root with it on PYTHONPATH,
-    so ``python`` may be another environment's interpreter (default: this
-    one). Returns the ``subprocess.CompletedProcess`` (text output captured);
-    every case of the child is a Triton case, none skipped when all is well."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("DROPOUT_EXT_BACKEND", None)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [python or sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_conformance.py"),
-           "-k", "triton", "-q", "-p", "no:cacheprovider", "--rootdir", ROOT, *extra_args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def pytest_configure(config):

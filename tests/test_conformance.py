@@ -23,7 +23,7 @@ cuda_host   ``cuda_host_`` cpu      "cuda"      the CUDA kernels executed on the
                                                 skipped while
                                                 ``_ops.HAS_CUDA_HOST_KERNELS`` is False
 triton      ``triton_``    cpu      "triton"    only with TRITON_INTERPRET=1, and then
-                                                alone (see ``conftest.run_triton_conformance``)
+                                                alone (run by test_triton_interpreter.py)
 gpu_cuda    ``""``         cuda     "cuda"      with a CUDA build of torch; skipped
 gpu_triton  ``triton_``    cuda     "triton"    without a GPU or the backend
 =========== ============== ======== =========== ======================================

@@ -1,6 +1,7 @@
 """The Triton kernels checked against the reference under the Triton
-interpreter, on the CPU, in the default run (the cases live in
-triton_interpreted_cases.py).
+interpreter, on the CPU, in the default run: the conformance suite's Triton
+cases (tests/test_conformance.py, which has only those under the
+interpreter) and the Triton-only ones (triton_interpreted_cases.py).
 
 Triton decides when it is first imported whether kernels are interpreted, so
 the cases run in a child pytest with TRITON_INTERPRET=1 set from its start;
@@ -22,7 +23,7 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-CASES = os.path.join(TESTS, "triton_interpreted_cases.py")
+CASES = [os.path.join(TESTS, "test_conformance.py"), os.path.join(TESTS, "triton_interpreted_cases.py")]
 PYTHONS = [p for p in os.environ.get("DROPOUT_EXT_TRITON_PYTHON", "").split(os.pathsep) if p] or [sys.executable]
 
 
@@ -31,7 +32,7 @@ def run_cases(python, extra_args=(), timeout=1800):
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("DROPOUT_EXT_BACKEND", None)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [python, "-m", "pytest", CASES, "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+    cmd = [python, "-m", "pytest", *CASES, "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
            *extra_args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=TESTS)
 

@@ -1,0 +1,326 @@
+"""The CUDA code paths of the Python API, traced without a GPU.
+
+With torch's CUDA build, FakeTensorMode makes tensors on device="cuda" that
+carry only metadata; the ops' fake kernels run on them. For every public
+function and module and each GPU backend (auto, cuda, triton):
+
+- torch.compile(fullgraph=True) captures the call in one graph (fullgraph
+  turns a graph break into an error): under torch.no_grad through
+  AOTAutograd too (backend aot_eager: functionalization, the fake kernels),
+  and with gradients on through Dynamo alone; every tensor of the graph is
+  on the GPU;
+- a make_fx trace of forward and backward, in training and eval mode, with
+  and without seed=, holds no CPU tensor and no device-to-host read: either
+  would be a host synchronisation (or a host copy) on every call, and breaks
+  CUDA-graph capture.
+
+Without a GPU, torch's autograd engine cannot run a backward over CUDA
+tensors, fake or not: it asks the driver about the device's streams first
+(GraphTask::stash_current_streams). That rules out .backward(),
+torch.autograd.grad and AOTAutograd's joint graph here. The backward is
+traced instead by calling each node of the autograd graph directly, in
+topological order (_grads_without_engine): the same backward formulas, with
+none of the engine's stream bookkeeping.
+
+A CPU-only torch cannot make fake CUDA tensors, so the file skips there; CI
+runs it in a venv with torch's CUDA wheel and the extension built with its
+CUDA kernels, where nothing may skip.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import dropout_ext
+from dropout_ext import functional as F
+
+pytestmark = pytest.mark.skipif(
+    torch.version.cuda is None,
+    reason="needs torch's CUDA build (no GPU): CI runs this file in a venv with torch's CUDA wheel")
+
+BACKENDS = ["auto", "cuda", "triton"]
+ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh", "silu"]
+SEED = 1234
+aten = torch.ops.aten
+
+# Ops that read a device tensor's value on the host (a synchronisation), or
+# whose output size depends on values (so the host must wait for them).
+HOST_READS = {
+    aten._local_scalar_dense.default,
+    aten.item.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten.nonzero.default,
+    aten.allclose.default,
+}
+
+
+def _need(backend: str) -> None:
+    """Skip (fail under CI) a backend this build cannot run on CUDA tensors."""
+    if backend == "auto":
+        return
+    available = dropout_ext.available_backends("cuda")
+    if backend not in available:
+        why = f"backend {backend!r} is not available for CUDA tensors here (available: {available})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI must run every GPU backend in the CUDA venv")
+        pytest.skip(why)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(monkeypatch):
+    # Each case compiles its own callables: no cache or recompile limit
+    # carried over from another case.
+    torch._dynamo.reset()
+    monkeypatch.delenv("DROPOUT_EXT_BACKEND", raising=False)
+    yield
+    torch._dynamo.reset()
+
+
+def _fake_mode():
+    return FakeTensorMode()
+
+
+# --- the cases: each builds, inside the fake mode, a callable and its inputs ---
+
+@dataclass
+class Case:
+    name: str
+    # (backend or None for auto, seed or None, training) -> (callable, inputs)
+    make: Callable[[Optional[str], Optional[int], bool], Tuple[Callable, tuple]]
+    takes_seed: bool          # a function with seed=: traced with and without it
+    needs_seed: bool = False  # dropout_mask: seed is required
+    module: bool = False      # a module: the backend comes from DROPOUT_EXT_BACKEND
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+
+
+def _function_cases():
+    cases = []
+
+    def add(name, fn, shape, extra=(), dtype=torch.float32, takes_seed=True, needs_seed=False):
+        def make(backend, seed, training):
+            inputs = (_x(*shape, dtype=dtype),) + tuple(_x(*s, dtype=dtype) for s in extra)
+            return (lambda *t: fn(*t, backend=backend, seed=seed, training=training)), inputs
+        cases.append(Case(name, make, takes_seed, needs_seed))
+
+    add("dropout", lambda x, **kw: F.dropout(x, 0.1, **kw), (8, 64))
+    add("dropout-bf16", lambda x, **kw: F.dropout(x, 0.1, **kw), (8, 64), dtype=torch.bfloat16)
+    add("dropout-broadcast_dims", lambda x, **kw: F.dropout(x, 0.1, broadcast_dims=(1,), **kw), (4, 6, 32))
+    add("fused_dropout-plain", lambda x, **kw: F.fused_dropout(x, 0.1, **kw), (8, 64))
+    add("fused_dropout-bias-relu", lambda x, b, **kw: F.fused_dropout(x, 0.1, bias=b, activation="relu", **kw),
+        (8, 64), extra=[(64,)])
+    for act in ACTIVATIONS:
+        add(f"fused_dropout-bias-residual-{act}",
+            lambda x, b, r, act=act, **kw: F.fused_dropout(x, 0.1, bias=b, residual=r, activation=act, **kw),
+            (8, 64), extra=[(64,), (8, 64)])
+    add("fused_dropout-bf16-gelu", lambda x, b, r, **kw: F.fused_dropout(x, 0.1, bias=b, residual=r,
+                                                                         activation="gelu", **kw),
+        (8, 64), extra=[(64,), (8, 64)], dtype=torch.bfloat16)
+    add("fused_dropout-mask_shape",
+        lambda x, **kw: F.fused_dropout(x, 0.1, activation="silu", mask_shape=(4, 1, 32), **kw), (4, 6, 32))
+    add("dropout1d", lambda x, **kw: F.dropout1d(x, 0.2, **kw), (2, 4, 16))
+    add("dropout2d", lambda x, **kw: F.dropout2d(x, 0.2, **kw), (2, 4, 4, 8))
+    add("dropout3d", lambda x, **kw: F.dropout3d(x, 0.2, **kw), (2, 4, 2, 2, 8))
+    add("alpha_dropout", lambda x, **kw: F.alpha_dropout(x, 0.2, **kw), (8, 64))
+    add("feature_alpha_dropout", lambda x, **kw: F.feature_alpha_dropout(x, 0.2, **kw), (2, 4, 16))
+
+    def mask_fn(x, backend, seed, training):
+        keep = dropout_ext.dropout_mask(x.shape, 0.3, seed=seed, device=x.device, backend=backend)
+        return x * keep.to(x.dtype) if training else x
+    add("dropout_mask", mask_fn, (8, 64), needs_seed=True)
+    return cases
+
+
+def _module_cases():
+    cases = []
+
+    def add(name, build, shape, extra=(), on_gpu=True):
+        def make(backend, seed, training):
+            if on_gpu:
+                # Built on the GPU: moving fake parameters with .to() fails
+                # (their tensors cannot be swapped).
+                with torch.device("cuda"):
+                    module = build()
+            else:
+                module = build()
+            module.train(training)
+            inputs = (_x(*shape),) + tuple(_x(*s) for s in extra)
+            return module, inputs
+        cases.append(Case(name, make, takes_seed=False, module=True))
+
+    add("Dropout", lambda: dropout_ext.Dropout(0.1), (8, 64))
+    # nn.Dropout holds no tensor, so a drop-in is often never moved to the GPU.
+    add("Dropout-left-on-cpu", lambda: dropout_ext.Dropout(0.1), (8, 64), on_gpu=False)
+    add("Dropout-broadcast_dims", lambda: dropout_ext.Dropout(0.1, broadcast_dims=(1,)), (4, 6, 32))
+    for act in ACTIVATIONS:
+        add(f"FusedDropout-{act}", lambda act=act: dropout_ext.FusedDropout(0.1, activation=act), (8, 64),
+            extra=[(64,), (8, 64)])
+    add("Dropout1d", lambda: dropout_ext.Dropout1d(0.2), (2, 4, 16))
+    add("Dropout2d", lambda: dropout_ext.Dropout2d(0.2), (2, 4, 4, 8))
+    add("Dropout3d", lambda: dropout_ext.Dropout3d(0.2), (2, 4, 2, 2, 8))
+    add("AlphaDropout", lambda: dropout_ext.AlphaDropout(0.2), (8, 64))
+    add("FeatureAlphaDropout", lambda: dropout_ext.FeatureAlphaDropout(0.2), (2, 4, 16))
+    add("LockedDropout", lambda: dropout_ext.LockedDropout(0.3, batch_first=True), (4, 6, 32))
+    add("DropPath", lambda: dropout_ext.DropPath(0.2), (4, 6, 32))
+
+    def swapped():
+        model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 64))
+        dropout_ext.replace_dropout(model)
+        return model
+    add("replace_dropout(model)", swapped, (8, 64))
+    add("fuse_dropout(model)",
+        lambda: dropout_ext.fuse_dropout(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.1))), (8, 64))
+    return cases
+
+
+CASES = _function_cases() + _module_cases()
+
+
+def _seeds(case):
+    if case.needs_seed:
+        return [SEED]
+    return [None, SEED] if case.takes_seed else [None]
+
+
+def _params(with_training):
+    params = []
+    for case in CASES:
+        for seed in _seeds(case):
+            for training in ([True, False] if with_training else [True]):
+                ident = case.name + ("-seed" if seed is not None else "") + \
+                    ("" if not with_training else ("-train" if training else "-eval"))
+                params.append(pytest.param(case, seed, training, id=ident))
+    return params
+
+
+def _build(case, backend, seed, training, monkeypatch):
+    _need(backend)
+    if case.module and backend != "auto":
+        monkeypatch.setenv("DROPOUT_EXT_BACKEND", backend)
+    return case.make(None if backend == "auto" else backend, seed, training)
+
+
+def _tensors(value):
+    return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+# --- torch.compile ----------------------------------------------------------
+
+def _off_gpu(graphs, key):
+    return [f"{node.format_node()}  -> {t.device}"
+            for gm in graphs for node in gm.graph.nodes
+            for t in _tensors(node.meta.get(key)) if t.device.type != "cuda"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,seed,training", _params(with_training=False))
+def test_compile_fullgraph(case, seed, training, backend, monkeypatch):
+    # AOTAutograd, for the inference graph: its joint graph would need the
+    # autograd engine (see the module docstring).
+    aot = CompileCounterWithBackend("aot_eager")
+    with _fake_mode():
+        fn, inputs = _build(case, backend, seed, training, monkeypatch)
+        with torch.no_grad():
+            out = torch.compile(fn, fullgraph=True, backend=aot)(*inputs)
+        assert out.device.type == "cuda", out.device
+    assert aot.frame_count == 1, f"{aot.frame_count} graphs"
+    off_gpu = _off_gpu(aot.graphs, "example_value")
+    assert not off_gpu, "tensors off the GPU in the compiled graph:\n" + "\n".join(off_gpu)
+
+    # Dynamo, with inputs that need gradients: the training path's Python.
+    torch._dynamo.reset()
+    dynamo = CompileCounterWithBackend("eager")
+    with _fake_mode():
+        fn, inputs = _build(case, backend, seed, training, monkeypatch)
+        out = torch.compile(fn, fullgraph=True, backend=dynamo)(*inputs)
+        assert out.device.type == "cuda", out.device
+        assert out.requires_grad
+    assert dynamo.frame_count == 1, f"{dynamo.frame_count} graphs"
+    off_gpu = _off_gpu(dynamo.graphs, "example_value")
+    assert not off_gpu, "tensors off the GPU in the compiled graph:\n" + "\n".join(off_gpu)
+
+
+# --- make_fx ---------------------------------------------------------------------
+
+def _grads_without_engine(out, inputs):
+    """The gradients of out.sum() for ``inputs``, by calling each autograd
+    node's backward directly, producers before consumers (see the module
+    docstring for why not the engine)."""
+    if out.grad_fn is None:
+        return [torch.ones_like(out) if t is out else None for t in inputs]
+    order, seen, stack = [], set(), [(out.grad_fn, False)]
+    while stack:  # reverse post-order of a depth-first walk: a topological order
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+        elif node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((nxt, False) for nxt, _ in node.next_functions if nxt is not None and nxt not in seen)
+    pending = {out.grad_fn: {0: torch.ones_like(out)}}
+    grads = [None] * len(inputs)
+    for node in reversed(order):
+        received = pending.pop(node, {})
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            for i, t in enumerate(inputs):
+                if t is node.variable:
+                    grads[i] = received.get(0)
+            continue
+        call = node if callable(node) else node.apply  # C++ nodes, Python autograd.Function nodes
+        outs = call(*[received.get(i) for i in range(len(node._input_metadata))])
+        for (nxt, slot), g in zip(node.next_functions, outs if isinstance(outs, tuple) else (outs,)):
+            if nxt is not None and g is not None:
+                into = pending.setdefault(nxt, {})
+                into[slot] = g if slot not in into else into[slot] + g
+    return grads
+
+
+def _forward_backward(fn):
+    def traced(*inputs):
+        out = fn(*inputs)
+        return out, _grads_without_engine(out, inputs)
+    return traced
+
+
+def _problems(gm):
+    problems = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in HOST_READS:
+            problems.append(f"device-to-host read: {node.format_node()}")
+        values = _tensors(node.meta.get("val"))
+        if node.op == "get_attr":
+            values.append(getattr(gm, node.target))
+        for t in values:
+            if isinstance(t, torch.Tensor) and t.device.type != "cuda":
+                problems.append(f"a {t.device} tensor: {node.format_node()}")
+        if node.op == "call_function" and any(isinstance(a, torch.device) and a.type != "cuda"
+                                              for a in pytree.tree_leaves((node.args, node.kwargs))):
+            problems.append(f"an op placed on another device: {node.format_node()}")
+    return problems
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,seed,training", _params(with_training=True))
+def test_make_fx_trace_stays_on_gpu(case, seed, training, backend, monkeypatch):
+    with _fake_mode():
+        fn, inputs = _build(case, backend, seed, training, monkeypatch)
+        try:
+            gm = make_fx(_forward_backward(fn), tracing_mode="fake")(*inputs)
+        except DataDependentOutputException as exc:
+            # A fake tensor has no value to give: .item(), .tolist(), bool(t)...
+            raise AssertionError(f"device-to-host read while tracing ({exc})") from exc
+    problems = _problems(gm)
+    assert not problems, "\n".join(problems) + "\n\n" + gm.print_readable(print_output=False)
+    (_, grads), = [node.args[0] for node in gm.graph.nodes if node.op == "output"]
+    assert grads[0] is not None, "the trace computes no gradient for the input"
