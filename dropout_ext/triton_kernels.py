@@ -333,15 +333,25 @@ def _rounded(y, dtype: tl.constexpr):
 
 
 @triton.jit
-def _bias_col(start, local, H, BLOCK: tl.constexpr):
-    """Column (position in the last dimension) of elements start + local."""
-    row0 = start // H
-    col = (start - row0 * H) + local
+def _bias_tile(bias_ptr, pid, local, m, H, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """The bias of elements pid * BLOCK + local, in float32: bias[index % H]."""
     if H >= BLOCK:
-        col = tl.where(col >= H, col - H, col)
+        # A block spans at most two rows, so one 64-bit remainder per program
+        # and a compare and subtract per element; start exceeds 32 bits on
+        # large tensors, and so may H.
+        col64 = (pid.to(tl.int64) * BLOCK) % H + local
+        col64 = tl.where(col64 >= H, col64 - H, col64)
+        b = _f32(_load(bias_ptr, col64, m, MASKED))
     else:
-        col = col % H
-    return col
+        # H < BLOCK: the block's first column, pid * BLOCK mod H, from
+        # factors below H, and then every column, stay below H * H + BLOCK
+        # < 2**31, so the per-element remainder is a 32-bit one (a 64-bit
+        # remainder is a long emulated sequence per element).
+        tl.static_assert(BLOCK <= 32768)
+        h = tl.cast(H, tl.int32)
+        col = ((pid % h) * (BLOCK % h) + local) % h
+        b = _f32(_load(bias_ptr, col, m, MASKED))
+    return b
 
 
 # --- the one elementwise body ----------------------------------------------------------
@@ -397,14 +407,15 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
     [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row."""
     ROWS: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
-    start = tl.program_id(0).to(tl.int64) * BLOCK
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
     local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
     offs = start + local
     if start + BLOCK <= n:
         # A full block: no mask, so the accesses stay 128 bits wide.
         b = 0.0
         if HAS_BIAS:
-            b = _f32(tl.load(bias_ptr + _bias_col(start, local, H, BLOCK)))
+            b = _bias_tile(bias_ptr, pid, local, None, H, BLOCK, False)
         _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, None, b, start // 4,
               thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, STORE_F32, BWD,
               ROWS, R, False)
@@ -412,7 +423,7 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
         m = offs < n
         b = 0.0
         if HAS_BIAS:
-            b = _f32(tl.load(bias_ptr + _bias_col(start, local, H, BLOCK), mask=m, other=0.0))
+            b = _bias_tile(bias_ptr, pid, local, m, H, BLOCK, True)
         _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, start // 4,
               thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, STORE_F32, BWD,
               ROWS, R, True)
@@ -444,16 +455,17 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
     """The backward with the bias gradient, for a last dimension H divisible
     by 4 (every row then starts on a Philox group).
 
-    Program (r, c) walks ROWS_PER_PROGRAM rows over columns
+    Program (c, r) walks ROWS_PER_PROGRAM rows over columns
     [c * BLOCK, (c + 1) * BLOCK) and writes the column sums of the unrounded
     dx to row r of a partial buffer; summing that buffer over its rows
     finishes the reduction in an order fixed by the shape, so the result does
-    not vary run to run (no atomics).
+    not vary run to run (no atomics). The column tiles are grid axis 0, the
+    one without the 65535 limit, as a wide H has more of them than that.
     """
     TR: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
-    pid_r = tl.program_id(0).to(tl.int64)
-    c_start = tl.program_id(1).to(tl.int64) * BLOCK
+    c_start = tl.program_id(0).to(tl.int64) * BLOCK
+    pid_r = tl.program_id(1).to(tl.int64)
     cols = c_start + tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
     r0 = pid_r * ROWS_PER_PROGRAM
     if c_start + BLOCK <= H:
@@ -491,9 +503,21 @@ def _mask_kernel(out_ptr, state_ptr, n, R: tl.constexpr, BLOCK: tl.constexpr):
 # ever benchmarks (which synchronises the device and would break a CUDA graph
 # being captured), and a shape first seen during capture launches like any other.
 
-# (largest n, rows of 16 bytes per thread, warps), first match wins
-_FLAT_TABLE = ((1 << 16, 1, 4), (1 << 22, 2, 8), (None, 4, 8))
+# (largest n, rows of 16 bytes per thread, warps), first match wins. One
+# row: each row adds its own live values of the activation and Philox (a
+# 16-bit gelu backward on sm_90: 255 registers with 4 rows, 166 with 2, 80
+# with one, where 255 leaves one 8-warp block per SM), and a launch has
+# programs to spare at any size.
+_FLAT_TABLE = ((1 << 16, 1, 4), (None, 1, 8))
 _ROWS_WARPS = 4
+# CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1).
+GRID_YZ_MAX = 65535
+# Rows per program of the bias-gradient kernel, at least: its float32
+# partial buffer, written and then summed again, has a row per program, so
+# with 8 rows or more it holds at most 1/8 of the gradient's elements (a
+# quarter of a 16-bit dx's bytes); one row a program makes it twice a 16-bit dx.
+_MIN_ROWS_PER_PROGRAM = 8
+_MAX_ROWS_PER_PROGRAM = 256
 # Under the interpreter, tiny blocks, so that small test tensors span several
 # programs and take both the full-block and the partial-block path.
 _INTERPRET_ROWS = 8
@@ -522,10 +546,20 @@ def rows_config(rows: int, H: int, elem_size: int) -> Tuple[int, int, int, int]:
         return R, 4 * R, 1, 2
     block = min(R * 32 * _ROWS_WARPS, max(R, triton.next_power_of_2(H)))
     warps = max(1, min(_ROWS_WARPS, block // (R * 32)))
-    # Enough programs to fill a large GPU, few enough that the partial buffer
-    # stays small.
-    per = max(1, (rows * triton.cdiv(H, block)) // 1024)
-    return R, block, warps, min(256, 1 << (per.bit_length() - 1))
+    # About 1024 programs fill a large GPU; more rows each keep the partial
+    # buffer small. A power of two, as it is a constexpr: few binaries.
+    per = (rows * triton.cdiv(H, block)) // 1024
+    per = min(_MAX_ROWS_PER_PROGRAM, max(_MIN_ROWS_PER_PROGRAM, 1 << max(0, per.bit_length() - 1)))
+    # No more loop steps than rows (a wide H with few rows).
+    per = min(per, triton.next_power_of_2(rows))
+    # The row programs are grid axis 1: past 65535 of them, longer programs.
+    per = max(per, triton.next_power_of_2(triton.cdiv(rows, GRID_YZ_MAX)))
+    return R, block, warps, per
+
+
+def rows_grid(rows: int, H: int, block: int, per: int) -> Tuple[int, int]:
+    """The bias-gradient kernel's grid: (column tiles, row programs)."""
+    return triton.cdiv(H, block), triton.cdiv(rows, per)
 
 
 # --- host side --------------------------------------------------------------------------------
@@ -573,12 +607,20 @@ def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _check_dtype(t: Optional[torch.Tensor], name: str) -> None:
+    """The public API sends float64 elsewhere (_backend.ops_for); a direct
+    torch.ops call with it must fail rather than compute in float32."""
+    if t is not None and t.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32 for the triton backend, got {t.dtype}")
+
+
 def _last_dim(t: torch.Tensor) -> int:
     return t.shape[-1] if t.dim() >= 1 else 1
 
 
 def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int]) -> torch.Tensor:
+    _check_dtype(input, "input")
     x = input.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     n = x.numel()
@@ -600,6 +642,8 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
 def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int],
                            bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_dtype(grad, "grad")
+    _check_dtype(input, "input")
     g = grad.contiguous()
     dx = torch.empty_like(g, memory_format=torch.contiguous_format)
     H = _last_dim(g)
@@ -622,8 +666,9 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     if bias_grad and H % 4 == 0:
         rows = n // H
         R, block, warps, per = rows_config(rows, H, g.element_size())
-        part = g.new_empty((triton.cdiv(rows, per), H), dtype=torch.float32)
-        _launch(_rows_kernel, (triton.cdiv(rows, per), triton.cdiv(H, block)), g,
+        grid = rows_grid(rows, H, block, per)
+        part = g.new_empty((grid[1], H), dtype=torch.float32)
+        _launch(_rows_kernel, grid, g,
                 g, x, b, kp, dx, part, st, rows, H, ROWS_PER_PROGRAM=per, R=R, BLOCK=block, num_warps=warps,
                 **common)
         db = part.sum(0).to(g.dtype)

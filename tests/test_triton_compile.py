@@ -5,10 +5,14 @@ included). The PTX then shows what the contract and the bandwidth target
 need: no FMA contraction anywhere (the activations round as written because
 the kernels emit explicitly rounded instructions), IEEE division only, and
 128-bit global loads and stores when the pointers are 16-byte aligned, also
-for an element count that is not a multiple of 16. Under the interpreter
+for an element count that is not a multiple of 16; the compiled binary
+shows the registers a thread takes. Under the interpreter
 (test_triton_interpreter.py) none of this is exercised."""
 
+import os
 import re
+import subprocess
+import tempfile
 
 import pytest
 import triton
@@ -21,16 +25,48 @@ ALIGNED = [["tt.divisibility", 16]]
 DTYPES = [("fp32", 4), ("bf16", 2), ("fp16", 2)]
 
 
-def _compile(fn, types, constexprs, arch, num_warps=8):
-    """PTX of ``fn`` for ``sm_<arch>``: pointer arguments (``types`` maps each
-    non-constexpr argument to its Triton type) 16-byte aligned, integers
-    unspecialised (so ``n`` stands for any size, an odd one included)."""
+def _build(fn, types, constexprs, arch, num_warps=8):
+    """``fn`` compiled for ``sm_<arch>``: pointer arguments (``types`` maps
+    each non-constexpr argument to its Triton type) 16-byte aligned, integers
+    unspecialised (so ``n`` and ``H`` stand for any size, an odd one
+    included)."""
     names = [p.name for p in fn.params]
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in names}
     attrs = {(i,): ALIGNED for i, name in enumerate(names) if signature[name].startswith("*")}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     # No options but the warps: Triton's defaults, FP fusion on.
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def _compile(fn, types, constexprs, arch, num_warps=8):
+    """PTX of ``fn`` for ``sm_<arch>`` (see _build)."""
+    return _build(fn, types, constexprs, arch, num_warps).asm["ptx"]
+
+
+def _resource_usage(kernel):
+    """{"REG": registers per thread, "STACK": ..., "LOCAL": ...} of a compiled
+    kernel, read from its cubin by the cuobjdump that Triton ships (the
+    count a launch would report as n_regs, which needs a GPU to read)."""
+    cuobjdump = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), "cuobjdump", None)
+    path = cuobjdump.path if cuobjdump is not None else os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([path, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    assert "REG" in usage, out
+    return {key: int(value) for key, value in usage.items()}
+
+
+# The flat kernels' configuration for a large tensor, where the bandwidth is.
+LARGE_N = 1 << 26
+
+
+def _large_config(size):
+    """(R, BLOCK, num_warps) of the flat kernels for a large tensor."""
+    return K.flat_config(LARGE_N, size)
 
 
 def _count(ptx, pattern):
@@ -48,15 +84,25 @@ def _no_contraction_ieee_division(ptx):
     assert _count(ptx, r"div\.full|div\.approx|rcp\.approx") == 0, "an approximate division"
 
 
+def _bias_index_in_32_bits(ptx):
+    """The bias column of each element: a 64-bit remainder is a long emulated
+    sequence, so there is none per element. The H >= BLOCK path keeps one per
+    program (the block's first column, as the element index and H may exceed
+    32 bits), then a compare and subtract per element: one in the full-block
+    and one in the partial-block branch."""
+    assert _count(ptx, r"(rem|div)\.[su]64") <= 2, "64-bit division per element for the bias column"
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype,size", DTYPES)
 @pytest.mark.parametrize("activation", ["identity", "relu", "gelu", "gelu_tanh", "silu"])
 def test_forward_kernel(arch, dtype, size, activation):
-    R = 16 // size
+    R, block, warps = _large_config(size)
     consts = {"ACT": K.ACTS[activation], "HAS_BIAS": activation != "identity", "HAS_RES": True, "HAS_STATE": True,
-              "MASK_FROM_PTR": False, "STORE_F32": False, "BWD": False, "R": R, "BLOCK": R * 32 * 8 * 2}
-    ptx = _compile(K._flat_kernel, _flat_types(dtype), consts, arch)
+              "MASK_FROM_PTR": False, "STORE_F32": False, "BWD": False, "R": R, "BLOCK": block}
+    ptx = _compile(K._flat_kernel, _flat_types(dtype), consts, arch, warps)
     _no_contraction_ieee_division(ptx)
+    _bias_index_in_32_bits(ptx)
     if activation in ("gelu", "gelu_tanh", "silu"):
         assert _count(ptx, r"div\.rn\.f32") >= 1 and _count(ptx, r"mul\.rn\.f32") >= 1
     # p read from the state: t and the scale in IEEE double
@@ -70,13 +116,37 @@ def test_forward_kernel(arch, dtype, size, activation):
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype,size", DTYPES)
 def test_backward_kernel(arch, dtype, size):
-    R = 16 // size
+    R, block, warps = _large_config(size)
     consts = {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_RES": False, "HAS_STATE": True, "MASK_FROM_PTR": False,
-              "STORE_F32": True, "BWD": True, "R": R, "BLOCK": R * 32 * 8 * 2}
-    ptx = _compile(K._flat_kernel, _flat_types(dtype, f32_out=True), consts, arch)
+              "STORE_F32": True, "BWD": True, "R": R, "BLOCK": block}
+    ptx = _compile(K._flat_kernel, _flat_types(dtype, f32_out=True), consts, arch, warps)
     _no_contraction_ieee_division(ptx)
+    _bias_index_in_32_bits(ptx)
     assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 2  # dy and x
     assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 2  # dx and its float32 copy
+
+
+# Registers per thread, at most: 128 leaves room for two 8-warp blocks on an
+# SM; a thread taking more than 128 holds one block, too few warps in flight
+# to hide the memory latency of a bandwidth-bound kernel.
+MAX_REGISTERS = 128
+
+
+@pytest.mark.parametrize("dtype,size", DTYPES)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_large_tensor_registers(dtype, size, direction, activation):
+    """The configuration of a large tensor, with the heaviest bodies (a smooth
+    activation with bias and residual, or its backward with the float32
+    copy for the bias gradient), compiles to at most MAX_REGISTERS registers a
+    thread and no local memory on sm_90."""
+    R, block, warps = _large_config(size)
+    bwd = direction == "backward"
+    consts = {"ACT": K.ACTS[activation], "HAS_BIAS": True, "HAS_RES": not bwd, "HAS_STATE": True,
+              "MASK_FROM_PTR": False, "STORE_F32": bwd, "BWD": bwd, "R": R, "BLOCK": block}
+    usage = _resource_usage(_build(K._flat_kernel, _flat_types(dtype, f32_out=bwd), consts, 90, warps))
+    assert usage["REG"] <= MAX_REGISTERS, (usage, (R, block, warps))
+    assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, usage
 
 
 @pytest.mark.parametrize("arch", [80, 90])

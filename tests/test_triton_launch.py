@@ -7,7 +7,9 @@ There is no CUDA device here, so the launchers get tensors that claim to live
 on cuda:1 (a wrapper subclass whose data stays on the CPU), the kernels are
 replaced by recorders, and ``torch.cuda.device`` by a stand-in that tracks the
 current device: a launch made while cuda:1 is not current is a launch on the
-wrong GPU."""
+wrong GPU. Every recorded launch is also held to CUDA's grid limits, which a
+launch on a GPU would fail; tensors too large for this machine are wrapped
+meta tensors (shapes only)."""
 
 import ast
 import inspect
@@ -18,6 +20,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 from dropout_ext import triton_kernels as K
+
+# CUDA's grid limits: axis 0, axes 1 and 2.
+GRID_MAX = (2**31 - 1, 65535, 65535)
 
 
 class OnDevice(torch.Tensor):
@@ -50,10 +55,18 @@ class OnDevice(torch.Tensor):
         return OnDevice(self.inner.contiguous(memory_format=memory_format), self.device)
 
 
+def _check_grid(name, grid):
+    """A grid a CUDA launch accepts: 1 to 3 axes, each within its limit."""
+    assert isinstance(grid, tuple) and 1 <= len(grid) <= 3, (name, grid)
+    for axis, (size, limit) in enumerate(zip(grid, GRID_MAX)):
+        assert isinstance(size, int) and 1 <= size <= limit, f"{name}: grid {grid}, axis {axis} outside [1, {limit}]"
+
+
 @pytest.fixture
 def recorded(monkeypatch):
     """(launches, current): each launch as (kernel name, current device at
-    launch, grid, meta); the stand-in torch.cuda.device keeps ``current``."""
+    launch, grid, meta, args), its grid checked against CUDA's limits; the
+    stand-in torch.cuda.device keeps ``current``."""
     current = [torch.device("cuda", 0)]
     launches = []
 
@@ -73,7 +86,8 @@ def recorded(monkeypatch):
             self.name = name
 
         def __getitem__(self, grid):
-            return lambda *args, **meta: launches.append((self.name, current[0], grid, meta))
+            _check_grid(self.name, grid)
+            return lambda *args, **meta: launches.append((self.name, current[0], grid, meta, args))
 
     monkeypatch.setattr(torch.cuda, "device", device)
     for name in ("_flat_kernel", "_rows_kernel", "_mask_kernel"):
@@ -102,7 +116,7 @@ def test_launches_on_the_tensors_device(recorded):
     launches, current = recorded
     _every_launcher("cuda:1")
     assert {name for name, *_ in launches} == {"_flat_kernel", "_rows_kernel", "_mask_kernel"}
-    for name, device, _, _ in launches:
+    for name, device, *_ in launches:
         assert device == torch.device("cuda", 1), f"{name} launched on {device}, its tensors are on cuda:1"
     assert current[0] == torch.device("cuda", 0)  # the caller's device is restored
 
@@ -135,7 +149,7 @@ def test_fixed_launch_configs_no_autotuning(recorded):
     assert "autotune" not in inspect.getsource(K).replace("no autotuning", "")
     launches, _ = recorded
     _every_launcher("cuda:1")
-    for name, _, grid, meta in launches:
+    for name, _, grid, meta, _ in launches:
         assert isinstance(grid, tuple) and all(isinstance(d, int) and d >= 1 for d in grid), (name, grid)
         assert isinstance(meta["BLOCK"], int) and math.log2(meta["BLOCK"]).is_integer()
         assert meta["num_warps"] in (1, 2, 4, 8, 16)
@@ -144,9 +158,44 @@ def test_fixed_launch_configs_no_autotuning(recorded):
 @pytest.mark.parametrize("elem_size,R", [(4, 4), (2, 8), (1, 16)])
 def test_config_table(elem_size, R):
     """Rows of 16 bytes (one 128-bit access a thread), whole warps of them."""
-    for n in (1, 1000, 2**16, 2**16 + 1, 2**22, 2**22 + 1, 2**31 + 3):
+    for n in (1, 1000, 2**16, 2**16 + 1, 2**22, 2**22 + 1, 2**31 + 3, 2**40):
         r, block, warps = K.flat_config(n, elem_size)
         assert r == R and block % (R * 32 * warps) == 0 and math.log2(block).is_integer()
-    for rows, H in ((1, 4), (7, 12), (4096, 4096), (10**6, 768), (3, 2**20)):
+        _check_grid("flat", (-(-n // block),))
+    for rows, H in ((1, 4), (7, 12), (4096, 4096), (10**6, 768), (3, 2**20), (2**27, 4), (2, 2**26 + 4096)):
         r, block, warps, per = K.rows_config(rows, H, elem_size)
-        assert r == R and block % R == 0 and math.log2(block).is_integer() and 1 <= per <= 256
+        assert r == R and block % R == 0 and math.log2(block).is_integer() and math.log2(per).is_integer()
+        _check_grid("rows", K.rows_grid(rows, H, block, per))
+
+
+def _meta(device, *shapes, dtype=torch.float32):
+    return _on(device, *(torch.empty(shape, dtype=dtype, device="meta") for shape in shapes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,H", [(2, 33558528), (2, 67117056), (2**27, 4), (2**24 + 8, 8)])
+def test_bias_gradient_grid_within_limits(recorded, dtype, rows, H):
+    """A bias gradient just wider than 65535 column tiles (of 512 float32 or
+    1024 16-bit columns), or with more rows than 65535 programs of 256 rows
+    cover, launches a grid a GPU accepts, covering every element."""
+    launches, _ = recorded
+    g, x, b = _meta("cuda:1", (rows, H), (rows, H), (H,), dtype=dtype)
+    K.fused_dropout_backward(g, x, b, None, "gelu", [], True)
+    [(name, _, grid, meta, args)] = launches
+    assert name == "_rows_kernel"
+    assert grid[0] * meta["BLOCK"] >= H and grid[1] * meta["ROWS_PER_PROGRAM"] >= rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,H", [(1024, 768), (4096, 1024), (64, 4096), (8, 512), (3, 12), (10**6, 768)])
+def test_bias_gradient_partial_buffer_is_small(recorded, dtype, rows, H):
+    """The float32 partial sums (a row per row program), written and summed
+    again after the kernel, hold at most 1/8 of dx's elements, or one row."""
+    launches, _ = recorded
+    g, x, b = _meta("cuda:1", (rows, H), (rows, H), (H,), dtype=dtype)
+    K.fused_dropout_backward(g, x, b, None, "gelu", [], True)
+    [(name, _, grid, meta, args)] = launches
+    assert name == "_rows_kernel"
+    part_shape, part_dtype = tuple(args[5].shape), args[5].dtype
+    assert part_shape[0] * part_shape[1] <= max(H, rows * H // 8), (part_shape, (rows, H))
+    assert part_dtype == torch.float32 and part_shape == (grid[1], H)

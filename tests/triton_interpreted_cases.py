@@ -135,3 +135,25 @@ def test_all_launches_are_fixed_and_guarded(tk, monkeypatch):
         assert device == x.device
         assert isinstance(meta["BLOCK"], int) and isinstance(meta["num_warps"], int)
         assert math.log2(meta["BLOCK"]).is_integer()
+
+
+def test_float64_refused_by_the_triton_ops(tk):
+    """The Triton kernels compute in float32 and have no float64 path: a
+    direct torch.ops call with float64 fails, naming the argument, rather
+    than returning float32 arithmetic (the public API sends float64 to
+    another backend)."""
+    from dropout_ext import _backend, functional
+
+    ops = torch.ops.dropout_ext
+    x = torch.randn(3, 8, dtype=torch.float64)
+    bias = torch.randn(8, dtype=torch.float64)
+    wording = "must be float16, bfloat16 or float32 for the triton backend, got torch.float64"
+    with pytest.raises(TypeError, match="input " + wording):
+        ops.triton_fused_dropout(x, bias, None, _state(0.5), "gelu", [])
+    with pytest.raises(TypeError, match="grad " + wording):
+        ops.triton_fused_dropout_backward(x, x, bias, _state(0.5), "gelu", [], True)
+    with pytest.raises(TypeError, match="input " + wording):
+        ops.triton_fused_dropout_backward(x.float(), x, bias, _state(0.5), "gelu", [], False)
+    assert _backend.ops_for("triton", x.device, torch.float64).forward is not ops.triton_fused_dropout
+    y = functional.fused_dropout(x, 0.5, bias=bias, activation="gelu", seed=SEED, backend="triton")
+    torch.testing.assert_close(y, ref.fused_dropout(x, bias, None, SEED, 0, 0.5, "gelu"), atol=1e-12, rtol=1e-12)
