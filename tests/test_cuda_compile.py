@@ -1,10 +1,11 @@
 """Every CUDA source compiles with nvcc for Ampere (sm_80) and Hopper (sm_90)
 with warnings as errors, on any machine with nvcc, GPU or not, and the code
-ptxas makes of the kernels is checked: no stack frame or spills, the bias
-gradient's register count, 128-bit loads and stores in the streaming
-kernels, and no call to the 64-bit integer division routine (the kernels
-divide by launch constants with a multiply and a shift). The kernels include
-no torch header, so this needs only the CUDA toolkit.
+ptxas makes of the kernels is checked: no stack frame or spills, registers
+that let each kernel reach the residency its grid is planned for, 128-bit
+loads and stores in the streaming kernels, and no call to the 64-bit integer
+division routine (the kernels divide by launch constants with a multiply and
+a shift). The kernels include no torch header, so this needs only the CUDA
+toolkit.
 
 The torch-facing glue (csrc/cuda/dropout_cuda.cpp) needs a CUDA build of
 torch to compile; its launch discipline (device guard, current stream, every
@@ -27,10 +28,29 @@ CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 ARCHS = ["sm_80", "sm_90"]
 # The routines nvcc calls for a 64-bit integer / or %.
 DIV64_ROUTINES = ("__cuda_sm20_div_s64", "__cuda_sm20_div_u64", "__cuda_sm20_rem_s64", "__cuda_sm20_rem_u64")
-# The bias-gradient kernel used 92-128 registers and a 272-byte stack frame
-# (a __noinline__ helper taking the mask by reference); now it may not need
-# more than this, so two blocks of 256 threads fit an SM.
-BIAS_GRAD_MAX_REGISTERS = 96
+ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh", "silu"]  # by Act id
+# What bounds the resident blocks of an SM on compute capability 8.0 and
+# 9.0: registers, allocated per warp in units of 256 (8 per thread),
+# threads, and shared memory (an A100's 164 KiB; an H100 has 228).
+SM_REGISTERS = 65536
+REGISTER_UNIT = 8
+SM_THREADS = 2048
+SM_SHARED = 164 * 1024
+THREADS = 256
+
+
+def declared_blocks_per_sm(kernel, dtype, activation, backward):
+    """The resident blocks per SM each kernel is built and its grid planned
+    for (csrc/cuda/kernel_args.h): its __launch_bounds__ minimum on the GPU
+    and the host driver's plan alike (tests/test_cuda_host.py checks the
+    latter). float64 gelu's backward needs 136-155 registers on sm_90 and
+    spills at 128, so it gets one block."""
+    f64_gelu = dtype == "double" and activation == "gelu"
+    if kernel == "ElementwiseKernel":
+        return 1 if f64_gelu and backward else 4
+    if kernel == "BiasGradKernel":
+        return 1 if f64_gelu else 3
+    return {"BiasReduceKernel": SM_THREADS // THREADS, "MaskKernel": 4}[kernel]
 
 
 def _nvcc():
@@ -101,6 +121,12 @@ def _demangle(names):
 
 def _ptxas_report(stderr):
     """{kernel (demangled): (registers, stack bytes, spill stores, spill loads)} from -Xptxas -v."""
+    return {name: figures[:4] for name, figures in _ptxas_figures(stderr).items()}
+
+
+def _ptxas_figures(stderr):
+    """{kernel (demangled): (registers, stack bytes, spill stores, spill loads,
+    static shared memory bytes)} from -Xptxas -v."""
     entries, cur, frame = {}, None, (0, 0, 0)
     for line in stderr.splitlines():
         m = re.search(r"Compiling entry function '(\S+)'", line)
@@ -112,9 +138,35 @@ def _ptxas_report(stderr):
             frame = tuple(int(v) for v in m.groups())
         m = re.search(r"Used (\d+) registers", line)
         if m and cur:
-            entries[cur] = (int(m.group(1)),) + frame
+            smem = re.search(r"(\d+) bytes smem", line)
+            entries[cur] = (int(m.group(1)),) + frame + (int(smem.group(1)) if smem else 0,)
             cur = None
     return dict(zip(_demangle(list(entries)), entries.values()))
+
+
+def _launch_bounds(ptx):
+    """{kernel (demangled): (.maxntid x, .minnctapersm)} of a PTX file: the
+    __launch_bounds__ as ptxas received them."""
+    with open(ptx) as f:
+        text = f.read()
+    found = {}
+    for name, directives in re.findall(r"\.entry (\S+)\(.*?\)\s*((?:\.\w+[^\n{]*\s*)*)\{", text, re.S):
+        maxntid = re.search(r"\.maxntid (\d+)", directives)
+        minblocks = re.search(r"\.minnctapersm (\d+)", directives)
+        found[name] = (int(maxntid.group(1)) if maxntid else None, int(minblocks.group(1)) if minblocks else None)
+    return dict(zip(_demangle(list(found)), found.values()))
+
+
+def _kernel_key(name):
+    """(kernel, dtype, activation, backward) of a demangled kernel_entry name."""
+    m = re.search(r"kernel_entry<dropout_ext::cuda::(\w+)(?:<([^>]*)>)?", name)
+    assert m, name
+    kernel, args = m.group(1), [a.strip() for a in (m.group(2) or "").split(",") if a.strip()]
+    dtype = args[0].split("::")[-1] if args else None
+    act = re.search(r"\(dropout_ext::Act\)(\d+)", name)
+    direction = re.search(r"\(dropout_ext::cuda::Dir\)(\d+)", name)
+    return (kernel, dtype, ACTIVATIONS[int(act.group(1))] if act else None,
+            bool(int(direction.group(1))) if direction else False)
 
 
 def _sass_by_function(cubin):
@@ -167,21 +219,39 @@ def test_no_stack_frame_or_spills(builds):
     assert not bad, "\n".join(bad)
 
 
-def test_bias_gradient_kernel_registers(builds):
+def test_registers_allow_each_kernels_declared_residency(builds):
+    """Each kernel's grid is one wave of its declared blocks per SM: its
+    __launch_bounds__ carry that number, and its registers (rounded to the
+    allocation unit), threads and shared memory let that many blocks be
+    resident at once, with nothing spilled to reach it: a grid planned for
+    more blocks than fit runs in waves, the last one part empty."""
     _ok(builds)
-    seen = []
-    for (src, arch), (_, proc, _) in builds.items():
-        for name, (regs, stack, spill_st, spill_ld) in _ptxas_report(proc.stderr).items():
-            if "BiasGradKernel" not in name:
-                continue
-            short = re.sub(r"dropout_ext::(cuda::)?|\(anonymous namespace\)::|void |>\(.*", "", name) + ">"
-            seen.append(f"{arch} {short}: {regs} registers, {stack} bytes stack")
-            if _libm_kernel(name):
-                continue
-            assert stack == 0 and spill_st == 0 and spill_ld == 0, seen[-1]
-            assert regs <= BIAS_GRAD_MAX_REGISTERS, seen[-1]
-    assert len(seen) == 20 * len(ARCHS), seen
-    print("\n".join(seen))
+    table, bad = [], []
+    for (src, arch), (_, proc, cubin) in builds.items():
+        ptx = glob.glob(os.path.join(os.path.dirname(cubin), "*.ptx"))
+        assert len(ptx) == 1, ptx
+        bounds = _launch_bounds(ptx[0])
+        figures = _ptxas_figures(proc.stderr)
+        assert set(bounds) == set(figures) and len(figures) == 65, (sorted(bounds), sorted(figures))
+        for name, (regs, stack, spill_st, spill_ld, smem) in figures.items():
+            threads, target = bounds[name]
+            key = _kernel_key(name)
+            per_block = -(-regs // REGISTER_UNIT) * REGISTER_UNIT * THREADS
+            resident = min(SM_REGISTERS // per_block, SM_THREADS // THREADS,
+                           SM_SHARED // smem if smem else SM_THREADS // THREADS)
+            kernel, dtype, activation, backward = key
+            args = [a for a in (dtype, activation) if a] + (["backward" if backward else "forward"]
+                                                           if kernel == "ElementwiseKernel" else [])
+            row = (f"{arch} {kernel}<{', '.join(args)}>: {regs} registers, {smem} B shared, {resident} resident, "
+                   f"declared {target}")
+            table.append(row)
+            if threads != THREADS or target != declared_blocks_per_sm(*key):
+                bad.append(f"{row}: __launch_bounds__({threads}, {target}), expected "
+                           f"({THREADS}, {declared_blocks_per_sm(*key)})")
+            elif resident < target or spill_st or spill_ld:
+                bad.append(f"{row}, {spill_st}/{spill_ld} bytes spilled")
+    print("\n".join(sorted(table)))
+    assert not bad, "\n".join(bad)
 
 
 def test_streaming_kernels_use_128_bit_accesses(builds):

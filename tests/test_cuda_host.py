@@ -21,12 +21,16 @@ import torch
 from dropout_ext import _ops
 from dropout_ext import reference as ref
 from conftest import TOLERANCES, assert_bitwise_equal, bits, check_contract, make_inputs
+from test_cuda_compile import declared_blocks_per_sm
 
 ops = torch.ops.dropout_ext
 testing = torch.ops.dropout_ext_testing
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SEED, OFFSET = 2024, 11
+H100_SMS = 132
+# The kernels' element types as nvcc names them.
+KERNEL_DTYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
 
 
 def unit_elems(dtype):
@@ -93,7 +97,8 @@ def test_misaligned_views_take_the_scalar_path(dtype, activation):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grid_stride_loop(dtype):
-    """One SM: 8 blocks of 256 threads, so each thread walks several units."""
+    """One SM: 4 blocks of 256 threads, so each thread walks six or seven
+    units."""
     n = 3 * 8 * 256 * unit_elems(dtype) + 5
     x, bias, res, grad = make_inputs((n // 5, 5), dtype, seed=9)
     st = state(0.25)
@@ -223,7 +228,7 @@ def test_bias_gradient_in_kernel_order(dtype, rows, H, sm_count):
     activation = "gelu_tanh" if dtype != torch.float64 else "relu"
     x, bias, _, grad = make_inputs((rows, H), dtype, seed=rows + H)
     st = state(0.35)
-    plan = testing.cuda_bias_grad_plan(rows, H, unit_elems(dtype), sm_count)
+    plan = testing.cuda_bias_grad_plan(rows, H, dtype, activation, sm_count)
     col_units, row_lanes, rows_per_block, row_blocks, grid_x, grid_y = plan
     assert col_units * row_lanes == 256 and grid_y == row_blocks
     assert row_blocks == -(-rows // rows_per_block)
@@ -238,9 +243,81 @@ def test_bias_gradient_keeps_every_thread_busy():
     """H = 768 in bfloat16 is 96 units of 8 columns: three tiles of 32 units,
     so every thread of every block has a column (the kernel before used 96 of
     its 256 threads for this shape, one column unit each)."""
-    col_units, row_lanes, rows_per_block, row_blocks, grid_x, _ = testing.cuda_bias_grad_plan(4096, 768, 8, 132)
+    col_units, row_lanes, rows_per_block, row_blocks, grid_x, _ = testing.cuda_bias_grad_plan(
+        4096, 768, torch.bfloat16, "gelu", 132)
     assert (col_units, row_lanes, grid_x) == (32, 8, 3)
     assert grid_x * col_units * 8 == 768 and rows_per_block >= row_lanes
+
+
+def _launches(op, n, H, dtype, activation, bias_grad=False, sm_count=H100_SMS):
+    """[(grid.x, grid.y, blocks per SM)] of each launch of op, planned and
+    checked by the host driver with nothing allocated or run."""
+    flat = testing.cuda_launch_plan(op, n, H, dtype, activation, bias_grad, sm_count)
+    return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+def test_grids_are_one_wave_of_each_kernels_residency(dtype, activation):
+    """Each grid is planned with the blocks per SM its kernel declares, the
+    number its __launch_bounds__ carry on the GPU and its registers allow
+    (declared_blocks_per_sm, checked against ptxas in test_cuda_compile.py):
+    a grid-stride launch is exactly one wave of resident blocks, and the
+    bias gradient's row blocks fill one wave without a tail."""
+    kd = KERNEL_DTYPE[dtype]
+    n, H = 2**30, 1024
+    for backward in (False, True):
+        want = declared_blocks_per_sm("ElementwiseKernel", kd, activation, backward)
+        got = _launches("backward" if backward else "forward", n, H, dtype, activation)
+        assert got == [(H100_SMS * want, 1, want)]
+        # fewer units than a wave's threads: a block per 256 units
+        units = 3 * 256 + 1
+        got = _launches("backward" if backward else "forward", units * unit_elems(dtype), 1, dtype, activation)
+        assert got == [(4, 1, want)]
+    grad, reduce = _launches("backward", n, H, dtype, activation, bias_grad=True)
+    want = declared_blocks_per_sm("BiasGradKernel", kd, activation, True)
+    col_tiles = -(-H // (32 * unit_elems(dtype)))
+    assert grad == (col_tiles, H100_SMS * want // col_tiles, want)
+    assert reduce == (H // 256, 1, declared_blocks_per_sm("BiasReduceKernel", kd, None, False))
+    big_h = 2**22
+    assert _launches("backward", n, big_h, dtype, activation, True)[1] == (H100_SMS * 8, 1, 8)
+    assert _launches("mask", n, 1, dtype, activation) == [(H100_SMS * 4, 1, declared_blocks_per_sm(
+        "MaskKernel", None, None, False))]
+
+
+def test_launches_a_gpu_would_refuse_are_refused():
+    """The host driver checks every launch against the GPU's limits (grid.x
+    up to 2**31 - 1, grid.y up to 65535, no empty grid, 48 KiB of static
+    shared memory), so a plan the GPU would refuse fails here too. A probe
+    kernel launched without running shows the limits are exact."""
+    dry = lambda gx, gy, words=256: testing.cuda_host_shared_probe(gx, gy, words, False)  # noqa: E731
+    dry(2**31 - 1, 65535)
+    dry(1, 1, 12288)  # 48 KiB
+    for gx, gy, words, why in [(2**31, 1, 256, "gridDim.x"), (0, 1, 256, "gridDim.x"), (1, 65536, 256, "gridDim.y"),
+                               (1, 0, 256, "gridDim.y"), (1, 1, 12289, "shared memory")]:
+        with pytest.raises(RuntimeError, match=f"a GPU would refuse this launch: .*{why}"):
+            dry(gx, gy, words)
+    # A bias gradient whose last dimension has 2**33 column tiles: the plan
+    # keeps the 64-bit grid (it used to wrap to a 0-block grid that ran
+    # nothing) and the launch is refused.
+    H = 2**40
+    assert testing.cuda_bias_grad_plan(1, H, torch.float32, "identity", H100_SMS)[4] == 2**33
+    with pytest.raises(RuntimeError, match=r"gridDim.x must be in \[1, 2\*\*31 - 1\]; got grid \(8589934592, 1\)"):
+        _launches("backward", H, H, torch.float32, "identity", bias_grad=True)
+    assert _launches("forward", H, H, torch.float32, "identity") == [(H100_SMS * 4, 1, 4)]
+
+
+def test_shared_memory_is_poisoned_for_every_block():
+    """A GPU block's shared memory starts with whatever was there, so the
+    host driver fills it with all-one bytes (NaN as float or double) before
+    every block: a read before the block's own write turns up in the
+    results instead of finding zeros (a value-initialised buffer) or the
+    previous block's values (one buffer reused). The probe's threads report
+    the AND of the words they own as they found them, then overwrite them."""
+    for gx, gy, words in [(3, 2, 256), (2, 1, 12288)]:
+        seen = testing.cuda_host_shared_probe(gx, gy, words, True)
+        assert seen.shape == (gx * gy, 256)
+        assert bool((seen == 0xFFFFFFFF).all()), seen.unique().tolist()
 
 
 def test_launch_layout_changes_no_bit_of_the_outputs():

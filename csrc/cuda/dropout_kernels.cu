@@ -11,10 +11,11 @@ namespace dropout_ext {
 namespace cuda {
 namespace {
 
-// (kThreads, 1): without a minimum of blocks per SM, ptxas picks a register
-// budget for occupancy by itself and spills to meet it.
+// The minimum of blocks per SM is the one the grid is planned for
+// (kernel_args.h): ptxas then keeps the registers within what that many
+// blocks can hold.
 template <typename K>
-__global__ void __launch_bounds__(kThreads, 1) kernel_entry(const typename K::Params p) {
+__global__ void __launch_bounds__(kThreads, K::kBlocksPerSm) kernel_entry(const typename K::Params p) {
   __shared__ typename K::Shared shared;
   const Idx idx{blockIdx.x, blockIdx.y, threadIdx.x, gridDim.x, gridDim.y};
   K::template phase<0>(p, idx, shared);
@@ -31,7 +32,14 @@ struct DeviceRunner {
 
   template <typename K>
   bool launch(const typename K::Params& p, Grid2 grid) {
-    kernel_entry<K><<<dim3(grid.x, grid.y), kThreads, 0, stream>>>(p);
+    // Checked before dim3 narrows the grid to 32 bits, which could wrap an
+    // oversized plan into a valid-looking one.
+    if (launch_refusal(grid, kThreads, shared_bytes<K>()) != nullptr) {
+      error = cudaErrorInvalidConfiguration;
+      return false;
+    }
+    const dim3 blocks(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y));
+    kernel_entry<K><<<blocks, kThreads, 0, stream>>>(p);
     error = cudaGetLastError();
     return error == cudaSuccess;
   }

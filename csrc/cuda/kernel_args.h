@@ -7,16 +7,18 @@
 // function whichever of them launches it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+
+#include "../activation_constants.h"
 
 namespace dropout_ext {
 namespace cuda {
 
 enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
 
-constexpr int kThreads = 256;                 // threads per block, every kernel
-constexpr int kBlocksPerSm = 2048 / kThreads;  // a full SM's worth of resident threads
-constexpr int kMaxDims = 8;                   // collapsed dimensions of a structured mask
+constexpr int kThreads = 256;  // threads per block, every kernel
+constexpr int kMaxDims = 8;    // collapsed dimensions of a structured mask
 // The SM count the host driver launches for: an H100 SXM's, so the host runs
 // the grid an H100 runs (and so the bias gradient's summation order too).
 constexpr int kHostSmCount = 132;
@@ -94,16 +96,56 @@ struct MaskArgs {
   int64_t base = 0;  // as DropoutArgs::base
 };
 
+// 64-bit, so a plan past a launch limit reaches launch_refusal intact
+// instead of wrapping to a grid that looks valid.
 struct Grid2 {
-  uint32_t x = 1;
-  uint32_t y = 1;
+  int64_t x = 1;
+  int64_t y = 1;
 };
 
+// What a GPU refuses to launch (the same on compute capability 8.x and 9.x):
+// nullptr when the launch is valid, else the broken limit. Both launchers
+// ask first, so the host driver fails where the GPU would.
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridY = 65535;
+constexpr int kMaxBlockThreads = 1024;
+constexpr size_t kMaxStaticShared = 48 * 1024;
+static_assert(kThreads <= kMaxBlockThreads && kThreads % 32 == 0, "a block of whole warps, at most 1024 threads");
+
+inline const char* launch_refusal(Grid2 grid, int threads, size_t static_shared_bytes) {
+  if (grid.x < 1 || grid.x > kMaxGridX) return "gridDim.x must be in [1, 2**31 - 1]";
+  if (grid.y < 1 || grid.y > kMaxGridY) return "gridDim.y must be in [1, 65535]";
+  if (threads < 1 || threads > kMaxBlockThreads) return "a block must have 1 to 1024 threads";
+  if (static_shared_bytes > kMaxStaticShared) return "static shared memory must be at most 48 KiB per block";
+  return nullptr;
+}
+
+// Resident blocks of kThreads per SM that each kernel is built for: its
+// __launch_bounds__ minimum, so ptxas fits its registers to it
+// (tests/test_cuda_compile.py checks the figures and that nothing spills),
+// and the blocks per SM its grid is planned with, so a grid-stride launch
+// is one wave of resident blocks and a bias-gradient launch has no tail
+// wave. The host driver plans with the same numbers, so it runs the GPU's
+// grid. Registers by ptxas (sm_80 and sm_90, CUDA 13) without a bound:
+//   elementwise and mask: 54-64, so 4 blocks; float64 gelu forward (68-82)
+//     fits 4 blocks' 64 unspilled, its backward (72-136) spills at 2's 128;
+//   bias gradient: 63-92, and at 3 blocks' 80 all fit unspilled but float64
+//     gelu (92-155), which spills at 80 and at 128;
+//   bias reduction: 24-32, a full SM's 2048 threads.
+constexpr int kMaskBlocksPerSm = 4;
+constexpr int kReduceBlocksPerSm = 2048 / kThreads;
+
+constexpr int elementwise_blocks_per_sm(DType t, Act a, bool backward) {
+  return t == DType::kDouble && a == Act::kGelu && backward ? 1 : 4;
+}
+
+constexpr int bias_grad_blocks_per_sm(DType t, Act a) { return t == DType::kDouble && a == Act::kGelu ? 1 : 3; }
+
 // Grid-stride kernels: enough blocks to fill the GPU, no more.
-inline uint32_t flat_blocks(int64_t work_items, int sm_count) {
+inline int64_t flat_blocks(int64_t work_items, int sm_count, int blocks_per_sm) {
   const int64_t want = (work_items + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * kBlocksPerSm;
-  return static_cast<uint32_t>(want < 1 ? 1 : (want < cap ? want : cap));
+  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * blocks_per_sm;
+  return want < 1 ? 1 : (want < cap ? want : cap);
 }
 
 // The bias-gradient kernel's layout. A block owns a tile of col_units column
@@ -122,11 +164,14 @@ struct BiasGradPlan {
   int64_t rows_per_block = 1;
   int64_t row_blocks = 1;
   Grid2 grid;        // (column tiles, row blocks)
-  uint32_t reduce_blocks = 1;
+  int64_t reduce_blocks = 1;
 };
 
-inline BiasGradPlan plan_bias_grad(int64_t rows, int64_t H, int elems, int sm_count) {
+// The one plan of a bias-gradient launch: the glue sizes the partial sums
+// by it and the launcher launches it.
+inline BiasGradPlan plan_bias_grad(int64_t rows, int64_t H, DType dtype, Act act, int sm_count) {
   BiasGradPlan g;
+  const int elems = unit_elems(dtype);
   const int64_t units = (H + elems - 1) / elems;
   while (g.col_units < 32 && g.col_units < units) {
     g.col_units *= 2;
@@ -135,7 +180,7 @@ inline BiasGradPlan plan_bias_grad(int64_t rows, int64_t H, int elems, int sm_co
   g.row_lanes = kThreads / g.col_units;
   const int64_t col_tiles = (units + g.col_units - 1) / g.col_units;
   g.rows = rows;
-  const int64_t want = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * kBlocksPerSm;
+  const int64_t want = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * bias_grad_blocks_per_sm(dtype, act);
   int64_t row_blocks = want / col_tiles;
   const int64_t lane_limited = (rows + g.row_lanes - 1) / g.row_lanes;  // a row per lane at least
   if (row_blocks > lane_limited) row_blocks = lane_limited;
@@ -146,9 +191,9 @@ inline BiasGradPlan plan_bias_grad(int64_t rows, int64_t H, int elems, int sm_co
   if (per < 1) per = 1;
   g.rows_per_block = per;
   g.row_blocks = rows > 0 ? (rows + per - 1) / per : 1;
-  g.grid.x = static_cast<uint32_t>(col_tiles);
-  g.grid.y = static_cast<uint32_t>(g.row_blocks);
-  g.reduce_blocks = flat_blocks(H, sm_count);
+  g.grid.x = col_tiles;
+  g.grid.y = g.row_blocks;
+  g.reduce_blocks = flat_blocks(H, sm_count, kReduceBlocksPerSm);
   return g;
 }
 

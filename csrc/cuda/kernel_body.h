@@ -7,10 +7,10 @@
 // loads, half/bfloat16 conversions, 64-bit multiply-high, bit casts) have a
 // host twin with the same result, bit for bit.
 //
-// A kernel is a struct with Params, a Shared block, kPhases and
-// phase<k>(params, idx, shared): the phases are the code between
-// __syncthreads(), so the host runs phase k of every thread of a block
-// before phase k + 1, as the GPU's barrier orders them.
+// A kernel is a struct with Params, a Shared block, kPhases, kBlocksPerSm
+// (kernel_args.h) and phase<k>(params, idx, shared): the phases are the
+// code between __syncthreads(), so the host runs phase k of every thread of
+// a block before phase k + 1, as the GPU's barrier orders them.
 //
 // Each thread step handles a unit of 16 bytes per tensor (4 float, 8 half
 // or bfloat16, 4 double as two 16-byte halves), so a unit of a flat walk
@@ -21,8 +21,10 @@
 // exactly as activations.h says on both.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -136,6 +138,7 @@ struct Num;
 template <>
 struct Num<float> {
   using acc = float;
+  static constexpr DType kDType = DType::kFloat;
   DX_HD static float load(float v) { return v; }
   DX_HD static float store(float v) { return v; }
 };
@@ -143,6 +146,7 @@ struct Num<float> {
 template <>
 struct Num<double> {
   using acc = double;
+  static constexpr DType kDType = DType::kDouble;
   DX_HD static double load(double v) { return v; }
   DX_HD static double store(double v) { return v; }
 };
@@ -150,6 +154,7 @@ struct Num<double> {
 template <>
 struct Num<Half> {
   using acc = float;
+  static constexpr DType kDType = DType::kHalf;
   DX_HD static float load(Half v) {
 #if defined(__CUDA_ARCH__)
     return __half2float(__ushort_as_half(v.bits));
@@ -169,6 +174,7 @@ struct Num<Half> {
 template <>
 struct Num<BFloat16> {
   using acc = float;
+  static constexpr DType kDType = DType::kBFloat16;
   DX_HD static float load(BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
   DX_HD static BFloat16 store(float v) {
 #if defined(__CUDA_ARCH__)
@@ -484,6 +490,13 @@ DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint3
 
 struct NoShared {};
 
+// The static shared memory of K's blocks: none for NoShared, which the GPU
+// does not allocate.
+template <class K>
+constexpr size_t shared_bytes() {
+  return std::is_empty<typename K::Shared>::value ? 0 : sizeof(typename K::Shared);
+}
+
 // Forward, or backward without the bias gradient: a grid-stride walk over
 // the units of the flat tensor.
 template <typename T, Act A, Dir D>
@@ -494,6 +507,7 @@ struct ElementwiseKernel {
   };
   using Shared = NoShared;
   static constexpr int kPhases = 1;
+  static constexpr int kBlocksPerSm = elementwise_blocks_per_sm(Num<T>::kDType, A, D == Dir::kBackward);
 
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
@@ -505,6 +519,7 @@ struct ElementwiseKernel {
     const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
     const ThreadCtx<T> c = thread_ctx<T, D>(a);
     const bool bias_cols = c.bias != nullptr && (D == Dir::kForward || A != Act::kIdentity);
+    // Two units a step would double the bytes in flight but spill at 4 blocks' 64 registers: to measure on a GPU.
 #if defined(__CUDA_ARCH__)
 #pragma unroll 1
 #endif
@@ -538,6 +553,7 @@ struct BiasGradKernel {
     acc_t sums[kThreads * E];  // [row lane][column of the tile]
   };
   static constexpr int kPhases = 2;
+  static constexpr int kBlocksPerSm = bias_grad_blocks_per_sm(Num<T>::kDType, A);
 
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh) {
@@ -601,6 +617,7 @@ struct BiasReduceKernel {
   };
   using Shared = NoShared;
   static constexpr int kPhases = 1;
+  static constexpr int kBlocksPerSm = kReduceBlocksPerSm;
 
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
@@ -626,6 +643,7 @@ struct MaskKernel {
   };
   using Shared = NoShared;
   static constexpr int kPhases = 1;
+  static constexpr int kBlocksPerSm = kMaskBlocksPerSm;
 
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
@@ -666,10 +684,11 @@ bool run_forward(Runner& r, const DropoutArgs& a, int sm_count) {
   if (a.n == 0) return true;
   return dispatch_dtype(a.dtype, [&](auto zero) {
     using T = decltype(zero);
-    const uint32_t blocks = flat_blocks((a.n + Unit<T>::kElems - 1) / Unit<T>::kElems, sm_count);
+    const int64_t units = (a.n + Unit<T>::kElems - 1) / Unit<T>::kElems;
     return dispatch_act(static_cast<Act>(a.act), [&](auto act) {
       using K = ElementwiseKernel<T, decltype(act)::value, Dir::kForward>;
-      return r.template launch<K>(typename K::Params{a, forward_vec(a)}, Grid2{blocks, 1});
+      const Grid2 grid{flat_blocks(units, sm_count, K::kBlocksPerSm), 1};
+      return r.template launch<K>(typename K::Params{a, forward_vec(a)}, grid);
     });
   });
 }
@@ -684,11 +703,11 @@ bool run_backward(Runner& r, const DropoutArgs& a, int sm_count) {
       constexpr Act A = decltype(act)::value;
       if (a.partial == nullptr) {
         using K = ElementwiseKernel<T, A, Dir::kBackward>;
-        const uint32_t blocks = flat_blocks((a.n + E - 1) / E, sm_count);
-        return r.template launch<K>(typename K::Params{a, backward_vec(a)}, Grid2{blocks, 1});
+        const Grid2 grid{flat_blocks((a.n + E - 1) / E, sm_count, K::kBlocksPerSm), 1};
+        return r.template launch<K>(typename K::Params{a, backward_vec(a)}, grid);
       }
       const int64_t H = static_cast<int64_t>(a.H.divisor);
-      const BiasGradPlan plan = plan_bias_grad(a.n / H, H, E, sm_count);
+      const BiasGradPlan plan = plan_bias_grad(a.n / H, H, a.dtype, A, sm_count);
       using K = BiasGradKernel<T, A>;
       if (!r.template launch<K>(typename K::Params{a, plan, backward_vec(a) && H % E == 0}, plan.grid)) {
         return false;
@@ -705,7 +724,8 @@ template <class Runner>
 bool run_mask(Runner& r, const MaskArgs& a, int sm_count) {
   if (a.n == 0) return true;
   const bool aligned = (reinterpret_cast<uintptr_t>(a.out) & 3) == 0;
-  return r.template launch<MaskKernel>(MaskKernel::Params{a, aligned}, Grid2{flat_blocks((a.n + 3) / 4, sm_count), 1});
+  const Grid2 grid{flat_blocks((a.n + 3) / 4, sm_count, MaskKernel::kBlocksPerSm), 1};
+  return r.template launch<MaskKernel>(MaskKernel::Params{a, aligned}, grid);
 }
 
 }  // namespace cuda

@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
   at::Tensor partial;
   if (bias_grad) {
     const int64_t H = last_dim(g);
-    const BiasGradPlan plan = plan_bias_grad(n / H, H, unit_elems(a.dtype), sms);
+    const BiasGradPlan plan = plan_bias_grad(n / H, H, a.dtype, act, sms);
     const at::ScalarType acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     partial = at::empty({plan.row_blocks, H}, g.options().dtype(acc));
     a.partial = partial.data_ptr();

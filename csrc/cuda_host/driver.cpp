@@ -6,8 +6,9 @@
 // run the op bodies of csrc/cuda/ops_impl.h, which the CUDA glue runs too,
 // and launch the kernels of csrc/cuda/kernel_body.h, which nvcc compiles into
 // the __global__ kernels: the same source lines, on CPU tensors. A launch
-// computes its grid as the CUDA launcher does for an H100's SM count and runs
-// every block, in order, and in each block phase by phase (the code between
+// computes its grid as the CUDA launcher does for an H100's SM count,
+// refuses what a GPU would refuse, and runs every block, in order, each from
+// poisoned shared memory, and in each block phase by phase (the code between
 // __syncthreads()) every thread, in order. So the conformance suite can
 // check the CUDA kernels bit for bit against the reference on a machine
 // without a GPU, including the bias gradient's summation order.
@@ -16,9 +17,11 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda/kernel_body.h"
@@ -29,23 +32,46 @@ namespace cuda {
 namespace {
 
 struct HostRunner {
+  // Set: plan the launches without running them, recording grid.x, grid.y
+  // and the blocks per SM of each.
+  std::vector<int64_t>* plan = nullptr;
+
   template <typename K, int kPhase>
-  static void run_phase(const typename K::Params& p, Grid2 grid, uint32_t bx, uint32_t by,
-                        typename K::Shared& shared) {
+  static void run_phase(const typename K::Params& p, const Idx& block, typename K::Shared& shared) {
+    Idx idx = block;
     for (uint32_t t = 0; t < static_cast<uint32_t>(kThreads); ++t) {
-      K::template phase<kPhase>(p, Idx{bx, by, t, grid.x, grid.y}, shared);
+      idx.thread = t;
+      K::template phase<kPhase>(p, idx, shared);
     }
   }
 
   template <typename K>
   bool launch(const typename K::Params& p, Grid2 grid) {
-    // One block's shared memory, reused block after block, as a GPU reuses
-    // it: no kernel may read what it has not written in the same block.
-    auto shared = std::make_unique<typename K::Shared>();
-    for (uint32_t by = 0; by < grid.y; ++by) {
-      for (uint32_t bx = 0; bx < grid.x; ++bx) {
-        run_phase<K, 0>(p, grid, bx, by, *shared);
-        if constexpr (K::kPhases > 1) run_phase<K, 1>(p, grid, bx, by, *shared);
+    const char* refusal = launch_refusal(grid, kThreads, shared_bytes<K>());
+    TORCH_CHECK(refusal == nullptr, "a GPU would refuse this launch: ", refusal, "; got grid (", grid.x, ", ",
+                grid.y, "), ", kThreads, " threads per block, ", shared_bytes<K>(), " bytes of shared memory");
+    if (plan != nullptr) {
+      plan->insert(plan->end(), {grid.x, grid.y, static_cast<int64_t>(K::kBlocksPerSm)});
+      return true;
+    }
+    using Shared = typename K::Shared;
+    static_assert(std::is_trivially_default_constructible<Shared>::value && std::is_trivially_copyable<Shared>::value,
+                  "shared memory is raw bytes on the GPU");
+    // One block's shared memory, reused block after block as a GPU reuses
+    // it, and never zeroed: a GPU block starts with whatever was there.
+    const std::unique_ptr<Shared> shared(new Shared);
+    const uint32_t gx = static_cast<uint32_t>(grid.x);
+    const uint32_t gy = static_cast<uint32_t>(grid.y);
+    for (uint32_t by = 0; by < gy; ++by) {
+      for (uint32_t bx = 0; bx < gx; ++bx) {
+        // All-one bytes (NaN as float or double) at every block's start, so
+        // a read before the block's own write shows in the results instead
+        // of finding zeros or the previous block's values, which a GPU
+        // would not guarantee.
+        std::memset(static_cast<void*>(shared.get()), 0xFF, sizeof(Shared));
+        const Idx block{bx, by, 0, gx, gy};
+        run_phase<K, 0>(p, block, *shared);
+        if constexpr (K::kPhases > 1) run_phase<K, 1>(p, block, *shared);
         static_assert(K::kPhases <= 2, "add the phases here");
       }
     }
@@ -146,9 +172,93 @@ at::Tensor test_dropout_mask(const at::Tensor& state, at::IntArrayRef shape, int
 
 // [col_units, row_lanes, rows_per_block, row_blocks, grid.x, grid.y] of the
 // bias-gradient launch.
-std::vector<int64_t> test_bias_grad_plan(int64_t rows, int64_t H, int64_t elems, int64_t sm_count) {
-  const BiasGradPlan g = plan_bias_grad(rows, H, static_cast<int>(elems), static_cast<int>(sm_count));
+std::vector<int64_t> test_bias_grad_plan(int64_t rows, int64_t H, at::ScalarType dtype, c10::string_view activation,
+                                         int64_t sm_count) {
+  const BiasGradPlan g = plan_bias_grad(rows, H, kernel_dtype(dtype), parse_activation(activation),
+                                        test_exec(sm_count).sms);
   return {g.col_units, g.row_lanes, g.rows_per_block, g.row_blocks, g.grid.x, g.grid.y};
+}
+
+// [grid.x, grid.y, blocks per SM] of each launch of op ("forward",
+// "backward" or "mask") on n elements whose last dimension is H, as the
+// launchers plan it and checked against the launch limits, with nothing
+// allocated or run: the grids of shapes too large to allocate.
+std::vector<int64_t> test_launch_plan(c10::string_view op, int64_t n, int64_t H, at::ScalarType dtype,
+                                      c10::string_view activation, bool bias_grad, int64_t sm_count) {
+  TORCH_CHECK_VALUE(n >= 1 && H >= 1 && n % H == 0, "n must be a positive multiple of H >= 1");
+  const int sms = test_exec(sm_count).sms;
+  std::vector<int64_t> plan;
+  HostRunner r{&plan};
+  if (op == "mask") {
+    MaskArgs m;
+    m.n = n;
+    run_mask(r, m, sms);
+    return plan;
+  }
+  DropoutArgs a;
+  a.dtype = kernel_dtype(dtype);
+  a.act = static_cast<int>(parse_activation(activation));
+  a.n = n;
+  a.H = make_fast_div(static_cast<uint64_t>(H));
+  if (op == "forward") {
+    run_forward(r, a, sms);
+  } else {
+    TORCH_CHECK_VALUE(op == "backward", "op must be 'forward', 'backward' or 'mask'");
+    // Selects the bias-gradient launches; never written, as nothing runs.
+    static char placeholder;
+    if (bias_grad) a.partial = a.dbias = &placeholder;
+    run_backward(r, a, sms);
+  }
+  return plan;
+}
+
+// Each thread ANDs the shared words it owns (t, t + 256, ...) as its block
+// finds them, then overwrites them with the block's number: out[block][t]
+// is all ones only if every block started from poisoned memory.
+template <int kWords>
+struct SharedProbeKernel {
+  struct Params {
+    int64_t* out;
+  };
+  struct Shared {
+    uint32_t w[kWords];
+  };
+  static constexpr int kPhases = 1;
+  static constexpr int kBlocksPerSm = 1;
+
+  template <int kPhase>
+  static void phase(const Params& p, const Idx& idx, Shared& sh) {
+    const int64_t block = static_cast<int64_t>(idx.block_y) * idx.grid_x + idx.block_x;
+    uint32_t seen = ~0u;
+    for (uint32_t i = idx.thread; i < static_cast<uint32_t>(kWords); i += kThreads) {
+      seen &= sh.w[i];
+      sh.w[i] = static_cast<uint32_t>(block);
+    }
+    p.out[block * kThreads + idx.thread] = seen;
+  }
+};
+
+// The probe on a grid_x x grid_y grid with `words` 32-bit words of shared
+// memory (256, 12288 = 48 KiB, or 12289): [blocks, 256] of what each thread
+// found, or, with execute false, only the launch checks (an empty tensor).
+at::Tensor test_shared_probe(int64_t grid_x, int64_t grid_y, int64_t words, bool execute) {
+  TORCH_CHECK_VALUE(!execute || (grid_x >= 1 && grid_y >= 1 && grid_x * grid_y <= 4096),
+                    "an executed probe takes at most 4096 blocks");
+  std::vector<int64_t> plan;
+  HostRunner r{execute ? nullptr : &plan};
+  at::Tensor out = at::empty({execute ? grid_x * grid_y : 0, kThreads}, at::TensorOptions().dtype(at::kLong));
+  const Grid2 grid{grid_x, grid_y};
+  auto run = [&](auto kernel) {
+    using K = decltype(kernel);
+    r.template launch<K>(typename K::Params{out.data_ptr<int64_t>()}, grid);
+  };
+  switch (words) {
+    case 256: run(SharedProbeKernel<256>{}); break;
+    case 12288: run(SharedProbeKernel<12288>{}); break;
+    case 12289: run(SharedProbeKernel<12289>{}); break;
+    default: TORCH_CHECK_VALUE(false, "words must be 256, 12288 or 12289");
+  }
+  return out;
 }
 
 // (n // d, n % d) by the kernels' FastDiv, for int64 n >= 0 and d >= 1.
@@ -207,7 +317,10 @@ TORCH_LIBRARY_FRAGMENT(dropout_ext_testing, m) {
   m.def("cuda_host_fused_dropout_backward(Tensor grad, Tensor? input, Tensor? bias, Tensor? state, "
         "str activation, int[] mask_shape, bool bias_grad, int base, int sm_count) -> (Tensor, Tensor)");
   m.def("cuda_host_dropout_mask(Tensor state, int[] shape, int base, int sm_count) -> Tensor");
-  m.def("cuda_bias_grad_plan(int rows, int H, int elems, int sm_count) -> int[]");
+  m.def("cuda_bias_grad_plan(int rows, int H, ScalarType dtype, str activation, int sm_count) -> int[]");
+  m.def("cuda_launch_plan(str op, int n, int H, ScalarType dtype, str activation, bool bias_grad, int sm_count) "
+        "-> int[]");
+  m.def("cuda_host_shared_probe(int grid_x, int grid_y, int words, bool execute) -> Tensor");
   m.def("cuda_fast_divmod(Tensor n, int d) -> (Tensor, Tensor)");
   m.def("cuda_round(Tensor x, ScalarType dtype) -> Tensor");
 }
@@ -222,6 +335,8 @@ TORCH_LIBRARY_IMPL(dropout_ext_testing, CPU, m) {
 
 TORCH_LIBRARY_IMPL(dropout_ext_testing, CompositeExplicitAutograd, m) {
   m.impl("cuda_bias_grad_plan", &cuda::test_bias_grad_plan);
+  m.impl("cuda_launch_plan", &cuda::test_launch_plan);
+  m.impl("cuda_host_shared_probe", &cuda::test_shared_probe);
 }
 
 }  // namespace dropout_ext
