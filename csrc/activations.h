@@ -22,16 +22,6 @@
 
 namespace dropout_ext {
 
-DX_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
-
 // exp(x) for x <= 0 (every caller passes a non-positive argument). Results
 // below exp(-87) are flushed to 0 so no backend depends on subnormal support.
 DX_HD float exp_nonpos(float x) {
@@ -49,7 +39,7 @@ DX_HD float exp_nonpos(float x) {
   poly = actc::EXP_C1 + r * poly;
   poly = actc::EXP_C0 + r * poly;
   const int32_t ki = static_cast<int32_t>(k);                 // in [-126, 0]
-  const float scale = bits_to_float(static_cast<uint32_t>(ki + 127) << 23);
+  const float scale = bit_cast<float>(static_cast<uint32_t>(ki + 127) << 23);
   const float e = poly * scale;
   return in_range ? e : (x != x ? x : 0.0f);
 }

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -168,6 +169,17 @@ inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor
 inline void check_mask_args(const at::Tensor& state, at::IntArrayRef shape) {
   check_state(state, state.device());
   for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "shape must be non-negative, got ", py_shape(shape));
+}
+
+// The backward's outputs: dx in the row-major layout the kernels write, and
+// the bias gradient ([H] when asked for, else [0]); an empty grad sums to a
+// zero bias gradient, so the kernels never run on it.
+inline std::tuple<at::Tensor, at::Tensor> backward_outputs(const at::Tensor& g, bool bias_grad) {
+  const auto opts = g.options();
+  at::Tensor dbias = !bias_grad         ? at::empty({0}, opts)
+                     : g.numel() == 0 ? at::zeros({g.size(-1)}, opts)
+                                      : at::empty({g.size(-1)}, opts);
+  return {at::empty_like(g, at::MemoryFormat::Contiguous), dbias};
 }
 
 // Results are computed in logical (row-major) order; a non-contiguous input

@@ -72,15 +72,17 @@ struct MaskParams {
   double scale;        // 1 / (1 - p) in double, rounded once to the math type by the kernels
 };
 
-DX_HD double p_from_bits(int64_t bits) {
-  double p;
-#if defined(__CUDA_ARCH__)
-  p = __longlong_as_double(static_cast<long long>(bits));
-#else
-  std::memcpy(&p, &bits, sizeof(p));
-#endif
-  return p;
+// The one reinterpretation of a value's bits as another type, for the host
+// and the device (a fixed-size memcpy compiles to a register move on both).
+template <typename To, typename From>
+DX_HD To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
 }
+
+DX_HD double p_from_bits(int64_t bits) { return bit_cast<double>(bits); }
 
 // p as data (a device word nobody validated on the host) is sanitised the
 // way the host would have refused it: NaN and negatives keep everything,

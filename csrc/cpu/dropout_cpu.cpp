@@ -399,13 +399,10 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
   const at::Tensor g = grad.contiguous();
   const at::Tensor x = input.has_value() ? input->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor dx = at::empty_like(g, at::MemoryFormat::Contiguous);
-  at::Tensor dbias = bias_grad ? at::empty({g.size(-1)}, g.options()) : at::empty({0}, g.options());
+  at::Tensor dx, dbias;
+  std::tie(dx, dbias) = backward_outputs(g, bias_grad);
   const int64_t n = g.numel();
-  if (n == 0) {
-    if (bias_grad) dbias.zero_();
-    return {like_input(grad, dx), dbias};
-  }
+  if (n == 0) return {like_input(grad, dx), dbias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fused_dropout_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     KernelArgs<scalar_t> a;

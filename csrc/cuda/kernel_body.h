@@ -57,36 +57,6 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-DX_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-#endif
-}
-
-DX_HD uint64_t double_bits(double f) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(f));
-#else
-  uint64_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-#endif
-}
-
-DX_HD double bits_to_double(uint64_t u) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(u));
-#else
-  double f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
-
 #if !defined(__CUDA_ARCH__)
 // IEEE binary16 <-> binary32 in integer arithmetic, round to nearest even:
 // the results of cvt.f32.f16 / cvt.rn.f16.f32 and of c10::Half.
@@ -94,16 +64,16 @@ inline float half_to_float_host(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1Fu;
   const uint32_t m = h & 0x3FFu;
-  if (e == 0x1F) return bits_to_float(sign | 0x7F800000u | (m << 13));
+  if (e == 0x1F) return bit_cast<float>(sign | 0x7F800000u | (m << 13));
   if (e == 0) {
     const float v = static_cast<float>(m) * 0x1p-24f;  // exact: m < 2**10
-    return bits_to_float(sign | float_bits(v));
+    return bit_cast<float>(sign | bit_cast<uint32_t>(v));
   }
-  return bits_to_float(sign | ((e + 112u) << 23) | (m << 13));
+  return bit_cast<float>(sign | ((e + 112u) << 23) | (m << 13));
 }
 
 inline uint16_t float_to_half_host(float f) {
-  const uint32_t x = float_bits(f);
+  const uint32_t x = bit_cast<uint32_t>(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t ax = x & 0x7FFFFFFFu;
   if (ax > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
@@ -126,7 +96,7 @@ inline uint16_t float_to_half_host(float f) {
 
 // Round to nearest even, NaN as 0x7FC0: c10::BFloat16's bits.
 inline uint16_t float_to_bfloat16_host(float f) {
-  const uint32_t b = float_bits(f);
+  const uint32_t b = bit_cast<uint32_t>(f);
   if (f != f) return 0x7FC0u;
   return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
@@ -175,7 +145,7 @@ template <>
 struct Num<BFloat16> {
   using acc = float;
   static constexpr DType kDType = DType::kBFloat16;
-  DX_HD static float load(BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+  DX_HD static float load(BFloat16 v) { return bit_cast<float>(static_cast<uint32_t>(v.bits) << 16); }
   DX_HD static BFloat16 store(float v) {
 #if defined(__CUDA_ARCH__)
     return BFloat16{__bfloat16_as_ushort(__float2bfloat16_rn(v))};
@@ -405,10 +375,10 @@ DX_HD uint32_t unit_keep(const MaskParams& mp, const StructuredMask& sm, int64_t
 
 // A dropped element keeps only the sign bit of its value: x * 0 for finite
 // x, as in nn.Dropout, and a zero for NaN and Inf too.
-DX_HD float drop_value(float v, bool keep) { return keep ? v : bits_to_float(float_bits(v) & 0x80000000u); }
+DX_HD float drop_value(float v, bool keep) { return keep ? v : bit_cast<float>(bit_cast<uint32_t>(v) & 0x80000000u); }
 
 DX_HD double drop_value(double v, bool keep) {
-  return keep ? v : bits_to_double(double_bits(v) & 0x8000000000000000ull);
+  return keep ? v : bit_cast<double>(bit_cast<uint64_t>(v) & 0x8000000000000000ull);
 }
 
 // --- one unit, either direction ---------------------------------------------------

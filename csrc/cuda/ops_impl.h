@@ -156,13 +156,10 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
   const bool needs_x = act != Act::kIdentity;
   const at::Tensor x = needs_x ? input->contiguous() : at::Tensor();
   const at::Tensor b = (needs_x && bias.has_value()) ? bias->contiguous() : at::Tensor();
-  at::Tensor dx = at::empty_like(g, at::MemoryFormat::Contiguous);
-  at::Tensor dbias = bias_grad ? at::empty({g.size(-1)}, g.options()) : at::empty({0}, g.options());
+  at::Tensor dx, dbias;
+  std::tie(dx, dbias) = backward_outputs(g, bias_grad);
   const int64_t n = g.numel();
-  if (n == 0) {
-    if (bias_grad) dbias.zero_();
-    return {like_input(grad, dx), dbias};
-  }
+  if (n == 0) return {like_input(grad, dx), dbias};
   const int sms = exec.sm_count();
   const at::Tensor st = state_words(state);
   const int64_t* words = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
