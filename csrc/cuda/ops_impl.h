@@ -109,6 +109,33 @@ Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, a
   return s;
 }
 
+// What both directions' kernels take of the tensor they stream (the input,
+// or the gradient) and of the dropout state; the state's words and a
+// structured mask's keep bits stay alive in here until the launch.
+struct Prepared {
+  DropoutArgs args;
+  at::Tensor state;
+  Structured mask;
+};
+
+template <class Exec>
+Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const std::optional<at::Tensor>& state,
+                 at::IntArrayRef mask_shape, int64_t base) {
+  Prepared p;
+  p.state = state_words(state);
+  const int64_t* words = p.state.defined() ? p.state.const_data_ptr<int64_t>() : nullptr;
+  p.mask = structured_mask(exec, sms, t, mask_shape, words);
+  DropoutArgs& a = p.args;
+  a.dtype = kernel_dtype(t.scalar_type());
+  a.act = static_cast<int>(act);
+  a.n = t.numel();
+  a.H = make_fast_div(static_cast<uint64_t>(last_dim(t)));
+  a.state = words;
+  a.base = base;
+  a.mask = p.mask.view;
+  return p;
+}
+
 // base: the logical index of element 0, nonzero only from the host driver's
 // test entry points.
 template <class Exec>
@@ -122,23 +149,14 @@ at::Tensor fused_dropout_op(const Exec& exec, const at::Tensor& input, const std
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return like_input(input, out);
   const int sms = exec.sm_count();
-  const at::Tensor st = state_words(state);
-  const int64_t* words = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
-  const Structured s = structured_mask(exec, sms, x, mask_shape, words);
+  Prepared p = prepare(exec, sms, x, act, state, mask_shape, base);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
-  DropoutArgs a;
-  a.dtype = kernel_dtype(x.scalar_type());
-  a.act = static_cast<int>(act);
+  DropoutArgs& a = p.args;
   a.x = x.const_data_ptr();
   a.bias = ptr_or_null(b);
   a.residual = ptr_or_null(r);
   a.out = out.data_ptr();
-  a.n = x.numel();
-  a.H = make_fast_div(static_cast<uint64_t>(last_dim(x)));
-  a.state = words;
-  a.base = base;
-  a.mask = s.view;
   exec.forward(a, sms);
   return like_input(input, out);
 }
@@ -161,21 +179,12 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
   const int64_t n = g.numel();
   if (n == 0) return {like_input(grad, dx), dbias};
   const int sms = exec.sm_count();
-  const at::Tensor st = state_words(state);
-  const int64_t* words = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
-  const Structured s = structured_mask(exec, sms, g, mask_shape, words);
-  DropoutArgs a;
-  a.dtype = kernel_dtype(g.scalar_type());
-  a.act = static_cast<int>(act);
+  Prepared p = prepare(exec, sms, g, act, state, mask_shape, base);
+  DropoutArgs& a = p.args;
   a.grad = g.const_data_ptr();
   a.x = ptr_or_null(x);
   a.bias = ptr_or_null(b);
   a.out = dx.data_ptr();
-  a.n = n;
-  a.H = make_fast_div(static_cast<uint64_t>(last_dim(g)));
-  a.state = words;
-  a.base = base;
-  a.mask = s.view;
   at::Tensor partial;
   if (bias_grad) {
     const int64_t H = last_dim(g);
