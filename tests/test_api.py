@@ -215,3 +215,45 @@ def test_backends_agree(backend, monkeypatch):
 
 def test_available_backends_on_cpu():
     assert dropout_ext.available_backends("cpu") == ["cpu", "reference"]
+
+
+def test_autocast_bias_and_residual_follow_the_input():
+    """Under autocast a matmul's output is bfloat16 while the bias and the
+    residual stream stay float32: they follow the input's dtype, as autocast
+    casts nn.Linear's bias, and the result is the same bits as with the
+    casts done by hand. Outside autocast the mismatch is an error."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(8, 32, generator=g), torch.randn(32, 16, generator=g)
+    bias, res = torch.randn(16, generator=g), torch.randn(8, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = a @ w
+        assert y.dtype == torch.bfloat16
+        out = F.fused_dropout(y, 0.2, bias=bias, residual=res, activation="gelu", seed=5)
+        fused = dropout_ext.FusedDropout(0.2, "gelu")
+        torch.manual_seed(1)
+        out_module = fused(y, bias, res)
+    assert out.dtype == torch.bfloat16
+    assert_bitwise_equal(out, F.fused_dropout(y, 0.2, bias=bias.bfloat16(), residual=res.bfloat16(),
+                                              activation="gelu", seed=5))
+    torch.manual_seed(1)
+    assert_bitwise_equal(out_module, fused(y, bias.bfloat16(), res.bfloat16()))
+    with pytest.raises(TypeError, match="bias has dtype torch.float32, but input has torch.bfloat16"):
+        F.fused_dropout(y, 0.2, bias=bias)
+
+
+def test_fused_model_runs_under_autocast():
+    """fuse_dropout of Linear -> GELU -> Dropout under CPU autocast: it runs
+    where the unfused model runs, in the same dtype, dropping the same
+    elements, equal to bfloat16 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 16))
+    dropout_ext.replace_dropout(model)
+    fused = dropout_ext.fuse_dropout(model)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(3)
+        ref_out = model(x)
+        torch.manual_seed(3)
+        out = fused(x)
+    assert out.dtype == ref_out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=5e-2, rtol=5e-2)

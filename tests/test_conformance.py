@@ -508,12 +508,14 @@ MASK_OF = [(4, 6, 1, 1), (1, 6, 5, 1), (4, 1, 5, 7), (1, 1, 1, 7), (1, 1, 1, 1),
 
 
 @pytest.mark.parametrize(*cases(mask_shape=MASK_OF, activation=["identity", "silu", "gelu_tanh"],
-                                small=dict(activation=["identity", "silu"])))
-def test_structured_masks(b, mask_shape, activation, monkeypatch):
+                                dtype=[torch.float32, torch.float16, torch.bfloat16],
+                                small=dict(activation=["identity", "silu"], dtype=[torch.float32, torch.bfloat16])))
+def test_structured_masks(b, mask_shape, activation, dtype, monkeypatch):
     """mask_shape: the reference's values, and the applied mask is exactly
-    dropout_mask(mask_shape) broadcast to the input."""
+    dropout_mask(mask_shape) broadcast to the input; 16-bit dtypes with their
+    bias gradients too."""
     shape = (4, 6, 5, 7)
-    x, bias, res, grad = make_inputs(shape, torch.float32, seed=3, device=b.device)
+    x, bias, res, grad = make_inputs(shape, dtype, seed=3, device=b.device)
     state, ms = b.state(0.4), list(mask_shape)
     expected = ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.4, activation, mask_shape)
     assert_bitwise_equal(b.ops.forward(x, bias, res, state, activation, ms), expected)
@@ -523,7 +525,7 @@ def test_structured_masks(b, mask_shape, activation, monkeypatch):
     dx, db = b.ops.backward(grad, x, bias, state, activation, ms, True)
     dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, 0.4, activation, mask_shape, True)
     assert_bitwise_equal(dx, dx_ref)
-    torch.testing.assert_close(db, db_ref, atol=1e-4, rtol=1e-5)
+    check_bias_grad(db, db_ref, dtype, shape)
     name = public(b, monkeypatch)
     y = F.fused_dropout(x, 0.4, bias=bias, residual=res, activation=activation, seed=SEED, offset=OFFSET,
                         mask_shape=mask_shape, backend=name)
