@@ -18,6 +18,9 @@
 
 namespace dropout_ext {
 
+// The op families (csrc/ops.cpp): the same schemas and autograd under each.
+constexpr const char* kOpPrefixes[] = {"", "cuda_host_", "triton_", "reference_"};
+
 // Values in messages as Python prints them ("torch.float32", "(3, 4)"), so a
 // rule reads the same from the C++ checks as from dropout_ext/_validate.py.
 inline std::string py_dtype(at::ScalarType t) {
@@ -134,22 +137,57 @@ inline std::vector<int64_t> mask_strides(const at::Tensor& input, const std::vec
   return st;
 }
 
+// Bytes of the packed keep mask of n elements: element i is bit i % 8 of
+// byte i / 8 (docs/RNG.md), 1/32 of a float32 tensor.
+inline int64_t mask_bits_size(int64_t n) { return (n + 7) / 8; }
+
+// A full mask can be packed; a structured one is already small and is drawn
+// again, and no state means nothing to pack.
+inline bool packable(const at::Tensor& input, const std::optional<at::Tensor>& state, at::IntArrayRef mask_shape) {
+  return state.has_value() && is_full_mask(input, resolve_mask_shape(input, mask_shape));
+}
+
+inline void check_mask_bits(const at::Tensor& input, const std::optional<at::Tensor>& state,
+                            at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits) {
+  if (!mask_bits.has_value()) return;
+  TORCH_CHECK_VALUE(packable(input, state, mask_shape),
+                    "mask_bits needs a state (its p gives the scale) and a full mask (mask_shape [])");
+  TORCH_CHECK_VALUE(mask_bits->scalar_type() == at::kByte && mask_bits->dim() == 1 &&
+                        mask_bits->size(0) == mask_bits_size(input.numel()),
+                    "mask_bits must be a uint8 tensor of shape (", mask_bits_size(input.numel()), ",), got ",
+                    py_dtype(mask_bits->scalar_type()), " of shape ", py_shape(mask_bits->sizes()));
+  TORCH_CHECK_VALUE(mask_bits->device() == input.device(), "mask_bits is on ", mask_bits->device(),
+                    ", but input is on ", input.device());
+}
+
+// The forward's second output: the packed keep mask when asked for and
+// packable, else an empty uint8 tensor.
+inline at::Tensor mask_bits_output(const at::Tensor& input, const std::optional<at::Tensor>& state,
+                                   at::IntArrayRef mask_shape, bool pack_mask) {
+  const bool pack = pack_mask && packable(input, state, mask_shape);
+  return at::empty({pack ? mask_bits_size(input.numel()) : 0}, input.options().dtype(at::kByte));
+}
+
 // The forward's arguments, checked; returns the activation.
 inline Act check_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
-                         c10::string_view activation, at::IntArrayRef mask_shape) {
+                         c10::string_view activation, at::IntArrayRef mask_shape,
+                         const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
   check_float_tensor(input, "input");
   check_bias(input, bias);
   check_residual(input, residual);
   check_state(state, input.device());
   resolve_mask_shape(input, mask_shape);
+  check_mask_bits(input, state, mask_shape, mask_bits);
+  TORCH_CHECK_VALUE(!(pack_mask && mask_bits.has_value()), "pack_mask and mask_bits exclude each other");
   return parse_activation(activation);
 }
 
 // The backward's arguments, checked; returns the activation.
 inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor>& input,
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state,
-                          c10::string_view activation, at::IntArrayRef mask_shape, bool bias_grad) {
+                          c10::string_view activation, at::IntArrayRef mask_shape, bool bias_grad,
+                          const std::optional<at::Tensor>& mask_bits) {
   check_float_tensor(grad, "grad");
   const Act act = parse_activation(activation);
   TORCH_CHECK_VALUE(act == Act::kIdentity || input.has_value(), "the backward of activation '",
@@ -162,6 +200,7 @@ inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor
   check_bias(grad, bias);
   check_state(state, grad.device());
   resolve_mask_shape(grad, mask_shape);
+  check_mask_bits(grad, state, mask_shape, mask_bits);
   TORCH_CHECK_VALUE(!bias_grad || grad.dim() >= 1, "bias_grad needs an input of rank >= 1");
   return act;
 }

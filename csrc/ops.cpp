@@ -1,8 +1,14 @@
-// The Python module dropout_ext._C. Importing it runs the static kernel
-// registrations (TORCH_LIBRARY_IMPL) of the C++ backends; the op schemas
-// themselves are defined once, in dropout_ext/_ops.py, so the pure-PyTorch
-// reference has them even where this module was never built.
+// The Python module dropout_ext._C and the op schemas, defined once for
+// every backend's op family (docs/DESIGN.md): "" (the C++ kernels, CPU and
+// CUDA keys), "cuda_host_" (the CUDA kernels executed on the host),
+// "triton_" and "reference_" (kernels registered from Python). Kernels are
+// registered beside their code; the autograd of all of them is autograd.cpp.
 #include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "op_common.h"
 
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -12,3 +18,25 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+namespace dropout_ext {
+
+TORCH_LIBRARY(dropout_ext, m) {
+  // state: int64 [seed, offset, p bits] on the input's device, or None for
+  // no dropout. mask_shape: [] for one draw per element, or the input's
+  // shape with some sizes 1 (structured dropout). mask_bits: the keep mask
+  // of a full mask packed 8 elements per byte (docs/RNG.md), read instead of
+  // drawing it again; pack_mask: also return it (else an empty uint8 tensor).
+  for (const char* prefix : kOpPrefixes) {
+    const std::string p(prefix);
+    m.def((p + "fused_dropout(Tensor input, Tensor? bias, Tensor? residual, Tensor? state, str activation, "
+                "int[] mask_shape, Tensor? mask_bits=None, bool pack_mask=False) -> (Tensor, Tensor)")
+              .c_str());
+    m.def((p + "fused_dropout_backward(Tensor grad, Tensor? input, Tensor? bias, Tensor? state, str activation, "
+                "int[] mask_shape, bool bias_grad, Tensor? mask_bits=None) -> (Tensor, Tensor)")
+              .c_str());
+    m.def((p + "dropout_mask(Tensor state, int[] shape) -> Tensor").c_str());
+  }
+}
+
+}  // namespace dropout_ext

@@ -35,4 +35,3 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-HAS_C = _ops.HAS_C

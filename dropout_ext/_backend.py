@@ -23,9 +23,7 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 def _table() -> Dict[Tuple[str, str], str]:
     """(backend, device type) -> op prefix, for what is available here, in
     order of preference per device."""
-    t = {}
-    if _ops.HAS_C:
-        t["cpu", "cpu"] = ""
+    t = {("cpu", "cpu"): ""}
     if _ops.HAS_CUDA_KERNELS:
         t["cuda", "cuda"] = ""
     if CUDA_INTERPRET and _ops.HAS_CUDA_HOST_KERNELS:
@@ -80,6 +78,17 @@ def ops_for(backend: Optional[str], device: torch.device, dtype: Optional[torch.
             prefix = _TABLE.get(("cuda", device.type), "reference_")
         ops = _CHOSEN[key] = _OPS[prefix]
     return ops
+
+
+# What the backward reads by default, per device type (README, "Mask
+# modes", has the measurements): on the CPU the packed keep bits, 1/32 of a
+# float32 tensor, cost less to read than Philox costs to run again; on a GPU
+# Philox is free against memory bandwidth and the state is all that is saved.
+DEFAULT_MASK_MODE = {"cpu": "packed", "cuda": "regenerate"}
+
+
+def default_mask_mode(device: torch.device) -> str:
+    return DEFAULT_MASK_MODE.get(device.type, "regenerate")
 
 
 # Answers of ops_for: the table never changes after import, and the lookup

@@ -1,9 +1,10 @@
 """The ops of every backend: one schema table, one registration.
 
 Each backend is an op family ``torch.ops.dropout_ext.{prefix}fused_dropout``,
-``{prefix}fused_dropout_backward`` and ``{prefix}dropout_mask`` defined here
-from the same schemas, with the same fake kernels and the same autograd
-(``_autograd``); only the kernels differ:
+``{prefix}fused_dropout_backward`` and ``{prefix}dropout_mask``, defined in
+C++ from the same schemas (``TORCH_LIBRARY`` in csrc/ops.cpp) with the same
+autograd (csrc/autograd.cpp); here every family gets the same fake kernels,
+and the Python kernels are registered:
 
 - ``""``: the C++ kernels, CPU and CUDA dispatch keys (registered by ``_C``
   beside them, csrc/cpu and csrc/cuda);
@@ -12,35 +13,30 @@ from the same schemas, with the same fake kernels and the same autograd
 - ``"triton_"``: the Triton kernels (``triton_kernels``), CUDA key, and CPU
   under ``TRITON_INTERPRET=1``;
 - ``"reference_"``: the pure-PyTorch reference, any device.
-
-The schemas live in Python, not in ``TORCH_LIBRARY``, so the reference keeps
-them in a tree where ``_C`` was never built.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
 
-from . import _autograd, _validate
+from . import _validate
 
-SCHEMAS = {
-    # state: int64 [seed, offset, p bits] on the input's device, or None for
-    # no dropout (docs/DESIGN.md). mask_shape: [] for one draw per element, or
-    # the input's shape with some sizes 1 (structured dropout).
-    "fused_dropout": "(Tensor input, Tensor? bias, Tensor? residual, Tensor? state, str activation, "
-                     "int[] mask_shape) -> Tensor",
-    "fused_dropout_backward": "(Tensor grad, Tensor? input, Tensor? bias, Tensor? state, str activation, "
-                              "int[] mask_shape, bool bias_grad) -> (Tensor, Tensor)",
-    "dropout_mask": "(Tensor state, int[] shape) -> Tensor",
-}
+try:
+    from . import _C  # noqa: F401  (the schemas, the autograd, the C++ kernels)
+except ImportError as exc:  # a source tree where the extension was never built
+    raise ImportError(
+        f"dropout_ext: its compiled extension dropout_ext._C cannot be loaded ({exc}). Build it with "
+        "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace` in a source tree), "
+        "against the torch that imports it.") from exc
+
+NAMES = ("fused_dropout", "fused_dropout_backward", "dropout_mask")
 PREFIXES = ("", "cuda_host_", "triton_", "reference_")
 
-_lib = torch.library.Library("dropout_ext", "DEF")
+_lib = torch.library.Library("dropout_ext", "IMPL")
 
 
 class OpSet(NamedTuple):
@@ -53,14 +49,21 @@ class OpSet(NamedTuple):
 
 def op_set(prefix: str) -> OpSet:
     ns = torch.ops.dropout_ext
-    return OpSet(*(getattr(ns, prefix + name) for name in SCHEMAS))
+    return OpSet(*(getattr(ns, prefix + name).default for name in NAMES))
 
 
-def _fake_forward(input, bias, residual, state, activation, mask_shape):
-    return torch.empty_like(input)
+def mask_bits_like(input, state, mask_shape, pack_mask):
+    """The forward's second output: the packed keep mask when asked for and
+    packable, else an empty uint8 tensor (as csrc/op_common.h allocates it)."""
+    pack = pack_mask and _validate.packable(input, state, mask_shape)
+    return input.new_empty((_validate.mask_bits_size(input.numel()) if pack else 0,), dtype=torch.uint8)
 
 
-def _fake_backward(grad, input, bias, state, activation, mask_shape, bias_grad):
+def _fake_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False):
+    return torch.empty_like(input), mask_bits_like(input, state, mask_shape, pack_mask)
+
+
+def _fake_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
     return torch.empty_like(grad), grad.new_empty((grad.shape[-1],) if bias_grad else (0,))
 
 
@@ -71,20 +74,21 @@ def _fake_mask(state, shape):
 _FAKES = {"fused_dropout": _fake_forward, "fused_dropout_backward": _fake_backward, "dropout_mask": _fake_mask}
 
 for _prefix in PREFIXES:
-    for _name, _schema in SCHEMAS.items():
-        _lib.define(_prefix + _name + _schema)
+    for _name in NAMES:
         torch.library.register_fake(f"dropout_ext::{_prefix}{_name}", _FAKES[_name], lib=_lib)
-    _autograd.register(_prefix, op_set(_prefix))
 
 
 # --- the Python kernels --------------------------------------------------------
 
-def _check_forward(input, bias, residual, state, activation, mask_shape):
+def _check_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False):
     _validate.check_fused_args(input, bias, residual, activation, mask_shape)
     _validate.check_state(state, input.device)
+    _validate.check_mask_bits(input, state, mask_shape, mask_bits)
+    if pack_mask and mask_bits is not None:
+        raise ValueError("pack_mask and mask_bits exclude each other")
 
 
-def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad):
+def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
     _validate.check_tensor(grad, "grad")
     _validate.check_activation(activation)
     if input is None and activation != "identity":
@@ -92,6 +96,7 @@ def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad)
     if input is not None:
         _validate.check_fused_args(input, bias, None, activation, mask_shape)
     _validate.check_state(state, grad.device)
+    _validate.check_mask_bits(grad, state, mask_shape, mask_bits)
 
 
 def _check_mask(state, shape):
@@ -124,26 +129,9 @@ _PYTHON_KERNELS = {
     "triton_": ("triton_kernels", ("CUDA", "CPU") if TRITON_INTERPRET else ("CUDA",)),
 }
 for _prefix, (_module, _keys) in _PYTHON_KERNELS.items():
-    for _name in SCHEMAS:
+    for _name in NAMES:
         for _key in _keys:
             _lib.impl(_prefix + _name, _python_kernel(_module, _name), _key)
-
-
-# --- the C++ kernels -----------------------------------------------------------
-
-try:
-    from . import _C  # noqa: F401  (registers the C++ kernels of "" and "cuda_host_")
-
-    HAS_C = True
-except ImportError as exc:  # a source tree where the extension was never built
-    HAS_C = False
-    warnings.warn(
-        "dropout_ext: the compiled extension dropout_ext._C is not available "
-        f"({exc}); every call falls back to the pure-PyTorch reference, which is "
-        "slow. Build it with `pip install --no-build-isolation .`.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -152,5 +140,5 @@ def _has_kernel(op: str, key: str) -> bool:
 
 # Read once here: the dispatcher query is not traceable, and a call under
 # torch.compile must find the answer as a constant.
-HAS_CUDA_KERNELS = HAS_C and _has_kernel("fused_dropout", "CUDA")
-HAS_CUDA_HOST_KERNELS = HAS_C and _has_kernel("cuda_host_fused_dropout", "CPU")
+HAS_CUDA_KERNELS = _has_kernel("fused_dropout", "CUDA")
+HAS_CUDA_HOST_KERNELS = _has_kernel("cuda_host_fused_dropout", "CPU")

@@ -12,6 +12,7 @@ saved by the forward, it is all the backward needs to draw the mask again.
 from __future__ import annotations
 
 import struct
+from array import array
 from typing import Optional, Union
 
 import torch
@@ -62,6 +63,9 @@ def make_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset
         if isinstance(p, torch.Tensor) or device.type != "cpu":
             return torch.cat([rng, _p_word(p, device)])
         words = rng.tolist()  # a host tensor: reading it is free, and one tensor beats a cat
+        if not torch.compiler.is_compiling():
+            # The cheapest CPU tensor of three host words: no list parsing.
+            return torch.frombuffer(array("q", words + [p_bits(p)]), dtype=torch.int64)
     if isinstance(p, torch.Tensor):
         return torch.cat([_words(words, device), _p_word(p, device)])
     return _words(words + [p_bits(p)], device)

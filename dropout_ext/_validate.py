@@ -139,3 +139,40 @@ def check_fused_args(input, bias, residual, activation, mask_shape: Optional[Seq
     check_residual(input, residual)
     check_activation(activation)
     return check_mask_shape(input, mask_shape)
+
+
+MASK_MODES = ("regenerate", "packed")
+
+
+def check_mask_mode(mask_mode) -> Optional[str]:
+    """None (the device's default, ``_backend.default_mask_mode``) or one of MASK_MODES."""
+    if mask_mode is not None and (not isinstance(mask_mode, str) or mask_mode not in MASK_MODES):
+        raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {mask_mode!r}")
+    return mask_mode
+
+
+def mask_bits_size(n: int) -> int:
+    """Bytes of the packed keep mask of n elements (docs/RNG.md)."""
+    return (n + 7) // 8
+
+
+def packable(input, state, mask_shape) -> bool:
+    """A full mask with a state can be packed (structured masks are small
+    and drawn again; no state, no mask)."""
+    return state is not None and (not mask_shape or tuple(mask_shape) == tuple(input.shape))
+
+
+def check_mask_bits(input, state, mask_shape, mask_bits) -> None:
+    """The packed keep mask an op reads instead of drawing it again."""
+    if mask_bits is None:
+        return
+    if not packable(input, state, mask_shape):
+        raise ValueError("mask_bits needs a state (its p gives the scale) and a full mask (mask_shape [])")
+    size = mask_bits_size(input.numel())
+    if (not isinstance(mask_bits, torch.Tensor) or mask_bits.dtype != torch.uint8
+            or tuple(mask_bits.shape) != (size,)):
+        got = f"{mask_bits.dtype} of shape {tuple(mask_bits.shape)}" if isinstance(mask_bits, torch.Tensor) \
+            else type(mask_bits).__name__
+        raise ValueError(f"mask_bits must be a uint8 tensor of shape ({size},), got {got}")
+    if mask_bits.device != input.device:
+        raise ValueError(f"mask_bits is on {mask_bits.device}, but input is on {input.device}")

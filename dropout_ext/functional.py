@@ -16,29 +16,34 @@ import torch
 
 from . import _backend
 from ._state import Rate, make_state
-from ._validate import as_u64, check_fused_args, check_p, check_seed, check_shape, check_tensor
+from ._validate import as_u64, check_fused_args, check_mask_mode, check_p, check_seed, check_shape, check_tensor
 
 __all__ = ["dropout", "fused_dropout", "dropout_mask", "dropout1d", "dropout2d", "dropout3d",
            "alpha_dropout", "feature_alpha_dropout", "shared_mask_shape"]
 
 
 def _fused(input, p: Rate, bias, residual, activation, mask_shape, training, seed=None, offset=0, generator=None,
-           backend=None):
+           backend=None, mask_mode=None):
     """The one path to a kernel, for arguments already validated. ``p`` is a
     float, or a module's tensor of p's bits (then a compiled graph does not
     depend on its value). Without dropout to do, no state is made and no
-    random word is drawn."""
+    random word is drawn. The forward packs its keep mask for the backward
+    in the packed mask mode, and only when a backward will read it."""
     ops = _backend.ops_for(backend, input.device, input.dtype)
     if not training or (not isinstance(p, torch.Tensor) and p == 0.0):
         if bias is None and residual is None and activation == "identity":
             return input
-        return ops.forward(input, bias, residual, None, activation, [])
+        return ops.forward(input, bias, residual, None, activation, [])[0]
     state = make_state(input.device, p, seed, offset, generator)
-    return ops.forward(input, bias, residual, state, activation, list(mask_shape))
+    pack = (torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad))
+            and (mask_mode or _backend.default_mask_mode(input.device)) == "packed")
+    return ops.forward(input, bias, residual, state, activation, list(mask_shape), None, pack)[0]
 
 
-def _dropout(input, p: Rate, training, inplace, mask_shape, seed=None, offset=0, generator=None, backend=None):
-    out = _fused(input, p, None, None, "identity", mask_shape, training, seed, offset, generator, backend)
+def _dropout(input, p: Rate, training, inplace, mask_shape, seed=None, offset=0, generator=None, backend=None,
+             mask_mode=None):
+    out = _fused(input, p, None, None, "identity", mask_shape, training, seed, offset, generator, backend,
+                 mask_mode)
     if out is input:
         return input
     return input.copy_(out) if inplace else out
@@ -60,7 +65,7 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, *, bias: Optional[torch.T
                   activation: str = "identity", residual: Optional[torch.Tensor] = None,
                   training: bool = True, seed: Optional[int] = None, offset: int = 0,
                   generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-                  mask_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+                  mask_shape: Optional[Sequence[int]] = None, mask_mode: Optional[str] = None) -> torch.Tensor:
     """``residual + dropout(act(input + bias), p)`` in one pass.
 
     ``bias`` broadcasts over the last dimension; ``activation`` is one of
@@ -69,13 +74,18 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, *, bias: Optional[torch.T
     ``seed=`` it is a pure function of (seed, offset, shape, p); otherwise
     (seed, offset) is drawn from ``generator`` or the default generator of
     the input's device. ``mask_shape`` (the input's shape with some sizes 1)
-    shares one draw along the size-1 dimensions.
+    shares one draw along the size-1 dimensions. ``mask_mode`` says what the
+    backward reads: "regenerate" draws the mask again from the saved
+    (seed, offset), "packed" reads the keep bits the forward saved (1 bit per
+    element); None takes the device's default (README, "Mask modes").
     """
     p = check_p(p)
+    check_mask_mode(mask_mode)
     bias, residual = _follow_autocast(input, bias, residual)
     mshape = check_fused_args(input, bias, residual, activation, mask_shape)
     check_seed(seed, offset, generator, input.device)
-    return _fused(input, p, bias, residual, activation, mshape, training, seed, offset, generator, backend)
+    return _fused(input, p, bias, residual, activation, mshape, training, seed, offset, generator, backend,
+                  mask_mode)
 
 
 def shared_mask_shape(shape: Sequence[int], broadcast_dims: Optional[Sequence[int]]) -> tuple:
@@ -102,24 +112,28 @@ def _checked(input, p, seed, offset, generator) -> float:
 
 
 def _broadcast_dropout(input, p: Rate, training, inplace, broadcast_dims, seed=None, offset=0, generator=None,
-                       backend=None):
-    mshape = shared_mask_shape(input.shape, broadcast_dims)
+                       backend=None, mask_mode=None):
+    mshape = shared_mask_shape(input.shape, broadcast_dims) if broadcast_dims is not None else ()
     mshape = () if mshape == tuple(input.shape) else mshape
-    return _dropout(input, p, training, inplace, mshape, seed, offset, generator, backend)
+    return _dropout(input, p, training, inplace, mshape, seed, offset, generator, backend, mask_mode)
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
             seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
-            backend: Optional[str] = None, broadcast_dims: Optional[Sequence[int]] = None) -> torch.Tensor:
+            backend: Optional[str] = None, broadcast_dims: Optional[Sequence[int]] = None,
+            mask_mode: Optional[str] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout`` under the dropout_ext contract.
 
     ``broadcast_dims`` shares one draw along those dimensions (the mask is
     ``dropout_mask(shared_mask_shape(input.shape, broadcast_dims), ...)``
     broadcast to the input): the same mask for every time step of a sequence
     (variational/locked dropout), or one draw per sample (DropPath).
+    ``mask_mode``: as in ``fused_dropout``.
     """
     p = _checked(input, p, seed, offset, generator)
-    return _broadcast_dropout(input, p, training, inplace, broadcast_dims, seed, offset, generator, backend)
+    check_mask_mode(mask_mode)
+    return _broadcast_dropout(input, p, training, inplace, broadcast_dims, seed, offset, generator, backend,
+                              mask_mode)
 
 
 def _feature_mask_shape(input: torch.Tensor) -> tuple:

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import functional as F
 from ._state import p_bits
-from ._validate import check_activation, check_fused_args, check_p, check_tensor
+from ._validate import check_activation, check_fused_args, check_mask_mode, check_p, check_tensor
 
 __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
            "LockedDropout", "DropPath", "FusedDropout", "replace_dropout"]
@@ -49,21 +49,26 @@ class Dropout(_RuntimeP, nn.Dropout):
     dropout_ext contract. It is an ``nn.Dropout``, so code that checks
     ``isinstance(m, nn.Dropout)`` keeps working.
 
-    ``broadcast_dims`` (optional) shares one draw along those dimensions."""
+    ``broadcast_dims`` (optional) shares one draw along those dimensions;
+    ``mask_mode`` (optional) is what the backward reads, as in
+    ``functional.fused_dropout``."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False,
-                 broadcast_dims: Optional[Sequence[int]] = None) -> None:
+                 broadcast_dims: Optional[Sequence[int]] = None, mask_mode: Optional[str] = None) -> None:
         check_p(p)  # first: nn.Dropout lets NaN through and fails obscurely on a non-number
         super().__init__(p, inplace)
         self.broadcast_dims = tuple(broadcast_dims) if broadcast_dims is not None else None
+        self.mask_mode = check_mask_mode(mask_mode)
         self._register_runtime_p()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_tensor(input, "input")
-        return F._broadcast_dropout(input, self._rate(input), self.training, self.inplace, self.broadcast_dims)
+        return F._broadcast_dropout(input, self._rate(input), self.training, self.inplace, self.broadcast_dims,
+                                    mask_mode=self.mask_mode)
 
     def extra_repr(self) -> str:
         extra = f", broadcast_dims={self.broadcast_dims}" if self.broadcast_dims is not None else ""
+        extra += f", mask_mode={self.mask_mode!r}" if self.mask_mode is not None else ""
         return super().extra_repr() + extra
 
 
@@ -163,21 +168,24 @@ class DropPath(_RuntimeP, nn.Module):
 class FusedDropout(_RuntimeP, nn.Module):
     """``residual + dropout(act(x + bias))`` as a module."""
 
-    def __init__(self, p: float = 0.5, activation: str = "identity") -> None:
+    def __init__(self, p: float = 0.5, activation: str = "identity", mask_mode: Optional[str] = None) -> None:
         super().__init__()
         self.p = check_p(p)
         check_activation(activation)
         self.activation = activation
+        self.mask_mode = check_mask_mode(mask_mode)
         self._register_runtime_p()
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         bias, residual = F._follow_autocast(x, bias, residual)
         mshape = check_fused_args(x, bias, residual, self.activation, None)
-        return F._fused(x, self._rate(x), bias, residual, self.activation, mshape, self.training)
+        return F._fused(x, self._rate(x), bias, residual, self.activation, mshape, self.training,
+                        mask_mode=self.mask_mode)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, activation={self.activation!r}"
+        extra = f", mask_mode={self.mask_mode!r}" if self.mask_mode is not None else ""
+        return f"p={self.p}, activation={self.activation!r}" + extra
 
 
 _SWAPS = {nn.Dropout: Dropout, nn.Dropout1d: Dropout1d, nn.Dropout2d: Dropout2d, nn.Dropout3d: Dropout3d,

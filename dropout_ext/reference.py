@@ -102,6 +102,23 @@ def dropout_mask(shape: Sequence[int], p: float, seed: int, offset: int = 0, dev
     return keep_for_indices(idx, p, seed, offset).reshape(shape)
 
 
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A keep mask as the packed mask mode stores it: 8 elements per byte in
+    row-major order, element i at bit i % 8 of byte i // 8, zeros past the end."""
+    flat = keep.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).reshape(-1, 8)
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=keep.device)
+    return (flat * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The boolean keep mask of ``shape`` that ``pack_bits`` packed into ``bits``."""
+    shape = tuple(int(s) for s in shape)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    flat = ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)
+    return flat[:math.prod(shape)].bool().reshape(shape)
+
+
 # --- activations (float32 sequences of csrc/activations.h) --------------------
 
 def _div(num, den: torch.Tensor) -> torch.Tensor:
@@ -219,22 +236,25 @@ def _drop(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, value, torch.copysign(torch.zeros_like(value), value))
 
 
-def _keep(shape, p, seed, offset, mask_shape, device):
+def _keep(shape, p, seed, offset, mask_shape, device, keep=None):
+    if keep is not None:
+        return keep
     mshape = tuple(shape) if not mask_shape else tuple(mask_shape)
     return dropout_mask(mshape, p, seed, offset, device=device).expand(tuple(shape))
 
 
 def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   seed: int, offset: int, p: float, activation: str = "identity",
-                  mask_shape: Sequence[int] = ()) -> torch.Tensor:
+                  mask_shape: Sequence[int] = (), *, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """residual + dropout(act(x + bias)), computed in float32 (float64 for
-    float64) and rounded once to x's dtype."""
+    float64) and rounded once to x's dtype; ``keep`` (x's shape) replaces
+    the contract's mask, as in the packed mask mode's backward."""
     acc = _acc_dtype(x.dtype)
     v = x.to(acc)
     if bias is not None:
         v = v + bias.to(acc)
     kept = activation_forward(v, activation) * _scale(p)
-    keep = _keep(x.shape, p, seed, offset, mask_shape, x.device)
+    keep = _keep(x.shape, p, seed, offset, mask_shape, x.device, keep)
     out = _drop(keep, kept)
     if residual is not None:
         out = residual.to(acc) + out
@@ -243,7 +263,8 @@ def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optio
 
 def fused_dropout_backward(grad: torch.Tensor, x: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            seed: int, offset: int, p: float, activation: str = "identity",
-                           mask_shape: Sequence[int] = (), bias_grad: bool = False):
+                           mask_shape: Sequence[int] = (), bias_grad: bool = False, *,
+                           keep: Optional[torch.Tensor] = None):
     """(grad_input, grad_bias or None): dx = grad * keep * scale * act'(x + bias).
     The bias gradient sums the unrounded dx (float64 here; kernels use their
     accumulation type in a fixed order, so it matches to rounding, not bits)."""
@@ -259,7 +280,7 @@ def fused_dropout_backward(grad: torch.Tensor, x: Optional[torch.Tensor], bias: 
             d = torch.where(v > 0, gs, torch.zeros_like(gs))
         else:
             d = gs * activation_grad(v, activation)
-    keep = _keep(grad.shape, p, seed, offset, mask_shape, grad.device)
+    keep = _keep(grad.shape, p, seed, offset, mask_shape, grad.device, keep)
     dx = _drop(keep, d)
     db = None
     if bias_grad:
@@ -276,14 +297,23 @@ def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(input).copy_(result)
 
 
-def _op_forward(input, bias, residual, state, activation, mask_shape):
+def _op_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False):
+    from ._ops import mask_bits_like
+
     seed, offset, p = state_values(state)
-    return _like_input(input, fused_dropout(input, bias, residual, seed, offset, p, activation, mask_shape))
+    keep = unpack_bits(mask_bits, input.shape) if mask_bits is not None else None
+    out = fused_dropout(input, bias, residual, seed, offset, p, activation, mask_shape, keep=keep)
+    bits = mask_bits_like(input, state, mask_shape, pack_mask)
+    if bits.numel() > 0:
+        bits.copy_(pack_bits(dropout_mask(input.shape, p, seed, offset, device=input.device)))
+    return _like_input(input, out), bits
 
 
-def _op_backward(grad, input, bias, state, activation, mask_shape, bias_grad):
+def _op_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
     seed, offset, p = state_values(state)
-    dx, db = fused_dropout_backward(grad, input, bias, seed, offset, p, activation, mask_shape, bias_grad)
+    keep = unpack_bits(mask_bits, grad.shape) if mask_bits is not None else None
+    dx, db = fused_dropout_backward(grad, input, bias, seed, offset, p, activation, mask_shape, bias_grad,
+                                    keep=keep)
     return _like_input(grad, dx), (db if bias_grad else grad.new_empty((0,)))
 
 

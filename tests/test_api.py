@@ -115,7 +115,9 @@ def test_double_backward_identity():
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
-def test_saves_nothing_per_element_for_plain_dropout():
+@pytest.mark.parametrize("mask_mode, per_element", [("regenerate", 0), ("packed", 1 / 8)])
+def test_saved_bytes_per_mask_mode(mask_mode, per_element):
+    """regenerate saves the dropout state alone; packed adds 1 bit per element."""
     saved = []
 
     def pack(t):
@@ -124,8 +126,8 @@ def test_saves_nothing_per_element_for_plain_dropout():
 
     x = torch.randn(1000, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.dropout(x, 0.5).sum().backward()
-    assert sum(saved) <= 24  # just the dropout state [seed, offset, p bits]
+        F.dropout(x, 0.5, mask_mode=mask_mode).sum().backward()
+    assert sum(saved) == 24 + 1000 * per_element  # the state [seed, offset, p bits] (+ the keep bits)
 
 
 def test_compile_fullgraph_matches_eager():

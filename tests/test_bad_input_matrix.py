@@ -271,7 +271,7 @@ def _op_cases():
     for what, st in BAD_STATES.items():
         cases += [
             (f"forward state {what}", ValueError, STATE_WORDS,
-             lambda o, x, b, r, g, st=st: o.forward(x, b, r, st, "gelu", [])),
+             lambda o, x, b, r, g, st=st: o.forward(x, b, r, st, "gelu", [])[0]),
             (f"backward state {what}", ValueError, STATE_WORDS,
              lambda o, x, b, r, g, st=st: o.backward(g, x, b, st, "gelu", [], True)),
             (f"mask state {what}", ValueError, STATE_WORDS, lambda o, x, b, r, g, st=st: o.mask(st, [3, 4])),
@@ -279,7 +279,7 @@ def _op_cases():
     for p, st in BAD_P_STATES.items():
         cases += [
             (f"forward p bits {p}", ValueError, P_BITS_WORDS,
-             lambda o, x, b, r, g, st=st: o.forward(x, b, r, st, "identity", [])),
+             lambda o, x, b, r, g, st=st: o.forward(x, b, r, st, "identity", [])[0]),
             (f"backward p bits {p}", ValueError, P_BITS_WORDS,
              lambda o, x, b, r, g, st=st: o.backward(g, x, b, st, "relu", [], False)),
             (f"mask p bits {p}", ValueError, P_BITS_WORDS, lambda o, x, b, r, g, st=st: o.mask(st, [3, 4])),
@@ -287,19 +287,19 @@ def _op_cases():
     for dtype in (torch.int64, torch.int32, torch.bool, torch.complex64):
         cases.append((f"forward input {dtype}", TypeError, DTYPE_WORDS,
                       lambda o, x, b, r, g, d=dtype: o.forward(torch.zeros(3, 4, dtype=d), None, None, good,
-                                                               "identity", [])))
+                                                               "identity", [])[0]))
     cases += [
         ("forward bias size", ValueError, "bias must be 1-D with the size of input's last dimension",
-         lambda o, x, b, r, g: o.forward(x, b[:3], r, good, "identity", [])),
+         lambda o, x, b, r, g: o.forward(x, b[:3], r, good, "identity", [])[0]),
         # (the C++ glue names dtypes and shapes in ATen's words, "Double", "[3, 4]": the prefix is common)
         ("forward bias dtype", TypeError, "bias has dtype",
-         lambda o, x, b, r, g: o.forward(x, b.double(), r, good, "identity", [])),
+         lambda o, x, b, r, g: o.forward(x, b.double(), r, good, "identity", [])[0]),
         ("forward residual shape", ValueError, "residual must have input's shape",
-         lambda o, x, b, r, g: o.forward(x, b, r.t(), good, "identity", [])),
+         lambda o, x, b, r, g: o.forward(x, b, r.t(), good, "identity", [])[0]),
         ("forward activation", ValueError, "activation must be one of",
-         lambda o, x, b, r, g: o.forward(x, b, r, good, "tanh", [])),
+         lambda o, x, b, r, g: o.forward(x, b, r, good, "tanh", [])[0]),
         ("forward mask_shape", ValueError, "mask_shape must have input's rank",
-         lambda o, x, b, r, g: o.forward(x, b, r, good, "identity", [3, 2])),
+         lambda o, x, b, r, g: o.forward(x, b, r, good, "identity", [3, 2])[0]),
         ("backward grad int64", TypeError, "grad must be float16, bfloat16, float32 or float64",
          lambda o, x, b, r, g: o.backward(torch.zeros(3, 4, dtype=torch.int64), None, None, good, "identity", [],
                                           False)),
@@ -347,6 +347,6 @@ def test_ops_state_on_another_device(prefix):
     x = torch.randn(3, 4, device="cuda")
     st = _state_with_p(0.5)  # on the host: the kernels read the state from device memory
     _expect(ValueError, ("state is on cpu, but input is on cuda",),
-            lambda: ops.forward(x, None, None, st, "identity", []), x)
+            lambda: ops.forward(x, None, None, st, "identity", [])[0], x)
     _expect(ValueError, ("state is on cpu, but input is on cuda",),
             lambda: ops.backward(x, x, None, st, "relu", [], False), x)

@@ -142,7 +142,7 @@ def public(b: Backend, monkeypatch, dtype=torch.float32) -> str:
         monkeypatch.setitem(_backend._TABLE, ("cuda", "cpu"), "cuda_host_")
         monkeypatch.setattr(_backend, "_CHOSEN", {})  # ops_for's memo, for this test only
     reached = _backend.ops_for(b.public, torch.device(b.device), dtype)
-    assert [o._qualified_op_name for o in reached] == [o._qualified_op_name for o in b.ops]
+    assert [o.name() for o in reached] == [o.name() for o in b.ops]
     return b.public
 
 
@@ -214,7 +214,7 @@ def test_forward_backward(b, dtype, shape, p, activation, extras):
     x, bias, res, grad = make_inputs(shape, dtype, device=b.device)
     bias, res = _with(extras, bias, res)
     state = b.state(p)
-    y = b.ops.forward(x, bias, res, state, activation, [])
+    y = b.ops.forward(x, bias, res, state, activation, [])[0]
     check_contract(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, p, activation), dtype, activation)
     dx, db = b.ops.backward(grad, x, bias, state, activation, [], bias is not None)
     dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, p, activation, (), bias is not None)
@@ -327,8 +327,8 @@ def test_p0_gives_the_input_bitwise(b, dtype, monkeypatch):
     included; the public API returns the input itself."""
     x = _special_values(dtype, b.device)
     for state in (b.state(0.0), None):
-        assert_bitwise_equal(b.ops.forward(x, None, None, state, "identity", []), x)
-        assert_bitwise_equal(b.ops.forward(x.view(16, 16), None, None, state, "identity", [16, 1]), x.view(16, 16))
+        assert_bitwise_equal(b.ops.forward(x, None, None, state, "identity", [])[0], x)
+        assert_bitwise_equal(b.ops.forward(x.view(16, 16), None, None, state, "identity", [16, 1])[0], x.view(16, 16))
         dx, db = b.ops.backward(x, None, None, state, "identity", [], False)
         assert_bitwise_equal(dx, x)
         assert db.shape == (0,)
@@ -351,7 +351,7 @@ def test_edge_p(b, dtype, activation, extras, monkeypatch):
     for state, (seed, offset, p) in [(None, (0, 0, 0.0)), (b.state(0.0), (SEED, OFFSET, 0.0)),
                                      (b.state(1.0), (SEED, OFFSET, 1.0))]:
         expected = ref.fused_dropout(x, bias, res, seed, offset, p, activation)
-        check_contract(b.ops.forward(x, bias, res, state, activation, []), expected, dtype, activation)
+        check_contract(b.ops.forward(x, bias, res, state, activation, [])[0], expected, dtype, activation)
         dx, db = b.ops.backward(grad, x, bias, state, activation, [], bias is not None)
         dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, seed, offset, p, activation, (),
                                                     bias is not None)
@@ -371,7 +371,7 @@ def test_extreme_p(b, p, monkeypatch):
     x, bias, res, grad = make_inputs((5, 40), torch.float32, seed=6, device=b.device)
     state = b.state(p)
     check = dict(dtype=torch.float32, activation="gelu")
-    check_contract(b.ops.forward(x, bias, res, state, "gelu", []),
+    check_contract(b.ops.forward(x, bias, res, state, "gelu", [])[0],
                    ref.fused_dropout(x, bias, res, SEED, OFFSET, p, "gelu"), **check)
     dx, db = b.ops.backward(grad, x, bias, state, "gelu", [], True)
     dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, p, "gelu", (), True)
@@ -416,7 +416,7 @@ def test_special_values(b, dtype, p, activation):
     x = _special_values(dtype, b.device)
     grad = x.flip(0)
     state = b.state(p)
-    y = b.ops.forward(x, None, None, state, activation, [])
+    y = b.ops.forward(x, None, None, state, activation, [])[0]
     expected = ref.fused_dropout(x, None, None, SEED, OFFSET, p, activation)
     check_special(y, expected, _replaced(x, p, activation), dtype, activation)
     dx, _ = b.ops.backward(grad, x, None, state, activation, [], False)
@@ -476,7 +476,7 @@ def test_layouts_through_the_op(b, layout, dtype, activation):
     grad = grad.transpose(0, -1).contiguous().transpose(0, -1)
     xc, rc, gc = x.contiguous(), res.contiguous(), grad.contiguous()
     state = b.state(0.3)
-    y = b.ops.forward(x, bias, res, state, activation, [])
+    y = b.ops.forward(x, bias, res, state, activation, [])[0]
     assert y.stride() == torch.empty_like(x).stride()
     assert_bitwise_equal(y.contiguous(), ref.fused_dropout(xc, bias, rc, SEED, OFFSET, 0.3, activation))
     dx, db = b.ops.backward(grad, x, bias, state, activation, [], True)
@@ -518,9 +518,9 @@ def test_structured_masks(b, mask_shape, activation, dtype, monkeypatch):
     x, bias, res, grad = make_inputs(shape, dtype, seed=3, device=b.device)
     state, ms = b.state(0.4), list(mask_shape)
     expected = ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.4, activation, mask_shape)
-    assert_bitwise_equal(b.ops.forward(x, bias, res, state, activation, ms), expected)
+    assert_bitwise_equal(b.ops.forward(x, bias, res, state, activation, ms)[0], expected)
     keep = ref.dropout_mask(mask_shape, 0.4, SEED, OFFSET, device=b.device).expand(shape)
-    plain = b.ops.forward(x, None, None, state, "identity", ms)
+    plain = b.ops.forward(x, None, None, state, "identity", ms)[0]
     assert torch.equal(plain != 0, keep & (x != 0))
     dx, db = b.ops.backward(grad, x, bias, state, activation, ms, True)
     dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, 0.4, activation, mask_shape, True)
@@ -542,16 +542,16 @@ def test_empty_and_zero_dim(b, monkeypatch):
     state = b.state(0.5)
     for shape in [(0,), (3, 0), (0, 5), (2, 0, 3)]:
         x = torch.randn(shape, device=b.device)
-        y = b.ops.forward(x, None, None, state, "gelu", [])
+        y = b.ops.forward(x, None, None, state, "gelu", [])[0]
         assert y.shape == x.shape and y.dtype == x.dtype
         assert b.ops.mask(state, list(shape)).shape == shape
         if shape[-1]:
             bias = torch.randn(shape[-1], device=b.device)
-            assert b.ops.forward(x, bias, x, state, "silu", []).shape == shape
+            assert b.ops.forward(x, bias, x, state, "silu", [])[0].shape == shape
             dx, db = b.ops.backward(x, x, bias, state, "silu", [], True)
             assert dx.shape == shape and torch.equal(db, torch.zeros_like(bias))
     x = torch.tensor(2.5, device=b.device)
-    assert_bitwise_equal(b.ops.forward(x, None, None, state, "identity", []),
+    assert_bitwise_equal(b.ops.forward(x, None, None, state, "identity", [])[0],
                          ref.fused_dropout(x, None, None, SEED, OFFSET, 0.5))
     assert_bitwise_equal(b.ops.backward(x, x, None, state, "relu", [], False)[0],
                          ref.fused_dropout_backward(x, x, None, SEED, OFFSET, 0.5, "relu")[0])
@@ -585,7 +585,7 @@ def test_op_autograd(b, activation, needs, mask_shape):
 
     def grads(ops):
         inputs = {k: (v.clone().requires_grad_(k in wanted) if v is not None else None) for k, v in leaves.items()}
-        y = ops.forward(inputs["x"], inputs["bias"], inputs["res"], state, activation, list(mask_shape))
+        y = ops.forward(inputs["x"], inputs["bias"], inputs["res"], state, activation, list(mask_shape))[0]
         return y, torch.autograd.grad(y, [inputs[k] for k in wanted], g)
 
     y, got = grads(b.ops)
@@ -602,7 +602,7 @@ def test_op_autograd(b, activation, needs, mask_shape):
             assert_bitwise_equal(a, dx_ref if name == "x" else g)
     if needs == "x,no bias" and activation == "identity":
         xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(b.ops.forward(xr, None, None, state, "identity", list(mask_shape)), xr, gr,
+        (gx,) = torch.autograd.grad(b.ops.forward(xr, None, None, state, "identity", list(mask_shape))[0], xr, gr,
                                     create_graph=True)
         h = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(b.device)
         (ggrad,) = torch.autograd.grad(gx, gr, h)
@@ -664,7 +664,7 @@ def test_property_equals_reference(b):
         seed, offset = case["seed"] % 2**64, case["offset"]
         state = b.state(p, case["seed"], offset)
         xc = x.contiguous()
-        y = b.ops.forward(x, bias, res, state, act, mshape)
+        y = b.ops.forward(x, bias, res, state, act, mshape)[0]
         check_contract(y.contiguous(), ref.fused_dropout(xc, bias, res, seed, offset, p, act, mshape), dtype, act)
         dx, db = b.ops.backward(grad, x, bias, state, act, mshape, bias is not None)
         dx_ref, db_ref = ref.fused_dropout_backward(grad, xc, bias, seed, offset, p, act, mshape, bias is not None)

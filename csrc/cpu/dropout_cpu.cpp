@@ -49,6 +49,10 @@ struct KernelArgs {
   int64_t ndim = 0;
   const int64_t* sizes = nullptr;
   const int64_t* mstride = nullptr;
+  // packed mask mode: the keep bits read instead of drawn, or written as
+  // drawn (element i at bit i % 8 of byte i / 8)
+  const uint8_t* bits_in = nullptr;
+  uint8_t* bits_out = nullptr;
 };
 
 DX_INLINE void philox_words_scalar(const MaskParams& mp, uint64_t g0, int64_t ngroups, uint32_t* w) {
@@ -156,6 +160,34 @@ DX_INLINE void struct_keep(const KernelArgs<scalar_t>& a, int64_t mbase, int64_t
   for (int64_t j = 0; j < len; ++j) keep[j] = a.mask[mbase + j * ms] ? ~0u : kDropMask;
 }
 
+DX_INLINE void bits_keep(const uint8_t* bits, int64_t pos, int64_t len, uint32_t* keep) {
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t i = pos + j;
+    keep[j] = (bits[i >> 3] >> (i & 7)) & 1u ? ~0u : kDropMask;
+  }
+}
+
+// Writes the keep bits of [pos, pos + len); a byte shared with the previous
+// chunk (rows not a multiple of 8 long) is finished here, on the same
+// thread, since a thread's range starts on a byte boundary.
+DX_INLINE void pack_keep(const uint32_t* keep, int64_t pos, int64_t len, uint8_t* bits) {
+  int64_t j = 0;
+  for (; j < len && ((pos + j) & 7) != 0; ++j) {
+    const int64_t i = pos + j;
+    bits[i >> 3] = static_cast<uint8_t>(bits[i >> 3] | ((keep[j] & 1u) << (i & 7)));
+  }
+  for (; j + 8 <= len; j += 8) {
+    uint32_t b = 0;
+    for (int t = 0; t < 8; ++t) b |= (keep[j + t] & 1u) << t;
+    bits[(pos + j) >> 3] = static_cast<uint8_t>(b);
+  }
+  if (j < len) {
+    uint32_t b = 0;
+    for (int t = 0; j + t < len; ++t) b |= (keep[j + t] & 1u) << t;
+    bits[(pos + j) >> 3] = static_cast<uint8_t>(b);
+  }
+}
+
 // Mask index of the first element of the row that holds element pos.
 DX_INLINE int64_t mask_row_base(int64_t pos, int64_t ndim, const int64_t* sizes,
                                 const int64_t* mstride) {
@@ -249,11 +281,14 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
       h = pos % a.H;
       len = std::min<int64_t>(len, a.H - h);
     }
-    if (structured) {
+    if (a.bits_in != nullptr) {
+      bits_keep(a.bits_in, pos, len, keep);
+    } else if (structured) {
       struct_keep(a, mask_row_base(pos, a.ndim, a.sizes, a.mstride), len, keep);
     } else {
       philox_keep<AVX2>(a.mp, pos, len, keep);
     }
+    if (a.bits_out != nullptr) pack_keep(keep, pos, len, a.bits_out);
     scalar_t* dst = a.out + pos;
     if constexpr (BWD) {
       bwd_chunk<scalar_t, A, BIAS>(a, pos, len, h, keep, partial, dst);
@@ -356,18 +391,28 @@ Layout make_layout(const at::Tensor& input, at::IntArrayRef mask_shape, const Ma
   return lay;
 }
 
-at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
-                             c10::string_view activation, at::IntArrayRef mask_shape) {
-  const Act act = check_forward(input, bias, residual, state, activation, mask_shape);
+// Threads take ranges of whole bytes of the packed mask, so no two write one byte.
+template <typename F>
+void parallel_bytes(int64_t n, const F& f) {
+  at::parallel_for(0, mask_bits_size(n), kGrain / 8,
+                   [&](int64_t b0, int64_t b1) { f(b0 * 8, std::min(b1 * 8, n)); });
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_dropout_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
+    const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
+  const Act act = check_forward(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
+  at::Tensor bits = mask_bits_output(input, state, mask_shape, pack_mask);
   const MaskParams mp = host_mask_params(state);
   Layout lay = make_layout(input, mask_shape, mp);
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
-  if (n == 0) return like_input(input, out);
+  if (n == 0) return {like_input(input, out), bits};
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::Tensor mb = mask_bits.has_value() ? mask_bits->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_dropout_cpu", [&] {
     KernelArgs<scalar_t> a;
     fill_common(a, lay, x, mp);
@@ -375,9 +420,11 @@ at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Te
     a.out = out.data_ptr<scalar_t>();
     if (b.defined()) a.bias = b.const_data_ptr<scalar_t>();
     if (r.defined()) a.res = r.const_data_ptr<scalar_t>();
+    if (mb.defined()) a.bits_in = mb.const_data_ptr<uint8_t>();
+    if (bits.numel() > 0) a.bits_out = bits.data_ptr<uint8_t>();
     dispatch_act(act, [&](auto act_c) {
       constexpr Act A = decltype(act_c)::value;
-      at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+      parallel_bytes(n, [&](int64_t lo, int64_t hi) {
         if (a.bias != nullptr) {
           walk<scalar_t, A, true, false>(a, lo, hi, nullptr);
         } else {
@@ -386,19 +433,20 @@ at::Tensor fused_dropout_cpu(const at::Tensor& input, const std::optional<at::Te
       });
     });
   });
-  return like_input(input, out);
+  return {like_input(input, out), bits};
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    bool bias_grad) {
-  const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad);
+    bool bias_grad, const std::optional<at::Tensor>& mask_bits) {
+  const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits);
   const MaskParams mp = host_mask_params(state);
   Layout lay = make_layout(grad, mask_shape, mp);
   const at::Tensor g = grad.contiguous();
   const at::Tensor x = input.has_value() ? input->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor mb = mask_bits.has_value() ? mask_bits->contiguous() : at::Tensor();
   at::Tensor dx, dbias;
   std::tie(dx, dbias) = backward_outputs(g, bias_grad);
   const int64_t n = g.numel();
@@ -411,6 +459,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
     a.out = dx.data_ptr<scalar_t>();
     if (x.defined()) a.x = x.const_data_ptr<scalar_t>();
     if (b.defined()) a.bias = b.const_data_ptr<scalar_t>();
+    if (mb.defined()) a.bits_in = mb.const_data_ptr<uint8_t>();
     dispatch_act(act, [&](auto act_c) {
       constexpr Act A = decltype(act_c)::value;
       auto run = [&](int64_t lo, int64_t hi, acc_t* part) {
@@ -421,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
         }
       };
       if (!bias_grad) {
-        at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) { run(lo, hi, nullptr); });
+        parallel_bytes(n, [&](int64_t lo, int64_t hi) { run(lo, hi, nullptr); });
         return;
       }
       // Deterministic bias reduction: row blocks fixed by the shape alone,

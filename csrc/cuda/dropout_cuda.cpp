@@ -1,4 +1,4 @@
-// The CUDA registrations of the ops (schemas in dropout_ext/_ops.py): the
+// The CUDA registrations of the ops (schemas in csrc/ops.cpp): the
 // shared op bodies of ops_impl.h run with a device guard on the input's
 // device, on its current stream, every launch checked. The state is read by
 // the kernels from device memory: no host sync, no host-to-device copy.
@@ -31,17 +31,20 @@ struct CudaExec {
   void mask(const cuda::MaskArgs& a, int sms) const { C10_CUDA_CHECK(cuda::launch_mask(a, sms, stream())); }
 };
 
-at::Tensor fused_dropout_cuda(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
-                              c10::string_view activation, at::IntArrayRef mask_shape) {
-  return cuda::fused_dropout_op(CudaExec{}, input, bias, residual, state, activation, mask_shape);
+std::tuple<at::Tensor, at::Tensor> fused_dropout_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
+    const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
+  return cuda::fused_dropout_op(CudaExec{}, input, bias, residual, state, activation, mask_shape, mask_bits,
+                                pack_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cuda(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    bool bias_grad) {
-  return cuda::fused_dropout_backward_op(CudaExec{}, grad, input, bias, state, activation, mask_shape, bias_grad);
+    bool bias_grad, const std::optional<at::Tensor>& mask_bits) {
+  return cuda::fused_dropout_backward_op(CudaExec{}, grad, input, bias, state, activation, mask_shape, bias_grad,
+                                         mask_bits);
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& state, at::IntArrayRef shape) {

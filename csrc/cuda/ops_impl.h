@@ -139,15 +139,18 @@ Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const 
 // base: the logical index of element 0, nonzero only from the host driver's
 // test entry points.
 template <class Exec>
-at::Tensor fused_dropout_op(const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
-                            c10::string_view activation, at::IntArrayRef mask_shape, int64_t base = 0) {
-  const Act act = check_forward(input, bias, residual, state, activation, mask_shape);
+std::tuple<at::Tensor, at::Tensor> fused_dropout_op(
+    const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state, c10::string_view activation,
+    at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits, bool pack_mask, int64_t base = 0) {
+  const Act act = check_forward(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(input.device());
+  at::Tensor bits = mask_bits_output(input, state, mask_shape, pack_mask);
+  TORCH_CHECK(!mask_bits.has_value() && bits.numel() == 0, "the packed mask mode is not implemented here yet");
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return like_input(input, out);
+  if (x.numel() == 0) return {like_input(input, out), bits};
   const int sms = exec.sm_count();
   Prepared p = prepare(exec, sms, x, act, state, mask_shape, base);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -158,15 +161,16 @@ at::Tensor fused_dropout_op(const Exec& exec, const at::Tensor& input, const std
   a.residual = ptr_or_null(r);
   a.out = out.data_ptr();
   exec.forward(a, sms);
-  return like_input(input, out);
+  return {like_input(input, out), bits};
 }
 
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
     const Exec& exec, const at::Tensor& grad, const std::optional<at::Tensor>& input,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view activation,
-    at::IntArrayRef mask_shape, bool bias_grad, int64_t base = 0) {
-  const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad);
+    at::IntArrayRef mask_shape, bool bias_grad, const std::optional<at::Tensor>& mask_bits, int64_t base = 0) {
+  const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits);
+  TORCH_CHECK(!mask_bits.has_value(), "the packed mask mode is not implemented here yet");
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(grad.device());
   const at::Tensor g = grad.contiguous();

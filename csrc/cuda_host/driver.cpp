@@ -105,18 +105,19 @@ struct HostExec {
   }
 };
 
-at::Tensor cuda_host_fused_dropout(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                                   const std::optional<at::Tensor>& residual,
-                                   const std::optional<at::Tensor>& state, c10::string_view activation,
-                                   at::IntArrayRef mask_shape) {
-  return fused_dropout_op(HostExec{}, input, bias, residual, state, activation, mask_shape);
+std::tuple<at::Tensor, at::Tensor> cuda_host_fused_dropout(
+    const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
+    const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
+  return fused_dropout_op(HostExec{}, input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> cuda_host_fused_dropout_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    bool bias_grad) {
-  return fused_dropout_backward_op(HostExec{}, grad, input, bias, state, activation, mask_shape, bias_grad);
+    bool bias_grad, const std::optional<at::Tensor>& mask_bits) {
+  return fused_dropout_backward_op(HostExec{}, grad, input, bias, state, activation, mask_shape, bias_grad,
+                                   mask_bits);
 }
 
 at::Tensor cuda_host_dropout_mask(const at::Tensor& state, at::IntArrayRef shape) {
@@ -150,7 +151,8 @@ at::Tensor test_fused_dropout(const at::Tensor& input, const std::optional<at::T
                               c10::string_view activation, at::IntArrayRef mask_shape, int64_t base,
                               int64_t sm_count) {
   check_base(base, input.numel(), is_structured(input, mask_shape));
-  return fused_dropout_op(test_exec(sm_count), input, bias, residual, state, activation, mask_shape, base);
+  return std::get<0>(fused_dropout_op(test_exec(sm_count), input, bias, residual, state, activation, mask_shape,
+                                      std::nullopt, false, base));
 }
 
 std::tuple<at::Tensor, at::Tensor> test_fused_dropout_backward(
@@ -162,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> test_fused_dropout_backward(
   TORCH_CHECK_VALUE(!bias_grad || base % last_dim(grad) == 0, "with bias_grad, base must be a multiple of the "
                     "last dimension");
   return fused_dropout_backward_op(test_exec(sm_count), grad, input, bias, state, activation, mask_shape, bias_grad,
-                                   base);
+                                   std::nullopt, base);
 }
 
 at::Tensor test_dropout_mask(const at::Tensor& state, at::IntArrayRef shape, int64_t base, int64_t sm_count) {

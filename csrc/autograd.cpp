@@ -1,0 +1,128 @@
+// The one autograd of y = residual + dropout(act(x + bias)), registered for
+// the fused_dropout op of every backend's family (csrc/ops.cpp).
+//
+// It is C++ because it runs on every call that records a graph: a Python
+// autograd kernel costs more than the whole kernel on tensors of a few
+// thousand elements. The forward saves the dropout state (the backward draws
+// the mask again) or, in the packed mask mode, the forward's keep bits, and
+// the input and bias only where the activation's derivative needs them.
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "op_common.h"
+
+namespace dropout_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+using ForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, const OptTensor&,
+                                                      const OptTensor&, c10::string_view, at::IntArrayRef,
+                                                      const OptTensor&, bool);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, const OptTensor&,
+                                                       const OptTensor&, c10::string_view, at::IntArrayRef, bool,
+                                                       const OptTensor&);
+
+struct FamilyOps {
+  c10::TypedOperatorHandle<ForwardSig> forward;
+  c10::TypedOperatorHandle<BackwardSig> backward;
+};
+
+// The op handles of family kOpPrefixes[F], looked up once.
+template <int F>
+const FamilyOps& family() {
+  static const FamilyOps ops = [] {
+    const std::string prefix = std::string("dropout_ext::") + kOpPrefixes[F];
+    auto& d = c10::Dispatcher::singleton();
+    return FamilyOps{d.findSchemaOrThrow((prefix + "fused_dropout").c_str(), "").typed<ForwardSig>(),
+                     d.findSchemaOrThrow((prefix + "fused_dropout_backward").c_str(), "").typed<BackwardSig>()};
+  }();
+  return ops;
+}
+
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+template <int F>
+struct FusedDropoutFn : torch::autograd::Function<FusedDropoutFn<F>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& bias,
+                               const OptTensor& residual, const OptTensor& state, c10::string_view activation,
+                               at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask) {
+    at::Tensor out, bits;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, bits) =
+          family<F>().forward.call(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
+    }
+    const bool smooth = activation != "identity";
+    // The mask the backward reads: bits given to this call or packed by it,
+    // else none (drawn again from the state).
+    const at::Tensor saved_bits = mask_bits.has_value() ? *mask_bits : bits.numel() > 0 ? bits : at::Tensor();
+    ctx->save_for_backward({state.value_or(at::Tensor()), smooth ? input : at::Tensor(),
+                            smooth ? bias.value_or(at::Tensor()) : at::Tensor(), saved_bits});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["mask_shape"] = mask_shape.vec();
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["has_residual"] = residual.has_value();
+    ctx->mark_non_differentiable({bits});
+    return {out, bits};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const OptTensor state = opt(saved[0]), input = opt(saved[1]), bias = opt(saved[2]), bits = opt(saved[3]);
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    const std::vector<int64_t> mask_shape = ctx->saved_data["mask_shape"].toIntVector();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // needs_input_grad counts tensor arguments only: an absent bias has no slot.
+    const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(1);
+    const bool need_r = ctx->saved_data["has_residual"].toBool() && ctx->needs_input_grad(has_bias ? 2 : 1);
+    const at::Tensor& grad = grads[0];
+    at::Tensor gx, gb;
+    if (activation == "identity" && !need_b) {
+      // The backward of dropout is dropout with the same mask: the forward
+      // op, through this autograd when a double backward records a graph.
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+      if (!at::GradMode::is_enabled()) below.emplace();
+      if (need_x) gx = std::get<0>(family<F>().forward.call(grad, {}, {}, state, "identity", mask_shape, bits, false));
+    } else if (need_x || need_b) {
+      std::tie(gx, gb) = family<F>().backward.call(grad, input, bias, state, activation, mask_shape, need_b, bits);
+      if (!need_b) gb = at::Tensor();
+    }
+    const at::Tensor gr = need_r ? grad : at::Tensor();
+    return {gx, gb, gr, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+template <int F>
+std::tuple<at::Tensor, at::Tensor> fused_dropout_autograd(const at::Tensor& input, const OptTensor& bias,
+                                                          const OptTensor& residual, const OptTensor& state,
+                                                          c10::string_view activation, at::IntArrayRef mask_shape,
+                                                          const OptTensor& mask_bits, bool pack_mask) {
+  const variable_list out =
+      FusedDropoutFn<F>::apply(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
+  return {out[0], out[1]};
+}
+
+template <int F>
+void register_family(torch::Library& m) {
+  m.impl((std::string(kOpPrefixes[F]) + "fused_dropout").c_str(), TORCH_FN(fused_dropout_autograd<F>));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dropout_ext, Autograd, m) {
+  static_assert(sizeof(kOpPrefixes) / sizeof(kOpPrefixes[0]) == 4, "one registration per op family");
+  register_family<0>(m);
+  register_family<1>(m);
+  register_family<2>(m);
+  register_family<3>(m);
+}
+
+}  // namespace dropout_ext
