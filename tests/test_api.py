@@ -97,22 +97,57 @@ def test_inplace_modifies_input_like_nn_dropout():
         nn.functional.dropout(leaf, 0.5, inplace=True)
 
 
+MASK_MODES = ["regenerate", "packed"]
+
+
+@pytest.mark.parametrize("mask_mode", MASK_MODES)
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
-def test_gradcheck_float64(activation):
+def test_gradcheck_float64(activation, mask_mode):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
     b = torch.randn(7, dtype=torch.float64, generator=g).requires_grad_()
     r = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
     if activation == "relu":  # keep away from the kink
         x = (x.detach() + torch.where(x.detach() >= 0, 0.1, -0.1)).requires_grad_()
-    fn = lambda x, b, r: F.fused_dropout(x, 0.4, bias=b, residual=r, activation=activation, seed=5)
+    fn = lambda x, b, r: F.fused_dropout(x, 0.4, bias=b, residual=r, activation=activation, seed=5,
+                                         mask_mode=mask_mode)
     assert torch.autograd.gradcheck(fn, (x, b, r))
 
 
-def test_double_backward_identity():
+@pytest.mark.parametrize("mask_mode", MASK_MODES)
+def test_double_backward_identity(mask_mode):
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    fn = lambda x: F.dropout(x, 0.3, seed=1) ** 2
+    fn = lambda x: F.dropout(x, 0.3, seed=1, mask_mode=mask_mode) ** 2
     assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_mask_mode_is_checked_and_shown():
+    x = torch.randn(4)
+    for bad in ("bits", 1, True):
+        with pytest.raises(ValueError, match="mask_mode must be one of"):
+            F.dropout(x, 0.5, mask_mode=bad)
+        with pytest.raises(ValueError, match="mask_mode must be one of"):
+            dropout_ext.Dropout(0.5, mask_mode=bad)
+    assert "mask_mode='packed'" in repr(dropout_ext.Dropout(0.1, mask_mode="packed"))
+    assert "mask_mode" not in repr(dropout_ext.Dropout(0.1))
+    assert "mask_mode='regenerate'" in repr(dropout_ext.FusedDropout(0.1, mask_mode="regenerate"))
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_mask_modes_give_the_same_values_and_gradients(module):
+    x = torch.randn(33, 17, requires_grad=True)
+    b = torch.randn(17, requires_grad=True)
+    g = torch.randn(33, 17)
+    results = []
+    for mode in MASK_MODES:
+        if module:
+            torch.manual_seed(4)
+            y = dropout_ext.FusedDropout(0.3, "silu", mask_mode=mode)(x, b)
+        else:
+            y = F.fused_dropout(x, 0.3, bias=b, activation="silu", seed=4, mask_mode=mode)
+        results.append((y, *torch.autograd.grad(y, (x, b), g)))
+    for got, want in zip(*results):
+        assert_bitwise_equal(got, want)
 
 
 @pytest.mark.parametrize("mask_mode, per_element", [("regenerate", 0), ("packed", 1 / 8)])
@@ -130,9 +165,10 @@ def test_saved_bytes_per_mask_mode(mask_mode, per_element):
     assert sum(saved) == 24 + 1000 * per_element  # the state [seed, offset, p bits] (+ the keep bits)
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("mask_mode", MASK_MODES)
+def test_compile_fullgraph_matches_eager(mask_mode):
     def f(x, b, r):
-        return F.fused_dropout(x, 0.3, bias=b, residual=r, activation="gelu", seed=11)
+        return F.fused_dropout(x, 0.3, bias=b, residual=r, activation="gelu", seed=11, mask_mode=mask_mode)
 
     x = torch.randn(16, 32, requires_grad=True)
     b = torch.randn(32, requires_grad=True)
@@ -188,12 +224,13 @@ def test_draw_does_not_reuse_pytorch_counters():
     assert not torch.equal(after, torch.rand(4))
 
 
+@pytest.mark.parametrize("mask_mode", MASK_MODES)
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_checkpoint_replays_the_same_masks(use_reentrant):
+def test_checkpoint_replays_the_same_masks(use_reentrant, mask_mode):
     from torch.utils.checkpoint import checkpoint
 
     lin = nn.Linear(16, 16)
-    block = lambda x: F.fused_dropout(lin(x), 0.5, activation="gelu")
+    block = lambda x: F.fused_dropout(lin(x), 0.5, activation="gelu", mask_mode=mask_mode)
     x = torch.randn(8, 16, requires_grad=True)
     torch.manual_seed(3)
     block(x).sum().backward()
