@@ -67,11 +67,14 @@ def eager_fn(op: str) -> Callable:
     return fn
 
 
-def ext_fn(op: str, backend: str) -> Callable:
+MASK_MODES = ("packed", "regenerate")
+
+
+def ext_fn(op: str, backend: str, mask_mode: str) -> Callable:
     act, _, _ = OPS[op]
 
     def fn(x, b, r):
-        return F.fused_dropout(x, P, bias=b, activation=act, residual=r, backend=backend)
+        return F.fused_dropout(x, P, bias=b, activation=act, residual=r, backend=backend, mask_mode=mask_mode)
 
     return fn
 
@@ -79,17 +82,20 @@ def ext_fn(op: str, backend: str) -> Callable:
 def impl_names(device: torch.device) -> List[str]:
     """Every implementation of a case, in the order a paired round runs them:
     each dropout_ext backend here (the reference is the oracle, not a
-    contender), the eager composition (nn.Dropout's functional form for plain
-    dropout), torch.compile of it, and clone() of the input, the copy ceiling
-    of an op that reads and writes each element once."""
-    ext = [f"dropout_ext[{name}]" for name in dropout_ext.available_backends(device) if name != "reference"]
+    contender) in each mask mode ("dropout_ext[cpu/packed]"), the eager
+    composition (nn.Dropout's functional form for plain dropout),
+    torch.compile of it, and clone() of the input, the copy ceiling of an op
+    that reads and writes each element once."""
+    ext = [f"dropout_ext[{name}/{mode}]" for name in dropout_ext.available_backends(device)
+           if name != "reference" for mode in MASK_MODES]
     return ext + ["eager", "torch.compile", "copy"]
 
 
 def build_impl(op: str, name: str) -> Callable:
     """The function of a named implementation ("copy" has none: see copy_call)."""
     if name.startswith("dropout_ext[") and name.endswith("]"):
-        return ext_fn(op, name[len("dropout_ext["):-1])
+        backend, mode = name[len("dropout_ext["):-1].split("/")
+        return ext_fn(op, backend, mode)
     if name == "eager":
         return eager_fn(op)
     if name == "torch.compile":
@@ -208,6 +214,8 @@ def median(samples: List[float]) -> float:
 def sizes(device: torch.device, mode: str) -> List[int]:
     if mode == "smoke":
         return [1 << 12]
+    if mode == "small":  # per-call overhead
+        return [1 << 8, 1 << 10, 1 << 12, 1 << 14]
     top = 28 if device.type == "cuda" else 26
     if mode == "full":
         return [1 << k for k in range(16, top + 1, 2)]
@@ -215,7 +223,7 @@ def sizes(device: torch.device, mode: str) -> List[int]:
 
 
 def dtypes(device: torch.device, mode: str) -> List[str]:
-    if mode == "smoke":
+    if mode in ("smoke", "small"):
         return ["float32"]
     out = ["float32", "bfloat16"]
     if device.type == "cuda":
@@ -247,6 +255,8 @@ def rounds_for(numel: int, mode: str, device: torch.device) -> Tuple[int, int]:
     the slowest CPU case (nn.Dropout at 2**26) stays within seconds."""
     if mode == "smoke":
         return 1, 1
+    if mode == "small":
+        return 2000, 200
     if device.type == "cuda":
         return 100, 10
     if numel >= (1 << 26):

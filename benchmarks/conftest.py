@@ -22,8 +22,8 @@ MEMORY_ROWS = []
 
 def pytest_addoption(parser):
     g = parser.getgroup("dropout_ext benchmarks")
-    g.addoption("--bench-mode", choices=("default", "full", "smoke"), default="default",
-                help="default: a handful of sizes; full: the whole sweep; smoke: tiny, no timing claims")
+    g.addoption("--bench-mode", choices=("default", "full", "smoke", "small"), default="default",
+                help="default: a handful of sizes; full: the whole sweep; small: 2**8 to 2**14 elements (per-call cost); smoke: tiny, no timing claims")
     g.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when present)")
     g.addoption("--bench-threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.addoption("--bench-rounds", type=int, default=None,

@@ -20,5 +20,5 @@ def test_benchmark_suite_smoke():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "dropout_ext benchmark report" in out.stdout
-    assert "dropout_ext[cpu]" in out.stdout
+    assert "dropout_ext[cpu/packed]" in out.stdout and "dropout_ext[cpu/regenerate]" in out.stdout
     assert "dropout_ext_fused" in out.stdout  # the transformer-block memory table
