@@ -160,11 +160,19 @@ DX_INLINE void struct_keep(const KernelArgs<scalar_t>& a, int64_t mbase, int64_t
   for (int64_t j = 0; j < len; ++j) keep[j] = a.mask[mbase + j * ms] ? ~0u : kDropMask;
 }
 
+// Keep bits from the packed mask: a set bit gives all ones, a clear one the
+// sign bit alone (as philox_keep). Byte-aligned runs (every chunk of a flat
+// walk) take whole bytes with constant shifts, which the compiler vectorises.
+DX_INLINE uint32_t keep_of_bit(uint32_t byte, int64_t t) { return kDropMask | (0u - ((byte >> t) & 1u)); }
+
 DX_INLINE void bits_keep(const uint8_t* bits, int64_t pos, int64_t len, uint32_t* keep) {
-  for (int64_t j = 0; j < len; ++j) {
-    const int64_t i = pos + j;
-    keep[j] = (bits[i >> 3] >> (i & 7)) & 1u ? ~0u : kDropMask;
+  int64_t j = 0;
+  for (; j < len && ((pos + j) & 7) != 0; ++j) keep[j] = keep_of_bit(bits[(pos + j) >> 3], (pos + j) & 7);
+  for (; j + 8 <= len; j += 8) {
+    const uint32_t byte = bits[(pos + j) >> 3];
+    for (int t = 0; t < 8; ++t) keep[j + t] = keep_of_bit(byte, t);
   }
+  for (; j < len; ++j) keep[j] = keep_of_bit(bits[(pos + j) >> 3], (pos + j) & 7);
 }
 
 // Writes the keep bits of [pos, pos + len); a byte shared with the previous
