@@ -17,7 +17,12 @@ so ``-k <id>`` selects a backend's cases):
 =========== ============== ======== =========== ======================================
 id          op prefix      device   backend=    runs
 =========== ============== ======== =========== ======================================
-cpu         ``""``         cpu      "cpu"       always (the compiled extension)
+cpu         ``""``         cpu      "cpu"       always (the compiled extension), on the
+                                                instruction set chosen at run time
+cpu_<isa>   ``""``         cpu      "cpu"       cpu_baseline, cpu_avx2, cpu_avx512: the
+                                                CPU kernels built for that instruction
+                                                set, set around each test through the
+                                                test hook; skipped where the CPU lacks it
 reference   ``reference_`` cpu      "reference" always
 cuda_host   ``cuda_host_`` cpu      "cuda"      the CUDA kernels executed on the host;
                                                 skipped while
@@ -31,12 +36,15 @@ gpu_triton  ``triton_``    cuda     "triton"    without a GPU or the backend
 cuda_host and triton are slow (a host driver walking every block and thread;
 Triton's interpreter), so they take smaller shape and p sets (``small=``), as
 does the reference backend (its op family against its own functions checks
-only the op plumbing); the GPU backends add large shapes (``gpu=``).
+only the op plumbing) and the cpu_<isa> rows (the cpu row runs the full sets
+on the best build; test_cpu_isa.py compares the builds over long ranges and
+group numbers past 2**32); the GPU backends add large shapes (``gpu=``).
 """
 
 import itertools
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import pytest
 import torch
@@ -67,6 +75,7 @@ class Backend:
     public: str                     # the public API's backend= name that reaches this op family
     small: bool = False             # slow: smaller parameter sets
     float64: bool = True            # the op family takes float64
+    isa: Optional[str] = None       # the CPU kernels' instruction set for the test (cpu_<isa> rows)
     marks: tuple = field(default=(), compare=False)
 
     def __str__(self):
@@ -84,6 +93,23 @@ class Backend:
         return _state.make_state(torch.device(self.device), p, seed, offset)
 
 
+CPU_ISAS = ("baseline", "avx2", "avx512")
+
+
+def _cpu_isa_rows():
+    """One row per build of the CPU kernels, each with the small sets;
+    skipped, with the reason, where this CPU or build lacks it."""
+    have = list(torch.ops.dropout_ext_testing.cpu_isas()) if _ops.HAS_C else []
+    rows = []
+    for isa in CPU_ISAS:
+        lacks = pytest.mark.skipif(
+            isa not in have,
+            reason=f"no {isa} build of the CPU kernels runs here (dropout_ext_testing.cpu_isas() is {have})"
+                   if _ops.HAS_C else "the compiled extension dropout_ext._C is not available")
+        rows.append(Backend(f"cpu_{isa}", "", "cpu", "cpu", small=True, isa=isa, marks=(lacks,)))
+    return rows
+
+
 def _backends():
     if TRITON_MODE:
         return [Backend("triton", "triton_", "cpu", "triton", small=True, float64=False)]
@@ -93,7 +119,8 @@ def _backends():
                "(dropout_ext._ops.HAS_CUDA_HOST_KERNELS is False: cuda_host_fused_dropout has no CPU kernel)")
     # The reference backend checks the reference's op family (state, layout and
     # autograd plumbing) against its own functions: the small sets suffice.
-    found = [Backend("cpu", "", "cpu", "cpu"), Backend("reference", "reference_", "cpu", "reference", small=True),
+    found = [Backend("cpu", "", "cpu", "cpu"), *_cpu_isa_rows(),
+             Backend("reference", "reference_", "cpu", "reference", small=True),
              Backend("cuda_host", "cuda_host_", "cpu", "cuda", small=True, marks=(no_host,))]
     if torch.version.cuda:  # a CUDA build of torch: GPU cases, skipped (with the reason) without a GPU
         no_cuda = pytest.mark.skipif(not _ops.HAS_CUDA_KERNELS, reason="the extension has no CUDA kernels here")
@@ -105,6 +132,24 @@ def _backends():
 
 
 BACKENDS = _backends()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_isa(request):
+    """A cpu_<isa> row's test runs on that build of the CPU kernels; the
+    build in force before comes back afterwards."""
+    callspec = getattr(request.node, "callspec", None)
+    b = callspec.params.get("b") if callspec is not None else None
+    if not isinstance(b, Backend) or b.isa is None:
+        yield
+        return
+    hook = torch.ops.dropout_ext_testing.cpu_isa
+    previous = hook(b.isa)
+    try:
+        assert hook("") == b.isa
+        yield
+    finally:
+        hook(previous)
 
 
 def _id(value) -> str:

@@ -3,7 +3,8 @@
 //
 // One pass over memory: the keep bits come from Philox in registers (one call
 // per four elements) and are never stored. Loops are written so the compiler
-// vectorises them; the AVX2 build of each loop is chosen at run time, so a
+// vectorises them; each loop is built for the baseline x86-64, AVX2 and
+// AVX-512 and the best one the CPU has is chosen at run time, so a
 // distributed build needs no -march flag.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -15,7 +16,11 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "../activations.h"
@@ -26,6 +31,10 @@ namespace dropout_ext {
 namespace {
 
 #define DX_INLINE inline __attribute__((always_inline))
+
+// The instruction sets each loop is built for. Every build of a loop derives
+// the same bits (the tests run the suite on each), so the choice is speed only.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Elements handled per inner step: kChunk / 4 Philox groups, whose words
 // stay in L1 between the draw and the element loop.
@@ -60,7 +69,11 @@ DX_INLINE void philox_words_scalar(const MaskParams& mp, uint64_t g0, int64_t ng
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define DX_HAVE_AVX2_BUILD 1
+#define DX_HAVE_X86_BUILDS 1
+#define DX_TARGET_AVX2 __attribute__((target("avx2")))
+// BW, DQ and VL come with every AVX-512 CPU since Skylake-SP; asking for them
+// lets the compiler use byte/word and 256-bit EVEX forms in the element loops.
+#define DX_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 // Philox groups in AVX2 registers, each counter word held in the low half of
 // a 64-bit lane: vpmuludq then yields the whole 64-bit product, so a round
 // costs two multiplies, two shifts and four xors per four groups (no blends);
@@ -70,8 +83,8 @@ DX_INLINE void philox_words_scalar(const MaskParams& mp, uint64_t g0, int64_t ng
 constexpr int kLanes = 4;
 constexpr int64_t kGroupsPerStep = 4 * kLanes;
 
-__attribute__((target("avx2"))) inline void philox_step_avx2(uint64_t g, __m256i c2v, __m256i c3v,
-                                                              const __m256i* keys, uint32_t* w) {
+DX_TARGET_AVX2 inline void philox_step_avx2(uint64_t g, __m256i c2v, __m256i c3v, const __m256i* keys,
+                                            uint32_t* w) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
   const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
   __m256i c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
@@ -106,8 +119,7 @@ __attribute__((target("avx2"))) inline void philox_step_avx2(uint64_t g, __m256i
   }
 }
 
-__attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& mp, uint64_t g0,
-                                                               int64_t ngroups, uint32_t* w) {
+DX_TARGET_AVX2 inline void philox_words_avx2(const MaskParams& mp, uint64_t g0, int64_t ngroups, uint32_t* w) {
   __m256i keys[20];
   uint32_t k0 = mp.key0, k1 = mp.key1;
   for (int r = 0; r < 10; ++r) {
@@ -122,6 +134,87 @@ __attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& 
     philox_step_avx2(g0 + static_cast<uint64_t>(j), c2, c3, keys, w + 4 * j);
   }
 }
+
+// The same scheme in AVX-512 registers: eight groups per register, and each
+// three-way xor one vpternlogq, so a round is six instructions per eight
+// groups. Four chains (32 groups) use 16 of the 32 registers for the state, so
+// nothing spills, and give the multiply-shift-xor dependency of a round
+// enough independent work to hide its latency. Words land in element order,
+// exactly as in the AVX2 version.
+constexpr int kChains512 = 4;
+constexpr int64_t kGroupsPerStep512 = 8 * kChains512;
+
+// GCC 12's AVX-512 intrinsics pass a self-initialised "undefined" vector as
+// the unused merge source, which -Wmaybe-uninitialized reports (GCC PR 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+template <int kChains>
+DX_TARGET_AVX512 inline void philox_step_avx512(uint64_t g, __m512i c2v, __m512i c3v, const __m512i* keys,
+                                                uint32_t* w) {
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0);
+  const __m512i m1 = _mm512_set1_epi64(kPhiloxM1);
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  __m512i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+  for (int l = 0; l < kChains; ++l) {
+    // 64-bit group numbers, split into counter words; a step may cross a
+    // 2**32 boundary of the group number.
+    c0[l] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(g + 8 * l)), lane);
+    c1[l] = _mm512_srli_epi64(c0[l], 32);
+    c2[l] = c2v;
+    c3[l] = c3v;
+  }
+  constexpr int kXor3 = 0x96;  // vpternlogq truth table of a ^ b ^ c
+  for (int r = 0; r < 10; ++r) {
+    for (int l = 0; l < kChains; ++l) {
+      const __m512i p0 = _mm512_mul_epu32(c0[l], m0);
+      const __m512i p1 = _mm512_mul_epu32(c2[l], m1);
+      c0[l] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[l], keys[2 * r], kXor3);
+      c2[l] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[l], keys[2 * r + 1], kXor3);
+      c1[l] = p1;
+      c3[l] = p0;
+    }
+  }
+  // (w0, w1) and (w2, w3) of eight groups as 32-bit pairs, one two-source
+  // permute each (the low halves only), then the pairs in group order.
+  const __m512i pairs = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i first4 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i last4 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  for (int l = 0; l < kChains; ++l) {
+    const __m512i a = _mm512_permutex2var_epi32(c0[l], pairs, c1[l]);
+    const __m512i b = _mm512_permutex2var_epi32(c2[l], pairs, c3[l]);
+    _mm512_storeu_si512(w + 32 * l, _mm512_permutex2var_epi64(a, first4, b));
+    _mm512_storeu_si512(w + 32 * l + 16, _mm512_permutex2var_epi64(a, last4, b));
+  }
+}
+
+DX_TARGET_AVX512 inline void philox_words_avx512(const MaskParams& mp, uint64_t g0, int64_t ngroups,
+                                                 uint32_t* w) {
+  __m512i keys[20];
+  uint32_t k0 = mp.key0, k1 = mp.key1;
+  for (int r = 0; r < 10; ++r) {
+    keys[2 * r] = _mm512_set1_epi64(k0);
+    keys[2 * r + 1] = _mm512_set1_epi64(k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  const __m512i c2 = _mm512_set1_epi64(mp.offset_lo);
+  const __m512i c3 = _mm512_set1_epi64(mp.offset_hi);
+  int64_t j = 0;
+  for (; j + kGroupsPerStep512 <= ngroups; j += kGroupsPerStep512) {
+    philox_step_avx512<kChains512>(g0 + static_cast<uint64_t>(j), c2, c3, keys, w + 4 * j);
+  }
+  // A short range (a row of a few elements) draws eight groups at a time,
+  // not a whole step of 32.
+  for (; j < ngroups; j += 8) {
+    philox_step_avx512<1>(g0 + static_cast<uint64_t>(j), c2, c3, keys, w + 4 * j);
+  }
+}
+#pragma GCC diagnostic pop
+
+// A chunk spans at most kChunk / 4 groups, which the AVX-512 generator
+// rounds up to a multiple of 8: it never writes past philox_keep's buffer.
+static_assert((kChunk / 4) % 8 == 0, "a chunk's groups must be a multiple of the AVX-512 tail step");
 #endif
 
 // Keep bits for logical elements [pos, pos + len), len <= kChunk, as 32-bit
@@ -129,7 +222,7 @@ __attribute__((target("avx2"))) inline void philox_words_avx2(const MaskParams& 
 // dropped value into a zero of its own sign, which is what x * 0 gives in
 // nn.Dropout for finite x, and into a zero for NaN and Inf too, without a
 // branch, so the element loops vectorise. Philox lanes are independent and vectorise too.
-template <bool AVX2>
+template <Isa I>
 DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint32_t* keep) {
   if (mp.keep_all) {  // p == 0 or no state: no word is needed
     std::fill(keep, keep + len, ~0u);
@@ -138,8 +231,10 @@ DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint3
   uint32_t w[kChunk + 4 + 64];  // room for a last, partly used step of 16 groups
   const uint64_t g0 = static_cast<uint64_t>(pos) >> 2;
   const int64_t ngroups = ((pos + len - 1) >> 2) - static_cast<int64_t>(g0) + 1;
-#ifdef DX_HAVE_AVX2_BUILD
-  if constexpr (AVX2) {
+#ifdef DX_HAVE_X86_BUILDS
+  if constexpr (I == Isa::kAvx512) {
+    philox_words_avx512(mp, g0, ngroups, w);
+  } else if constexpr (I == Isa::kAvx2) {
     philox_words_avx2(mp, g0, ngroups, w);
   } else
 #endif
@@ -275,7 +370,7 @@ DX_INLINE void bwd_chunk(const KernelArgs<scalar_t>& a, int64_t pos, int64_t len
 
 // Walks logical elements [begin, end) in chunks that never cross a row when
 // the chunk needs a row position (bias, structured mask).
-template <typename scalar_t, Act A, bool BIAS, bool BWD, bool AVX2>
+template <typename scalar_t, Act A, bool BIAS, bool BWD, Isa I>
 DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t end,
                           at::opmath_type<scalar_t>* partial) {
   const bool structured = a.mask != nullptr;
@@ -294,7 +389,7 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
     } else if (structured) {
       struct_keep(a, mask_row_base(pos, a.ndim, a.sizes, a.mstride), len, keep);
     } else {
-      philox_keep<AVX2>(a.mp, pos, len, keep);
+      philox_keep<I>(a.mp, pos, len, keep);
     }
     if (a.bits_out != nullptr) pack_keep(keep, pos, len, a.bits_out);
     scalar_t* dst = a.out + pos;
@@ -307,61 +402,146 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
   }
 }
 
-template <bool AVX2>
+// Keep bits of logical elements [begin, end) into out[0, end - begin).
+template <Isa I>
 DX_INLINE void mask_range(const MaskParams& mp, bool* out, int64_t begin, int64_t end) {
   uint32_t keep[kChunk];
   int64_t pos = begin;
   while (pos < end) {
     const int64_t len = std::min<int64_t>(end - pos, kChunk - (pos & 3));
-    philox_keep<AVX2>(mp, pos, len, keep);
-    for (int64_t j = 0; j < len; ++j) out[pos + j] = keep[j] == ~0u;
+    philox_keep<I>(mp, pos, len, keep);
+    bool* o = out + (pos - begin);
+    for (int64_t j = 0; j < len; ++j) o[j] = keep[j] == ~0u;
     pos += len;
   }
 }
 
-// The same loops built twice: for the baseline x86-64 (or whatever the
-// compiler targets) and for AVX2, picked once at run time.
+// The same loops built once per instruction set. Each entry point is compiled
+// for its target, and the loop bodies inline into it and are vectorised for
+// it; nothing else in the file assumes more than the baseline.
 template <typename scalar_t, Act A, bool BIAS, bool BWD>
-void walk_default(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
-  walk_range<scalar_t, A, BIAS, BWD, false>(a, b, e, part);
+void walk_baseline(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
+  walk_range<scalar_t, A, BIAS, BWD, Isa::kBaseline>(a, b, e, part);
 }
-void mask_default(const MaskParams& mp, bool* out, int64_t b, int64_t e) { mask_range<false>(mp, out, b, e); }
+void mask_baseline(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
+  mask_range<Isa::kBaseline>(mp, out, b, e);
+}
 
-#ifdef DX_HAVE_AVX2_BUILD
+#ifdef DX_HAVE_X86_BUILDS
 template <typename scalar_t, Act A, bool BIAS, bool BWD>
-__attribute__((target("avx2"))) void walk_avx2(const KernelArgs<scalar_t>& a, int64_t b, int64_t e,
-                                                at::opmath_type<scalar_t>* part) {
-  walk_range<scalar_t, A, BIAS, BWD, true>(a, b, e, part);
+DX_TARGET_AVX2 void walk_avx2(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
+  walk_range<scalar_t, A, BIAS, BWD, Isa::kAvx2>(a, b, e, part);
 }
-__attribute__((target("avx2"))) void mask_avx2(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
-  mask_range<true>(mp, out, b, e);
+DX_TARGET_AVX2 void mask_avx2(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
+  mask_range<Isa::kAvx2>(mp, out, b, e);
 }
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+template <typename scalar_t, Act A, bool BIAS, bool BWD>
+DX_TARGET_AVX512 void walk_avx512(const KernelArgs<scalar_t>& a, int64_t b, int64_t e,
+                                  at::opmath_type<scalar_t>* part) {
+  walk_range<scalar_t, A, BIAS, BWD, Isa::kAvx512>(a, b, e, part);
+}
+DX_TARGET_AVX512 void mask_avx512(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
+  mask_range<Isa::kAvx512>(mp, out, b, e);
 }
 #endif
+
+// --- which build runs -----------------------------------------------------------
+
+constexpr const char* kIsaEnv = "DROPOUT_EXT_CPU_ISA";
+constexpr Isa kIsas[] = {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512};
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kBaseline:
+    default: return "baseline";
+  }
+}
+
+// Asks the CPU (and, through libgcc, the OS: AVX-512 counts only when the
+// kernel saves its registers).
+bool isa_supported(Isa isa) {
+#ifdef DX_HAVE_X86_BUILDS
+  switch (isa) {
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2");
+    case Isa::kBaseline:
+    default: return true;
+  }
+#else
+  return isa == Isa::kBaseline;
+#endif
+}
+
+std::string supported_isa_names() {
+  std::string names;
+  for (Isa isa : kIsas) {
+    if (isa_supported(isa)) names += std::string(names.empty() ? "" : ", ") + isa_name(isa);
+  }
+  return names;
+}
+
+// An ISA by name, for the environment variable and the test hook (`who`
+// names which, so the error says what to fix).
+Isa parse_isa(c10::string_view name, const char* who) {
+  for (Isa isa : kIsas) {
+    if (name == isa_name(isa)) {
+      TORCH_CHECK(isa_supported(isa), who, "=", std::string(name), ": this CPU does not support ", isa_name(isa),
+                  " (it supports: ", supported_isa_names(), ")");
+      return isa;
+    }
+  }
+  TORCH_CHECK_VALUE(false, who, " must be one of 'baseline', 'avx2', 'avx512', got '", std::string(name), "'");
+}
+
+Isa isa_from_environment() {
+  const char* value = std::getenv(kIsaEnv);
+  if (value != nullptr && *value != '\0') return parse_isa(value, kIsaEnv);
+  Isa best = Isa::kBaseline;
+  for (Isa isa : kIsas) {
+    if (isa_supported(isa)) best = isa;
+  }
+  return best;
+}
+
+// The ISA in force: the environment's choice (or the best the CPU has),
+// decided at the first kernel call; the test hook can change it. Atomic, as
+// kernels read it from worker threads; a change mid-call would only mix
+// builds that give the same bits.
+std::atomic<Isa>& isa_in_force() {
+  static std::atomic<Isa> isa{isa_from_environment()};
+  return isa;
+}
 
 template <typename scalar_t, Act A, bool BIAS, bool BWD>
 void walk(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
-#ifdef DX_HAVE_AVX2_BUILD
-  if (cpu_has_avx2()) return walk_avx2<scalar_t, A, BIAS, BWD>(a, b, e, part);
+  switch (isa_in_force().load(std::memory_order_relaxed)) {
+#ifdef DX_HAVE_X86_BUILDS
+    case Isa::kAvx512: return walk_avx512<scalar_t, A, BIAS, BWD>(a, b, e, part);
+    case Isa::kAvx2: return walk_avx2<scalar_t, A, BIAS, BWD>(a, b, e, part);
 #endif
-  walk_default<scalar_t, A, BIAS, BWD>(a, b, e, part);
+    default: return walk_baseline<scalar_t, A, BIAS, BWD>(a, b, e, part);
+  }
 }
 
 void mask_fill(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
-#ifdef DX_HAVE_AVX2_BUILD
-  if (cpu_has_avx2()) return mask_avx2(mp, out, b, e);
+  switch (isa_in_force().load(std::memory_order_relaxed)) {
+#ifdef DX_HAVE_X86_BUILDS
+    case Isa::kAvx512: return mask_avx512(mp, out, b, e);
+    case Isa::kAvx2: return mask_avx2(mp, out, b, e);
 #endif
-  mask_default(mp, out, b, e);
+    default: return mask_baseline(mp, out, b, e);
+  }
 }
 
 // The keep mask of a (small) structured mask shape, materialised once.
 at::Tensor keep_mask_cpu(const MaskParams& mp, at::IntArrayRef shape) {
   at::Tensor m = at::empty(shape, at::TensorOptions().dtype(at::kBool));
   bool* out = m.data_ptr<bool>();
-  at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) { mask_fill(mp, out, b, e); });
+  at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) { mask_fill(mp, out + b, b, e); });
   return m;
 }
 
@@ -513,12 +693,62 @@ at::Tensor dropout_mask_cpu(const at::Tensor& state, at::IntArrayRef shape) {
   return keep_mask_cpu(host_mask_params(state), shape);
 }
 
+// --- test hooks -------------------------------------------------------------------
+
+// Sets the ISA of later calls ("" leaves it) and returns the one in force
+// before, so a test can restore it.
+std::string test_cpu_isa(c10::string_view isa) {
+  std::atomic<Isa>& in_force = isa_in_force();
+  if (isa.empty()) return isa_name(in_force.load());
+  return isa_name(in_force.exchange(parse_isa(isa, "cpu_isa")));
+}
+
+std::vector<std::string> test_cpu_isas() {
+  std::vector<std::string> names;
+  for (Isa isa : kIsas) {
+    if (isa_supported(isa)) names.emplace_back(isa_name(isa));
+  }
+  return names;
+}
+
+// Keep bits of logical elements [start, start + length) of an unbounded
+// tensor: group numbers past 2**32 (and up to 2**61) that no real tensor
+// reaches, and a start at any element of a group.
+at::Tensor test_cpu_mask_range(const at::Tensor& state, int64_t start, int64_t length) {
+  check_mask_args(state, {length});
+  TORCH_CHECK_VALUE(start >= 0 && start <= std::numeric_limits<int64_t>::max() - length,
+                    "cpu_mask_range: [start, start + length) must lie in [0, 2**63)");
+  const MaskParams mp = host_mask_params(state);
+  at::Tensor m = at::empty({length}, at::TensorOptions().dtype(at::kBool));
+  bool* out = m.data_ptr<bool>();
+  at::parallel_for(0, length, kGrain, [&](int64_t b, int64_t e) { mask_fill(mp, out + b, start + b, start + e); });
+  return m;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dropout_ext, CPU, m) {
   m.impl("fused_dropout", &fused_dropout_cpu);
   m.impl("fused_dropout_backward", &fused_dropout_backward_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
+}
+
+// Test-only ops (the namespace of csrc/cuda_host/driver.cpp's): choose the
+// CPU kernels' ISA, list the ones this CPU has, and draw keep bits anywhere
+// in the 64-bit element space.
+TORCH_LIBRARY_FRAGMENT(dropout_ext_testing, m) {
+  m.def("cpu_isa(str isa) -> str");
+  m.def("cpu_isas() -> str[]");
+  m.def("cpu_mask_range(Tensor state, int start, int length) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dropout_ext_testing, CompositeExplicitAutograd, m) {
+  m.impl("cpu_isa", &test_cpu_isa);
+  m.impl("cpu_isas", &test_cpu_isas);
+}
+
+TORCH_LIBRARY_IMPL(dropout_ext_testing, CPU, m) {
+  m.impl("cpu_mask_range", &test_cpu_mask_range);
 }
 
 }  // namespace dropout_ext
