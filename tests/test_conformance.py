@@ -99,13 +99,12 @@ CPU_ISAS = ("baseline", "avx2", "avx512")
 def _cpu_isa_rows():
     """One row per build of the CPU kernels, each with the small sets;
     skipped, with the reason, where this CPU or build lacks it."""
-    have = list(torch.ops.dropout_ext_testing.cpu_isas()) if _ops.HAS_C else []
+    have = list(torch.ops.dropout_ext_testing.cpu_isas())
     rows = []
     for isa in CPU_ISAS:
         lacks = pytest.mark.skipif(
             isa not in have,
-            reason=f"no {isa} build of the CPU kernels runs here (dropout_ext_testing.cpu_isas() is {have})"
-                   if _ops.HAS_C else "the compiled extension dropout_ext._C is not available")
+            reason=f"no {isa} build of the CPU kernels runs here (dropout_ext_testing.cpu_isas() is {have})")
         rows.append(Backend(f"cpu_{isa}", "", "cpu", "cpu", small=True, isa=isa, marks=(lacks,)))
     return rows
 
