@@ -81,10 +81,10 @@ def ops_for(backend: Optional[str], device: torch.device, dtype: Optional[torch.
 
 
 # What the backward reads by default, per device type (README, "Mask
-# modes", has the measurements): on the CPU the packed keep bits, 1/32 of a
-# float32 tensor, cost less to read than Philox costs to run again; on a GPU
-# Philox is free against memory bandwidth and the state is all that is saved.
-DEFAULT_MASK_MODE = {"cpu": "packed", "cuda": "regenerate"}
+# modes"): on the CPU the AVX-512 and AVX2 Philox builds draw the mask again
+# as fast as the packed bits are read (measured, BENCHMARKS.md), so nothing
+# per element is saved; on a GPU Philox is free against memory bandwidth.
+DEFAULT_MASK_MODE = {"cpu": "regenerate", "cuda": "regenerate"}
 
 
 def default_mask_mode(device: torch.device) -> str:
