@@ -29,6 +29,7 @@ ARCHS = ["sm_80", "sm_90"]
 # The routines nvcc calls for a 64-bit integer / or %.
 DIV64_ROUTINES = ("__cuda_sm20_div_s64", "__cuda_sm20_div_u64", "__cuda_sm20_rem_s64", "__cuda_sm20_rem_u64")
 ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh", "silu"]  # by Act id
+MASK_BITS = ["draw", "pack", "read"]  # by MaskBits id (kernel_args.h)
 # What bounds the resident blocks of an SM on compute capability 8.0 and
 # 9.0: registers, allocated per warp in units of 256 (8 per thread),
 # threads, and shared memory (an A100's 164 KiB; an H100 has 228).
@@ -37,14 +38,19 @@ REGISTER_UNIT = 8
 SM_THREADS = 2048
 SM_SHARED = 164 * 1024
 THREADS = 256
+# Kernels per architecture: the elementwise kernels per dtype (4) and
+# activation (5), forward in 3 mask modes and backward in 2 (draw, read);
+# the bias-gradient kernel in 2; the bias reduction per dtype; the mask.
+STREAMING_KERNELS = 4 * 5 * (3 + 2) + 4 * 5 * 2
+KERNELS = STREAMING_KERNELS + 4 + 1
 
 
-def declared_blocks_per_sm(kernel, dtype, activation, backward):
+def declared_blocks_per_sm(kernel, dtype, activation, backward, mask_bits="draw"):
     """The resident blocks per SM each kernel is built and its grid planned
     for (csrc/cuda/kernel_args.h): its __launch_bounds__ minimum on the GPU
     and the host driver's plan alike (tests/test_cuda_host.py checks the
-    latter). float64 gelu's backward needs 136-155 registers on sm_90 and
-    spills at 128, so it gets one block."""
+    latter), the same in every mask mode. float64 gelu's backward needs
+    136-155 registers on sm_90 and spills at 128, so it gets one block."""
     f64_gelu = dtype == "double" and activation == "gelu"
     if kernel == "ElementwiseKernel":
         return 1 if f64_gelu and backward else 4
@@ -158,15 +164,16 @@ def _launch_bounds(ptx):
 
 
 def _kernel_key(name):
-    """(kernel, dtype, activation, backward) of a demangled kernel_entry name."""
+    """(kernel, dtype, activation, backward, mask mode) of a demangled kernel_entry name."""
     m = re.search(r"kernel_entry<dropout_ext::cuda::(\w+)(?:<([^>]*)>)?", name)
     assert m, name
     kernel, args = m.group(1), [a.strip() for a in (m.group(2) or "").split(",") if a.strip()]
     dtype = args[0].split("::")[-1] if args else None
     act = re.search(r"\(dropout_ext::Act\)(\d+)", name)
     direction = re.search(r"\(dropout_ext::cuda::Dir\)(\d+)", name)
+    bits = re.search(r"\(dropout_ext::cuda::MaskBits\)(\d+)", name)
     return (kernel, dtype, ACTIVATIONS[int(act.group(1))] if act else None,
-            bool(int(direction.group(1))) if direction else False)
+            bool(int(direction.group(1))) if direction else False, MASK_BITS[int(bits.group(1))] if bits else None)
 
 
 def _sass_by_function(cubin):
@@ -232,16 +239,17 @@ def test_registers_allow_each_kernels_declared_residency(builds):
         assert len(ptx) == 1, ptx
         bounds = _launch_bounds(ptx[0])
         figures = _ptxas_figures(proc.stderr)
-        assert set(bounds) == set(figures) and len(figures) == 65, (sorted(bounds), sorted(figures))
+        assert set(bounds) == set(figures) and len(figures) == KERNELS, (sorted(bounds), sorted(figures))
         for name, (regs, stack, spill_st, spill_ld, smem) in figures.items():
             threads, target = bounds[name]
             key = _kernel_key(name)
             per_block = -(-regs // REGISTER_UNIT) * REGISTER_UNIT * THREADS
             resident = min(SM_REGISTERS // per_block, SM_THREADS // THREADS,
                            SM_SHARED // smem if smem else SM_THREADS // THREADS)
-            kernel, dtype, activation, backward = key
+            kernel, dtype, activation, backward, bits = key
             args = [a for a in (dtype, activation) if a] + (["backward" if backward else "forward"]
                                                            if kernel == "ElementwiseKernel" else [])
+            args += [bits] if bits else []
             row = (f"{arch} {kernel}<{', '.join(args)}>: {regs} registers, {smem} B shared, {resident} resident, "
                    f"declared {target}")
             table.append(row)
@@ -255,16 +263,22 @@ def test_registers_allow_each_kernels_declared_residency(builds):
 
 
 def test_streaming_kernels_use_128_bit_accesses(builds):
+    """In every mask mode; and each mode's byte accesses are there: the
+    structured mask's loads (draw), the packed bits' stores (pack) or loads
+    (read)."""
     _ok(builds)
+    byte_access = {"draw": r"LDG\.E\.(S8|U8)", "pack": r"STG\.E\.(S8|U8)", "read": r"LDG\.E\.(S8|U8)"}
     for (src, arch), (_, _, cubin) in builds.items():
         sass = _sass_by_function(cubin)
         kernels = {n: s for n, s in sass.items() if "ElementwiseKernel" in n or "BiasGradKernel" in n}
-        assert len(kernels) == 60, sorted(sass)
+        assert len(kernels) == STREAMING_KERNELS, sorted(sass)
         for name, code in kernels.items():
+            bits = _kernel_key(name)[4]
             assert re.search(r"LDG\.E\.128", code), f"{arch} {name}: no 128-bit load"
             assert re.search(r"STG\.E\.128", code), f"{arch} {name}: no 128-bit store"
-            # the structured path is compiled in: byte loads of the small mask
-            assert re.search(r"LDG\.E\.(S8|U8)", code), f"{arch} {name}: no structured-mask path"
+            assert re.search(byte_access[bits], code), f"{arch} {name}: no byte access of its mask mode"
+            if bits == "pack":  # a byte of bits has one writer: no atomic
+                assert not re.search(r"ATOM|RED\.", code), f"{arch} {name}: an atomic in the pack kernel"
 
 
 def test_no_64_bit_division_routine(builds):

@@ -48,9 +48,9 @@ def test_host_driver_is_built():
 def _both(x, bias, res, grad, st, activation, mask_shape=(), bias_grad=False):
     """(forward, dx, dbias) of the host-run CUDA kernels and of the reference."""
     ms = list(mask_shape)
-    got = (ops.cuda_host_fused_dropout(x, bias, res, st, activation, ms),
+    got = (ops.cuda_host_fused_dropout(x, bias, res, st, activation, ms)[0],
            *ops.cuda_host_fused_dropout_backward(grad, x, bias, st, activation, ms, bias_grad))
-    want = (ops.reference_fused_dropout(x, bias, res, st, activation, ms),
+    want = (ops.reference_fused_dropout(x, bias, res, st, activation, ms)[0],
             *ops.reference_fused_dropout_backward(grad, x, bias, st, activation, ms, bias_grad))
     return got, want
 
@@ -102,8 +102,8 @@ def test_grid_stride_loop(dtype):
     n = 3 * 8 * 256 * unit_elems(dtype) + 5
     x, bias, res, grad = make_inputs((n // 5, 5), dtype, seed=9)
     st = state(0.25)
-    y = testing.cuda_host_fused_dropout(x, bias, res, st, "silu", [], 0, 1)
-    assert_bitwise_equal(y, ops.reference_fused_dropout(x, bias, res, st, "silu", []))
+    y = testing.cuda_host_fused_dropout(x, bias, res, st, "silu", [], 0, 1)[0]
+    assert_bitwise_equal(y, ops.reference_fused_dropout(x, bias, res, st, "silu", [])[0])
     dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, "silu", [], False, 0, 1)
     assert_bitwise_equal(dx, ops.reference_fused_dropout_backward(grad, x, bias, st, "silu", [], False)[0])
 
@@ -138,7 +138,7 @@ def test_p_outside_0_1(p, read_as):
         ops.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "gelu", [], True)
     with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
         ops.cuda_host_dropout_mask(state(p), [3])
-    y = testing.cuda_host_fused_dropout(x, bias, res, state(p), "gelu", [], 0, 132)
+    y = testing.cuda_host_fused_dropout(x, bias, res, state(p), "gelu", [], 0, 132)[0]
     assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, read_as, "gelu"))
     dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "gelu", [], True, 0, 132)
     assert_bitwise_equal(dx, ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, read_as, "gelu")[0])
@@ -205,12 +205,12 @@ def _kernel_order_dbias(d, plan, dtype):
     return total.to(dtype)
 
 
-def _unrounded_dx(grad, x, bias, st, activation):
+def _unrounded_dx(grad, x, bias, st, activation, mask_bits=None):
     """dx before its rounding to the dtype: the reference's math on inputs
     widened exactly to the math type."""
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     return ops.reference_fused_dropout_backward(grad.to(acc), x.to(acc), bias.to(acc), st, activation, [],
-                                                False)[0]
+                                                False, mask_bits)[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -323,21 +323,23 @@ def test_shared_memory_is_poisoned_for_every_block():
 def test_launch_layout_changes_no_bit_of_the_outputs():
     x, bias, res, grad = make_inputs((123, 40), torch.float32, seed=8)
     st = state(0.2)
-    outs = [testing.cuda_host_fused_dropout(x, bias, res, st, "gelu", [], 0, sms) for sms in (1, 3, 132)]
+    outs = [testing.cuda_host_fused_dropout(x, bias, res, st, "gelu", [], 0, sms)[0] for sms in (1, 3, 132)]
     dxs = [testing.cuda_host_fused_dropout_backward(grad, x, bias, st, "gelu", [], True, 0, sms) for sms in (1, 132)]
     for y in outs[1:]:
         assert_bitwise_equal(y, outs[0])
     assert_bitwise_equal(dxs[1][0], dxs[0][0])
 
 
-def _expected_at(x, bias, res, grad, p, activation, base):
+def _expected_at(x, bias, res, grad, p, activation, base, keep=None):
     """Forward and dx of the elements base .. base + n - 1 of a huge tensor
-    whose last dimension is x's: keep bits and bias columns from the logical
-    index (reference.keep_for_indices), math as the reference's."""
+    whose last dimension is x's: keep bits (unless given) and bias columns
+    from the logical index (reference.keep_for_indices), math as the
+    reference's."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     H = x.shape[-1]
     idx = base + torch.arange(x.numel(), dtype=torch.int64)
-    keep = ref.keep_for_indices(idx, p, SEED, OFFSET).reshape(x.shape)
+    if keep is None:
+        keep = ref.keep_for_indices(idx, p, SEED, OFFSET).reshape(x.shape)
     v = x.to(acc) + bias.to(acc)[idx % H].reshape(x.shape)
     scale = 1.0 / (1.0 - p)
     kept = ref.activation_forward(v, activation) * scale
@@ -371,7 +373,7 @@ def test_index_arithmetic_past_2_31_and_2_32(boundary, dtype):
     x, bias, res, grad = make_inputs(shape, dtype, seed=6)
     p = 0.3
     y_want, dx_want, keep = _expected_at(x, bias, res, grad, p, "silu", base)
-    y = testing.cuda_host_fused_dropout(x, bias, res, state(p), "silu", [], base, 1)
+    y = testing.cuda_host_fused_dropout(x, bias, res, state(p), "silu", [], base, 1)[0]
     assert_bitwise_equal(y, y_want)
     dx, db = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "silu", [], True, base, 1)
     assert_bitwise_equal(dx, dx_want)
@@ -391,6 +393,148 @@ def test_index_past_2_32_with_unaligned_rows():
     _, dx_want, _ = _expected_at(x, bias, torch.zeros_like(x), grad, 0.5, "relu", base)
     dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(0.5), "relu", [], True, base, 1)
     assert_bitwise_equal(dx, dx_want)
+
+
+# --- the packed mask mode ----------------------------------------------------------
+# pack_mask: the forward kernels also store the keep bits they draw, 8 per
+# byte, a byte per thread step (two units of float or double); mask_bits:
+# every kernel that draws keep bits reads them instead (docs/RNG.md).
+
+def _random_bits(shape, seed):
+    """(keep, packed): a keep mask that is no state's, and its bits."""
+    keep = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return keep, ref.pack_bits(keep)
+
+
+@pytest.mark.parametrize("boundary", [2**31, 2**32, 2**34, 2**62 - 4096])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_mode_past_2_31_and_2_32(boundary, dtype):
+    """Packing at logical indices across 2**31, 2**32 and 2**34: the bits are
+    those of the logical indices, stored from byte 0; reading: the given bits
+    of element 0 on, bias columns still from the logical index, the bias
+    gradient's rows kernel included."""
+    shape = (40, 48)
+    base = _base_before(boundary)
+    x, bias, res, grad = make_inputs(shape, dtype, seed=6)
+    p = 0.3
+    y_want, _, keep = _expected_at(x, bias, res, grad, p, "relu", base)
+    y, packed = testing.cuda_host_fused_dropout(x, bias, res, state(p), "relu", [], base, 1, None, True)
+    assert_bitwise_equal(y, y_want)
+    assert torch.equal(packed, ref.pack_bits(keep))
+    other, bits = _random_bits(shape, boundary % 1000)
+    y_want, dx_want, _ = _expected_at(x, bias, res, grad, p, "relu", base, other)
+    y, none = testing.cuda_host_fused_dropout(x, bias, res, state(p), "relu", [], base, 1, bits)
+    assert_bitwise_equal(y, y_want)
+    assert none.shape == (0,)
+    dx, db = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "relu", [], True, base, 1, bits)
+    assert_bitwise_equal(dx, dx_want)
+    _check_bias_grad(db, dx_want.double().sum(0).to(dtype), dtype, shape[0])
+    dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "relu", [], False, base, 132, bits)
+    assert_bitwise_equal(dx, dx_want)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 17, 1001, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_packed_last_byte_past_2_32(n, dtype):
+    """Any n: the last byte's bits past n are zero, also at p == 0, where
+    everything is kept and nothing drawn."""
+    base = 2**32 - 64
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    idx = base + torch.arange(n, dtype=torch.int64)
+    for p in (0.0, 0.5, 1.0):
+        keep = ref.keep_for_indices(idx, p, SEED, OFFSET)
+        y, packed = testing.cuda_host_fused_dropout(x, None, None, state(p), "identity", [], base, 1, None, True)
+        assert torch.equal(packed, ref.pack_bits(keep))
+        assert_bitwise_equal(y, ref.fused_dropout(x, None, None, SEED, OFFSET, p, keep=keep))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu_tanh"])
+def test_packed_mode_on_misaligned_views(dtype, activation):
+    """Pointers off 16 bytes take the scalar loads and stores; the bits are
+    packed and read all the same, and a mask_bits view at an odd byte
+    offset is read where it is."""
+    shape = (6, 45)
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(5)
+    flat = [(torch.randn(n + 1, generator=g) * 3).to(dtype) for _ in range(3)]
+    x, res, grad = (t[1:].view(shape) for t in flat)
+    assert x.data_ptr() % 16 != 0 and x.is_contiguous()
+    bias = torch.randn(shape[-1], generator=g).to(dtype)
+    st = state(0.4)
+    y, packed = ops.cuda_host_fused_dropout(x, bias, res, st, activation, [], None, True)
+    y_ref, packed_ref = ops.reference_fused_dropout(x, bias, res, st, activation, [], None, True)
+    check_contract(y, y_ref, dtype, activation)
+    assert torch.equal(packed, packed_ref)
+    _, bits = _random_bits(shape, 7)
+    odd = torch.cat([torch.zeros(1, dtype=torch.uint8), bits])[1:]
+    assert odd.data_ptr() % 2 == 1
+    for given in (bits, odd):
+        y = ops.cuda_host_fused_dropout(x, bias, res, st, activation, [], given)[0]
+        check_contract(y, ops.reference_fused_dropout(x, bias, res, st, activation, [], bits)[0], dtype, activation)
+        dx, db = ops.cuda_host_fused_dropout_backward(grad, x, bias, st, activation, [], True, given)
+        dx_ref, db_ref = ops.reference_fused_dropout_backward(grad, x, bias, st, activation, [], True, bits)
+        check_contract(dx, dx_ref, dtype, activation)
+        _check_bias_grad(db, db_ref, dtype, shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_packed_mode_grid_stride_loop(dtype):
+    """One SM: each thread packs several bytes in turn, a pack step of 8
+    elements (two units of float or double) apart from its neighbours'."""
+    n = 3 * 4 * 256 * 8 + 13
+    x, bias, res, grad = make_inputs((n // 13, 13), dtype, seed=9)
+    st = state(0.25)
+    y, packed = testing.cuda_host_fused_dropout(x, bias, res, st, "silu", [], 0, 1, None, True)
+    y_ref, packed_ref = ops.reference_fused_dropout(x, bias, res, st, "silu", [], None, True)
+    check_contract(y, y_ref, dtype, "silu")
+    assert torch.equal(packed, packed_ref)
+    dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, "silu", [], False, 0, 1, packed)
+    check_contract(dx, ops.reference_fused_dropout_backward(grad, x, bias, st, "silu", [], False)[0], dtype, "silu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,H,sm_count", [
+    (300, 768, 132),
+    (299, 13, 1),     # rows start at every bit of a byte; units straddle two bytes
+    (1000, 1, 132),
+    (37, 301, 2),
+    (5, 4, 132),
+])
+def test_bias_gradient_reads_the_bits_in_kernel_order(dtype, rows, H, sm_count):
+    """The bias-gradient kernel reading the bits: dx of the given bits, and
+    the bias gradient summed in the kernel's order from it; given the
+    bits a forward packed, the very bits of drawing the mask again."""
+    activation = "gelu_tanh" if dtype != torch.float64 else "relu"
+    x, bias, _, grad = make_inputs((rows, H), dtype, seed=rows + H)
+    st = state(0.35)
+    plan = testing.cuda_bias_grad_plan(rows, H, dtype, activation, sm_count)
+    _, bits = _random_bits((rows, H), rows)
+    dx, db = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, activation, [], True, 0, sm_count, bits)
+    dx_ref, db_ref = ops.reference_fused_dropout_backward(grad, x, bias, st, activation, [], True, bits)
+    assert_bitwise_equal(dx, dx_ref)
+    _check_bias_grad(db, db_ref, dtype, rows)
+    assert_bitwise_equal(db, _kernel_order_dbias(_unrounded_dx(grad, x, bias, st, activation, bits), plan, dtype))
+    packed = ops.cuda_host_fused_dropout(x, bias, None, st, activation, [], None, True)[1]
+    drawn = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, activation, [], True, 0, sm_count)
+    read = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, activation, [], True, 0, sm_count, packed)
+    assert_bitwise_equal(read[0], drawn[0])
+    assert_bitwise_equal(read[1], drawn[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_mode_launch_plans(dtype):
+    """A pack launch walks steps of 8 elements (a byte of bits) on the same
+    one wave; reading keeps the plain launches' grids."""
+    n, H = 2**30, 1024
+    kd = KERNEL_DTYPE[dtype]
+    want = declared_blocks_per_sm("ElementwiseKernel", kd, "gelu", False, "pack")
+    assert _launches("forward_packed", n, H, dtype, "gelu") == [(H100_SMS * want, 1, want)]
+    assert _launches("forward_packed", (3 * 256 + 1) * 8, 1, dtype, "gelu") == [(4, 1, want)]
+    assert _launches("forward_packed", 3 * 256 * 8 + 1, 1, dtype, "gelu") == [(4, 1, want)]
+    for bias_grad in (False, True):
+        assert [g[:2] for g in _launches("backward_read", n, H, dtype, "gelu", bias_grad)] == \
+            [g[:2] for g in _launches("backward", n, H, dtype, "gelu", bias_grad)]
 
 
 def test_fast_division_is_exact():
@@ -435,8 +579,8 @@ def test_half_and_bfloat16_conversions_on_the_host(dtype):
 def test_zero_dim_empty_and_strided_inputs():
     st = state(0.5)
     for x in (torch.tensor(1.5), torch.empty(0, 3), torch.randn(6, 5).t()):
-        y = ops.cuda_host_fused_dropout(x, None, None, st, "relu", [])
-        assert_bitwise_equal(y, ops.reference_fused_dropout(x, None, None, st, "relu", []))
+        y = ops.cuda_host_fused_dropout(x, None, None, st, "relu", [])[0]
+        assert_bitwise_equal(y, ops.reference_fused_dropout(x, None, None, st, "relu", [])[0])
         assert y.stride() == x.stride() or x.numel() == 0
     grad = torch.empty(0, 3)
     dx, db = ops.cuda_host_fused_dropout_backward(grad, None, None, st, "identity", [], True)

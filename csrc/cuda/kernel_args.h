@@ -27,6 +27,19 @@ constexpr int kHostSmCount = 132;
 // double), always a whole number of Philox groups.
 constexpr int unit_elems(DType t) { return (t == DType::kHalf || t == DType::kBFloat16) ? 8 : 4; }
 
+// Where a kernel's keep bits come from and go (the packed mask mode,
+// docs/RNG.md): drawn (Philox, or a structured mask) and used only; drawn
+// and also stored packed, 8 elements per byte (the forward of a full mask);
+// or read from packed bits instead of drawn. A template parameter of the
+// kernels, so the plain kernels carry none of the other modes' code.
+enum class MaskBits : int { kDraw = 0, kPack = 1, kRead = 2 };
+
+// Elements per step of the elementwise kernels: a unit, or in the pack mode
+// the 8 elements of one byte of the packed mask (two units of float or
+// double), so that every byte has a single writer and none is shared between
+// threads: no atomics, no second pass.
+constexpr int step_elems(DType t, MaskBits m) { return m == MaskBits::kPack ? 8 : unit_elems(t); }
+
 // Division by a divisor fixed for the launch, without the 64-bit division
 // routine: floor(n / d) = umulhi(n, magic) >> shift for every 0 <= n < 2**63
 // (Granlund and Montgomery, "Division by invariant integers using
@@ -83,6 +96,12 @@ struct DropoutArgs {
   // 2**32 without allocating them.
   int64_t base = 0;
   StructuredMask mask;
+  // The packed keep mask of a full mask: element e (counted from element 0,
+  // whatever base is) at bit e % 8 of byte e / 8. bits_in: read instead of
+  // drawing the mask (either direction); bits_out: the forward stores the
+  // bits it draws, the ones past n zero. At most one is set.
+  const uint8_t* bits_in = nullptr;
+  uint8_t* bits_out = nullptr;
   // Backward with the bias gradient: per-row-block column sums of the
   // unrounded dx in the math type, [row_blocks, H], then dbias [H].
   void* partial = nullptr;

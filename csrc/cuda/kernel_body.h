@@ -15,7 +15,8 @@
 // Each thread step handles a unit of 16 bytes per tensor (4 float, 8 half
 // or bfloat16, 4 double as two 16-byte halves), so a unit of a flat walk
 // starts on a Philox group boundary and one Philox call serves four
-// elements. Keep bits live in a register bitmask, never in memory. Math is
+// elements. Keep bits live in a register bitmask, and in memory only in the
+// packed mask mode (MaskBits, kernel_args.h), one bit per element. Math is
 // float32 (float64 for double) with one rounding on store; nvcc runs with
 // --fmad=false and g++ with -ffp-contract=off so the activations round
 // exactly as activations.h says on both.
@@ -373,6 +374,42 @@ DX_HD uint32_t unit_keep(const MaskParams& mp, const StructuredMask& sm, int64_t
   return philox_keep<E>(mp, i0, len);
 }
 
+// One byte of the packed mask: a read-only load on the device.
+DX_HD uint32_t load_byte(const uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// Keep bits of len <= 8 elements from local element e0, read from the
+// packed mask: one byte, or two where the elements straddle a byte boundary
+// (the bias-gradient kernel's rows when H % 8 != 0); never the byte after
+// the last element's, so never past the mask.
+DX_HD uint32_t packed_keep(const uint8_t* bits, int64_t e0, int len) {
+  const uint8_t* b = bits + (e0 >> 3);
+  const int shift = static_cast<int>(e0 & 7);
+  uint32_t v = load_byte(b);
+  if (shift + len > 8) v |= load_byte(b + 1) << 8;
+  return v >> shift;
+}
+
+// Keep bits of len elements from local element e0 (logical index i0) in
+// mask mode M. A packed mask is a full one, so packing draws from Philox
+// with no structured path; reading draws nothing and ignores p's keep-all
+// and drop-all: the bits say what is kept, p only gives the scale.
+template <int E, MaskBits M>
+DX_HD uint32_t mode_keep(const MaskParams& mp, const DropoutArgs& a, int64_t e0, int64_t i0, int len) {
+  if constexpr (M == MaskBits::kRead) {
+    return packed_keep(a.bits_in, e0, len);
+  } else if constexpr (M == MaskBits::kPack) {
+    return philox_keep<E>(mp, i0, len);
+  } else {
+    return unit_keep<E>(mp, a.mask, e0, i0, len);
+  }
+}
+
 // A dropped element keeps only the sign bit of its value: x * 0 for finite
 // x, as in nn.Dropout, and a zero for NaN and Inf too.
 DX_HD float drop_value(float v, bool keep) { return keep ? v : bit_cast<float>(bit_cast<uint32_t>(v) & 0x80000000u); }
@@ -468,9 +505,15 @@ constexpr size_t shared_bytes() {
 }
 
 // Forward, or backward without the bias gradient: a grid-stride walk over
-// the units of the flat tensor.
-template <typename T, Act A, Dir D>
+// the steps of the flat tensor (step_elems): a unit each, or in the pack
+// mode the units of one byte of the packed mask, whose thread draws the
+// byte's 8 keep bits, runs its units one after the other and stores it.
+template <typename T, Act A, Dir D, MaskBits M>
 struct ElementwiseKernel {
+  static_assert(D == Dir::kForward || M != MaskBits::kPack, "only the forward packs the mask");
+  static constexpr int E = Unit<T>::kElems;
+  static constexpr int S = step_elems(Num<T>::kDType, M);
+  static_assert(S % E == 0 && (M != MaskBits::kPack || S == 8), "a step is whole units; a pack step one byte");
   struct Params {
     DropoutArgs a;
     bool vec;  // every streamed pointer 16-byte aligned
@@ -479,13 +522,15 @@ struct ElementwiseKernel {
   static constexpr int kPhases = 1;
   static constexpr int kBlocksPerSm = elementwise_blocks_per_sm(Num<T>::kDType, A, D == Dir::kBackward);
 
+  // The steps of n elements: the kernel's loop and the launch plan's work items.
+  DX_HD static int64_t steps(int64_t n) { return (n + S - 1) / S; }
+
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
-    constexpr int E = Unit<T>::kElems;
     const DropoutArgs& a = p.a;
-    const int64_t units = (a.n + E - 1) / E;
+    const int64_t steps_n = steps(a.n);
     int64_t u = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread;
-    if (u >= units) return;
+    if (u >= steps_n) return;
     const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
     const ThreadCtx<T> c = thread_ctx<T, D>(a);
     const bool bias_cols = c.bias != nullptr && (D == Dir::kForward || A != Act::kIdentity);
@@ -493,14 +538,29 @@ struct ElementwiseKernel {
 #if defined(__CUDA_ARCH__)
 #pragma unroll 1
 #endif
-    for (; u < units; u += stride) {
-      const int64_t e0 = u * E;
+    for (; u < steps_n; u += stride) {
+      const int64_t e0 = u * S;
       const int64_t i0 = a.base + e0;
-      const int len = a.n - e0 < E ? static_cast<int>(a.n - e0) : E;
-      const uint32_t keep = unit_keep<E>(c.mp, a.mask, e0, i0, len);
-      const int64_t col = bias_cols ? fast_mod(i0, a.H) : 0;
-      typename Num<T>::acc d[E];
-      unit_step<T, A, D>(c, e0, len, p.vec && len == E, keep, col, a.H, d);
+      const int len = a.n - e0 < S ? static_cast<int>(a.n - e0) : S;
+      const uint32_t keep = mode_keep<S, M>(c.mp, a, e0, i0, len);
+      // The step's units in turn. Not unrolled: a pack step's second unit
+      // runs the first one's code in the same registers (unrolled, float64
+      // gelu spilled at 4 blocks' 64); a step of one unit is one pass that
+      // compiles to the same code as a plain unit loop.
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+      for (int s = 0; s < S; s += E) {
+        const int sub = S == E ? len : (len - s < E ? len - s : E);
+        if (s != 0 && sub <= 0) break;  // a last pack step of at most one unit
+        const int64_t col = bias_cols ? fast_mod(i0 + s, a.H) : 0;
+        typename Num<T>::acc d[E];
+        unit_step<T, A, D>(c, e0 + s, sub, p.vec && sub == E, keep >> s, col, a.H, d);
+      }
+      if constexpr (M == MaskBits::kPack) {
+        // Byte e0 / 8 is this step's alone; the bits past n are zero.
+        a.bits_out[e0 >> 3] = static_cast<uint8_t>(keep & ((1u << len) - 1u));
+      }
     }
   }
 };
@@ -510,8 +570,9 @@ struct ElementwiseKernel {
 // column in registers, then parks the sums in shared memory. Phase 1: a
 // thread per column of the tile adds the row lanes' sums in lane order and
 // writes the block's partial sum.
-template <typename T, Act A>
+template <typename T, Act A, MaskBits M>
 struct BiasGradKernel {
+  static_assert(M != MaskBits::kPack, "only the forward packs the mask");
   using acc_t = typename Num<T>::acc;
   static constexpr int E = Unit<T>::kElems;
   struct Params {
@@ -548,7 +609,7 @@ struct BiasGradKernel {
         const int64_t r1 = r0 + g.rows_per_block < g.rows ? r0 + g.rows_per_block : g.rows;
         for (int64_t r = r0 + lane_r; r < r1; r += g.row_lanes) {
           const int64_t e0 = r * H + c0;
-          const uint32_t keep = unit_keep<E>(c.mp, a.mask, e0, a.base + e0, len);
+          const uint32_t keep = mode_keep<E, M>(c.mp, a, e0, a.base + e0, len);
           acc_t d[E];
           unit_step<T, A, Dir::kBackward>(c, e0, len, vec, keep, c0, a.H, d);
 #if defined(__CUDA_ARCH__)
@@ -645,6 +706,18 @@ struct MaskKernel {
   }
 };
 
+// The mask mode of a launch as a compile-time constant, from which of
+// bits_in and bits_out the glue set; kPack only where the kernels can pack
+// (the forward).
+template <bool kCanPack, typename F>
+decltype(auto) dispatch_mask_bits(const DropoutArgs& a, F&& f) {
+  if (a.bits_in != nullptr) return f(std::integral_constant<MaskBits, MaskBits::kRead>{});
+  if constexpr (kCanPack) {
+    if (a.bits_out != nullptr) return f(std::integral_constant<MaskBits, MaskBits::kPack>{});
+  }
+  return f(std::integral_constant<MaskBits, MaskBits::kDraw>{});
+}
+
 // The launches of each op, written once for the CUDA launchers and the host
 // driver: which kernels, with which parameters, on which grid, in order.
 // r.launch<K>(params, grid) runs kernel K and returns false (keeping the
@@ -654,11 +727,12 @@ bool run_forward(Runner& r, const DropoutArgs& a, int sm_count) {
   if (a.n == 0) return true;
   return dispatch_dtype(a.dtype, [&](auto zero) {
     using T = decltype(zero);
-    const int64_t units = (a.n + Unit<T>::kElems - 1) / Unit<T>::kElems;
     return dispatch_act(static_cast<Act>(a.act), [&](auto act) {
-      using K = ElementwiseKernel<T, decltype(act)::value, Dir::kForward>;
-      const Grid2 grid{flat_blocks(units, sm_count, K::kBlocksPerSm), 1};
-      return r.template launch<K>(typename K::Params{a, forward_vec(a)}, grid);
+      return dispatch_mask_bits<true>(a, [&](auto bits) {
+        using K = ElementwiseKernel<T, decltype(act)::value, Dir::kForward, decltype(bits)::value>;
+        const Grid2 grid{flat_blocks(K::steps(a.n), sm_count, K::kBlocksPerSm), 1};
+        return r.template launch<K>(typename K::Params{a, forward_vec(a)}, grid);
+      });
     });
   });
 }
@@ -671,21 +745,24 @@ bool run_backward(Runner& r, const DropoutArgs& a, int sm_count) {
     constexpr int E = Unit<T>::kElems;
     return dispatch_act(static_cast<Act>(a.act), [&](auto act) {
       constexpr Act A = decltype(act)::value;
-      if (a.partial == nullptr) {
-        using K = ElementwiseKernel<T, A, Dir::kBackward>;
-        const Grid2 grid{flat_blocks((a.n + E - 1) / E, sm_count, K::kBlocksPerSm), 1};
-        return r.template launch<K>(typename K::Params{a, backward_vec(a)}, grid);
-      }
-      const int64_t H = static_cast<int64_t>(a.H.divisor);
-      const BiasGradPlan plan = plan_bias_grad(a.n / H, H, a.dtype, A, sm_count);
-      using K = BiasGradKernel<T, A>;
-      if (!r.template launch<K>(typename K::Params{a, plan, backward_vec(a) && H % E == 0}, plan.grid)) {
-        return false;
-      }
-      using R = BiasReduceKernel<T>;
-      const typename R::Params rp{static_cast<const typename R::acc_t*>(a.partial), static_cast<T*>(a.dbias), H,
-                                  plan.row_blocks};
-      return r.template launch<R>(rp, Grid2{plan.reduce_blocks, 1});
+      return dispatch_mask_bits<false>(a, [&](auto bits) {
+        constexpr MaskBits M = decltype(bits)::value;
+        if (a.partial == nullptr) {
+          using K = ElementwiseKernel<T, A, Dir::kBackward, M>;
+          const Grid2 grid{flat_blocks(K::steps(a.n), sm_count, K::kBlocksPerSm), 1};
+          return r.template launch<K>(typename K::Params{a, backward_vec(a)}, grid);
+        }
+        const int64_t H = static_cast<int64_t>(a.H.divisor);
+        const BiasGradPlan plan = plan_bias_grad(a.n / H, H, a.dtype, A, sm_count);
+        using K = BiasGradKernel<T, A, M>;
+        if (!r.template launch<K>(typename K::Params{a, plan, backward_vec(a) && H % E == 0}, plan.grid)) {
+          return false;
+        }
+        using R = BiasReduceKernel<T>;
+        const typename R::Params rp{static_cast<const typename R::acc_t*>(a.partial), static_cast<T*>(a.dbias),
+                                    H, plan.row_blocks};
+        return r.template launch<R>(rp, Grid2{plan.reduce_blocks, 1});
+      });
     });
   });
 }

@@ -110,19 +110,24 @@ Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, a
 }
 
 // What both directions' kernels take of the tensor they stream (the input,
-// or the gradient) and of the dropout state; the state's words and a
-// structured mask's keep bits stay alive in here until the launch.
+// or the gradient) and of the dropout state; the state's words, a
+// structured mask's keep bits and the packed mask read stay alive in here
+// until the launch.
 struct Prepared {
   DropoutArgs args;
   at::Tensor state;
   Structured mask;
+  at::Tensor bits_in;
 };
 
 template <class Exec>
 Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const std::optional<at::Tensor>& state,
-                 at::IntArrayRef mask_shape, int64_t base) {
+                 at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits, int64_t base) {
   Prepared p;
   p.state = state_words(state);
+  // check_mask_bits let only a full mask with a state have bits: no
+  // structured mask is drawn beside them.
+  p.bits_in = mask_bits.has_value() ? mask_bits->contiguous() : at::Tensor();
   const int64_t* words = p.state.defined() ? p.state.const_data_ptr<int64_t>() : nullptr;
   p.mask = structured_mask(exec, sms, t, mask_shape, words);
   DropoutArgs& a = p.args;
@@ -133,6 +138,7 @@ Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const 
   a.state = words;
   a.base = base;
   a.mask = p.mask.view;
+  a.bits_in = p.bits_in.defined() ? p.bits_in.const_data_ptr<uint8_t>() : nullptr;
   return p;
 }
 
@@ -147,12 +153,11 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_op(
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(input.device());
   at::Tensor bits = mask_bits_output(input, state, mask_shape, pack_mask);
-  TORCH_CHECK(!mask_bits.has_value() && bits.numel() == 0, "the packed mask mode is not implemented here yet");
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return {like_input(input, out), bits};
   const int sms = exec.sm_count();
-  Prepared p = prepare(exec, sms, x, act, state, mask_shape, base);
+  Prepared p = prepare(exec, sms, x, act, state, mask_shape, mask_bits, base);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   DropoutArgs& a = p.args;
@@ -160,6 +165,8 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_op(
   a.bias = ptr_or_null(b);
   a.residual = ptr_or_null(r);
   a.out = out.data_ptr();
+  // Empty unless packing was asked for and the mask is packable.
+  a.bits_out = bits.numel() > 0 ? bits.data_ptr<uint8_t>() : nullptr;
   exec.forward(a, sms);
   return {like_input(input, out), bits};
 }
@@ -170,7 +177,6 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view activation,
     at::IntArrayRef mask_shape, bool bias_grad, const std::optional<at::Tensor>& mask_bits, int64_t base = 0) {
   const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits);
-  TORCH_CHECK(!mask_bits.has_value(), "the packed mask mode is not implemented here yet");
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(grad.device());
   const at::Tensor g = grad.contiguous();
@@ -183,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
   const int64_t n = g.numel();
   if (n == 0) return {like_input(grad, dx), dbias};
   const int sms = exec.sm_count();
-  Prepared p = prepare(exec, sms, g, act, state, mask_shape, base);
+  Prepared p = prepare(exec, sms, g, act, state, mask_shape, mask_bits, base);
   DropoutArgs& a = p.args;
   a.grad = g.const_data_ptr();
   a.x = ptr_or_null(x);

@@ -129,7 +129,8 @@ at::Tensor cuda_host_dropout_mask(const at::Tensor& state, at::IntArrayRef shape
 // as arguments: tests run small grids (several units per thread) and index
 // arithmetic past 2**31 and 2**32 without allocating such tensors. Like the
 // GPU's, they leave p unread on the host, so the kernels' sanitising of a p
-// outside [0, 1] is what runs.
+// outside [0, 1] is what runs. mask_bits and pack_mask are the ops' own:
+// the packed mask counts from element 0, whatever base is.
 
 HostExec test_exec(int64_t sm_count) {
   TORCH_CHECK_VALUE(sm_count >= 1 && sm_count <= 1024, "sm_count must be in [1, 1024], got ", sm_count);
@@ -146,25 +147,25 @@ bool is_structured(const at::Tensor& t, at::IntArrayRef mask_shape) {
   return !mask_shape.empty() && !t.sizes().equals(mask_shape);
 }
 
-at::Tensor test_fused_dropout(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
-                              c10::string_view activation, at::IntArrayRef mask_shape, int64_t base,
-                              int64_t sm_count) {
+std::tuple<at::Tensor, at::Tensor> test_fused_dropout(
+    const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape, int64_t base,
+    int64_t sm_count, const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
   check_base(base, input.numel(), is_structured(input, mask_shape));
-  return std::get<0>(fused_dropout_op(test_exec(sm_count), input, bias, residual, state, activation, mask_shape,
-                                      std::nullopt, false, base));
+  return fused_dropout_op(test_exec(sm_count), input, bias, residual, state, activation, mask_shape, mask_bits,
+                          pack_mask, base);
 }
 
 std::tuple<at::Tensor, at::Tensor> test_fused_dropout_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    bool bias_grad, int64_t base, int64_t sm_count) {
+    bool bias_grad, int64_t base, int64_t sm_count, const std::optional<at::Tensor>& mask_bits) {
   check_base(base, grad.numel(), is_structured(grad, mask_shape));
   // The bias-gradient kernel takes a row's first column to be column 0.
   TORCH_CHECK_VALUE(!bias_grad || base % last_dim(grad) == 0, "with bias_grad, base must be a multiple of the "
                     "last dimension");
   return fused_dropout_backward_op(test_exec(sm_count), grad, input, bias, state, activation, mask_shape, bias_grad,
-                                   std::nullopt, base);
+                                   mask_bits, base);
 }
 
 at::Tensor test_dropout_mask(const at::Tensor& state, at::IntArrayRef shape, int64_t base, int64_t sm_count) {
@@ -182,9 +183,10 @@ std::vector<int64_t> test_bias_grad_plan(int64_t rows, int64_t H, at::ScalarType
 }
 
 // [grid.x, grid.y, blocks per SM] of each launch of op ("forward",
-// "backward" or "mask") on n elements whose last dimension is H, as the
-// launchers plan it and checked against the launch limits, with nothing
-// allocated or run: the grids of shapes too large to allocate.
+// "backward" or "mask"; "forward_packed" and "backward_read" in the packed
+// mask mode) on n elements whose last dimension is H, as the launchers plan
+// it and checked against the launch limits, with nothing allocated or run:
+// the grids of shapes too large to allocate.
 std::vector<int64_t> test_launch_plan(c10::string_view op, int64_t n, int64_t H, at::ScalarType dtype,
                                       c10::string_view activation, bool bias_grad, int64_t sm_count) {
   TORCH_CHECK_VALUE(n >= 1 && H >= 1 && n % H == 0, "n must be a positive multiple of H >= 1");
@@ -202,13 +204,17 @@ std::vector<int64_t> test_launch_plan(c10::string_view op, int64_t n, int64_t H,
   a.act = static_cast<int>(parse_activation(activation));
   a.n = n;
   a.H = make_fast_div(static_cast<uint64_t>(H));
-  if (op == "forward") {
+  // Pointers that select launches (the bias gradient's, the packed mask
+  // mode's); never read or written, as nothing runs.
+  static uint8_t placeholder;
+  if (op == "forward" || op == "forward_packed") {
+    if (op == "forward_packed") a.bits_out = &placeholder;
     run_forward(r, a, sms);
   } else {
-    TORCH_CHECK_VALUE(op == "backward", "op must be 'forward', 'backward' or 'mask'");
-    // Selects the bias-gradient launches; never written, as nothing runs.
-    static char placeholder;
+    TORCH_CHECK_VALUE(op == "backward" || op == "backward_read",
+                      "op must be 'forward', 'forward_packed', 'backward', 'backward_read' or 'mask'");
     if (bias_grad) a.partial = a.dbias = &placeholder;
+    if (op == "backward_read") a.bits_in = &placeholder;
     run_backward(r, a, sms);
   }
   return plan;
@@ -315,9 +321,11 @@ TORCH_LIBRARY_IMPL(dropout_ext, CPU, m) {
 // schemas of _ops.py.
 TORCH_LIBRARY_FRAGMENT(dropout_ext_testing, m) {
   m.def("cuda_host_fused_dropout(Tensor input, Tensor? bias, Tensor? residual, Tensor? state, str activation, "
-        "int[] mask_shape, int base, int sm_count) -> Tensor");
+        "int[] mask_shape, int base, int sm_count, Tensor? mask_bits=None, bool pack_mask=False) "
+        "-> (Tensor, Tensor)");
   m.def("cuda_host_fused_dropout_backward(Tensor grad, Tensor? input, Tensor? bias, Tensor? state, "
-        "str activation, int[] mask_shape, bool bias_grad, int base, int sm_count) -> (Tensor, Tensor)");
+        "str activation, int[] mask_shape, bool bias_grad, int base, int sm_count, Tensor? mask_bits=None) "
+        "-> (Tensor, Tensor)");
   m.def("cuda_host_dropout_mask(Tensor state, int[] shape, int base, int sm_count) -> Tensor");
   m.def("cuda_bias_grad_plan(int rows, int H, ScalarType dtype, str activation, int sm_count) -> int[]");
   m.def("cuda_launch_plan(str op, int n, int H, ScalarType dtype, str activation, bool bias_grad, int sm_count) "
