@@ -27,6 +27,12 @@ Layout: one elementwise body (``_tile``) serves the forward and the backward
 (the ``BWD`` constexpr), used by the flat kernel and by the row-sum kernel of
 the bias gradient; each program takes the unmasked path when its block is
 full, so the bulk of any tensor, whatever its size, moves in 128-bit accesses.
+
+The packed mask mode (``reference.pack_bits``: element i at bit i % 8 of byte
+i // 8): the flat kernel's forward also stores the keep bits it draws
+(``BITS_OUT``; its programs start on whole bytes), and both kernels can read
+such bits instead of drawing them (``BITS_IN``: no Philox at all). Both are
+constexpr flags, so a call without them compiles to the code it had before.
 """
 
 import contextlib
@@ -38,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ._contract import ACTIVATIONS, F32
+from ._ops import mask_bits_like
 
 AVAILABLE = True
 
@@ -270,11 +277,20 @@ def _philox_keep(state_ptr, group0, thr, ROWS: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _keep(state_ptr, keep_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS: tl.constexpr, R: tl.constexpr,
-          MASK_FROM_PTR: tl.constexpr, MASKED: tl.constexpr):
-    """The keep bits of a tile: from an expanded structured mask, or drawn."""
+def _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS: tl.constexpr,
+          R: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, MASKED: tl.constexpr):
+    """The keep bits of a tile: from an expanded structured mask, from the
+    packed keep bits of the forward (BITS_IN), or drawn."""
     if MASK_FROM_PTR:
         keep = _load(keep_ptr, offs, m, MASKED) != 0
+    elif BITS_IN:
+        # Element i is bit i % 8 of byte i // 8. Gathered per element, as a
+        # tile row of the bias-gradient kernel may start in the middle of a
+        # byte (H % 8 == 4): the elements of a byte load it again, from the
+        # same cache line, and the bits are 1/16 of a 16-bit tensor's bytes.
+        # No Philox and no test of p: the bits decide alone.
+        byte = _load(bits_ptr, offs >> 3, m, MASKED)
+        keep = ((byte >> (offs & 7).to(tl.uint8)) & 1) != 0
     elif keep_all | drop_all:
         # p == 0 or p >= 1: no Philox (the common eval-like and p == 0 calls)
         keep = tl.full([ROWS, R], 0, tl.int1) | keep_all
@@ -290,6 +306,46 @@ def _drop(value, keep):
     bits = value.to(tl.uint32, bitcast=True)
     and_mask = tl.where(keep, tl.full(value.shape, 0xFFFFFFFF, tl.uint32), tl.full(value.shape, 0x80000000, tl.uint32))
     return (bits & and_mask).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _or_bytes(v, ROWS: tl.constexpr, R: tl.constexpr):
+    """[ROWS, R] 0/1 int32 values of consecutive elements as the
+    [ROWS * R // 8] bytes they pack to, element 8j + k at bit k of byte j.
+
+    Neighbours are paired by splits, not summed by a reduction: a thread
+    holds its row of R elements in registers, and a split of a size-2 last
+    dimension stays there, while a reduction is laid out anew, which made
+    the compiler draw the Philox words a second time in that layout."""
+    tl.static_assert((R == 4) | (R == 8))
+    if R == 8:
+        a, b = tl.split(tl.reshape(v, [ROWS, 4, 2]))
+        v = a | (b << 1)
+    a, b = tl.split(tl.reshape(v, [ROWS, 2, 2]))
+    v = a | (b << (R // 4))
+    a, b = tl.split(v)
+    v = a | (b << (R // 2))
+    if R == 4:
+        # A byte spans two rows, held by neighbouring threads: the one
+        # exchange between threads (through shared memory), of a value a row.
+        a, b = tl.split(tl.reshape(v, [ROWS // 2, 2]))
+        v = a | (b << 4)
+    return v
+
+
+@triton.jit
+def _pack_bits(bits_ptr, keep, group0, m, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr):
+    """Stores the tile's keep bits packed, element i at bit i % 8 of byte
+    i // 8. Only the flat kernel packs: its tile starts at a multiple of
+    BLOCK (element 4 * group0), a multiple of 8, so a program writes whole
+    bytes and no two programs share one. In the partial block the bits past
+    n are 0, and the bytes that hold no element are not written."""
+    boffs = group0 // 2 + tl.arange(0, ROWS * R // 8)
+    if MASKED:
+        byte = _or_bytes((keep & m).to(tl.int32), ROWS, R)
+        tl.store(bits_ptr + boffs, byte.to(tl.uint8), mask=_or_bytes(m.to(tl.int32), ROWS, R) != 0)
+    else:
+        tl.store(bits_ptr + boffs, _or_bytes(keep.to(tl.int32), ROWS, R).to(tl.uint8))
 
 
 # --- memory ------------------------------------------------------------------------
@@ -357,16 +413,19 @@ def _bias_tile(bias_ptr, pid, local, m, H, BLOCK: tl.constexpr, MASKED: tl.const
 # --- the one elementwise body ----------------------------------------------------------
 
 @triton.jit
-def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, group0,
+def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, group0,
           thr, drop_all, keep_all, scale, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-          HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, STORE_F32: tl.constexpr, BWD: tl.constexpr,
-          ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr):
+          HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
+          STORE_F32: tl.constexpr, BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr):
     """One [ROWS, R] tile at element offsets offs (row-major indices), mask m
-    when MASKED; b is the tile's bias in float32 (HAS_BIAS).
+    when MASKED; b is the tile's bias in float32 (HAS_BIAS). The tile's first
+    element is 4 * group0.
 
     Forward (src = x): out = residual + drop(act(x + b) * scale).
     Backward (src = dy): out = drop(act'(x + b) * (dy * scale)); also the
     unrounded float32 result to f32_ptr (STORE_F32). Returns that result.
+    The packed mask mode: the keep bits read from bits_ptr (BITS_IN), or
+    written there as drawn (BITS_OUT, the flat kernel's forward).
     """
     a = _f32(_load(src_ptr, offs, m, MASKED))
     if BWD:
@@ -384,7 +443,10 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, 
         if HAS_STATE:
             a = _mul(a, scale)
     if HAS_STATE:
-        keep = _keep(state_ptr, keep_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS, R, MASK_FROM_PTR, MASKED)
+        keep = _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS, R,
+                     MASK_FROM_PTR, BITS_IN, MASKED)
+        if BITS_OUT:
+            _pack_bits(bits_ptr, keep, group0, m, ROWS, R, MASKED)
         a = _drop(a, keep)
     if HAS_RES:
         a = _add(_f32(_load(res_ptr, offs, m, MASKED)), a)
@@ -399,12 +461,13 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, 
 # kernel, so one binary serves every size.
 
 @triton.jit(do_not_specialize=["n"])
-def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, n, H,
+def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, bits_ptr, n, H,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
-                 MASK_FROM_PTR: tl.constexpr, STORE_F32: tl.constexpr, BWD: tl.constexpr,
-                 R: tl.constexpr, BLOCK: tl.constexpr):
+                 MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
+                 STORE_F32: tl.constexpr, BWD: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The tensor as a flat array of n elements, BLOCK per program, in
-    [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row."""
+    [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row.
+    BLOCK is a multiple of 8, so with BITS_OUT each program packs whole bytes."""
     ROWS: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     pid = tl.program_id(0)
@@ -416,32 +479,32 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, None, H, BLOCK, False)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, None, b, start // 4,
-              thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, STORE_F32, BWD,
-              ROWS, R, False)
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, None, b,
+              start // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, BITS_IN,
+              BITS_OUT, STORE_F32, BWD, ROWS, R, False)
     else:
         m = offs < n
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, m, H, BLOCK, True)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, start // 4,
-              thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, STORE_F32, BWD,
-              ROWS, R, True)
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b,
+              start // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, BITS_IN,
+              BITS_OUT, STORE_F32, BWD, ROWS, R, True)
 
 
 @triton.jit
-def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, r0, rows, H, c_start, cols, cm, thr, drop_all,
+def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, cm, thr, drop_all,
                keep_all, scale, b, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-               MASK_FROM_PTR: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, TR: tl.constexpr, R: tl.constexpr,
-               MASKED: tl.constexpr):
+               MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+               TR: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr):
     acc = tl.zeros([TR, R], dtype=tl.float32)
     for i in range(ROWS_PER_PROGRAM):
         row = r0 + i
         if row < rows:
             offs = row * H + cols
-            d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, dx_ptr, dx_ptr, state_ptr, offs, cm, b, (row * H + c_start) // 4,
-                      thr, drop_all, keep_all, scale, ACT, HAS_BIAS, False, HAS_STATE, MASK_FROM_PTR, False, True,
-                      TR, R, MASKED)
+            d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, dx_ptr, state_ptr, offs, cm, b,
+                      (row * H + c_start) // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, False, HAS_STATE,
+                      MASK_FROM_PTR, BITS_IN, False, False, True, TR, R, MASKED)
             if MASKED:
                 d = tl.where(cm, d, 0.0)
             acc = _add(acc, d)
@@ -449,11 +512,12 @@ def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, r0, rows, H, c_start, 
 
 
 @triton.jit
-def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, rows, H, ACT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
-                 ROWS_PER_PROGRAM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H,
+                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
+                 BITS_IN: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The backward with the bias gradient, for a last dimension H divisible
-    by 4 (every row then starts on a Philox group).
+    by 4 (every row then starts on a Philox group); BITS_IN reads the keep
+    bits of the packed mask mode.
 
     Program (c, r) walks ROWS_PER_PROGRAM rows over columns
     [c * BLOCK, (c + 1) * BLOCK) and writes the column sums of the unrounded
@@ -472,16 +536,18 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
         b = 0.0
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols))
-        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, r0, rows, H, c_start, cols, None, thr, drop_all,
-                         keep_all, scale, b, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, ROWS_PER_PROGRAM, TR, R, False)
+        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, None, thr,
+                         drop_all, keep_all, scale, b, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
+                         ROWS_PER_PROGRAM, TR, R, False)
         tl.store(part_ptr + pid_r * H + cols, acc)
     else:
         cm = cols < H
         b = 0.0
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
-        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, r0, rows, H, c_start, cols, cm, thr, drop_all,
-                         keep_all, scale, b, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, ROWS_PER_PROGRAM, TR, R, True)
+        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, cm, thr,
+                         drop_all, keep_all, scale, b, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
+                         ROWS_PER_PROGRAM, TR, R, True)
         tl.store(part_ptr + pid_r * H + cols, acc, mask=cm)
 
 
@@ -491,7 +557,8 @@ def _mask_kernel(out_ptr, state_ptr, n, R: tl.constexpr, BLOCK: tl.constexpr):
     thr, drop_all, keep_all, _scale = _mask_params(state_ptr, True)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
-    keep = _keep(state_ptr, out_ptr, offs, None, start // 4, thr, drop_all, keep_all, ROWS, R, False, False)
+    keep = _keep(state_ptr, out_ptr, out_ptr, offs, None, start // 4, thr, drop_all, keep_all, ROWS, R, False, False,
+                 False)
     if start + BLOCK <= n:
         tl.store(out_ptr + offs, keep)
     else:
@@ -619,29 +686,39 @@ def _last_dim(t: torch.Tensor) -> int:
 
 
 def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                  state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int]) -> torch.Tensor:
+                  state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int],
+                  mask_bits: Optional[torch.Tensor] = None, pack_mask: bool = False
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, bits): bits is the packed keep mask when pack_mask asks for it
+    and the mask is packable, else empty; with mask_bits the keep bits are
+    read from there instead of drawn (state still gives the scale)."""
     _check_dtype(input, "input")
     x = input.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    bits = mask_bits_like(x, state, mask_shape, pack_mask)
     n = x.numel()
     if n == 0:
-        return _like_input(input, out)
+        return _like_input(input, out), bits
     state = _state_on(state, x.device)
     keep = _structured_keep(state, x.shape, mask_shape)
     b = bias.contiguous() if bias is not None else x
     r = residual.contiguous() if residual is not None else x
+    pack = bits.numel() > 0
+    bits_in = mask_bits.contiguous() if mask_bits is not None else None
+    bp = bits if pack else bits_in if bits_in is not None else x
     R, block, warps = flat_config(n, x.element_size())
     _launch(_flat_kernel, (triton.cdiv(n, block),), x,
-            x, x, b, r, keep if keep is not None else x, out, out, state if state is not None else x, n, _last_dim(x),
-            ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None, STORE_F32=False, BWD=False,
-            R=R, BLOCK=block, num_warps=warps)
-    return _like_input(input, out)
+            x, x, b, r, keep if keep is not None else x, out, out, state if state is not None else x, bp, n,
+            _last_dim(x), ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None, BITS_IN=bits_in is not None,
+            BITS_OUT=pack, STORE_F32=False, BWD=False, R=R, BLOCK=block, num_warps=warps)
+    return _like_input(input, out), bits
 
 
 def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int],
-                           bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                           bias_grad: bool, mask_bits: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_dtype(grad, "grad")
     _check_dtype(input, "input")
     g = grad.contiguous()
@@ -662,21 +739,23 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     b = bias.contiguous() if has_bias else g
     kp = keep if keep is not None else g
     st = state if state is not None else g
-    common = dict(ACT=act, HAS_BIAS=has_bias, HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None)
+    bp = mask_bits.contiguous() if mask_bits is not None else g
+    common = dict(ACT=act, HAS_BIAS=has_bias, HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None,
+                  BITS_IN=mask_bits is not None)
     if bias_grad and H % 4 == 0:
         rows = n // H
         R, block, warps, per = rows_config(rows, H, g.element_size())
         grid = rows_grid(rows, H, block, per)
         part = g.new_empty((grid[1], H), dtype=torch.float32)
         _launch(_rows_kernel, grid, g,
-                g, x, b, kp, dx, part, st, rows, H, ROWS_PER_PROGRAM=per, R=R, BLOCK=block, num_warps=warps,
+                g, x, b, kp, dx, part, st, bp, rows, H, ROWS_PER_PROGRAM=per, R=R, BLOCK=block, num_warps=warps,
                 **common)
         db = part.sum(0).to(g.dtype)
     else:
         d32 = g.new_empty(g.shape, dtype=torch.float32) if bias_grad else dx
         R, block, warps = flat_config(n, g.element_size())
         _launch(_flat_kernel, (triton.cdiv(n, block),), g,
-                g, x, b, g, kp, dx, d32, st, n, H, HAS_RES=False, STORE_F32=bias_grad, BWD=True,
+                g, x, b, g, kp, dx, d32, st, bp, n, H, HAS_RES=False, BITS_OUT=False, STORE_F32=bias_grad, BWD=True,
                 R=R, BLOCK=block, num_warps=warps, **common)
         if bias_grad:
             db = d32.reshape(-1, H).sum(0).to(g.dtype)

@@ -6,8 +6,8 @@ side; bias gradients to rounding: backends sum in different orders; see
 docs/RNG.md), for every dtype, activation, bias/residual combination, odd
 shapes, p in {0, 0.1, 0.5, 0.9, 1} and at the threshold's edges, no state
 (eval mode), seeds and offsets up to 2**64 - 1, the generator's draws,
-strided and misaligned layouts, structured masks, special values, and through
-the op family's autograd. Each backend is checked twice: its op family
+strided and misaligned layouts, structured masks, special values, the packed
+mask mode (``test_packed_*``), and through the op family's autograd. Each backend is checked twice: its op family
 directly (``dropout_ext._ops.op_set(prefix)`` with a dropout state
 ``[seed, offset, p bits]``) and through the public API (``backend=``).
 
@@ -48,6 +48,7 @@ from typing import Optional
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -841,3 +842,254 @@ def test_packed_mask_mode_through_autograd(b, dtype, activation, extras, monkeyp
     y.backward(grad)
     assert_bitwise_equal(y, ref.fused_dropout(x, None, None, SEED, OFFSET, 0.4))
     assert_bitwise_equal(xr.grad, ref.fused_dropout_backward(grad, x, None, SEED, OFFSET, 0.4)[0])
+
+
+# --- the packed mask mode: more sizes, layouts, the op calls the API makes ------------------------------------------------------------
+# The forward with pack_mask=True also returns its keep mask packed, element i
+# (row-major) at bit i % 8 of byte i // 8, zeros past the end; forward and
+# backward given such bits (mask_bits) read them instead of drawing the mask,
+# with the state's p giving the scale. Structured masks and no state pack
+# nothing (an empty uint8 tensor). The public API's mask_mode="packed" saves
+# the bits for the backward.
+
+PACKED_ROW_SHAPES = [(1,), (7,), (9,), (4097,), (5, 13), (3, 12), (6, 20), (5, 40), (2, 3, 9)]
+
+
+def _packed(shape, p, device, seed=SEED, offset=OFFSET):
+    """The contract's keep mask of ``shape``, packed."""
+    return ref.pack_bits(ref.dropout_mask(shape, p, seed, offset, device=device))
+
+
+def _random_bits(shape, device, seed=0):
+    """Packed bits that are no Philox mask, every bit of the last byte set at
+    random too: what a kernel reads must come from them, and bits past the
+    end must not matter."""
+    n = (torch.Size(shape).numel() + 7) // 8
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=PACKED_ROW_SHAPES, p=PACKED_PS, activation=ACTIVATIONS, extras=EXTRAS,
+                                small=dict(shape=[(1,), (7,), (9,), (3, 12), (5, 13)], activation=["identity", "gelu"],
+                                           extras=["plain", "bias+res"]),
+                                gpu=dict(shape=[(513, 1024), (3, 1000, 777), ((1 << 22) + 5,)])))
+def test_packed_forward_packs_the_mask(b, dtype, shape, p, activation, extras):
+    """pack_mask=True: the output of pack_mask=False bit for bit, and the
+    bits are pack_bits(dropout_mask) bit for bit."""
+    x, bias, res, _ = make_inputs(shape, dtype, seed=5, device=b.device)
+    bias, res = _with(extras, bias, res)
+    state = b.state(p)
+    y, none = b.ops.forward(x, bias, res, state, activation, [])
+    assert none.shape == (0,) and none.dtype == torch.uint8
+    y_packed, bits = b.ops.forward(x, bias, res, state, activation, [], None, True)
+    assert_bitwise_equal(y_packed, y)
+    assert bits.dtype == torch.uint8 and bits.device.type == b.device
+    assert torch.equal(bits, _packed(shape, p, b.device))
+
+
+@pytest.mark.parametrize(*cases(n=[1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 4095, 4096, 4097], dtype=DTYPES,
+                                small=dict(dtype=[torch.float32, torch.bfloat16])))
+def test_packed_every_size(b, n, dtype):
+    """Sizes around bytes, vector widths and blocks: the tail's last byte
+    holds zeros past n."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype).to(b.device)
+    y, bits = b.ops.forward(x, None, None, b.state(0.5, n, 1), "identity", [], None, True)
+    assert_bitwise_equal(y, ref.fused_dropout(x, None, None, n, 1, 0.5))
+    assert torch.equal(bits, _packed((n,), 0.5, b.device, n, 1))
+
+
+@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=PACKED_ROW_SHAPES, p=PACKED_PS, activation=ACTIVATIONS,
+                                small=dict(shape=[(7,), (9,), (3, 12), (5, 13), (5, 40)], p=[0.0, 0.5, 1.0],
+                                           activation=["identity", "relu", "gelu"]),
+                                gpu=dict(shape=[(513, 1024), (6, 1000, 772)])))
+def test_packed_bits_read_back(b, dtype, shape, p, activation):
+    """Forward and backward given the mask's bits: the regenerating results
+    bit for bit (bias gradients to rounding); given other bits, the
+    reference with those bits as the mask, so the bits are what is read."""
+    x, bias, res, grad = make_inputs(shape, dtype, seed=6, device=b.device)
+    state = b.state(p)
+    bits = _packed(shape, p, b.device)
+    y, none = b.ops.forward(x, bias, res, state, activation, [], bits)
+    assert none.shape == (0,)
+    assert_bitwise_equal(y, b.ops.forward(x, bias, res, state, activation, [])[0])
+    for bias_grad in (False, True):
+        dx, db = b.ops.backward(grad, x, bias, state, activation, [], bias_grad, bits)
+        dx_regen, db_regen = b.ops.backward(grad, x, bias, state, activation, [], bias_grad)
+        assert_bitwise_equal(dx, dx_regen)
+        if bias_grad:
+            check_bias_grad(db, db_regen, dtype, shape)
+        else:
+            assert db.shape == (0,)
+    other = _random_bits(shape, b.device, seed=len(shape))
+    keep = ref.unpack_bits(other, shape)
+    check_contract(b.ops.forward(x, bias, res, state, activation, [], other)[0],
+                   ref.fused_dropout(x, bias, res, SEED, OFFSET, p, activation, keep=keep), dtype, activation)
+    dx, db = b.ops.backward(grad, x, bias, state, activation, [], True, other)
+    dx_ref, db_ref = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, p, activation, (), True, keep=keep)
+    check_contract(dx, dx_ref, dtype, activation)
+    check_bias_grad(db, db_ref, dtype, shape)
+
+
+@pytest.mark.parametrize(*cases())
+def test_packed_nothing_to_pack(b):
+    """No state, a structured mask or no elements: pack_mask=True returns an
+    empty uint8 tensor and the same output."""
+    x, bias, res, _ = make_inputs((4, 6), torch.float32, seed=7, device=b.device)
+    for state, mask_shape in [(None, []), (b.state(0.5), [4, 1]), (b.state(0.5), [1, 6])]:
+        y, bits = b.ops.forward(x, bias, res, state, "gelu", mask_shape, None, True)
+        assert bits.shape == (0,) and bits.dtype == torch.uint8 and bits.device.type == b.device
+        assert_bitwise_equal(y, b.ops.forward(x, bias, res, state, "gelu", mask_shape)[0])
+    for shape in [(0,), (3, 0)]:
+        y, bits = b.ops.forward(torch.randn(shape, device=b.device), None, None, b.state(0.5), "identity", [],
+                                None, True)
+        assert y.shape == shape and bits.shape == (0,) and bits.dtype == torch.uint8
+
+
+@pytest.mark.parametrize(*cases(layout=["transposed", "misaligned", "inner_stride"]))
+def test_packed_layouts(b, layout):
+    """Strided inputs: the bits of the row-major logical order, read back by
+    a backward with a gradient in yet another layout."""
+    x = _layout(layout, torch.float32, b.device, 8)
+    bias = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(9)).to(b.device)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(10)).to(b.device)
+    grad = grad.transpose(0, -1).contiguous().transpose(0, -1)
+    state = b.state(0.3)
+    y, bits = b.ops.forward(x, bias, None, state, "silu", [], None, True)
+    assert torch.equal(bits, _packed(x.shape, 0.3, b.device))
+    assert_bitwise_equal(y.contiguous(), ref.fused_dropout(x.contiguous(), bias, None, SEED, OFFSET, 0.3, "silu"))
+    dx, _ = b.ops.backward(grad, x, bias, state, "silu", [], True, bits)
+    assert dx.stride() == torch.empty_like(grad).stride()
+    assert_bitwise_equal(dx, b.ops.backward(grad, x, bias, state, "silu", [], True)[0])
+
+
+class _OpCalls(TorchDispatchMode):
+    """Records each dropout_ext op call below autograd: (name, arguments by
+    schema name, outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "dropout_ext":
+            named = {}
+            for i, a in enumerate(func._schema.arguments):
+                named[a.name] = args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+            self.calls.append((func.__name__.split(".")[0], named, out))
+        return out
+
+
+# (activation, companions, shape) by name: plain dropout's backward is the
+# forward op given the bits; the others the backward op, with the bias
+# gradient's row kernel (Triton) where the last dimension is a multiple of 4.
+MODE_CASES = {"identity": ("identity", "plain", (6, 20)), "identity_bias_res": ("identity", "bias+res", (5, 13)),
+              "gelu_bias": ("gelu", "bias", (6, 20)), "relu_bias_res": ("relu", "bias+res", (3, 5, 8)),
+              "silu_res": ("silu", "res", (37,))}
+
+
+@pytest.mark.parametrize(*cases(case=list(MODE_CASES), dtype=[torch.float32, torch.bfloat16],
+                                small=dict(dtype=[torch.float32])))
+def test_packed_mask_mode_op_calls(b, case, dtype, monkeypatch):
+    """F.fused_dropout and F.dropout with mask_mode="packed": the outputs and
+    gradients of "regenerate" (bias gradients to rounding), the forward
+    asked to pack and the backward (the forward op again, for plain
+    dropout) given those very bits; "regenerate" packs and reads none."""
+    activation, extras, shape = MODE_CASES[case]
+    x, bias, res, grad = make_inputs(shape, dtype, seed=11, device=b.device)
+    bias, res = _with(extras, bias, res)
+    name = public(b, monkeypatch, dtype)
+    results = {}
+    for mode in ("packed", "regenerate"):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, bias, res)]
+        with _OpCalls() as rec:
+            y = F.fused_dropout(leaves[0], 0.4, bias=leaves[1], residual=leaves[2], activation=activation,
+                                seed=SEED, offset=OFFSET, backend=name, mask_mode=mode)
+            y.backward(grad)
+        (fwd, args, (_, bits)), (bwd, bargs, _) = rec.calls
+        assert fwd.endswith("fused_dropout") and args["pack_mask"] == (mode == "packed")
+        read = bargs["mask_bits"]
+        if mode == "packed":
+            assert torch.equal(bits, _packed(shape, 0.4, b.device))
+            assert read is bits or torch.equal(read, bits)
+        else:
+            assert bits.shape == (0,) and read is None
+        results[mode] = (y.detach(), *[t.grad if t is not None else None for t in leaves])
+    (y, dx, db, dr), (y_r, dx_r, db_r, dr_r) = results["packed"], results["regenerate"]
+    assert_bitwise_equal(y, y_r)
+    check_contract(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.4, activation), dtype, activation)
+    assert_bitwise_equal(dx, dx_r)
+    if db is not None:
+        check_bias_grad(db, db_r, dtype, shape)
+    if dr is not None:
+        assert_bitwise_equal(dr, dr_r)
+
+    plain = {}
+    for mode in ("packed", "regenerate"):
+        xr = x.clone().requires_grad_()
+        with _OpCalls() as rec:
+            y = F.dropout(xr, 0.4, seed=SEED, offset=OFFSET, backend=name, mask_mode=mode)
+            (gx,) = torch.autograd.grad(y, xr, grad.clone().requires_grad_(), create_graph=True)
+        assert [c[1]["mask_bits"] is not None for c in rec.calls] == [False, mode == "packed"]
+        plain[mode] = (y.detach(), gx.detach())
+    assert_bitwise_equal(plain["packed"][0], plain["regenerate"][0])
+    assert_bitwise_equal(plain["packed"][1], plain["regenerate"][1])
+    assert_bitwise_equal(plain["packed"][1], ref.fused_dropout(grad, None, None, SEED, OFFSET, 0.4))
+
+
+@pytest.mark.parametrize(*cases())
+def test_packed_mask_mode_structured_and_eval(b, monkeypatch):
+    """mask_mode="packed" where there is nothing to pack (a structured mask,
+    eval mode): the regenerating results, no bits read."""
+    x = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(12)).to(b.device)
+    name = public(b, monkeypatch)
+    for kw in (dict(broadcast_dims=[1]), dict(training=False)):
+        xr = x.clone().requires_grad_()
+        with _OpCalls() as rec:
+            y = F.dropout(xr, 0.4, seed=SEED, backend=name, mask_mode="packed", **kw)
+            y.backward(torch.ones_like(y))
+        assert all(c[1].get("mask_bits") is None for c in rec.calls)
+        expected = ref.fused_dropout(x, None, None, SEED, 0, 0.4, "identity", (4, 1, 5)) if kw.get("broadcast_dims") \
+            else x
+        assert_bitwise_equal(y.detach(), expected)
+
+
+# opcheck's tests; under Triton's interpreter only the schema and the
+# autograd registration (as test_opcheck).
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _opchecks(b, *leave_out):
+    return {"test_utils": tuple(u for u in OPCHECKS[:2 if b.id == "triton" else None] if u not in leave_out)}
+
+
+@pytest.mark.parametrize(*cases(activation=["identity", "gelu"]))
+def test_packed_opcheck(b, activation):
+    """torch.library.opcheck with the packed mode's arguments. (The forward
+    that packs, under AOT dispatch with dynamic shapes:
+    test_packed_aot_dispatch_dynamic.)"""
+    x, bias, res, _ = make_inputs((3, 12), torch.float32, device=b.device)
+    state = b.state(0.5)
+    fwd, bwd, _ = b.ops
+    bits = _packed(x.shape, 0.5, b.device)
+    pack = _opchecks(b, "test_aot_dispatch_dynamic")
+    torch.library.opcheck(fwd, (x, bias, res, state, activation, [], None, True), **pack)
+    torch.library.opcheck(fwd, (x.clone().requires_grad_(), bias.clone().requires_grad_(), res, state, activation,
+                                [], None, True), **pack)
+    torch.library.opcheck(fwd, (x, bias, res, state, activation, [], bits, False), **_opchecks(b))
+    torch.library.opcheck(fwd, (x.clone().requires_grad_(), None, None, state, activation, [], bits, False),
+                          **_opchecks(b))
+    torch.library.opcheck(bwd, (res, x, bias, state, activation, [], True, bits), **_opchecks(b))
+
+
+if not TRITON_MODE:
+    @pytest.mark.xfail(strict=True, reason="the op family's autograd (csrc/autograd.cpp) decides whether the "
+                       "forward packed from bits.numel(), which a tensor of symbolic size does not have; "
+                       "bits.sym_numel() would do")
+    @pytest.mark.parametrize(*cases())
+    def test_packed_aot_dispatch_dynamic(b):
+        """The forward that packs, traced with dynamic shapes (torch.compile's
+        path with dynamic=True)."""
+        x, bias, res, _ = make_inputs((3, 12), torch.float32, device=b.device)
+        torch.library.opcheck(b.ops.forward, (x, bias, res, b.state(0.5), "gelu", [], None, True),
+                              test_utils=("test_aot_dispatch_dynamic",))

@@ -76,7 +76,7 @@ def _count(ptx, pattern):
 def _flat_types(dtype, f32_out=False):
     p = f"*{dtype}"
     return {"src_ptr": p, "x_ptr": p, "bias_ptr": p, "res_ptr": p, "keep_ptr": "*i1", "out_ptr": p,
-            "f32_ptr": "*fp32" if f32_out else p, "state_ptr": "*i64", "n": "i64", "H": "i32"}
+            "f32_ptr": "*fp32" if f32_out else p, "state_ptr": "*i64", "bits_ptr": "*u8", "n": "i64", "H": "i32"}
 
 
 def _no_contraction_ieee_division(ptx):
@@ -99,7 +99,8 @@ def _bias_index_in_32_bits(ptx):
 def test_forward_kernel(arch, dtype, size, activation):
     R, block, warps = _large_config(size)
     consts = {"ACT": K.ACTS[activation], "HAS_BIAS": activation != "identity", "HAS_RES": True, "HAS_STATE": True,
-              "MASK_FROM_PTR": False, "STORE_F32": False, "BWD": False, "R": R, "BLOCK": block}
+              "MASK_FROM_PTR": False, "BITS_IN": False, "BITS_OUT": False, "STORE_F32": False, "BWD": False, "R": R,
+              "BLOCK": block}
     ptx = _compile(K._flat_kernel, _flat_types(dtype), consts, arch, warps)
     _no_contraction_ieee_division(ptx)
     _bias_index_in_32_bits(ptx)
@@ -118,7 +119,7 @@ def test_forward_kernel(arch, dtype, size, activation):
 def test_backward_kernel(arch, dtype, size):
     R, block, warps = _large_config(size)
     consts = {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_RES": False, "HAS_STATE": True, "MASK_FROM_PTR": False,
-              "STORE_F32": True, "BWD": True, "R": R, "BLOCK": block}
+              "BITS_IN": False, "BITS_OUT": False, "STORE_F32": True, "BWD": True, "R": R, "BLOCK": block}
     ptx = _compile(K._flat_kernel, _flat_types(dtype, f32_out=True), consts, arch, warps)
     _no_contraction_ieee_division(ptx)
     _bias_index_in_32_bits(ptx)
@@ -133,17 +134,19 @@ MAX_REGISTERS = 128
 
 
 @pytest.mark.parametrize("dtype,size", DTYPES)
-@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("direction", ["forward", "backward", "forward_pack", "backward_bits"])
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_large_tensor_registers(dtype, size, direction, activation):
     """The configuration of a large tensor, with the heaviest bodies (a smooth
     activation with bias and residual, or its backward with the float32
-    copy for the bias gradient), compiles to at most MAX_REGISTERS registers a
+    copy for the bias gradient; the forward that packs its keep bits, the
+    backward that reads them), compiles to at most MAX_REGISTERS registers a
     thread and no local memory on sm_90."""
     R, block, warps = _large_config(size)
-    bwd = direction == "backward"
+    bwd = direction.startswith("backward")
     consts = {"ACT": K.ACTS[activation], "HAS_BIAS": True, "HAS_RES": not bwd, "HAS_STATE": True,
-              "MASK_FROM_PTR": False, "STORE_F32": bwd, "BWD": bwd, "R": R, "BLOCK": block}
+              "MASK_FROM_PTR": False, "BITS_IN": direction == "backward_bits", "BITS_OUT": direction == "forward_pack",
+              "STORE_F32": bwd, "BWD": bwd, "R": R, "BLOCK": block}
     usage = _resource_usage(_build(K._flat_kernel, _flat_types(dtype, f32_out=bwd), consts, 90, warps))
     assert usage["REG"] <= MAX_REGISTERS, (usage, (R, block, warps))
     assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, usage
@@ -153,20 +156,22 @@ def test_large_tensor_registers(dtype, size, direction, activation):
 def test_no_state_compiles_no_philox(arch):
     """state None (eval mode): the kernel has no Philox and reads no p."""
     consts = {"ACT": K.ACTS["silu"], "HAS_BIAS": True, "HAS_RES": True, "HAS_STATE": False, "MASK_FROM_PTR": False,
-              "STORE_F32": False, "BWD": False, "R": 8, "BLOCK": 4096}
+              "BITS_IN": False, "BITS_OUT": False, "STORE_F32": False, "BWD": False, "R": 8, "BLOCK": 4096}
     ptx = _compile(K._flat_kernel, _flat_types("bf16"), consts, arch)
     _no_contraction_ieee_division(ptx)
     assert _count(ptx, r"mul\.hi\.u32") == 0 and _count(ptx, r"div\.rn\.f64") == 0
     assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 2
 
 
+ROWS_TYPES = {"g_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "keep_ptr": "*i1", "dx_ptr": "*bf16",
+              "part_ptr": "*fp32", "state_ptr": "*i64", "bits_ptr": "*u8", "rows": "i64", "H": "i32"}
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_bias_gradient_and_mask_kernels(arch):
-    types = {"g_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "keep_ptr": "*i1", "dx_ptr": "*bf16",
-             "part_ptr": "*fp32", "state_ptr": "*i64", "rows": "i64", "H": "i32"}
     consts = {"ACT": K.ACTS["gelu_tanh"], "HAS_BIAS": True, "HAS_STATE": True, "MASK_FROM_PTR": False,
-              "ROWS_PER_PROGRAM": 16, "R": 8, "BLOCK": 1024}
-    ptx = _compile(K._rows_kernel, types, consts, arch, num_warps=4)
+              "BITS_IN": False, "ROWS_PER_PROGRAM": 16, "R": 8, "BLOCK": 1024}
+    ptx = _compile(K._rows_kernel, ROWS_TYPES, consts, arch, num_warps=4)
     _no_contraction_ieee_division(ptx)
     assert _count(ptx, r"atom\.") == 0  # no atomics: the bias gradient is deterministic
 
@@ -182,3 +187,66 @@ def test_new_p_or_size_needs_no_new_binary():
         params = {p.name: p for p in kernel.params}
         assert params["n"].do_not_specialize
         assert not any(name in params for name in ("p", "thr", "drop_all", "scale"))
+
+
+# --- the packed mask mode ------------------------------------------------------------
+
+_PHILOX = r"mul\.hi\.u32"
+_BYTE_STORE = r"st\.global[^\n]*\.[bu]8\b"
+_BYTE_LOAD = r"ld\.global[^\n]*\.[bu]8\b"
+
+
+def _flat_consts(R, block, activation, **flags):
+    consts = {"ACT": K.ACTS[activation], "HAS_BIAS": activation != "identity", "HAS_RES": True, "HAS_STATE": True,
+              "MASK_FROM_PTR": False, "BITS_IN": False, "BITS_OUT": False, "STORE_F32": False, "BWD": False,
+              "R": R, "BLOCK": block}
+    consts.update(flags)
+    return consts
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype,size", DTYPES)
+@pytest.mark.parametrize("activation", ["identity", "gelu"])
+def test_pack_kernel(arch, dtype, size, activation):
+    """The forward that packs its keep bits (BITS_OUT): the contract's
+    arithmetic (no FMA, IEEE division), its x, residual and y still moved 16
+    bytes a thread, the bits stored as bytes, and the Philox words drawn once
+    (no more mul.hi than without packing: packing must not have the compiler
+    draw them again in another layout, which doubles them)."""
+    R, block, warps = _large_config(size)
+    ptx = _compile(K._flat_kernel, _flat_types(dtype), _flat_consts(R, block, activation, BITS_OUT=True), arch,
+                   warps)
+    plain = _compile(K._flat_kernel, _flat_types(dtype), _flat_consts(R, block, activation), arch, warps)
+    _no_contraction_ieee_division(ptx)
+    _bias_index_in_32_bits(ptx)
+    assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 2
+    assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
+    assert _count(ptx, _BYTE_STORE) >= 1
+    assert _count(ptx, r"st\.global") == _count(plain, r"st\.global") + _count(ptx, _BYTE_STORE)
+    # (LLVM may fold one or two of them differently in either kernel)
+    assert 0 < _count(ptx, _PHILOX) <= _count(plain, _PHILOX) + 2
+    assert _count(plain, _BYTE_STORE) == 0 and _count(plain, _BYTE_LOAD) == 0
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype,size", DTYPES)
+def test_bits_reading_kernels_draw_no_words(arch, dtype, size):
+    """Given the keep bits (BITS_IN): no Philox at all in the forward, the
+    backward and the bias-gradient row kernel; the bits loaded as bytes, the
+    tensors still 16 bytes a thread."""
+    R, block, warps = _large_config(size)
+    fwd = _compile(K._flat_kernel, _flat_types(dtype), _flat_consts(R, block, "gelu", BITS_IN=True), arch, warps)
+    bwd = _compile(K._flat_kernel, _flat_types(dtype, f32_out=True),
+                   _flat_consts(R, block, "gelu", BITS_IN=True, HAS_RES=False, STORE_F32=True, BWD=True), arch, warps)
+    for ptx in (fwd, bwd):
+        _no_contraction_ieee_division(ptx)
+        assert _count(ptx, _PHILOX) == 0
+        assert _count(ptx, _BYTE_LOAD) >= 1 and _count(ptx, _BYTE_STORE) == 0
+        assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 2
+        assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
+    types = dict(ROWS_TYPES, **{k: f"*{dtype}" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
+    consts = {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True, "MASK_FROM_PTR": False, "BITS_IN": True,
+              "ROWS_PER_PROGRAM": 16, "R": R, "BLOCK": R * 32 * 4}
+    rows = _compile(K._rows_kernel, types, consts, arch, num_warps=4)
+    _no_contraction_ieee_division(rows)
+    assert _count(rows, _PHILOX) == 0 and _count(rows, _BYTE_LOAD) >= 1

@@ -110,6 +110,9 @@ def _every_launcher(device):
     K.fused_dropout_backward(g7, x7, b7, state, "silu", [], True)  # the flat kernel's float32 copy
     K.fused_dropout_backward(g, None, None, None, "identity", [], False)
     K.dropout_mask(state, [5, 3])
+    _, bits = K.fused_dropout(x, b, r, state, "gelu", [], None, True)  # the packed mask mode
+    K.fused_dropout(g, None, None, state, "identity", [], bits)
+    K.fused_dropout_backward(g, x, b, state, "silu", [], True, bits)
 
 
 def test_launches_on_the_tensors_device(recorded):
@@ -199,3 +202,24 @@ def test_bias_gradient_partial_buffer_is_small(recorded, dtype, rows, H):
     part_shape, part_dtype = tuple(args[5].shape), args[5].dtype
     assert part_shape[0] * part_shape[1] <= max(H, rows * H // 8), (part_shape, (rows, H))
     assert part_dtype == torch.float32 and part_shape == (grid[1], H)
+
+
+def test_packed_mode_launches(recorded):
+    """pack_mask: the flat kernel writes the returned bits, (n + 7) // 8
+    bytes (BITS_OUT); given bits, the flat and the bias-gradient kernels read
+    those (BITS_IN); a structured mask packs nothing."""
+    launches, _ = recorded
+    x, b, g = _on("cuda:1", torch.randn(5, 6, 12), torch.randn(12), torch.randn(5, 6, 12))
+    (state,) = _on("cuda:1", torch.tensor([1, 2, 4599075939470750515]))  # p = 0.3
+    _, bits = K.fused_dropout(x, b, None, state, "gelu", [], None, True)
+    assert bits.dtype == torch.uint8 and bits.shape == (45,) and bits.device == x.device
+    K.fused_dropout(g, None, None, state, "identity", [], bits)
+    K.fused_dropout_backward(g, x, b, state, "gelu", [], True, bits)
+    _, none = K.fused_dropout(x, b, None, state, "gelu", [5, 1, 12], None, True)
+    assert none.shape == (0,)
+    flat = [(meta, args) for name, _, _, meta, args in launches if name == "_flat_kernel"]
+    rows = [(meta, args) for name, _, _, meta, args in launches if name == "_rows_kernel"]
+    assert [(m["BITS_OUT"], m["BITS_IN"]) for m, _ in flat] == [(True, False), (False, True), (False, False)]
+    assert flat[0][1][8] is bits and flat[1][1][8].inner.data_ptr() == bits.inner.data_ptr()
+    [(meta, args)] = rows
+    assert meta["BITS_IN"] and args[7].inner.data_ptr() == bits.inner.data_ptr()

@@ -61,14 +61,20 @@ def test_p_from_state(tk, p, dtype):
     [0, 1] (NaN included) read as the contract sanitises it."""
     pe = _sanitised(p)
     x, bias, res, grad = make_inputs((5, 12), dtype)
-    assert_bitwise_equal(tk.fused_dropout(x, bias, res, _state(p), "gelu", []),
+    assert_bitwise_equal(tk.fused_dropout(x, bias, res, _state(p), "gelu", [])[0],
                          ref.fused_dropout(x, bias, res, SEED, OFFSET, pe, "gelu"))
     dx, db = tk.fused_dropout_backward(grad, x, bias, _state(p), "silu", [], True)
     dx_ref, _ = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, pe, "silu", (), True)
     assert_bitwise_equal(dx, dx_ref)
     assert torch.equal(tk.dropout_mask(_state(p), [3, 7]), ref.dropout_mask((3, 7), pe, SEED, OFFSET))
-    y = tk.fused_dropout(x, None, None, _state(p), "identity", [5, 1])
+    y = tk.fused_dropout(x, None, None, _state(p), "identity", [5, 1])[0]
     assert_bitwise_equal(y, ref.fused_dropout(x, None, None, SEED, OFFSET, pe, "identity", (5, 1)))
+    # the packed mask mode: the bits of the sanitised p, and read back
+    keep = ref.dropout_mask((5, 12), pe, SEED, OFFSET)
+    y, bits = tk.fused_dropout(x, bias, res, _state(p), "gelu", [], None, True)
+    assert torch.equal(bits, ref.pack_bits(keep))
+    dx, _ = tk.fused_dropout_backward(grad, x, bias, _state(p), "silu", [], True, bits)
+    assert_bitwise_equal(dx, dx_ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,7 +84,7 @@ def test_no_state_keeps_everything(tk, dtype, activation):
     scale 1, whatever the mask shape; the same bits as p == 0."""
     x, bias, res, grad = make_inputs((3, 5, 8), dtype)
     for mask_shape in ([], [3, 1, 1]):
-        y = tk.fused_dropout(x, bias, res, None, activation, mask_shape)
+        y = tk.fused_dropout(x, bias, res, None, activation, mask_shape)[0]
         assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.0, activation))
         for bias_grad in (False, True):
             dx, db = tk.fused_dropout_backward(grad, x, bias, None, activation, mask_shape, bias_grad)
@@ -110,6 +116,33 @@ def test_keep_all_and_drop_all_run_no_philox(tk, monkeypatch):
         tk.dropout_mask(_state(0.5), [3, 40])
 
 
+def test_reading_bits_runs_no_philox(tk, monkeypatch):
+    """Given the packed keep bits, forward and backward (the flat kernel and
+    the bias-gradient row kernel) draw no random word, and the bits alone
+    decide: bits that are no Philox mask give the reference with that mask."""
+    import triton
+
+    @triton.jit
+    def _no_philox(state_ptr, group0, thr, ROWS, R):
+        raise AssertionError("Philox evaluated")
+
+    monkeypatch.setattr(tk, "_philox_keep", _no_philox)
+    for shape in ((3, 40), (5, 12), (4, 9)):  # row kernel, row kernel with half-byte rows, flat kernel
+        x, bias, res, grad = make_inputs(shape, torch.float32)
+        bits = torch.randint(0, 256, ((x.numel() + 7) // 8,), dtype=torch.uint8,
+                             generator=torch.Generator().manual_seed(1))
+        keep = ref.unpack_bits(bits, shape)
+        y, none = tk.fused_dropout(x, bias, res, _state(0.5), "gelu", [], bits)
+        assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.5, "gelu", keep=keep))
+        assert none.shape == (0,)
+        for bias_grad in (True, False):
+            dx, _ = tk.fused_dropout_backward(grad, x, bias, _state(0.5), "gelu", [], bias_grad, bits)
+            dx_ref, _ = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, 0.5, "gelu", (), True, keep=keep)
+            assert_bitwise_equal(dx, dx_ref)
+    with pytest.raises(Exception):
+        tk.fused_dropout(x, bias, res, _state(0.5), "gelu", [], None, True)
+
+
 def test_all_launches_are_fixed_and_guarded(tk, monkeypatch):
     """Every launch goes through _launch (the device guard) with a fixed
     BLOCK and num_warps from the config table: no autotuner to benchmark."""
@@ -128,6 +161,8 @@ def test_all_launches_are_fixed_and_guarded(tk, monkeypatch):
     tk.fused_dropout_backward(grad, x, bias, _state(0.5), "relu", [], True)
     tk.fused_dropout_backward(grad[..., :7], x[..., :7], bias[:7], _state(0.5), "relu", [], True)
     tk.dropout_mask(_state(0.5), [9])
+    _, bits = tk.fused_dropout(x, bias, res, _state(0.5), "relu", [], None, True)
+    tk.fused_dropout_backward(grad, x, bias, _state(0.5), "relu", [], True, bits)
     kernels = {k for k, _, _ in seen}
     assert kernels == {tk._flat_kernel, tk._rows_kernel, tk._mask_kernel}
     for kernel, device, meta in seen:
