@@ -62,8 +62,10 @@ struct FusedDropoutFn : torch::autograd::Function<FusedDropoutFn<F>> {
     }
     const bool smooth = activation != "identity";
     // The mask the backward reads: bits given to this call or packed by it,
-    // else none (drawn again from the state).
-    const at::Tensor saved_bits = mask_bits.has_value() ? *mask_bits : bits.numel() > 0 ? bits : at::Tensor();
+    // else none (drawn again from the state). sym_numel: a traced call with
+    // dynamic shapes has no concrete size.
+    const at::Tensor saved_bits =
+        mask_bits.has_value() ? *mask_bits : bits.sym_numel() != 0 ? bits : at::Tensor();
     ctx->save_for_backward({state.value_or(at::Tensor()), smooth ? input : at::Tensor(),
                             smooth ? bias.value_or(at::Tensor()) : at::Tensor(), saved_bits});
     ctx->saved_data["activation"] = std::string(activation);

@@ -1083,9 +1083,6 @@ def test_packed_opcheck(b, activation):
 
 
 if not TRITON_MODE:
-    @pytest.mark.xfail(strict=True, reason="the op family's autograd (csrc/autograd.cpp) decides whether the "
-                       "forward packed from bits.numel(), which a tensor of symbolic size does not have; "
-                       "bits.sym_numel() would do")
     @pytest.mark.parametrize(*cases())
     def test_packed_aot_dispatch_dynamic(b):
         """The forward that packs, traced with dynamic shapes (torch.compile's
