@@ -328,6 +328,24 @@ DX_INLINE void bwd_chunk(const KernelArgs<scalar_t>& a, int64_t pos, int64_t len
   }
 }
 
+// Input streams are prefetched this far ahead of the chunk being worked on.
+// The hardware prefetchers stop at each 4 KiB page and, with the Philox work
+// between one chunk's loads and the next's, never get ahead again, so without
+// this every page of a large input starts with misses that nothing overlaps
+// (measured: float32 forward of 2**24 elements on two cores, 1.26x the time
+// of clone() without, 1.09x with, AVX-512).
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <typename scalar_t>
+DX_INLINE void prefetch_ahead(const scalar_t* p, int64_t pos, int64_t len, int64_t end) {
+  if (p == nullptr) return;
+  constexpr int64_t size = sizeof(scalar_t);
+  const int64_t from = pos + kPrefetchBytes / size;
+  const int64_t to = std::min(end, from + len);
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = from * size; b < to * size; b += 64) __builtin_prefetch(bytes + b);
+}
+
 // Walks logical elements [begin, end) in chunks that never cross a row when
 // the chunk needs a row position (bias, structured mask).
 template <typename scalar_t, Act A, bool BIAS, bool BWD, Isa I>
@@ -343,6 +361,13 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
     if (rowwise) {
       h = pos % a.H;
       len = std::min<int64_t>(len, a.H - h);
+    }
+    if constexpr (BWD) {
+      prefetch_ahead(a.g, pos, len, end);
+      if constexpr (A != Act::kIdentity) prefetch_ahead(a.x, pos, len, end);
+    } else {
+      prefetch_ahead(a.x, pos, len, end);
+      prefetch_ahead(a.res, pos, len, end);
     }
     if (structured) {
       struct_keep(a, mask_row_base(pos, a.ndim, a.sizes, a.mstride), len, keep);
