@@ -12,7 +12,8 @@ directly (``dropout_ext._ops.op_set(prefix)`` with a dropout state
 ``[seed, offset, p bits]``) and through the public API (``backend=``).
 
 The backends (the first word of every test id, and no test name holds one,
-so ``-k <id>`` selects a backend's cases):
+so ``-k <id>`` selects a backend's cases; ``-k cpu`` selects the cpu row and
+the cpu_<isa> rows, ``-k "cpu and not cpu_"`` the cpu row alone):
 
 =========== ============== ======== =========== ======================================
 id          op prefix      device   backend=    runs

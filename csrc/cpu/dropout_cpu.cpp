@@ -139,8 +139,12 @@ DX_TARGET_AVX2 inline void philox_words_avx2(const MaskParams& mp, uint64_t g0, 
 // three-way xor one vpternlogq, so a round is six instructions per eight
 // groups. Four chains (32 groups) use 16 of the 32 registers for the state, so
 // nothing spills, and give the multiply-shift-xor dependency of a round
-// enough independent work to hide its latency. Words land in element order,
-// exactly as in the AVX2 version.
+// enough independent work to hide its latency: the rounds then run at the
+// throughput of the vector units (on Zen 4 five or six chains are no faster,
+// and the final permutes and the threshold compare cost nothing measurable).
+// Words land in element order, exactly as in the AVX2 version, so the
+// threshold compare is philox_keep's shared loop, 16 words per instruction in
+// this build.
 constexpr int kChains512 = 4;
 constexpr int64_t kGroupsPerStep512 = 8 * kChains512;
 
@@ -368,6 +372,24 @@ DX_INLINE void bwd_chunk(const KernelArgs<scalar_t>& a, int64_t pos, int64_t len
   }
 }
 
+// Input streams are prefetched this far ahead of the chunk being worked on.
+// The hardware prefetchers stop at each 4 KiB page and, with the Philox work
+// between one chunk's loads and the next's, never get ahead again, so without
+// this every page of a large input starts with misses that nothing overlaps
+// (measured: float32 forward of 2**24 elements on two cores, 1.26x the time
+// of clone() without, about 1.1x with, AVX-512).
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <typename scalar_t>
+DX_INLINE void prefetch_ahead(const scalar_t* p, int64_t pos, int64_t len, int64_t end) {
+  if (p == nullptr) return;
+  constexpr int64_t size = sizeof(scalar_t);
+  const int64_t from = pos + kPrefetchBytes / size;
+  const int64_t to = std::min(end, from + len);
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = from * size; b < to * size; b += 64) __builtin_prefetch(bytes + b);
+}
+
 // Walks logical elements [begin, end) in chunks that never cross a row when
 // the chunk needs a row position (bias, structured mask).
 template <typename scalar_t, Act A, bool BIAS, bool BWD, Isa I>
@@ -383,6 +405,13 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
     if (rowwise) {
       h = pos % a.H;
       len = std::min<int64_t>(len, a.H - h);
+    }
+    if constexpr (BWD) {
+      prefetch_ahead(a.g, pos, len, end);
+      if constexpr (A != Act::kIdentity) prefetch_ahead(a.x, pos, len, end);
+    } else {
+      prefetch_ahead(a.x, pos, len, end);
+      prefetch_ahead(a.res, pos, len, end);
     }
     if (a.bits_in != nullptr) {
       bits_keep(a.bits_in, pos, len, keep);
