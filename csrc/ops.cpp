@@ -36,6 +36,18 @@ TORCH_LIBRARY(dropout_ext, m) {
                 "int[] mask_shape, bool bias_grad, Tensor? mask_bits=None) -> (Tensor, Tensor)")
               .c_str());
     m.def((p + "dropout_mask(Tensor state, int[] shape) -> Tensor").c_str());
+    // h = residual + dropout(input), y = norm(h) * weight + bias over the
+    // last dimension; norm: "layer" or "rms". h is stored in float32 with
+    // residual_in_fp32, else in input's dtype; mean (layer only, else empty)
+    // and rstd: float32, one per row. The backward reads h, mean and rstd
+    // and draws the mask again from the state; grad_h is the gradient of
+    // the h output (a pre-norm block's residual stream), None where unused.
+    m.def((p + "dropout_add_norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? state, "
+                "str norm, float eps, bool residual_in_fp32) -> (Tensor, Tensor, Tensor, Tensor)")
+              .c_str());
+    m.def((p + "dropout_add_norm_backward(Tensor grad, Tensor? grad_h, Tensor h, Tensor? weight, Tensor mean, "
+                "Tensor rstd, Tensor? state, str norm, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
+              .c_str());
   }
 }
 
