@@ -18,6 +18,7 @@ and the Python kernels are registered:
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import NamedTuple
 
@@ -33,18 +34,21 @@ except ImportError as exc:  # a source tree where the extension was never built
         "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace` in a source tree), "
         "against the torch that imports it.") from exc
 
-NAMES = ("fused_dropout", "fused_dropout_backward", "dropout_mask")
+NAMES = ("fused_dropout", "fused_dropout_backward", "dropout_mask", "dropout_add_norm",
+         "dropout_add_norm_backward")
 PREFIXES = ("", "cuda_host_", "triton_", "reference_")
 
 _lib = torch.library.Library("dropout_ext", "IMPL")
 
 
 class OpSet(NamedTuple):
-    """One backend's three ops."""
+    """One backend's ops, in the order of NAMES."""
 
     forward: object
     backward: object
     mask: object
+    norm: object
+    norm_backward: object
 
 
 def op_set(prefix: str) -> OpSet:
@@ -71,7 +75,23 @@ def _fake_mask(state, shape):
     return state.new_empty(shape, dtype=torch.bool)
 
 
-_FAKES = {"fused_dropout": _fake_forward, "fused_dropout_backward": _fake_backward, "dropout_mask": _fake_mask}
+def _fake_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
+    h_dtype, stat_dtype = _validate.norm_dtypes(input.dtype, residual_in_fp32)
+    rows = math.prod(input.shape[:-1])
+    return (input.new_empty(input.shape), input.new_empty(input.shape, dtype=h_dtype),
+            input.new_empty((rows if norm == "layer" else 0,), dtype=stat_dtype),
+            input.new_empty((rows,), dtype=stat_dtype))
+
+
+def _fake_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
+    shapes = (grad.shape, h.shape, (h.shape[-1],), (h.shape[-1],))
+    dtypes = (grad.dtype, h.dtype, rstd.dtype, rstd.dtype)
+    return tuple(grad.new_empty(shape if need else (0,), dtype=dtype)
+                 for shape, dtype, need in zip(shapes, dtypes, output_mask))
+
+
+_FAKES = {"fused_dropout": _fake_forward, "fused_dropout_backward": _fake_backward, "dropout_mask": _fake_mask,
+          "dropout_add_norm": _fake_norm, "dropout_add_norm_backward": _fake_norm_backward}
 
 for _prefix in PREFIXES:
     for _name in NAMES:
@@ -104,7 +124,18 @@ def _check_mask(state, shape):
     _validate.check_shape(shape)
 
 
-_CHECKS = {"fused_dropout": _check_forward, "fused_dropout_backward": _check_backward, "dropout_mask": _check_mask}
+def _check_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
+    _validate.check_norm_args(input, residual, weight, bias, norm, eps, residual_in_fp32)
+    _validate.check_state(state, input.device)
+
+
+def _check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
+    _validate.check_norm_backward_args(grad, grad_h, h, weight, mean, rstd, norm, output_mask)
+    _validate.check_state(state, grad.device)
+
+
+_CHECKS = {"fused_dropout": _check_forward, "fused_dropout_backward": _check_backward, "dropout_mask": _check_mask,
+           "dropout_add_norm": _check_norm, "dropout_add_norm_backward": _check_norm_backward}
 
 
 def _python_kernel(module: str, name: str):

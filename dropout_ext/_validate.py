@@ -9,6 +9,7 @@ slip past, with these same messages.
 
 from __future__ import annotations
 
+import math
 import numbers
 import struct
 from typing import Optional, Sequence
@@ -176,3 +177,78 @@ def check_mask_bits(input, state, mask_shape, mask_bits) -> None:
         raise ValueError(f"mask_bits must be a uint8 tensor of shape ({size},), got {got}")
     if mask_bits.device != input.device:
         raise ValueError(f"mask_bits is on {mask_bits.device}, but input is on {input.device}")
+
+
+NORMS = ("layer", "rms")
+
+
+def norm_dtypes(input_dtype: torch.dtype, residual_in_fp32: bool) -> tuple:
+    """(h's dtype, the statistics' dtype) of ``dropout_add_norm``: h is
+    float32 with ``residual_in_fp32`` for half and bfloat16 inputs, else the
+    input's dtype; mean and rstd are float64 for float64, else float32."""
+    low = input_dtype in (torch.float16, torch.bfloat16)
+    h = torch.float32 if residual_in_fp32 and low else input_dtype
+    return h, (torch.float64 if input_dtype == torch.float64 else torch.float32)
+
+
+def _check_norm_param(input, t, name: str) -> None:
+    if t is None:
+        return
+    check_tensor(t, name)
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device}, but input is on {input.device}")
+    if t.dtype not in (input.dtype, torch.float32):
+        raise TypeError(f"{name} must have input's dtype ({input.dtype}) or float32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != input.shape[-1]:
+        raise ValueError(f"{name} must be 1-D with the size of input's last dimension ({input.shape[-1]}), "
+                         f"got shape {tuple(t.shape)}")
+
+
+def check_norm_args(input, residual, weight, bias, norm, eps, residual_in_fp32) -> None:
+    """Everything ``dropout_add_norm`` takes besides p and the RNG."""
+    check_tensor(input, "input")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension (the normalised one)")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (float(eps) >= 0.0) \
+            or math.isinf(float(eps)):
+        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
+    if not isinstance(residual_in_fp32, bool):
+        raise TypeError(f"residual_in_fp32 must be a bool, got {type(residual_in_fp32).__name__}")
+    if residual is not None:
+        check_tensor(residual, "residual")
+        h_dtype = norm_dtypes(input.dtype, residual_in_fp32)[0]
+        if residual.device != input.device:
+            raise ValueError(f"residual is on {residual.device}, but input is on {input.device}")
+        if residual.dtype != h_dtype:
+            raise TypeError(f"residual must have h's dtype {h_dtype} (input's, or float32 with "
+                            f"residual_in_fp32), got {residual.dtype}")
+        if residual.shape != input.shape:
+            raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    _check_norm_param(input, weight, "weight")
+    _check_norm_param(input, bias, "bias")
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"weight and bias must have one dtype, got {weight.dtype} and {bias.dtype}")
+
+
+def check_norm_backward_args(grad, grad_h, h, weight, mean, rstd, norm, output_mask) -> None:
+    """What the backward of ``dropout_add_norm`` reads: the forward's h,
+    mean and rstd (statistics' dtype, one per row; mean empty for rms)."""
+    check_tensor(grad, "grad")
+    check_tensor(h, "h")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if grad.dim() == 0 or h.shape != grad.shape or h.device != grad.device:
+        raise ValueError(f"h must have grad's shape {tuple(grad.shape)} and device, got {tuple(h.shape)} on {h.device}")
+    if grad_h is not None and (grad_h.shape != h.shape or grad_h.dtype != h.dtype or grad_h.device != h.device):
+        raise ValueError("grad_h must have h's shape, dtype and device")
+    _check_norm_param(grad, weight, "weight")
+    stat_dtype = norm_dtypes(grad.dtype, False)[1]
+    rows = math.prod(grad.shape[:-1])
+    for t, name, size in ((mean, "mean", rows if norm == "layer" else 0), (rstd, "rstd", rows)):
+        if t.dtype != stat_dtype or tuple(t.shape) != (size,) or t.device != grad.device:
+            raise ValueError(f"{name} must be {stat_dtype} of shape ({size},) on {grad.device}, "
+                             f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+    if len(output_mask) != 4 or (output_mask[2] and weight is None):
+        raise ValueError("output_mask is [input, residual, weight, bias]; weight's needs the weight")

@@ -16,7 +16,7 @@ import torch
 
 from ._contract import F32, F64
 from ._state import state_values
-from ._validate import ACTIVATIONS, as_u64  # noqa: F401  (the reference's names)
+from ._validate import ACTIVATIONS, as_u64, norm_dtypes  # noqa: F401  (the reference's names)
 
 M32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53
@@ -301,11 +301,15 @@ def _op_forward(input, bias, residual, state, activation, mask_shape, mask_bits=
     from ._ops import mask_bits_like
 
     seed, offset, p = state_values(state)
-    keep = unpack_bits(mask_bits, input.shape) if mask_bits is not None else None
-    out = fused_dropout(input, bias, residual, seed, offset, p, activation, mask_shape, keep=keep)
     bits = mask_bits_like(input, state, mask_shape, pack_mask)
-    if bits.numel() > 0:
-        bits.copy_(pack_bits(dropout_mask(input.shape, p, seed, offset, device=input.device)))
+    if mask_bits is not None:
+        keep = unpack_bits(mask_bits, input.shape)
+    elif bits.numel() > 0:  # packable: one draw per element, so the mask to pack is the one applied
+        keep = dropout_mask(input.shape, p, seed, offset, device=input.device)
+        bits.copy_(pack_bits(keep))
+    else:
+        keep = None
+    out = fused_dropout(input, bias, residual, seed, offset, p, activation, mask_shape, keep=keep)
     return _like_input(input, out), bits
 
 
@@ -322,4 +326,77 @@ def _op_mask(state, shape):
     return dropout_mask(shape, p, seed, offset, device=state.device)
 
 
-KERNELS = {"fused_dropout": _op_forward, "fused_dropout_backward": _op_backward, "dropout_mask": _op_mask}
+# --- dropout + residual + LayerNorm / RMSNorm ----------------------------------
+
+def dropout_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], seed: int, offset: int, p: float, norm: str = "layer",
+                     eps: float = 1e-5, residual_in_fp32: bool = False):
+    """(y, h, mean, rstd): h = residual + dropout(x), rounded once to h's
+    dtype; y = norm(h) * weight + bias over the last dimension, from h as
+    stored, rounded once to x's dtype. mean (empty for ``"rms"``) and rstd
+    are per row, in the statistics' dtype."""
+    h_dtype, acc = norm_dtypes(x.dtype, residual_in_fp32)
+    keep = dropout_mask(x.shape, p, seed, offset, device=x.device)
+    v = _drop(keep, x.to(acc) * _scale(p))
+    if residual is not None:
+        v = residual.to(acc) + v
+    h = v.to(h_dtype)
+    hf = h.to(acc)
+    if norm == "layer":
+        mean = hf.mean(-1, keepdim=True)
+        centred = hf - mean
+    else:
+        mean = hf.new_zeros(hf.shape[:-1] + (1,))
+        centred = hf
+    rstd = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+    y = centred * rstd
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    rows = math.prod(x.shape[:-1])
+    mean = mean.reshape(rows) if norm == "layer" else hf.new_empty((0,))
+    return y.to(x.dtype), h, mean, rstd.reshape(rows)
+
+
+def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor,
+                              weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                              seed: int, offset: int, p: float, norm: str = "layer"):
+    """(grad_input, grad_residual, grad_weight, grad_bias) of
+    ``dropout_add_norm``: the norm's backward from h, mean and rstd, plus
+    ``grad_h``, is dh = grad_residual (h's dtype); grad_input = dropout of
+    dh with the forward's mask (grad's dtype); grad_weight = sum over rows
+    of grad * xhat and grad_bias = sum of grad, in the statistics' dtype."""
+    acc = rstd.dtype
+    H = h.shape[-1]
+    hf = h.to(acc).reshape(-1, H)
+    g = grad.to(acc).reshape(-1, H)
+    r = rstd.reshape(-1, 1)
+    xhat = (hf - mean.reshape(-1, 1)) * r if norm == "layer" else hf * r
+    gw = g * weight.to(acc) if weight is not None else g
+    proj = (gw * xhat).mean(-1, keepdim=True)
+    dh = gw - xhat * proj
+    if norm == "layer":
+        dh = dh - gw.mean(-1, keepdim=True)
+    dh = dh * r
+    if grad_h is not None:
+        dh = dh + grad_h.to(acc).reshape(-1, H)
+    dh = dh.reshape(h.shape)
+    keep = dropout_mask(h.shape, p, seed, offset, device=h.device)
+    dx = _drop(keep, dh * _scale(p))
+    return dx.to(grad.dtype), dh.to(h.dtype), (g * xhat).sum(0), g.sum(0)
+
+
+def _op_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
+    seed, offset, p = state_values(state)
+    return dropout_add_norm(input, residual, weight, bias, seed, offset, p, norm, eps, residual_in_fp32)
+
+
+def _op_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
+    seed, offset, p = state_values(state)
+    grads = dropout_add_norm_backward(grad, grad_h, h, weight, mean, rstd, seed, offset, p, norm)
+    return tuple(g.contiguous() if need else g.new_empty((0,)) for g, need in zip(grads, output_mask))
+
+
+KERNELS = {"fused_dropout": _op_forward, "fused_dropout_backward": _op_backward, "dropout_mask": _op_mask,
+           "dropout_add_norm": _op_norm, "dropout_add_norm_backward": _op_norm_backward}
