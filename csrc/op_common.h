@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <string>
@@ -208,6 +210,135 @@ inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor
 inline void check_mask_args(const at::Tensor& state, at::IntArrayRef shape) {
   check_state(state, state.device());
   for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "shape must be non-negative, got ", py_shape(shape));
+}
+
+// --- dropout_add_norm -----------------------------------------------------
+
+enum class Norm { kLayer, kRms };
+
+inline Norm parse_norm(c10::string_view name) {
+  if (name == "layer") return Norm::kLayer;
+  if (name == "rms") return Norm::kRms;
+  TORCH_CHECK_VALUE(false, "norm must be one of ('layer', 'rms'), got '", std::string(name), "'");
+}
+
+// h is float32 with residual_in_fp32 for half and bfloat16 inputs, else the
+// input's dtype; the statistics are float64 for float64, else float32.
+inline at::ScalarType norm_h_dtype(at::ScalarType input, bool residual_in_fp32) {
+  const bool low = input == at::kHalf || input == at::kBFloat16;
+  return residual_in_fp32 && low ? at::kFloat : input;
+}
+inline at::ScalarType norm_stat_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows: the product of every size but the last (some rows may be empty).
+inline int64_t norm_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
+// weight and bias: 1-D of the last dimension's size, in the input's dtype or float32.
+inline void check_norm_param(const at::Tensor& input, const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return;
+  check_float_tensor(*t, name);
+  TORCH_CHECK_VALUE(t->device() == input.device(), name, " is on ", t->device(), ", but input is on ",
+                    input.device());
+  TORCH_CHECK_TYPE(t->scalar_type() == input.scalar_type() || t->scalar_type() == at::kFloat, name,
+                   " must have input's dtype (", py_dtype(input.scalar_type()), ") or float32, got ",
+                   py_dtype(t->scalar_type()));
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == input.size(-1), name,
+                    " must be 1-D with the size of input's last dimension (", input.size(-1), "), got shape ",
+                    py_shape(t->sizes()));
+}
+
+// The forward's arguments, checked; returns the norm.
+inline Norm check_norm_forward(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
+                               bool residual_in_fp32) {
+  check_float_tensor(input, "input");
+  TORCH_CHECK_VALUE(input.dim() >= 1, "input must have at least one dimension (the normalised one)");
+  const Norm kind = parse_norm(norm);
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps < std::numeric_limits<double>::infinity(),
+                    "eps must be a finite real number >= 0, got ", eps);
+  if (residual.has_value()) {
+    check_float_tensor(*residual, "residual");
+    const at::ScalarType h = norm_h_dtype(input.scalar_type(), residual_in_fp32);
+    TORCH_CHECK_VALUE(residual->device() == input.device(), "residual is on ", residual->device(),
+                      ", but input is on ", input.device());
+    TORCH_CHECK_TYPE(residual->scalar_type() == h, "residual must have h's dtype ", py_dtype(h),
+                     " (input's, or float32 with residual_in_fp32), got ", py_dtype(residual->scalar_type()));
+    TORCH_CHECK_VALUE(residual->sizes().equals(input.sizes()), "residual must have input's shape ",
+                      py_shape(input.sizes()), ", got ", py_shape(residual->sizes()));
+  }
+  check_norm_param(input, weight, "weight");
+  check_norm_param(input, bias, "bias");
+  TORCH_CHECK_TYPE(!weight.has_value() || !bias.has_value() || weight->scalar_type() == bias->scalar_type(),
+                   "weight and bias must have one dtype, got ", py_dtype(weight->scalar_type()), " and ",
+                   py_dtype(bias->scalar_type()));
+  check_state(state, input.device());
+  return kind;
+}
+
+// The forward's outputs (y, h, mean, rstd): y and h row-major; mean (empty
+// for rms) and rstd one per row in the statistics' dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_outputs(const at::Tensor& input, Norm norm,
+                                                                               bool residual_in_fp32) {
+  const int64_t rows = norm_rows(input);
+  const auto stat = input.options().dtype(norm_stat_dtype(input.scalar_type()));
+  return {at::empty(input.sizes(), input.options()),
+          at::empty(input.sizes(), input.options().dtype(norm_h_dtype(input.scalar_type(), residual_in_fp32))),
+          at::empty({norm == Norm::kLayer ? rows : 0}, stat), at::empty({rows}, stat)};
+}
+
+// The backward's arguments, checked; returns the norm.
+inline Norm check_norm_backward(const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                const at::Tensor& rstd, const std::optional<at::Tensor>& state,
+                                c10::string_view norm, std::array<bool, 4> output_mask) {
+  check_float_tensor(grad, "grad");
+  check_float_tensor(h, "h");
+  const Norm kind = parse_norm(norm);
+  TORCH_CHECK_VALUE(grad.dim() >= 1 && h.sizes().equals(grad.sizes()) && h.device() == grad.device(),
+                    "h must have grad's shape ", py_shape(grad.sizes()), " and device, got ", py_shape(h.sizes()),
+                    " on ", h.device());
+  TORCH_CHECK_VALUE(!grad_h.has_value() || (grad_h->sizes().equals(h.sizes()) &&
+                                            grad_h->scalar_type() == h.scalar_type() &&
+                                            grad_h->device() == h.device()),
+                    "grad_h must have h's shape, dtype and device");
+  check_norm_param(grad, weight, "weight");
+  const at::ScalarType stat = norm_stat_dtype(grad.scalar_type());
+  const int64_t rows = norm_rows(grad);
+  const at::Tensor* stats[] = {&mean, &rstd};
+  const char* names[] = {"mean", "rstd"};
+  for (int i = 0; i < 2; ++i) {
+    const int64_t size = (i == 0 && kind == Norm::kRms) ? 0 : rows;
+    const at::Tensor& t = *stats[i];
+    TORCH_CHECK_VALUE(t.scalar_type() == stat && t.dim() == 1 && t.size(0) == size && t.device() == grad.device(),
+                      names[i], " must be ", py_dtype(stat), " of shape (", size, ",) on ", grad.device(), ", got ",
+                      py_dtype(t.scalar_type()), " of shape ", py_shape(t.sizes()), " on ", t.device());
+  }
+  TORCH_CHECK_VALUE(!output_mask[2] || weight.has_value(),
+                    "output_mask is [input, residual, weight, bias]; weight's needs the weight");
+  check_state(state, grad.device());
+  return kind;
+}
+
+// The backward's outputs (grad_input, grad_residual, grad_weight,
+// grad_bias), each [0] where output_mask leaves it out; the parameter
+// gradients are in the statistics' dtype, zero for no rows.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_backward_outputs(
+    const at::Tensor& grad, const at::Tensor& h, std::array<bool, 4> output_mask) {
+  const auto stat = grad.options().dtype(norm_stat_dtype(grad.scalar_type()));
+  const int64_t H = grad.size(-1);
+  auto param = [&](bool need) {
+    return !need ? at::empty({0}, stat) : grad.numel() == 0 ? at::zeros({H}, stat) : at::empty({H}, stat);
+  };
+  return {output_mask[0] ? at::empty(grad.sizes(), grad.options()) : at::empty({0}, grad.options()),
+          output_mask[1] ? at::empty(h.sizes(), h.options()) : at::empty({0}, h.options()), param(output_mask[2]),
+          param(output_mask[3])};
 }
 
 // The backward's outputs: dx in the row-major layout the kernels write, and

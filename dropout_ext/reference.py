@@ -389,7 +389,9 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
 
 def _op_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
     seed, offset, p = state_values(state)
-    return dropout_add_norm(input, residual, weight, bias, seed, offset, p, norm, eps, residual_in_fp32)
+    # Every backend returns y and h row-major, whatever the input's strides.
+    outs = dropout_add_norm(input, residual, weight, bias, seed, offset, p, norm, eps, residual_in_fp32)
+    return tuple(t.contiguous() for t in outs)
 
 
 def _op_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
