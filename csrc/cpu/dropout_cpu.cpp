@@ -980,11 +980,10 @@ int64_t norm_row_grain(int64_t H) { return std::max<int64_t>(1, kGrain / std::ma
 // alone (not by the thread count), one partial row per block, then add the
 // blocks in order: the same bits for any number of threads. The partials
 // are bounded to about 2**21 per gradient unless that leaves fewer than 8
-// blocks to share out.
-int64_t norm_param_blocks(int64_t rows, int64_t H) {
+// blocks to share out. Returns the rows per block.
+int64_t norm_param_block_rows(int64_t rows, int64_t H) {
   const int64_t cap = std::min<int64_t>(256, std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(H, 1)));
-  const int64_t per_block = std::max<int64_t>(1, (rows + cap - 1) / cap);
-  return (rows + per_block - 1) / per_block;
+  return std::max<int64_t>(1, (rows + cap - 1) / cap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cpu(
@@ -1080,8 +1079,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_back
         at::parallel_for(0, rows, norm_row_grain(H), [&](int64_t r0, int64_t r1) { run(r0, r1, nullptr, nullptr); });
         return;
       }
-      const int64_t blocks = norm_param_blocks(rows, H);
-      const int64_t per_block = (rows + blocks - 1) / blocks;
+      const int64_t per_block = norm_param_block_rows(rows, H);
+      const int64_t blocks = (rows + per_block - 1) / per_block;
       const int64_t nparts = int64_t{want_w} + int64_t{want_b};
       at::Tensor partial = at::empty({nparts, blocks, H}, rstd.options());
       acc_t* pw_all = want_w ? partial.data_ptr<acc_t>() : nullptr;
