@@ -304,6 +304,10 @@ inline Norm check_norm_backward(const at::Tensor& grad, const std::optional<at::
   TORCH_CHECK_VALUE(grad.dim() >= 1 && h.sizes().equals(grad.sizes()) && h.device() == grad.device(),
                     "h must have grad's shape ", py_shape(grad.sizes()), " and device, got ", py_shape(h.sizes()),
                     " on ", h.device());
+  const at::ScalarType hd = h.scalar_type();
+  TORCH_CHECK_TYPE(hd == norm_h_dtype(grad.scalar_type(), false) || hd == norm_h_dtype(grad.scalar_type(), true),
+                   "h must have grad's dtype (", py_dtype(grad.scalar_type()),
+                   "), or float32 for a float16 or bfloat16 grad (residual_in_fp32), got ", py_dtype(hd));
   TORCH_CHECK_VALUE(!grad_h.has_value() || (grad_h->sizes().equals(h.sizes()) &&
                                             grad_h->scalar_type() == h.scalar_type() &&
                                             grad_h->device() == h.device()),

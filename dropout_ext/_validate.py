@@ -241,6 +241,9 @@ def check_norm_backward_args(grad, grad_h, h, weight, mean, rstd, norm, output_m
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if grad.dim() == 0 or h.shape != grad.shape or h.device != grad.device:
         raise ValueError(f"h must have grad's shape {tuple(grad.shape)} and device, got {tuple(h.shape)} on {h.device}")
+    if h.dtype not in (norm_dtypes(grad.dtype, False)[0], norm_dtypes(grad.dtype, True)[0]):
+        raise TypeError(f"h must have grad's dtype ({grad.dtype}), or float32 for a float16 or bfloat16 grad "
+                        f"(residual_in_fp32), got {h.dtype}")
     if grad_h is not None and (grad_h.shape != h.shape or grad_h.dtype != h.dtype or grad_h.device != h.device):
         raise ValueError("grad_h must have h's shape, dtype and device")
     _check_norm_param(grad, weight, "weight")

@@ -5,8 +5,9 @@ AVX-512 and runs the best one the CPU has, unless DROPOUT_EXT_CPU_ISA or the
 test hook ``dropout_ext_testing.cpu_isa`` says otherwise. Here: that choice,
 and the same bits from every build over long ranges, at group numbers past
 2**32 (up to 2**61, through the test op ``cpu_mask_range``) and from starts at
-any element of a group. (The conformance suite runs its cases on each build
-too: its cpu_<isa> rows.)
+any element of a group, and every output of dropout_add_norm and its
+backward. (The conformance suite runs its cases on each build too: its
+cpu_<isa> rows.)
 """
 
 import os
@@ -19,7 +20,7 @@ import torch
 
 from dropout_ext import _ops, _state
 from dropout_ext import reference as ref
-from conftest import ROOT, assert_bitwise_equal, make_inputs
+from conftest import ROOT, TOLERANCES, assert_bitwise_equal, make_inputs
 
 
 ISAS = ("baseline", "avx2", "avx512")
@@ -279,3 +280,91 @@ def test_long_forward_backward_equal_the_reference():
                                               ops.backward(grad, x, bias, state, "gelu", [], True)[0])).items():
         assert_bitwise_equal(y, expected)
         assert_bitwise_equal(dx, dx_ref)
+
+
+# --- dropout_add_norm ---------------------------------------------------------------
+
+NORM_EXTRAS = ("plain", "all", "fp32")
+
+
+def _norm_inputs(dtype, H, extras):
+    """(x, residual, weight, bias, grad, grad_h) for 23 rows of H: "plain" has
+    no residual, weight, bias or grad_h; "all" has them in x's dtype; "fp32"
+    has a float32 weight and bias and, for 16-bit x, residual_in_fp32."""
+    rfp32 = extras == "fp32"
+    h_dtype = torch.float32 if rfp32 and dtype in (torch.float16, torch.bfloat16) else dtype
+    x, _, res, grad = make_inputs((23, H), dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    p_dtype = torch.float32 if rfp32 else dtype
+    weight = (1 + torch.randn(H, generator=g) / 2).to(p_dtype)
+    bias = torch.randn(H, generator=g).to(p_dtype)
+    grad_h = torch.randn((23, H), generator=g).to(h_dtype)
+    if extras == "plain":
+        return x, None, None, None, grad, None, rfp32
+    return x, res.to(h_dtype), weight, bias, grad, grad_h, rfp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("H", [77, 4097])
+@pytest.mark.parametrize("extras", NORM_EXTRAS)
+def test_norm_forward_backward_equal_across_builds(dtype, norm, H, extras):
+    """Rows of an odd length (rows and chunks start at every element of a
+    Philox group): every build gives the same bits for every output of
+    dropout_add_norm and its backward, row statistics and parameter
+    gradients included (their sums use fixed lanes and blocks, not the
+    vector width); h is fused_dropout's output bit for bit and the rest
+    agrees with the reference."""
+    x, res, weight, bias, grad, grad_h, rfp32 = _norm_inputs(dtype, H, extras)
+    state = _state.make_state(torch.device("cpu"), 0.3, SEED, 2**32 + 5)
+    ops = _ops.op_set("")
+    mask = [True, True, weight is not None, True]
+
+    def run():
+        y, h, mean, rstd = ops.norm(x, res, weight, bias, state, norm, 1e-5, rfp32)
+        return (y, h, mean, rstd) + tuple(ops.norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, mask))
+
+    results = _on_each_isa(run)
+    base = results["baseline"]
+    for isa, outs in results.items():
+        for a, b in zip(outs, base):
+            assert_bitwise_equal(a, b)
+    y, h, mean, rstd, dx, dres, dw, db = base
+    if res is None or res.dtype == x.dtype:
+        assert_bitwise_equal(h, ops.forward(x, None, res, state, "identity", [])[0])
+    ref_fwd = ref.dropout_add_norm(x, res, weight, bias, SEED, 2**32 + 5, 0.3, norm, 1e-5, rfp32)
+    assert_bitwise_equal(h, ref_fwd[1])
+    stat_tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean, ref_fwd[2], **stat_tol)
+    torch.testing.assert_close(rstd, ref_fwd[3], **stat_tol)
+    torch.testing.assert_close(y, ref_fwd[0], atol=TOLERANCES[dtype][1] * 2, rtol=TOLERANCES[dtype][2] * 2)
+    ref_bwd = ref.dropout_add_norm_backward(grad, grad_h, h, weight, mean, rstd, SEED, 2**32 + 5, 0.3, norm)
+    for actual, expected in zip((dx, dres), ref_bwd[:2]):
+        tol = TOLERANCES[actual.dtype]
+        torch.testing.assert_close(actual, expected, atol=tol[1] * 4, rtol=tol[2] * 4)
+    # Sums over 23 rows: float32 accumulation in another order than the reference's.
+    param_tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    if weight is not None:
+        torch.testing.assert_close(dw, ref_bwd[2], **param_tol)
+    torch.testing.assert_close(db, ref_bwd[3], **param_tol)
+
+
+def test_norm_parameter_gradients_same_for_any_thread_count():
+    """The weight and bias gradients sum row blocks fixed by the shape, then
+    the blocks in order: the same bits on one thread as on several."""
+    x, res, weight, bias, grad, grad_h, _ = _norm_inputs(torch.float32, 77, "all")
+    x, res, grad = (t.repeat(200, 1) for t in (x, res, grad))
+    state = _state.make_state(torch.device("cpu"), 0.3, SEED, 0)
+    ops = _ops.op_set("")
+    y, h, mean, rstd = ops.norm(x, res, weight, bias, state, "layer", 1e-5, False)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            grads.append(ops.norm_backward(grad, None, h, weight, mean, rstd, state, "layer", [False, False, True, True]))
+    finally:
+        torch.set_num_threads(before)
+    for dw, db in (g[2:] for g in grads[1:]):
+        assert_bitwise_equal(dw, grads[0][2])
+        assert_bitwise_equal(db, grads[0][3])

@@ -1,5 +1,6 @@
-// Fused CPU kernels for y = residual + dropout(act(x + bias)), its backward
-// and the keep mask, registered for the CPU dispatch key.
+// Fused CPU kernels for y = residual + dropout(act(x + bias)), its backward,
+// the keep mask, and dropout + residual + LayerNorm/RMSNorm
+// (dropout_add_norm) with its backward, registered for the CPU dispatch key.
 //
 // One pass over memory: the keep bits come from Philox in registers (one call
 // per four elements) and are never stored. Loops are written so the compiler
@@ -17,10 +18,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../activations.h"
@@ -219,9 +222,17 @@ DX_TARGET_AVX512 inline void philox_words_avx512(const MaskParams& mp, uint64_t 
 }
 #pragma GCC diagnostic pop
 
-// A chunk spans at most kChunk / 4 groups, which the AVX-512 generator
-// rounds up to a multiple of 8: it never writes past philox_keep's buffer.
-static_assert((kChunk / 4) % 8 == 0, "a chunk's groups must be a multiple of the AVX-512 tail step");
+// philox_keep's buffer: a chunk of up to kChunk elements spans kChunk / 4
+// groups, one more where it starts inside a group (as the rows of the norm
+// kernels do); the AVX2 generator rounds that up to whole steps of 16
+// groups, the AVX-512 one to a multiple of 8.
+constexpr int64_t kKeepWords = kChunk + 4 + 64;
+static_assert(4 * ((kChunk / 4 + 1 + kGroupsPerStep - 1) / kGroupsPerStep * kGroupsPerStep) <= kKeepWords,
+              "the AVX2 generator's last step must fit philox_keep's buffer");
+static_assert(4 * ((kChunk / 4 + 1 + 7) / 8 * 8) <= kKeepWords,
+              "the AVX-512 generator's last steps must fit philox_keep's buffer");
+#else
+constexpr int64_t kKeepWords = kChunk + 4;
 #endif
 
 // Keep bits for logical elements [pos, pos + len), len <= kChunk, as 32-bit
@@ -235,7 +246,7 @@ DX_INLINE void philox_keep(const MaskParams& mp, int64_t pos, int64_t len, uint3
     std::fill(keep, keep + len, ~0u);
     return;
   }
-  uint32_t w[kChunk + 4 + 64];  // room for a last, partly used step of 16 groups
+  uint32_t w[kKeepWords];
   const uint64_t g0 = static_cast<uint64_t>(pos) >> 2;
   const int64_t ngroups = ((pos + len - 1) >> 2) - static_cast<int64_t>(g0) + 1;
 #ifdef DX_HAVE_X86_BUILDS
@@ -448,34 +459,255 @@ DX_INLINE void mask_range(const MaskParams& mp, bool* out, int64_t begin, int64_
   }
 }
 
-// The same loops built once per instruction set. Each entry point is compiled
-// for its target, and the loop bodies inline into it and are vectorised for
-// it; nothing else in the file assumes more than the baseline.
-template <typename scalar_t, Act A, bool BIAS, bool BWD>
-void walk_baseline(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
-  walk_range<scalar_t, A, BIAS, BWD, Isa::kBaseline>(a, b, e, part);
-}
-void mask_baseline(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
-  mask_range<Isa::kBaseline>(mp, out, b, e);
+// --- dropout_add_norm ---------------------------------------------------------------
+//
+// One row at a time, each row walked several times while it is in cache:
+// h (drawn, rounded once, stored) and its sum, then the squared deviations
+// from the mean, then y. The backward recomputes xhat from the stored h and
+// the saved statistics, so nothing per element but h is kept.
+
+// Row sums in fixed lanes: element k of a row goes to lane k % (2 * kWidth)
+// (a row is walked in chunks of kChunk, a multiple of the lanes, zero-padded
+// at the end of the row) and the lanes are added in one fixed order, so a
+// sum depends on the data alone, not on the build (each keeps the vectors in
+// registers of its own width) nor on the thread count. Two accumulators halve
+// the chain of dependent adds a row waits for.
+template <typename acc_t>
+struct LaneSum {
+  static constexpr int kWidth = 64 / sizeof(acc_t);
+  typedef acc_t Vec __attribute__((vector_size(64)));
+  static constexpr int64_t kStep = 2 * kWidth;
+  Vec s0 = {};
+  Vec s1 = {};
+
+  // Adds v[0, len) and leaves v zero-padded to a whole step. Adding a +0.0
+  // pad changes no lane: a lane starts at +0.0 and never holds -0.0.
+  DX_INLINE void add(acc_t* v, int64_t len) {
+    const int64_t n = (len + kStep - 1) / kStep * kStep;
+    for (int64_t j = len; j < n; ++j) v[j] = acc_t(0);
+    for (int64_t j = 0; j < n; j += kStep) {
+      Vec a, b;
+      std::memcpy(&a, v + j, sizeof(Vec));
+      std::memcpy(&b, v + j + kWidth, sizeof(Vec));
+      s0 += a;
+      s1 += b;
+    }
+  }
+
+  DX_INLINE acc_t total() const {
+    const Vec s = s0 + s1;
+    acc_t t[kWidth];
+    std::memcpy(t, &s, sizeof(Vec));
+    for (int w = kWidth / 2; w >= 1; w /= 2) {
+      for (int l = 0; l < w; ++l) t[l] += t[l + w];
+    }
+    return t[0];
+  }
+};
+static_assert(kChunk % LaneSum<float>::kStep == 0 && kChunk % LaneSum<double>::kStep == 0,
+              "every chunk of a row but its last must fill whole lane steps");
+
+// h is x's dtype or float32 (residual_in_fp32); weight and bias come in the
+// math type, ones and -0.0 where absent (v * 1 and v + -0.0 are v for every
+// v, signed zeros and NaN included), so one loop serves every combination.
+template <typename scalar_t, typename h_t>
+struct NormArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t H = 0;
+  MaskParams mp{};
+  acc_t scale = acc_t(1);
+  bool layer = true;
+  const acc_t* w = nullptr;
+  // forward
+  const scalar_t* x = nullptr;
+  const h_t* res = nullptr;
+  const acc_t* b = nullptr;
+  acc_t eps = acc_t(0);
+  h_t* h_out = nullptr;
+  scalar_t* y = nullptr;
+  acc_t* mean_out = nullptr;  // layer only
+  acc_t* rstd_out = nullptr;
+  // backward
+  const scalar_t* g = nullptr;
+  const h_t* gh = nullptr;
+  const h_t* h = nullptr;
+  const acc_t* mean = nullptr;  // layer only
+  const acc_t* rstd = nullptr;
+  scalar_t* dx = nullptr;    // grad_input, where asked for
+  h_t* dres = nullptr;       // grad_residual, where asked for
+};
+
+// Rows [r0, r1). Element j of row r is the contract's element r * H + j, so
+// h is fused_dropout(x, residual)'s output bit for bit.
+template <typename scalar_t, typename h_t, bool RES>
+struct NormForward {
+  template <Isa I>
+  static DX_INLINE void run(const NormArgs<scalar_t, h_t>* args, int64_t r0, int64_t r1) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const NormArgs<scalar_t, h_t>& a = *args;
+    const int64_t H = a.H;
+    const int64_t end = r1 * H;
+    const acc_t scale = a.scale;
+    alignas(64) uint32_t keep[kChunk];
+    alignas(64) acc_t t[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * H;
+      h_t* __restrict__ hr = a.h_out + base;
+      LaneSum<acc_t> sum;
+      for (int64_t j0 = 0; j0 < H; j0 += kChunk) {
+        const int64_t len = std::min<int64_t>(kChunk, H - j0);
+        const int64_t pos = base + j0;
+        prefetch_ahead(a.x, pos, len, end);
+        if constexpr (RES) prefetch_ahead(a.res, pos, len, end);
+        philox_keep<I>(a.mp, pos, len, keep);
+        const scalar_t* __restrict__ x = a.x + pos;
+        for (int64_t j = 0; j < len; ++j) {
+          acc_t v = select_kept(static_cast<acc_t>(x[j]) * scale, keep[j]);
+          if constexpr (RES) v = static_cast<acc_t>(a.res[pos + j]) + v;
+          const h_t hv = static_cast<h_t>(v);
+          hr[j0 + j] = hv;
+          t[j] = static_cast<acc_t>(hv);
+        }
+        if (a.layer) sum.add(t, len);
+      }
+      // Two passes over the row: the deviations from the mean, not the
+      // moments, so a large offset or a constant row loses nothing.
+      const acc_t mean = a.layer ? sum.total() / static_cast<acc_t>(H) : acc_t(0);
+      LaneSum<acc_t> sq;
+      for (int64_t j0 = 0; j0 < H; j0 += kChunk) {
+        const int64_t len = std::min<int64_t>(kChunk, H - j0);
+        for (int64_t j = 0; j < len; ++j) {
+          const acc_t d = static_cast<acc_t>(hr[j0 + j]) - mean;
+          t[j] = d * d;
+        }
+        sq.add(t, len);
+      }
+      const acc_t rstd = acc_t(1) / std::sqrt(sq.total() / static_cast<acc_t>(H) + a.eps);
+      if (a.mean_out != nullptr) a.mean_out[r] = mean;
+      a.rstd_out[r] = rstd;
+      scalar_t* __restrict__ y = a.y + base;
+      const acc_t* __restrict__ w = a.w;
+      const acc_t* __restrict__ b = a.b;
+      for (int64_t j = 0; j < H; ++j) {
+        y[j] = static_cast<scalar_t>(((static_cast<acc_t>(hr[j]) - mean) * rstd) * w[j] + b[j]);
+      }
+    }
+  }
+};
+
+// Rows [r0, r1): dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_h
+// with g = dy * weight (rms: no mean(g) term), then grad_residual = dh and
+// grad_input = dropout(dh) with the forward's mask. dw and db, where not
+// null, are this row block's partial sums of dy * xhat and dy.
+template <typename scalar_t, typename h_t, bool GH>
+struct NormBackward {
+  template <Isa I>
+  static DX_INLINE void run(const NormArgs<scalar_t, h_t>* args, int64_t r0, int64_t r1,
+                            at::opmath_type<scalar_t>* dw, at::opmath_type<scalar_t>* db) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const NormArgs<scalar_t, h_t>& a = *args;
+    const int64_t H = a.H;
+    const int64_t end = r1 * H;
+    const acc_t scale = a.scale;
+    const bool dh_wanted = a.dx != nullptr || a.dres != nullptr;
+    const acc_t* __restrict__ w = a.w;
+    alignas(64) uint32_t keep[kChunk];
+    alignas(64) acc_t gs[kChunk];
+    alignas(64) acc_t xs[kChunk];
+    alignas(64) acc_t t1[kChunk];
+    alignas(64) acc_t t2[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * H;
+      const scalar_t* __restrict__ g = a.g + base;
+      const h_t* __restrict__ h = a.h + base;
+      const acc_t mean = a.layer ? a.mean[r] : acc_t(0);
+      const acc_t rstd = a.rstd[r];
+      LaneSum<acc_t> sum_g, sum_gx;
+      for (int64_t j0 = 0; j0 < H; j0 += kChunk) {
+        const int64_t len = std::min<int64_t>(kChunk, H - j0);
+        prefetch_ahead(a.g, base + j0, len, end);
+        prefetch_ahead(a.h, base + j0, len, end);
+        for (int64_t j = 0; j < len; ++j) {
+          gs[j] = static_cast<acc_t>(g[j0 + j]);
+          xs[j] = (static_cast<acc_t>(h[j0 + j]) - mean) * rstd;
+        }
+        if (dw != nullptr) {
+          for (int64_t j = 0; j < len; ++j) dw[j0 + j] += gs[j] * xs[j];
+        }
+        if (db != nullptr) {
+          for (int64_t j = 0; j < len; ++j) db[j0 + j] += gs[j];
+        }
+        if (!dh_wanted) continue;
+        for (int64_t j = 0; j < len; ++j) {
+          const acc_t gw = gs[j] * w[j0 + j];
+          t1[j] = gw;
+          t2[j] = gw * xs[j];
+        }
+        if (a.layer) sum_g.add(t1, len);
+        sum_gx.add(t2, len);
+      }
+      if (!dh_wanted) continue;
+      const acc_t mean_g = a.layer ? sum_g.total() / static_cast<acc_t>(H) : acc_t(0);
+      const acc_t proj = sum_gx.total() / static_cast<acc_t>(H);
+      for (int64_t j0 = 0; j0 < H; j0 += kChunk) {
+        const int64_t len = std::min<int64_t>(kChunk, H - j0);
+        const int64_t pos = base + j0;
+        if constexpr (GH) prefetch_ahead(a.gh, pos, len, end);
+        for (int64_t j = 0; j < len; ++j) {
+          const acc_t xhat = (static_cast<acc_t>(h[j0 + j]) - mean) * rstd;
+          const acc_t gw = static_cast<acc_t>(g[j0 + j]) * w[j0 + j];
+          acc_t d = ((gw - xhat * proj) - mean_g) * rstd;
+          if constexpr (GH) d = d + static_cast<acc_t>(a.gh[pos + j]);
+          t1[j] = d;
+        }
+        if (a.dres != nullptr) {
+          h_t* __restrict__ dres = a.dres + pos;
+          for (int64_t j = 0; j < len; ++j) dres[j] = static_cast<h_t>(t1[j]);
+        }
+        if (a.dx != nullptr) {
+          philox_keep<I>(a.mp, pos, len, keep);
+          scalar_t* __restrict__ dx = a.dx + pos;
+          for (int64_t j = 0; j < len; ++j) dx[j] = static_cast<scalar_t>(select_kept(t1[j] * scale, keep[j]));
+        }
+      }
+    }
+  }
+};
+
+// The same loops built once per instruction set: K::run<I> (always inline,
+// with everything it calls) is compiled into one entry point per target and
+// vectorised for it; nothing else in the file assumes more than the baseline.
+// run_isa (below) calls the entry point of the build in force.
+template <typename K, typename... Args>
+void run_baseline(Args... args) {
+  K::template run<Isa::kBaseline>(args...);
 }
 
 #ifdef DX_HAVE_X86_BUILDS
-template <typename scalar_t, Act A, bool BIAS, bool BWD>
-DX_TARGET_AVX2 void walk_avx2(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
-  walk_range<scalar_t, A, BIAS, BWD, Isa::kAvx2>(a, b, e, part);
+template <typename K, typename... Args>
+DX_TARGET_AVX2 void run_avx2(Args... args) {
+  K::template run<Isa::kAvx2>(args...);
 }
-DX_TARGET_AVX2 void mask_avx2(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
-  mask_range<Isa::kAvx2>(mp, out, b, e);
-}
-template <typename scalar_t, Act A, bool BIAS, bool BWD>
-DX_TARGET_AVX512 void walk_avx512(const KernelArgs<scalar_t>& a, int64_t b, int64_t e,
-                                  at::opmath_type<scalar_t>* part) {
-  walk_range<scalar_t, A, BIAS, BWD, Isa::kAvx512>(a, b, e, part);
-}
-DX_TARGET_AVX512 void mask_avx512(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
-  mask_range<Isa::kAvx512>(mp, out, b, e);
+template <typename K, typename... Args>
+DX_TARGET_AVX512 void run_avx512(Args... args) {
+  K::template run<Isa::kAvx512>(args...);
 }
 #endif
+
+template <typename scalar_t, Act A, bool BIAS, bool BWD>
+struct Walk {
+  template <Isa I>
+  static DX_INLINE void run(const KernelArgs<scalar_t>* a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
+    walk_range<scalar_t, A, BIAS, BWD, I>(*a, b, e, part);
+  }
+};
+
+struct MaskFill {
+  template <Isa I>
+  static DX_INLINE void run(const MaskParams* mp, bool* out, int64_t b, int64_t e) {
+    mask_range<I>(*mp, out, b, e);
+  }
+};
 
 // --- which build runs -----------------------------------------------------------
 
@@ -548,26 +780,23 @@ std::atomic<Isa>& isa_in_force() {
   return isa;
 }
 
-template <typename scalar_t, Act A, bool BIAS, bool BWD>
-void walk(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
+template <typename K, typename... Args>
+void run_isa(Args... args) {
   switch (isa_in_force().load(std::memory_order_relaxed)) {
 #ifdef DX_HAVE_X86_BUILDS
-    case Isa::kAvx512: return walk_avx512<scalar_t, A, BIAS, BWD>(a, b, e, part);
-    case Isa::kAvx2: return walk_avx2<scalar_t, A, BIAS, BWD>(a, b, e, part);
+    case Isa::kAvx512: return run_avx512<K>(args...);
+    case Isa::kAvx2: return run_avx2<K>(args...);
 #endif
-    default: return walk_baseline<scalar_t, A, BIAS, BWD>(a, b, e, part);
+    default: return run_baseline<K>(args...);
   }
 }
 
-void mask_fill(const MaskParams& mp, bool* out, int64_t b, int64_t e) {
-  switch (isa_in_force().load(std::memory_order_relaxed)) {
-#ifdef DX_HAVE_X86_BUILDS
-    case Isa::kAvx512: return mask_avx512(mp, out, b, e);
-    case Isa::kAvx2: return mask_avx2(mp, out, b, e);
-#endif
-    default: return mask_baseline(mp, out, b, e);
-  }
+template <typename scalar_t, Act A, bool BIAS, bool BWD>
+void walk(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<scalar_t>* part) {
+  run_isa<Walk<scalar_t, A, BIAS, BWD>>(&a, b, e, part);
 }
+
+void mask_fill(const MaskParams& mp, bool* out, int64_t b, int64_t e) { run_isa<MaskFill>(&mp, out, b, e); }
 
 // The keep mask of a (small) structured mask shape, materialised once.
 at::Tensor keep_mask_cpu(const MaskParams& mp, at::IntArrayRef shape) {
@@ -725,6 +954,167 @@ at::Tensor dropout_mask_cpu(const at::Tensor& state, at::IntArrayRef shape) {
   return keep_mask_cpu(host_mask_params(state), shape);
 }
 
+// --- dropout_add_norm: the ops ------------------------------------------------------
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// h's element type: x's, or float for a float16/bfloat16 x with residual_in_fp32.
+template <typename scalar_t, typename F>
+void dispatch_h(at::ScalarType h_dtype, const F& f) {
+  if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
+    if (h_dtype == at::kFloat) return f(TypeTag<float>{});
+  }
+  f(TypeTag<scalar_t>{});
+}
+
+// weight or bias in the statistics' dtype, or `fill` where absent.
+at::Tensor norm_param_as(const std::optional<at::Tensor>& t, int64_t H, at::ScalarType stat, double fill) {
+  if (t.has_value()) return t->to(stat).contiguous();
+  return at::full({H}, fill, at::TensorOptions().dtype(stat));
+}
+
+// Rows per task of at::parallel_for: enough elements to be worth a thread.
+int64_t norm_row_grain(int64_t H) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(H, 1)); }
+
+// The weight and bias gradients sum over row blocks fixed by the shape
+// alone (not by the thread count), one partial row per block, then add the
+// blocks in order: the same bits for any number of threads. The partials
+// are bounded to about 2**21 per gradient unless that leaves fewer than 8
+// blocks to share out. Returns the rows per block.
+int64_t norm_param_block_rows(int64_t rows, int64_t H) {
+  const int64_t cap = std::min<int64_t>(256, std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(H, 1)));
+  return std::max<int64_t>(1, (rows + cap - 1) / cap);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm,
+    double eps, bool residual_in_fp32) {
+  const Norm kind = check_norm_forward(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+  const MaskParams mp = host_mask_params(state);
+  at::Tensor y, h, mean, rstd;
+  std::tie(y, h, mean, rstd) = norm_outputs(input, kind, residual_in_fp32);
+  const int64_t rows = norm_rows(input);
+  const int64_t H = input.size(-1);
+  if (rows == 0) return {y, h, mean, rstd};
+  const at::Tensor x = input.contiguous();
+  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::ScalarType stat = rstd.scalar_type();
+  const at::Tensor w = norm_param_as(weight, H, stat, 1.0);
+  const at::Tensor b = norm_param_as(bias, H, stat, -0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_h<scalar_t>(h.scalar_type(), [&](auto tag) {
+      using h_t = typename decltype(tag)::type;
+      NormArgs<scalar_t, h_t> a;
+      a.H = H;
+      a.mp = mp;
+      a.scale = static_cast<acc_t>(mp.scale);
+      a.layer = kind == Norm::kLayer;
+      a.w = w.const_data_ptr<acc_t>();
+      a.b = b.const_data_ptr<acc_t>();
+      a.eps = static_cast<acc_t>(eps);
+      a.x = x.const_data_ptr<scalar_t>();
+      if (r.defined()) a.res = r.const_data_ptr<h_t>();
+      a.h_out = h.data_ptr<h_t>();
+      a.y = y.data_ptr<scalar_t>();
+      if (a.layer) a.mean_out = mean.data_ptr<acc_t>();
+      a.rstd_out = rstd.data_ptr<acc_t>();
+      at::parallel_for(0, rows, norm_row_grain(H), [&](int64_t r0, int64_t r1) {
+        if (a.res != nullptr) {
+          run_isa<NormForward<scalar_t, h_t, true>>(&a, r0, r1);
+        } else {
+          run_isa<NormForward<scalar_t, h_t, false>>(&a, r0, r1);
+        }
+      });
+    });
+  });
+  return {y, h, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_backward_cpu(
+    const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask) {
+  const Norm kind = check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask);
+  const MaskParams mp = host_mask_params(state);
+  at::Tensor dx, dres, dw, db;
+  std::tie(dx, dres, dw, db) = norm_backward_outputs(grad, h, output_mask);
+  if (grad.numel() == 0) return {dx, dres, dw, db};
+  const int64_t rows = norm_rows(grad);
+  const int64_t H = grad.size(-1);
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor hc = h.contiguous();
+  const at::Tensor gh = grad_h.has_value() ? grad_h->contiguous() : at::Tensor();
+  const at::Tensor mc = mean.contiguous();
+  const at::Tensor rc = rstd.contiguous();
+  const at::ScalarType stat = rstd.scalar_type();
+  const at::Tensor w = norm_param_as(weight, H, stat, 1.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dropout_add_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_h<scalar_t>(hc.scalar_type(), [&](auto tag) {
+      using h_t = typename decltype(tag)::type;
+      NormArgs<scalar_t, h_t> a;
+      a.H = H;
+      a.mp = mp;
+      a.scale = static_cast<acc_t>(mp.scale);
+      a.layer = kind == Norm::kLayer;
+      a.w = w.const_data_ptr<acc_t>();
+      a.g = g.const_data_ptr<scalar_t>();
+      if (gh.defined()) a.gh = gh.const_data_ptr<h_t>();
+      a.h = hc.const_data_ptr<h_t>();
+      if (a.layer) a.mean = mc.const_data_ptr<acc_t>();
+      a.rstd = rc.const_data_ptr<acc_t>();
+      if (output_mask[0]) a.dx = dx.data_ptr<scalar_t>();
+      if (output_mask[1]) a.dres = dres.data_ptr<h_t>();
+      auto run = [&](int64_t r0, int64_t r1, acc_t* pw, acc_t* pb) {
+        if (a.gh != nullptr) {
+          run_isa<NormBackward<scalar_t, h_t, true>>(&a, r0, r1, pw, pb);
+        } else {
+          run_isa<NormBackward<scalar_t, h_t, false>>(&a, r0, r1, pw, pb);
+        }
+      };
+      const bool want_w = output_mask[2], want_b = output_mask[3];
+      if (!want_w && !want_b) {
+        at::parallel_for(0, rows, norm_row_grain(H), [&](int64_t r0, int64_t r1) { run(r0, r1, nullptr, nullptr); });
+        return;
+      }
+      const int64_t per_block = norm_param_block_rows(rows, H);
+      const int64_t blocks = (rows + per_block - 1) / per_block;
+      const int64_t nparts = int64_t{want_w} + int64_t{want_b};
+      at::Tensor partial = at::empty({nparts, blocks, H}, rstd.options());
+      acc_t* pw_all = want_w ? partial.data_ptr<acc_t>() : nullptr;
+      acc_t* pb_all = want_b ? partial.data_ptr<acc_t>() + (want_w ? blocks * H : 0) : nullptr;
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          acc_t* pw = pw_all != nullptr ? pw_all + blk * H : nullptr;
+          acc_t* pb = pb_all != nullptr ? pb_all + blk * H : nullptr;
+          if (pw != nullptr) std::fill(pw, pw + H, acc_t(0));
+          if (pb != nullptr) std::fill(pb, pb + H, acc_t(0));
+          run(blk * per_block, std::min(rows, (blk + 1) * per_block), pw, pb);
+        }
+      });
+      // The blocks in order, column by column.
+      auto reduce = [&](const acc_t* parts, at::Tensor& out) {
+        acc_t* o = out.data_ptr<acc_t>();
+        at::parallel_for(0, H, 2048, [&](int64_t c0, int64_t c1) {
+          std::fill(o + c0, o + c1, acc_t(0));
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const acc_t* p = parts + blk * H;
+            for (int64_t c = c0; c < c1; ++c) o[c] += p[c];
+          }
+        });
+      };
+      if (want_w) reduce(pw_all, dw);
+      if (want_b) reduce(pb_all, db);
+    });
+  });
+  return {dx, dres, dw, db};
+}
+
 // --- test hooks -------------------------------------------------------------------
 
 // Sets the ISA of later calls ("" leaves it) and returns the one in force
@@ -763,6 +1153,8 @@ TORCH_LIBRARY_IMPL(dropout_ext, CPU, m) {
   m.impl("fused_dropout", &fused_dropout_cpu);
   m.impl("fused_dropout_backward", &fused_dropout_backward_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
+  m.impl("dropout_add_norm", &dropout_add_norm_cpu);
+  m.impl("dropout_add_norm_backward", &dropout_add_norm_backward_cpu);
 }
 
 // Test-only ops (the namespace of csrc/cuda_host/driver.cpp's): choose the
