@@ -137,22 +137,23 @@ DX_HD A folded_total(const A* part2) {
   return s;
 }
 
-// Calls f(run, slot, cached) for thread t's runs of a row: cached is
-// std::true_type when every run of the row fits R per thread, and slot is
-// then the run's register slot (the loop unrolled, so the slots stay
-// registers); else std::false_type and slot 0, unused.
-template <int R, typename F>
-DX_HD void for_thread_runs(int64_t runs, uint32_t t, F&& f) {
-  if (runs <= static_cast<int64_t>(R) * kThreads) {
+// Runs K::run<kPhase, Cached>(params, local, step, run, slot) for thread
+// t's runs of a row: Cached is std::true_type when every run of the row
+// fits K::R per thread, and slot is then the run's register slot (the loop
+// unrolled and run forced inline, so the slots stay registers); else
+// std::false_type and slot 0, unused.
+template <int kPhase, class K, class Step>
+DX_HD void for_thread_runs(const typename K::Params& p, typename K::Local& l, Step& s, uint32_t t) {
+  if (p.runs <= static_cast<int64_t>(K::R) * kThreads) {
     DX_UNROLL
-    for (int k = 0; k < R; ++k) {
+    for (int k = 0; k < K::R; ++k) {
       const int64_t u = static_cast<int64_t>(t) + static_cast<int64_t>(k) * kThreads;
-      if (u < runs) f(u, k, std::true_type{});
+      if (u < p.runs) K::template run<kPhase, std::true_type>(p, l, s, u, k);
     }
   } else {
     // Not unrolled: an unrolled runtime loop divides for its trip count.
     DX_NO_UNROLL
-    for (int64_t u = t; u < runs; u += kThreads) f(u, 0, std::false_type{});
+    for (int64_t u = t; u < p.runs; u += kThreads) K::template run<kPhase, std::false_type>(p, l, s, u, 0);
   }
 }
 
@@ -236,75 +237,84 @@ struct NormForwardKernel {
     }
   }
 
+  // What a phase's runs share: the row, the keep-bit parameters, the
+  // row's statistics, and the thread's running sum.
+  struct Step {
+    int64_t e_row = 0;
+    MaskParams mp;
+    acc_t scale = acc_t(0);
+    acc_t mean = acc_t(0);
+    acc_t rstd = acc_t(0);
+    acc_t sum = acc_t(0);
+  };
+
+  // Phase kPhase's work on run u of the row (slot k when Cached).
+  template <int kPhase, class Cached>
+  DX_HD static void run(const Params& p, Local& l, Step& s, int64_t u, [[maybe_unused]] int k) {
+    const NormArgs& a = p.a;
+    const int64_t c0 = u * N;
+    const int len = NormShape<T>::run_len(a.H, c0);
+    const bool vec = p.vec && len == N;
+    acc_t hv[N];
+    if constexpr (kPhase == 0) {
+      h_run(a, s.mp, s.scale, s.e_row + c0, len, vec, hv);
+      DX_UNROLL
+      for (int j = 0; j < N; ++j) {
+        if (j < len) s.sum += hv[j];
+        if constexpr (Cached::value) l.h[k][j] = hv[j];
+      }
+    } else if constexpr (kPhase == 2) {
+      h_again<Cached>(a, l, k, s.e_row + c0, len, vec, hv);
+      DX_UNROLL
+      for (int j = 0; j < N; ++j) {
+        const acc_t d = hv[j] - s.mean;
+        if (j < len) s.sum += d * d;
+      }
+    } else {
+      static_assert(kPhase == 4, "runs in phases 0, 2 and 4");
+      h_again<Cached>(a, l, k, s.e_row + c0, len, vec, hv);
+      acc_t w[N] = {}, b[N] = {};
+      if (a.weight != nullptr) load_param<T>(a.weight, a.param_f32, c0, len, vec, w);
+      if (a.bias != nullptr) load_param<T>(a.bias, a.param_f32, c0, len, vec, b);
+      acc_t y[N];
+      DX_UNROLL
+      for (int j = 0; j < N; ++j) {
+        y[j] = (hv[j] - s.mean) * s.rstd;
+        if (a.weight != nullptr) y[j] = y[j] * w[j];
+        if (a.bias != nullptr) y[j] = y[j] + b[j];
+      }
+      store_narrow<T>(a.y, s.e_row + c0, len, vec, y);
+    }
+  }
+
   template <int kPhase>
-  DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh, [[maybe_unused]] Local& l,
-                          [[maybe_unused]] int64_t round) {
-    [[maybe_unused]] const NormArgs& a = p.a;
-    [[maybe_unused]] const int64_t row = static_cast<int64_t>(idx.block_x) + round * static_cast<int64_t>(idx.grid_x);
-    [[maybe_unused]] const int64_t e_row = row * a.H;
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh, Local& l, int64_t round) {
+    const NormArgs& a = p.a;
     const uint32_t t = idx.thread;
     if constexpr (kPhase == 1 || kPhase == 3) {
       fold_partials(sh.part, sh.part2, t);
-    } else if constexpr (kPhase == 0) {
-      const MaskParams mp = mask_params_from_state(a.state);
-      const acc_t scale = static_cast<acc_t>(mp.scale);
-      acc_t sum = acc_t(0);
-      for_thread_runs<R>(p.runs, t, [&](int64_t u, [[maybe_unused]] int k, auto cached) {
-        const int64_t c0 = u * N;
-        const int len = NormShape<T>::run_len(a.H, c0);
-        acc_t hv[N];
-        h_run(a, mp, scale, e_row + c0, len, p.vec && len == N, hv);
-        DX_UNROLL
-        for (int j = 0; j < N; ++j) {
-          if (j < len) sum += hv[j];
-          if constexpr (decltype(cached)::value) l.h[k][j] = hv[j];
-        }
-      });
-      sh.part[t] = sum;
-    } else if constexpr (kPhase == 2) {
-      // rms: a mean of 0, and h - 0 is h exactly.
-      const acc_t mean = a.rms ? acc_t(0) : div_rn(folded_total(sh.part2), static_cast<acc_t>(a.H));
-      l.mean = mean;
-      acc_t ssq = acc_t(0);
-      for_thread_runs<R>(p.runs, t, [&](int64_t u, [[maybe_unused]] int k, auto cached) {
-        const int64_t c0 = u * N;
-        const int len = NormShape<T>::run_len(a.H, c0);
-        acc_t hv[N];
-        h_again<decltype(cached)>(a, l, k, e_row + c0, len, p.vec && len == N, hv);
-        DX_UNROLL
-        for (int j = 0; j < N; ++j) {
-          const acc_t d = hv[j] - mean;
-          if (j < len) ssq += d * d;
-        }
-      });
-      sh.part[t] = ssq;
     } else {
-      static_assert(kPhase == 4, "five phases");
-      const acc_t var = div_rn(folded_total(sh.part2), static_cast<acc_t>(a.H));
-      const acc_t rstd = div_rn(acc_t(1), sqrt_rn(var + static_cast<acc_t>(a.eps)));
-      const acc_t mean = l.mean;
-      if (t == 0) {
-        if (a.mean != nullptr) static_cast<acc_t*>(a.mean)[row] = mean;
-        static_cast<acc_t*>(a.rstd)[row] = rstd;
-      }
-      for_thread_runs<R>(p.runs, t, [&](int64_t u, [[maybe_unused]] int k, auto cached) {
-        const int64_t c0 = u * N;
-        const int len = NormShape<T>::run_len(a.H, c0);
-        const bool vec = p.vec && len == N;
-        acc_t hv[N];
-        h_again<decltype(cached)>(a, l, k, e_row + c0, len, vec, hv);
-        acc_t w[N] = {}, b[N] = {};
-        if (a.weight != nullptr) load_param<T>(a.weight, a.param_f32, c0, len, vec, w);
-        if (a.bias != nullptr) load_param<T>(a.bias, a.param_f32, c0, len, vec, b);
-        acc_t y[N];
-        DX_UNROLL
-        for (int j = 0; j < N; ++j) {
-          y[j] = (hv[j] - mean) * rstd;
-          if (a.weight != nullptr) y[j] = y[j] * w[j];
-          if (a.bias != nullptr) y[j] = y[j] + b[j];
+      const int64_t row = static_cast<int64_t>(idx.block_x) + round * static_cast<int64_t>(idx.grid_x);
+      Step s;
+      s.e_row = row * a.H;
+      if constexpr (kPhase == 0) {
+        s.mp = mask_params_from_state(a.state);
+        s.scale = static_cast<acc_t>(s.mp.scale);
+      } else if constexpr (kPhase == 2) {
+        // rms: a mean of 0, and h - 0 is h exactly.
+        s.mean = a.rms ? acc_t(0) : div_rn(folded_total(sh.part2), static_cast<acc_t>(a.H));
+        l.mean = s.mean;
+      } else {
+        const acc_t var = div_rn(folded_total(sh.part2), static_cast<acc_t>(a.H));
+        s.rstd = div_rn(acc_t(1), sqrt_rn(var + static_cast<acc_t>(a.eps)));
+        s.mean = l.mean;
+        if (t == 0) {
+          if (a.mean != nullptr) static_cast<acc_t*>(a.mean)[row] = s.mean;
+          static_cast<acc_t*>(a.rstd)[row] = s.rstd;
         }
-        store_narrow<T>(a.y, e_row + c0, len, vec, y);
-      });
+      }
+      for_thread_runs<kPhase, NormForwardKernel>(p, l, s, t);
+      if constexpr (kPhase != 4) sh.part[t] = s.sum;
     }
   }
 };
@@ -389,94 +399,110 @@ struct NormBackwardKernel {
     return r;
   }
 
+  struct Step {
+    Row r;
+    MaskParams mp;
+    acc_t scale = acc_t(0);
+    acc_t proj = acc_t(0);     // mean(gw * xhat)
+    acc_t mean_gw = acc_t(0);  // mean(gw); 0 for rms, and dh - 0 is dh exactly
+    bool first = false;        // the block's first row: the column sums start
+    bool last = false;         // its last row: the column sums are stored
+    acc_t s1 = acc_t(0);       // the thread's sums of gw * xhat and gw
+    acc_t s2 = acc_t(0);
+  };
+
+  template <int kPhase, class Cached>
+  DX_HD static void run(const Params& p, Local& l, Step& s, int64_t u, [[maybe_unused]] int k) {
+    const NormArgs& a = p.a;
+    const Row& r = s.r;
+    const int64_t c0 = u * N;
+    const int len = NormShape<T>::run_len(a.H, c0);
+    const bool vec = p.vec && len == N;
+    if constexpr (kPhase == 0) {
+      acc_t g[N], xh[N], gw[N];
+      terms(a, r.e_row, c0, len, vec, r.mean, r.rstd, g, xh, gw);
+      DX_UNROLL
+      for (int j = 0; j < N; ++j) {
+        if (j < len) {
+          s.s1 += gw[j] * xh[j];
+          s.s2 += gw[j];
+        }
+        if constexpr (Cached::value) {
+          l.xhat[k][j] = xh[j];
+          l.gw[k][j] = gw[j];
+          l.dw[k][j] = (s.first ? acc_t(0) : l.dw[k][j]) + g[j] * xh[j];
+          l.db[k][j] = (s.first ? acc_t(0) : l.db[k][j]) + g[j];
+        } else if (j < len) {
+          if (r.pw != nullptr) r.pw[c0 + j] = (s.first ? acc_t(0) : r.pw[c0 + j]) + g[j] * xh[j];
+          if (r.pb != nullptr) r.pb[c0 + j] = (s.first ? acc_t(0) : r.pb[c0 + j]) + g[j];
+        }
+      }
+    } else {
+      static_assert(kPhase == 2, "runs in phases 0 and 2");
+      acc_t xh[N], gw[N];
+      if constexpr (Cached::value) {
+        DX_UNROLL
+        for (int j = 0; j < N; ++j) {
+          xh[j] = l.xhat[k][j];
+          gw[j] = l.gw[k][j];
+        }
+      } else {
+        acc_t g[N];
+        terms(a, r.e_row, c0, len, vec, r.mean, r.rstd, g, xh, gw);
+      }
+      acc_t gh[N] = {};
+      if (a.grad_h != nullptr) load_wide(static_cast<const Hd*>(a.grad_h), r.e_row + c0, len, vec, gh);
+      acc_t dh[N];
+      DX_UNROLL
+      for (int j = 0; j < N; ++j) {
+        dh[j] = ((gw[j] - xh[j] * s.proj) - s.mean_gw) * r.rstd;
+        if (a.grad_h != nullptr) dh[j] = dh[j] + gh[j];
+      }
+      if (a.grad_residual != nullptr) store_narrow<Hd>(a.grad_residual, r.e_row + c0, len, vec, dh);
+      if (a.grad_input != nullptr) {
+        const uint32_t keep = philox_keep<N>(s.mp, a.base + r.e_row + c0, len);
+        acc_t gi[N];
+        DX_UNROLL
+        for (int j = 0; j < N; ++j) gi[j] = drop_value(dh[j] * s.scale, (keep >> j) & 1u);
+        store_narrow<T>(a.grad_input, r.e_row + c0, len, vec, gi);
+      }
+      if constexpr (Cached::value) {
+        if (s.last) {
+          DX_UNROLL
+          for (int j = 0; j < N; ++j) {
+            if (j < len && r.pw != nullptr) r.pw[c0 + j] = l.dw[k][j];
+            if (j < len && r.pb != nullptr) r.pb[c0 + j] = l.db[k][j];
+          }
+        }
+      }
+    }
+  }
+
   template <int kPhase>
-  DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh, [[maybe_unused]] Local& l,
-                          [[maybe_unused]] int64_t round) {
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh, Local& l, int64_t round) {
     const NormArgs& a = p.a;
     const uint32_t t = idx.thread;
     if constexpr (kPhase == 1) {
       fold_partials(sh.part[0], sh.part2[0], t);
       fold_partials(sh.part[1], sh.part2[1], t);
-    } else if constexpr (kPhase == 0) {
-      const Row r = row_of(a, idx, round);
-      const bool first = round == 0;
-      acc_t s1 = acc_t(0), s2 = acc_t(0);
-      for_thread_runs<R>(p.runs, t, [&](int64_t u, [[maybe_unused]] int k, auto cached) {
-        const int64_t c0 = u * N;
-        const int len = NormShape<T>::run_len(a.H, c0);
-        acc_t g[N], xh[N], gw[N];
-        terms(a, r.e_row, c0, len, p.vec && len == N, r.mean, r.rstd, g, xh, gw);
-        DX_UNROLL
-        for (int j = 0; j < N; ++j) {
-          if (j < len) {
-            s1 += gw[j] * xh[j];
-            s2 += gw[j];
-          }
-          if constexpr (decltype(cached)::value) {
-            l.xhat[k][j] = xh[j];
-            l.gw[k][j] = gw[j];
-            l.dw[k][j] = (first ? acc_t(0) : l.dw[k][j]) + g[j] * xh[j];
-            l.db[k][j] = (first ? acc_t(0) : l.db[k][j]) + g[j];
-          } else if (j < len) {
-            if (r.pw != nullptr) r.pw[c0 + j] = (first ? acc_t(0) : r.pw[c0 + j]) + g[j] * xh[j];
-            if (r.pb != nullptr) r.pb[c0 + j] = (first ? acc_t(0) : r.pb[c0 + j]) + g[j];
-          }
-        }
-      });
-      sh.part[0][t] = s1;
-      sh.part[1][t] = s2;
     } else {
-      static_assert(kPhase == 2, "three phases");
-      const Row r = row_of(a, idx, round);
-      const int64_t e_row = r.e_row;
-      const acc_t Hf = static_cast<acc_t>(a.H);
-      const acc_t proj = div_rn(folded_total(sh.part2[0]), Hf);
-      // rms: 0, and dh - 0 is dh exactly.
-      const acc_t mean_gw = a.rms ? acc_t(0) : div_rn(folded_total(sh.part2[1]), Hf);
-      const MaskParams mp = mask_params_from_state(a.state);
-      const acc_t scale = static_cast<acc_t>(mp.scale);
-      const bool last = r.row + static_cast<int64_t>(idx.grid_x) >= a.rows;
-      for_thread_runs<R>(p.runs, t, [&](int64_t u, [[maybe_unused]] int k, auto cached) {
-        const int64_t c0 = u * N;
-        const int len = NormShape<T>::run_len(a.H, c0);
-        const bool vec = p.vec && len == N;
-        acc_t xh[N], gw[N];
-        if constexpr (decltype(cached)::value) {
-          DX_UNROLL
-          for (int j = 0; j < N; ++j) {
-            xh[j] = l.xhat[k][j];
-            gw[j] = l.gw[k][j];
-          }
-        } else {
-          acc_t g[N];
-          terms(a, e_row, c0, len, vec, r.mean, r.rstd, g, xh, gw);
-        }
-        acc_t gh[N] = {};
-        if (a.grad_h != nullptr) load_wide(static_cast<const Hd*>(a.grad_h), e_row + c0, len, vec, gh);
-        acc_t dh[N];
-        DX_UNROLL
-        for (int j = 0; j < N; ++j) {
-          dh[j] = ((gw[j] - xh[j] * proj) - mean_gw) * r.rstd;
-          if (a.grad_h != nullptr) dh[j] = dh[j] + gh[j];
-        }
-        if (a.grad_residual != nullptr) store_narrow<Hd>(a.grad_residual, e_row + c0, len, vec, dh);
-        if (a.grad_input != nullptr) {
-          const uint32_t keep = philox_keep<N>(mp, a.base + e_row + c0, len);
-          acc_t gi[N];
-          DX_UNROLL
-          for (int j = 0; j < N; ++j) gi[j] = drop_value(dh[j] * scale, (keep >> j) & 1u);
-          store_narrow<T>(a.grad_input, e_row + c0, len, vec, gi);
-        }
-        if constexpr (decltype(cached)::value) {
-          if (last) {
-            DX_UNROLL
-            for (int j = 0; j < N; ++j) {
-              if (j < len && r.pw != nullptr) r.pw[c0 + j] = l.dw[k][j];
-              if (j < len && r.pb != nullptr) r.pb[c0 + j] = l.db[k][j];
-            }
-          }
-        }
-      });
+      Step s;
+      s.r = row_of(a, idx, round);
+      if constexpr (kPhase == 0) {
+        s.first = round == 0;
+        for_thread_runs<0, NormBackwardKernel>(p, l, s, t);
+        sh.part[0][t] = s.s1;
+        sh.part[1][t] = s.s2;
+      } else {
+        static_assert(kPhase == 2, "three phases");
+        const acc_t Hf = static_cast<acc_t>(a.H);
+        s.proj = div_rn(folded_total(sh.part2[0]), Hf);
+        s.mean_gw = a.rms ? acc_t(0) : div_rn(folded_total(sh.part2[1]), Hf);
+        s.mp = mask_params_from_state(a.state);
+        s.scale = static_cast<acc_t>(s.mp.scale);
+        s.last = s.r.row + static_cast<int64_t>(idx.grid_x) >= a.rows;
+        for_thread_runs<2, NormBackwardKernel>(p, l, s, t);
+      }
     }
   }
 };
