@@ -333,9 +333,11 @@ struct NormBackwardKernel {
   using acc_t = typename Num<T>::acc;
   static_assert(std::is_same<acc_t, typename Num<Hd>::acc>::value, "h and the input share the math type");
   static constexpr int N = NormShape<T>::N;
-  // Four values per cached element (xhat, gw and two column sums): rows up
-  // to 4096 float32 or 16-bit elements, 2048 float64, in registers.
-  static constexpr int R = (sizeof(acc_t) == 8 ? 8 : 16) / N;
+  // Four values per cached element (xhat, gw and two column sums), within 2
+  // blocks' 128 registers unspilled (ptxas, sm_80 and sm_90): rows up to
+  // 4096 float32, 2048 16-bit or 1024 float64 elements in registers (two
+  // runs of 16-bit or float64 spilled).
+  static constexpr int R = sizeof(acc_t) == 8 || N == 8 ? 1 : 16 / N;
   struct Params {
     NormArgs a;
     int64_t runs;
