@@ -686,16 +686,18 @@ def test_norm_equals_reference(H, dtype, norm):
     # (weight, bias, residual, residual_in_fp32, float32 parameters, grad_h)
     combos = [(True, True, True, False, False, True), (False, False, False, False, False, False),
               (True, False, True, low, True, False), (False, True, False, low, False, True)]
-    if H >= 2**16:  # the reference's int64 Philox takes seconds here: one case per norm
+    st = state(0.3)
+    if H >= 2**16:  # the reference's int64 Philox takes seconds here: one case per norm, two with dropout
         combos = combos[:1] if norm == "layer" else combos[2:3]
+        if (norm, dtype) not in (("layer", torch.float32), ("rms", torch.bfloat16)):
+            st = None
     for i, (use_w, use_b, use_r, fp32, f32_params, use_gh) in enumerate(combos):
         x, res, w, b, grad, grad_h = _norm_inputs(shape, dtype, fp32, torch.float32 if f32_params else dtype,
                                                   seed=H + i)
         y_h = _norm_case(x, res if use_r else None, w if use_w else None, b if use_b else None, grad,
-                         grad_h if use_gh else None, state(0.3), norm, fp32,
-                         output_mask=(True, True, use_w, use_b))[0]
+                         grad_h if use_gh else None, st, norm, fp32, output_mask=(True, True, use_w, use_b))[0]
         if y_h[1].dtype == dtype:  # h is fused_dropout's output, bit for bit
-            assert_bitwise_equal(y_h[1], ops.cuda_host_fused_dropout(x, None, res if use_r else None, state(0.3),
+            assert_bitwise_equal(y_h[1], ops.cuda_host_fused_dropout(x, None, res if use_r else None, st,
                                                                      "identity", [])[0])
 
 
