@@ -4,9 +4,9 @@
 // the host driver, which runs every block, round, phase and thread.
 //
 // A block normalises one row at a time (rows blockIdx.x, + gridDim.x, ...:
-// a round each, see has_local). Thread t owns the row's runs of N = 16
-// bytes of the input's type (8 half/bfloat16, 4 float/double) at run
-// indices t, t + 256, ...; a run starting at logical index i draws its keep
+// a round each, see has_local). Thread t owns the row's runs of N
+// elements (a unit: 8 half/bfloat16, 4 float/double) at run indices t,
+// t + 256, ...; a run starting at logical index i draws its keep
 // bits with philox_keep from i, so element (r, j) has the contract's bit of
 // flat index r * H + j. While a row has at most R runs per thread they stay
 // in the thread's registers between the passes over the row; a longer row
