@@ -42,7 +42,10 @@ THREADS = 256
 # activation (5), forward in 3 mask modes and backward in 2 (draw, read);
 # the bias-gradient kernel in 2; the bias reduction per dtype; the mask.
 STREAMING_KERNELS = 4 * 5 * (3 + 2) + 4 * 5 * 2
-KERNELS = STREAMING_KERNELS + 4 + 1
+# dropout_add_norm, forward and backward, per (input dtype, h dtype): four
+# dtypes with h in their own, and float16/bfloat16 with a float32 h.
+NORM_KERNELS = 2 * (4 + 2)
+KERNELS = STREAMING_KERNELS + 4 + 1 + NORM_KERNELS
 
 
 def declared_blocks_per_sm(kernel, dtype, activation, backward, mask_bits="draw"):
@@ -56,6 +59,8 @@ def declared_blocks_per_sm(kernel, dtype, activation, backward, mask_bits="draw"
         return 1 if f64_gelu and backward else 4
     if kernel == "BiasGradKernel":
         return 1 if f64_gelu else 3
+    if kernel in ("NormForwardKernel", "NormBackwardKernel"):
+        return 2
     return {"BiasReduceKernel": SM_THREADS // THREADS, "MaskKernel": 4}[kernel]
 
 
@@ -318,7 +323,7 @@ def test_every_launch_is_on_the_current_stream_and_checked():
     assert "c10::cuda::CUDAGuard" in glue, "no device guard"
     assert "getCurrentCUDAStream" in glue, "not on the current stream"
     calls = re.findall(r"[^\n]*cuda::launch_\w+\(", glue)
-    assert len(calls) == 3 and all("C10_CUDA_CHECK(" in c for c in calls), calls
+    assert len(calls) == 5 and all("C10_CUDA_CHECK(" in c for c in calls), calls
 
 
 def test_cuda_glue_neither_copies_to_the_device_nor_syncs():
@@ -330,5 +335,6 @@ def test_cuda_glue_neither_copies_to_the_device_nor_syncs():
                        ".sum(", "pin_memory"):
             assert banned not in code, f"{name} uses {banned!r}"
     impl = _source("ops_impl.h")
-    for check in ("check_forward(", "check_backward(", "check_mask_args("):
+    for check in ("check_forward(", "check_backward(", "check_mask_args(", "check_norm_forward(",
+                  "check_norm_backward("):
         assert check in impl, f"ops_impl.h does not call {check}"

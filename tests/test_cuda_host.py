@@ -593,3 +593,205 @@ def test_bad_state_is_refused():
         ops.cuda_host_fused_dropout(x, None, None, torch.tensor([1, 2]), "identity", [])
     with pytest.raises(ValueError, match="state must be an int64 tensor"):
         ops.cuda_host_dropout_mask(torch.tensor([1.0, 2.0, 3.0]), [3])
+
+
+# --- dropout_add_norm -----------------------------------------------------------------
+# One row per block at a time (rows blockIdx.x, + gridDim.x, ...), the row's
+# runs in registers while they fit and read again from memory when not: the
+# sizes below take both paths in both directions (4097 and 65536 the second
+# in the backward, 65536 in the forward too). h is compared bit for bit;
+# y, the statistics and the gradients within tolerance (the row sums add in
+# the kernels' order, not torch's).
+
+NORM_H = [1, 7, 77, 1000, 4097, 65536]
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _norm_inputs(shape, dtype, residual_in_fp32, param_dtype, seed):
+    """(x, residual, weight, bias, grad, grad_h) with the residual stream in
+    h's dtype and the parameters in param_dtype."""
+    g = torch.Generator().manual_seed(seed)
+    H = shape[-1]
+    h_dtype = torch.float32 if residual_in_fp32 and dtype in LOW else dtype
+    x = (torch.randn(shape, generator=g) * 2).to(dtype)
+    res = (torch.randn(shape, generator=g) + 0.5).to(h_dtype)
+    w = (1 + 0.5 * torch.randn(H, generator=g)).to(param_dtype)
+    b = (0.5 * torch.randn(H, generator=g)).to(param_dtype)
+    grad = torch.randn(shape, generator=g).to(dtype)
+    grad_h = torch.randn(shape, generator=g).to(h_dtype)
+    return x, res, w, b, grad, grad_h
+
+
+def _close(got, want, dtype, scale=1.0):
+    _, atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(got, want, atol=atol * scale, rtol=rtol)
+
+
+def _check_norm_forward(got, want, dtype):
+    y, h, mean, rstd = got
+    assert_bitwise_equal(h, want[1])
+    _close(y, want[0], dtype)
+    assert mean.shape == want[2].shape and rstd.shape == want[3].shape
+    _close(mean, want[2], _stat_dtype(dtype))
+    _close(rstd, want[3], _stat_dtype(dtype))
+
+
+def _check_norm_backward(got, want, dtype, h_dtype, rows, output_mask):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not output_mask[i]:
+            assert g.shape == (0,), i
+        elif i == 0:
+            _close(g, w, dtype)
+        elif i == 1:
+            _close(g, w, h_dtype)
+        else:  # sums over the rows
+            assert g.dtype == _stat_dtype(dtype)
+            _close(g, w, _stat_dtype(dtype), rows * max(1.0, w.abs().max().item()))
+
+
+def _norm_case(x, res, w, b, grad, grad_h, st, norm, fp32, output_mask=(True,) * 4, sm_count=None, eps=1e-5):
+    """The host-run CUDA kernels against the reference, both directions, the
+    backward from the reference's saved tensors."""
+    if sm_count is None:
+        got = ops.cuda_host_dropout_add_norm(x, res, w, b, st, norm, eps, fp32)
+    else:
+        got = testing.cuda_host_dropout_add_norm(x, res, w, b, st, norm, eps, fp32, 0, sm_count)
+    want = ops.reference_dropout_add_norm(x, res, w, b, st, norm, eps, fp32)
+    _check_norm_forward(got, want, x.dtype)
+    _, h, mean, rstd = want
+    mask = list(output_mask)
+    if sm_count is None:
+        grads = ops.cuda_host_dropout_add_norm_backward(grad, grad_h, h, w, mean, rstd, st, norm, mask)
+    else:
+        grads = testing.cuda_host_dropout_add_norm_backward(grad, grad_h, h, w, mean, rstd, st, norm, mask, 0,
+                                                            sm_count)
+    grads_ref = ops.reference_dropout_add_norm_backward(grad, grad_h, h, w, mean, rstd, st, norm, mask)
+    _check_norm_backward(grads, grads_ref, x.dtype, h.dtype, x.numel() // x.shape[-1], output_mask)
+    return got, grads
+
+
+@pytest.mark.parametrize("H", NORM_H)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_norm_equals_reference(H, dtype, norm):
+    """Every H kind (one element, odd, a partial last run, registers, memory),
+    weight/bias None, in x's dtype or float32, residual None or in h's dtype
+    (float32 with residual_in_fp32), grad_h None or given."""
+    shape = (2, 3, H) if H <= 1000 else (2, H) if H < 2**16 else (1, H)
+    low = dtype in LOW
+    # (weight, bias, residual, residual_in_fp32, float32 parameters, grad_h)
+    combos = [(True, True, True, False, False, True), (False, False, False, False, False, False),
+              (True, False, True, low, True, False), (False, True, False, low, False, True)]
+    st = state(0.3)
+    if H >= 2**16:  # the reference's int64 Philox takes seconds here: one case per norm, two with dropout
+        combos = combos[:1] if norm == "layer" else combos[2:3]
+        if (norm, dtype) not in (("layer", torch.float32), ("rms", torch.bfloat16)):
+            st = None
+    for i, (use_w, use_b, use_r, fp32, f32_params, use_gh) in enumerate(combos):
+        x, res, w, b, grad, grad_h = _norm_inputs(shape, dtype, fp32, torch.float32 if f32_params else dtype,
+                                                  seed=H + i)
+        y_h = _norm_case(x, res if use_r else None, w if use_w else None, b if use_b else None, grad,
+                         grad_h if use_gh else None, st, norm, fp32, output_mask=(True, True, use_w, use_b))[0]
+        if y_h[1].dtype == dtype:  # h is fused_dropout's output, bit for bit
+            assert_bitwise_equal(y_h[1], ops.cuda_host_fused_dropout(x, None, res if use_r else None, st,
+                                                                     "identity", [])[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [77, 4097])
+def test_norm_rounds_of_rows_per_block(dtype, H):
+    """One SM's two blocks walk 20 rows each: the backward's column sums
+    carry across rounds (registers for 77, the block's partial row in memory
+    for 4097), and no output bit but the summed gradients' depends on the
+    grid."""
+    x, res, w, b, grad, grad_h = _norm_inputs((40, H), dtype, False, dtype, seed=H)
+    st = state(0.25)
+    one, g_one = _norm_case(x, res, w, b, grad, grad_h, st, "layer", False, sm_count=1)
+    full = testing.cuda_host_dropout_add_norm(x, res, w, b, st, "layer", 1e-5, False, 0, 132)
+    for a, c in zip(one, full):
+        assert_bitwise_equal(a, c)
+    g_full = testing.cuda_host_dropout_add_norm_backward(grad, grad_h, one[1], w, one[2], one[3], st, "layer",
+                                                         [True] * 4, 0, 132)
+    g_one = testing.cuda_host_dropout_add_norm_backward(grad, grad_h, one[1], w, one[2], one[3], st, "layer",
+                                                        [True] * 4, 0, 1)
+    for a, c in zip(g_one[:2], g_full[:2]):
+        assert_bitwise_equal(a, c)
+    for a, c in zip(g_one[2:], g_full[2:]):
+        _close(a, c, torch.float32, 40)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_norm_output_mask_and_dropout_edges(norm):
+    """Outputs left out of output_mask are empty; p = 0, p = 1 and no state;
+    rows of zero variance (rstd = 1 / sqrt(eps))."""
+    x, res, w, b, grad, grad_h = _norm_inputs((6, 33), torch.float32, False, torch.float32, seed=1)
+    for mask in [(True, False, False, False), (False, True, True, False), (False, False, False, True)]:
+        _norm_case(x, res, w, b, grad, grad_h, state(0.5), norm, False, output_mask=mask)
+    for st in (state(0.0), state(1.0), None):
+        _norm_case(x, res, w, b, grad, grad_h, st, norm, False)
+    flat = torch.full((4, 50), 1.25)
+    g = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    got, _ = _norm_case(flat, None, w[:1].expand(50).contiguous(), None, g, None, None, norm, False)
+    if norm == "layer":
+        assert torch.equal(got[2], torch.full((4,), 1.25))
+        torch.testing.assert_close(got[3], torch.full((4,), 1e-5 ** -0.5), atol=0, rtol=1e-6)
+
+
+def test_norm_empty_inputs():
+    for shape in [(0, 8), (3, 0), (2, 0, 5)]:
+        x = torch.randn(shape)
+        got = ops.cuda_host_dropout_add_norm(x, None, None, None, state(0.5), "layer", 1e-5, False)
+        want = ops.reference_dropout_add_norm(x, None, None, None, state(0.5), "layer", 1e-5, False)
+        for a, c in zip(got, want):
+            assert a.shape == c.shape
+            assert torch.equal(a.isnan(), c.isnan())
+        grads = ops.cuda_host_dropout_add_norm_backward(x, None, want[1], None, want[2], want[3], state(0.5), "layer",
+                                                        [True, True, False, True])
+        assert grads[0].shape == shape and grads[2].shape == (0,)
+        assert torch.equal(grads[3], torch.zeros(shape[-1]))
+
+
+@pytest.mark.parametrize("boundary", [2**31, 2**32, 2**34])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_rows_past_2_31_and_2_32(boundary, dtype):
+    """Rows of a huge tensor around logical index 2**31, 2**32 and 2**34
+    (row starts off Philox groups, H = 77): h and grad_input take the keep
+    bits of the logical indices (keep_for_indices)."""
+    shape = (40, 77)
+    n = math.prod(shape)
+    base = (boundary - n // 2) // 16 * 16
+    assert base < boundary < base + n
+    x, res, w, b, grad, grad_h = _norm_inputs(shape, dtype, False, dtype, seed=3)
+    p = 0.3
+    keep = ref.keep_for_indices(base + torch.arange(n), p, SEED, OFFSET).reshape(shape)
+    dropped = ref._drop(keep, x * (1.0 / (1.0 - p)))
+    # The reference without dropout on the dropped, scaled input: its h is the kernels' h.
+    want = ops.reference_dropout_add_norm(dropped, res, w, b, None, "layer", 1e-5, False)
+    got = testing.cuda_host_dropout_add_norm(x, res, w, b, state(p), "layer", 1e-5, False, base, 1)
+    _check_norm_forward(got, want, dtype)
+    _, h, mean, rstd = want
+    mask = [True, True, True, True]
+    grads = testing.cuda_host_dropout_add_norm_backward(grad, grad_h, h, w, mean, rstd, state(p), "layer", mask,
+                                                        base, 1)
+    plain = ops.reference_dropout_add_norm_backward(grad, grad_h, h, w, mean, rstd, None, "layer", mask)
+    want_grads = (ref._drop(keep, plain[0] * (1.0 / (1.0 - p))), *plain[1:])
+    _check_norm_backward(grads, want_grads, dtype, dtype, shape[0], mask)
+    assert torch.equal(grads[0] == 0, ~keep | (want_grads[0] == 0))
+
+
+def test_norm_launch_plans():
+    """A block per row up to one wave of the kernels' declared residency;
+    the backward's weight and bias sums each one reduction launch."""
+    kd = KERNEL_DTYPE[torch.bfloat16]
+    want = declared_blocks_per_sm("NormForwardKernel", kd, None, False)
+    assert _launches("norm_forward", 5 * 64, 64, torch.bfloat16, "identity") == [(5, 1, want)]
+    assert _launches("norm_forward", 2**20 * 64, 64, torch.bfloat16, "identity") == [(H100_SMS * want, 1, want)]
+    want_b = declared_blocks_per_sm("NormBackwardKernel", kd, None, True)
+    reduce = declared_blocks_per_sm("BiasReduceKernel", "float", None, False)
+    plans = _launches("norm_backward", 2**20 * 1024, 1024, torch.bfloat16, "identity", bias_grad=True)
+    assert plans == [(H100_SMS * want_b, 1, want_b)] + [(1024 // 256, 1, reduce)] * 2
+    assert _launches("norm_backward", 3 * 7, 7, torch.float32, "identity") == [(3, 1, want_b)]

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -29,6 +30,12 @@ struct CudaExec {
     C10_CUDA_CHECK(cuda::launch_backward(a, sms, stream()));
   }
   void mask(const cuda::MaskArgs& a, int sms) const { C10_CUDA_CHECK(cuda::launch_mask(a, sms, stream())); }
+  void norm_forward(const cuda::NormArgs& a, int sms) const {
+    C10_CUDA_CHECK(cuda::launch_norm_forward(a, sms, stream()));
+  }
+  void norm_backward(const cuda::NormArgs& a, int sms) const {
+    C10_CUDA_CHECK(cuda::launch_norm_backward(a, sms, stream()));
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> fused_dropout_cuda(
@@ -51,12 +58,29 @@ at::Tensor dropout_mask_cuda(const at::Tensor& state, at::IntArrayRef shape) {
   return cuda::dropout_mask_op(CudaExec{}, state, shape);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
+    bool residual_in_fp32) {
+  return cuda::dropout_add_norm_op(CudaExec{}, input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_backward_cuda(
+    const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask) {
+  return cuda::dropout_add_norm_backward_op(CudaExec{}, grad, grad_h, h, weight, mean, rstd, state, norm,
+                                            output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dropout_ext, CUDA, m) {
   m.impl("fused_dropout", &fused_dropout_cuda);
   m.impl("fused_dropout_backward", &fused_dropout_backward_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
+  m.impl("dropout_add_norm", &dropout_add_norm_cuda);
+  m.impl("dropout_add_norm_backward", &dropout_add_norm_backward_cuda);
 }
 
 }  // namespace dropout_ext

@@ -20,6 +20,10 @@ cudaError_t launch_forward(const DropoutArgs& a, int sm_count, cudaStream_t stre
 // With a.partial and a.dbias set, also the bias gradient (two launches).
 cudaError_t launch_backward(const DropoutArgs& a, int sm_count, cudaStream_t stream);
 cudaError_t launch_mask(const MaskArgs& a, int sm_count, cudaStream_t stream);
+// dropout_add_norm: the forward; the backward, then the ordered sums of the
+// weight and bias gradients' partial rows where asked for (up to three launches).
+cudaError_t launch_norm_forward(const NormArgs& a, int sm_count, cudaStream_t stream);
+cudaError_t launch_norm_backward(const NormArgs& a, int sm_count, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dropout_ext

@@ -216,6 +216,56 @@ inline BiasGradPlan plan_bias_grad(int64_t rows, int64_t H, DType dtype, Act act
   return g;
 }
 
+// Arguments of the dropout_add_norm kernels (forward and backward): one
+// row of H elements per block at a time, rows r = blockIdx.x, + gridDim.x, ...
+// A pointer left nullptr is an input that is None or an output nobody asked for.
+struct NormArgs {
+  DType dtype = DType::kFloat;    // input, y, grad, grad_input
+  DType h_dtype = DType::kFloat;  // h, residual, grad_h, grad_residual: dtype, or float32 for 16-bit inputs
+  bool param_f32 = false;         // weight and bias in float32 (else in dtype)
+  bool rms = false;               // RMSNorm: no mean
+  int64_t rows = 0;
+  int64_t H = 0;
+  double eps = 0.0;
+  const int64_t* state = nullptr;  // as DropoutArgs::state
+  int64_t base = 0;                // as DropoutArgs::base
+  const void* weight = nullptr;
+  // forward
+  const void* x = nullptr;
+  const void* residual = nullptr;
+  const void* bias = nullptr;
+  void* y = nullptr;
+  void* h = nullptr;
+  void* mean = nullptr;  // statistics' dtype (the math type), [rows]; nullptr for rms
+  void* rstd = nullptr;
+  // backward
+  const void* grad = nullptr;
+  const void* grad_h = nullptr;
+  const void* saved_h = nullptr;
+  const void* saved_mean = nullptr;
+  const void* saved_rstd = nullptr;
+  void* grad_input = nullptr;
+  void* grad_residual = nullptr;
+  // Per-block column sums [norm_blocks, H] in the math type, then their
+  // ordered sums [H] (the statistics' dtype).
+  void* partial_w = nullptr;
+  void* partial_b = nullptr;
+  void* dweight = nullptr;
+  void* dbias = nullptr;
+};
+
+// The norm kernels' residency: their registers (a row's cached units, the
+// backward's per-column sums) are planned to fit 2 blocks' 128 per thread.
+constexpr int kNormBlocksPerSm = 2;
+
+// Blocks of a norm launch, each walking rows blockIdx.x, + gridDim.x, ...:
+// one wave, and never more blocks than rows, so every block has a row (and
+// a partial-sum row in the backward).
+inline int64_t norm_blocks(int64_t rows, int sm_count) {
+  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * kNormBlocksPerSm;
+  return rows < 1 ? 1 : (rows < cap ? rows : cap);
+}
+
 inline bool aligned16(const void* p) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }

@@ -197,21 +197,22 @@ DX_HD void store16(void* p, const Bits128& v) {
 template <typename T>
 struct Unit {
   static constexpr int kElems = sizeof(T) == 2 ? 8 : 4;
-  static constexpr int kVec16 = kElems * static_cast<int>(sizeof(T)) / 16;
   static constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
 };
 
-// The unit at p + e0: len valid elements (the rest read as zero); vec means
-// the whole unit is there and 16-byte aligned.
-template <typename T>
-DX_HD void load_unit(const T* p, int64_t e0, int len, bool vec, T (&v)[Unit<T>::kElems]) {
-  constexpr int E = Unit<T>::kElems;
+// The E elements at p + e0 (a unit, or a norm kernel's run of another
+// type): len valid elements (the rest read as zero); vec means all E are
+// there and 16-byte aligned.
+template <typename T, int E>
+DX_HD void load_unit(const T* p, int64_t e0, int len, bool vec, T (&v)[E]) {
+  constexpr int kVec16 = E * static_cast<int>(sizeof(T)) / 16;
+  static_assert(E * sizeof(T) % 16 == 0, "whole 16-byte accesses");
   if (vec) {
-    Bits128 raw[Unit<T>::kVec16];
+    Bits128 raw[kVec16];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int k = 0; k < Unit<T>::kVec16; ++k) raw[k] = load16(p + e0 + k * Unit<T>::kPer16);
+    for (int k = 0; k < kVec16; ++k) raw[k] = load16(p + e0 + k * Unit<T>::kPer16);
     std::memcpy(v, raw, sizeof(raw));
   } else {
 #if defined(__CUDA_ARCH__)
@@ -221,16 +222,17 @@ DX_HD void load_unit(const T* p, int64_t e0, int len, bool vec, T (&v)[Unit<T>::
   }
 }
 
-template <typename T>
-DX_HD void store_unit(T* p, int64_t e0, int len, bool vec, const T (&v)[Unit<T>::kElems]) {
-  constexpr int E = Unit<T>::kElems;
+template <typename T, int E>
+DX_HD void store_unit(T* p, int64_t e0, int len, bool vec, const T (&v)[E]) {
+  constexpr int kVec16 = E * static_cast<int>(sizeof(T)) / 16;
+  static_assert(E * sizeof(T) % 16 == 0, "whole 16-byte accesses");
   if (vec) {
-    Bits128 raw[Unit<T>::kVec16];
+    Bits128 raw[kVec16];
     std::memcpy(raw, v, sizeof(raw));
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int k = 0; k < Unit<T>::kVec16; ++k) store16(p + e0 + k * Unit<T>::kPer16, raw[k]);
+    for (int k = 0; k < kVec16; ++k) store16(p + e0 + k * Unit<T>::kPer16, raw[k]);
   } else {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -503,6 +505,17 @@ template <class K>
 constexpr size_t shared_bytes() {
   return std::is_empty<typename K::Shared>::value ? 0 : sizeof(typename K::Shared);
 }
+
+// A kernel whose threads keep state across its barriers (a row's cached
+// values, running sums) declares Local, which lives in registers on the
+// GPU and once per thread in the host driver, and rounds(params, idx), the
+// same for every thread of a block: its phases then run that many rounds,
+// with a barrier between any two phases, and take (params, idx, shared,
+// local, round).
+template <class K, class = void>
+struct has_local : std::false_type {};
+template <class K>
+struct has_local<K, std::void_t<typename K::Local>> : std::true_type {};
 
 // Forward, or backward without the bias gradient: a grid-stride walk over
 // the steps of the flat tensor (step_elems): a unit each, or in the pack

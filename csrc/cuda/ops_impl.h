@@ -9,8 +9,9 @@
 //                            readable on the host; a no-op on the GPU, whose
 //                            kernels sanitise p instead of syncing to read it
 //   exec.sm_count()          the SM count the grids are computed for
-//   exec.forward(args, sms)  / backward(args, sms) / mask(args, sms): launch,
-//                            checked, on the current stream
+//   exec.forward(args, sms)  / backward(args, sms) / mask(args, sms) /
+//                            norm_forward(args, sms) / norm_backward(args, sms):
+//                            launch, checked, on the current stream
 //
 // Sees torch but no CUDA header, so the host driver builds without a CUDA
 // toolkit.
@@ -18,6 +19,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -223,6 +225,108 @@ at::Tensor dropout_mask_op(const Exec& exec, const at::Tensor& state, at::IntArr
   m.base = base;
   exec.mask(m, exec.sm_count());
   return out;
+}
+
+// --- dropout_add_norm ---------------------------------------------------------
+
+inline bool is_f32_param(const std::optional<at::Tensor>& t, at::ScalarType input) {
+  return t.has_value() && t->scalar_type() == at::kFloat && input != at::kFloat;
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_op(
+    const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& state, c10::string_view norm, double eps, bool residual_in_fp32,
+    int64_t base = 0) {
+  const Norm kind = check_norm_forward(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+  exec.check_p(state);
+  [[maybe_unused]] const auto guard = exec.guard(input.device());
+  at::Tensor y, h, mean, rstd;
+  std::tie(y, h, mean, rstd) = norm_outputs(input, kind, residual_in_fp32);
+  const int64_t rows = norm_rows(input);
+  if (rows == 0) return {y, h, mean, rstd};
+  const at::Tensor x = input.contiguous();
+  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor st = state_words(state);
+  NormArgs a;
+  a.dtype = kernel_dtype(x.scalar_type());
+  a.h_dtype = kernel_dtype(h.scalar_type());
+  a.param_f32 = is_f32_param(weight, x.scalar_type()) || is_f32_param(bias, x.scalar_type());
+  a.rms = kind == Norm::kRms;
+  a.rows = rows;
+  a.H = x.size(-1);
+  a.eps = eps;
+  a.state = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
+  a.base = base;
+  a.x = x.const_data_ptr();
+  a.residual = ptr_or_null(r);
+  a.weight = ptr_or_null(w);
+  a.bias = ptr_or_null(b);
+  a.y = y.data_ptr();
+  a.h = h.data_ptr();
+  a.mean = kind == Norm::kLayer ? mean.data_ptr() : nullptr;
+  a.rstd = rstd.data_ptr();
+  exec.norm_forward(a, exec.sm_count());
+  return {y, h, mean, rstd};
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_backward_op(
+    const Exec& exec, const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask,
+    int64_t base = 0) {
+  const Norm kind = check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask);
+  exec.check_p(state);
+  [[maybe_unused]] const auto guard = exec.guard(grad.device());
+  at::Tensor gi, gr, gw, gb;
+  std::tie(gi, gr, gw, gb) = norm_backward_outputs(grad, h, output_mask);
+  if (grad.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2] || output_mask[3])) {
+    return {gi, gr, gw, gb};
+  }
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor gh = grad_h.has_value() ? grad_h->contiguous() : at::Tensor();
+  const at::Tensor hh = h.contiguous();
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor mu = mean.contiguous();
+  const at::Tensor rs = rstd.contiguous();
+  const at::Tensor st = state_words(state);
+  const int sms = exec.sm_count();
+  NormArgs a;
+  a.dtype = kernel_dtype(g.scalar_type());
+  a.h_dtype = kernel_dtype(hh.scalar_type());
+  a.param_f32 = is_f32_param(weight, g.scalar_type());
+  a.rms = kind == Norm::kRms;
+  a.rows = norm_rows(g);
+  a.H = g.size(-1);
+  a.state = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
+  a.base = base;
+  a.weight = ptr_or_null(w);
+  a.grad = g.const_data_ptr();
+  a.grad_h = ptr_or_null(gh);
+  a.saved_h = hh.const_data_ptr();
+  a.saved_mean = kind == Norm::kLayer ? mu.const_data_ptr() : nullptr;
+  a.saved_rstd = rs.const_data_ptr();
+  a.grad_input = output_mask[0] ? gi.data_ptr() : nullptr;
+  a.grad_residual = output_mask[1] ? gr.data_ptr() : nullptr;
+  // Per-block column sums in the statistics' dtype, one row per block.
+  const int64_t blocks = norm_blocks(a.rows, sms);
+  at::Tensor partial_w, partial_b;
+  if (output_mask[2]) {
+    partial_w = at::empty({blocks, a.H}, gw.options());
+    a.partial_w = partial_w.data_ptr();
+    a.dweight = gw.data_ptr();
+  }
+  if (output_mask[3]) {
+    partial_b = at::empty({blocks, a.H}, gb.options());
+    a.partial_b = partial_b.data_ptr();
+    a.dbias = gb.data_ptr();
+  }
+  exec.norm_backward(a, sms);
+  return {gi, gr, gw, gb};
 }
 
 }  // namespace cuda

@@ -1,8 +1,9 @@
 // The CUDA kernels executed on the host: the CUDA backend's interpreter, as
 // TRITON_INTERPRET=1 is Triton's.
 //
-// The ops cuda_host_fused_dropout, cuda_host_fused_dropout_backward and
-// cuda_host_dropout_mask (CPU dispatch key, schemas in dropout_ext/_ops.py)
+// The ops cuda_host_fused_dropout, cuda_host_fused_dropout_backward,
+// cuda_host_dropout_mask and cuda_host_dropout_add_norm(_backward) (CPU
+// dispatch key, schemas in csrc/ops.cpp)
 // run the op bodies of csrc/cuda/ops_impl.h, which the CUDA glue runs too,
 // and launch the kernels of csrc/cuda/kernel_body.h, which nvcc compiles into
 // the __global__ kernels: the same source lines, on CPU tensors. A launch
@@ -17,14 +18,17 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstring>
 #include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../cuda/kernel_body.h"
+#include "../cuda/norm_body.h"
 #include "../cuda/ops_impl.h"
 
 namespace dropout_ext {
@@ -70,12 +74,45 @@ struct HostRunner {
         // would not guarantee.
         std::memset(static_cast<void*>(shared.get()), 0xFF, sizeof(Shared));
         const Idx block{bx, by, 0, gx, gy};
-        run_phase<K, 0>(p, block, *shared);
-        if constexpr (K::kPhases > 1) run_phase<K, 1>(p, block, *shared);
-        static_assert(K::kPhases <= 2, "add the phases here");
+        if constexpr (has_local<K>::value) {
+          run_rounds<K>(p, block, *shared);
+        } else {
+          run_phase<K, 0>(p, block, *shared);
+          if constexpr (K::kPhases > 1) run_phase<K, 1>(p, block, *shared);
+          static_assert(K::kPhases <= 2, "add the phases here");
+        }
       }
     }
     return true;
+  }
+
+  // A kernel with per-thread Local state (has_local): each thread's Local
+  // poisoned as the shared memory is (a GPU's registers start undefined),
+  // then every round, and in each phase by phase every thread in order.
+  template <typename K, int... kPhase>
+  static void run_round(const typename K::Params& p, const Idx& block, typename K::Shared& shared,
+                        typename K::Local* locals, int64_t round, std::integer_sequence<int, kPhase...>) {
+    auto one = [&](auto which) {
+      Idx idx = block;
+      for (uint32_t t = 0; t < static_cast<uint32_t>(kThreads); ++t) {
+        idx.thread = t;
+        K::template phase<decltype(which)::value>(p, idx, shared, locals[t], round);
+      }
+    };
+    (one(std::integral_constant<int, kPhase>{}), ...);
+  }
+
+  template <typename K>
+  static void run_rounds(const typename K::Params& p, const Idx& block, typename K::Shared& shared) {
+    using Local = typename K::Local;
+    static_assert(std::is_trivially_default_constructible<Local>::value && std::is_trivially_copyable<Local>::value,
+                  "a thread's Local is registers on the GPU");
+    const std::unique_ptr<Local[]> locals(new Local[kThreads]);
+    std::memset(static_cast<void*>(locals.get()), 0xFF, sizeof(Local) * kThreads);
+    const int64_t rounds = K::rounds(p, block);
+    for (int64_t round = 0; round < rounds; ++round) {
+      run_round<K>(p, block, shared, locals.get(), round, std::make_integer_sequence<int, K::kPhases>{});
+    }
   }
 };
 
@@ -103,6 +140,14 @@ struct HostExec {
     HostRunner r;
     run_mask(r, a, s);
   }
+  void norm_forward(const NormArgs& a, int s) const {
+    HostRunner r;
+    run_norm_forward(r, a, s);
+  }
+  void norm_backward(const NormArgs& a, int s) const {
+    HostRunner r;
+    run_norm_backward(r, a, s);
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> cuda_host_fused_dropout(
@@ -122,6 +167,20 @@ std::tuple<at::Tensor, at::Tensor> cuda_host_fused_dropout_backward(
 
 at::Tensor cuda_host_dropout_mask(const at::Tensor& state, at::IntArrayRef shape) {
   return dropout_mask_op(HostExec{}, state, shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_host_dropout_add_norm(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
+    bool residual_in_fp32) {
+  return dropout_add_norm_op(HostExec{}, input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_host_dropout_add_norm_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask) {
+  return dropout_add_norm_backward_op(HostExec{}, grad, grad_h, h, weight, mean, rstd, state, norm, output_mask);
 }
 
 // --- test entry points ---------------------------------------------------------
@@ -173,6 +232,25 @@ at::Tensor test_dropout_mask(const at::Tensor& state, at::IntArrayRef shape, int
   return dropout_mask_op(test_exec(sm_count), state, shape, base);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
+    bool residual_in_fp32, int64_t base, int64_t sm_count) {
+  check_base(base, input.numel(), false);
+  return dropout_add_norm_op(test_exec(sm_count), input, residual, weight, bias, state, norm, eps, residual_in_fp32,
+                             base);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask, int64_t base,
+    int64_t sm_count) {
+  check_base(base, grad.numel(), false);
+  return dropout_add_norm_backward_op(test_exec(sm_count), grad, grad_h, h, weight, mean, rstd, state, norm,
+                                      output_mask, base);
+}
+
 // [col_units, row_lanes, rows_per_block, row_blocks, grid.x, grid.y] of the
 // bias-gradient launch.
 std::vector<int64_t> test_bias_grad_plan(int64_t rows, int64_t H, at::ScalarType dtype, c10::string_view activation,
@@ -184,7 +262,8 @@ std::vector<int64_t> test_bias_grad_plan(int64_t rows, int64_t H, at::ScalarType
 
 // [grid.x, grid.y, blocks per SM] of each launch of op ("forward",
 // "backward" or "mask"; "forward_packed" and "backward_read" in the packed
-// mask mode) on n elements whose last dimension is H, as the launchers plan
+// mask mode; "norm_forward" and "norm_backward", with bias_grad meaning the
+// weight and bias gradients) on n elements whose last dimension is H, as the launchers plan
 // it and checked against the launch limits, with nothing allocated or run:
 // the grids of shapes too large to allocate.
 std::vector<int64_t> test_launch_plan(c10::string_view op, int64_t n, int64_t H, at::ScalarType dtype,
@@ -197,6 +276,21 @@ std::vector<int64_t> test_launch_plan(c10::string_view op, int64_t n, int64_t H,
     MaskArgs m;
     m.n = n;
     run_mask(r, m, sms);
+    return plan;
+  }
+  if (op == "norm_forward" || op == "norm_backward") {
+    // bias_grad: the weight and bias gradients' reductions too.
+    NormArgs na;
+    na.dtype = kernel_dtype(dtype);
+    na.rows = n / H;
+    na.H = H;
+    if (op == "norm_forward") {
+      run_norm_forward(r, na, sms);
+    } else {
+      static uint8_t placeholder_sum;
+      if (bias_grad) na.dweight = na.dbias = &placeholder_sum;
+      run_norm_backward(r, na, sms);
+    }
     return plan;
   }
   DropoutArgs a;
@@ -212,7 +306,8 @@ std::vector<int64_t> test_launch_plan(c10::string_view op, int64_t n, int64_t H,
     run_forward(r, a, sms);
   } else {
     TORCH_CHECK_VALUE(op == "backward" || op == "backward_read",
-                      "op must be 'forward', 'forward_packed', 'backward', 'backward_read' or 'mask'");
+                      "op must be 'forward', 'forward_packed', 'backward', 'backward_read', 'mask', "
+                      "'norm_forward' or 'norm_backward'");
     if (bias_grad) a.partial = a.dbias = &placeholder;
     if (op == "backward_read") a.bits_in = &placeholder;
     run_backward(r, a, sms);
@@ -315,6 +410,8 @@ TORCH_LIBRARY_IMPL(dropout_ext, CPU, m) {
   m.impl("cuda_host_fused_dropout", &cuda::cuda_host_fused_dropout);
   m.impl("cuda_host_fused_dropout_backward", &cuda::cuda_host_fused_dropout_backward);
   m.impl("cuda_host_dropout_mask", &cuda::cuda_host_dropout_mask);
+  m.impl("cuda_host_dropout_add_norm", &cuda::cuda_host_dropout_add_norm);
+  m.impl("cuda_host_dropout_add_norm_backward", &cuda::cuda_host_dropout_add_norm_backward);
 }
 
 // Test-only ops, in their own namespace so the public op table stays the
@@ -327,6 +424,11 @@ TORCH_LIBRARY_FRAGMENT(dropout_ext_testing, m) {
         "str activation, int[] mask_shape, bool bias_grad, int base, int sm_count, Tensor? mask_bits=None) "
         "-> (Tensor, Tensor)");
   m.def("cuda_host_dropout_mask(Tensor state, int[] shape, int base, int sm_count) -> Tensor");
+  m.def("cuda_host_dropout_add_norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? state, "
+        "str norm, float eps, bool residual_in_fp32, int base, int sm_count) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_host_dropout_add_norm_backward(Tensor grad, Tensor? grad_h, Tensor h, Tensor? weight, Tensor mean, "
+        "Tensor rstd, Tensor? state, str norm, bool[4] output_mask, int base, int sm_count) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_bias_grad_plan(int rows, int H, ScalarType dtype, str activation, int sm_count) -> int[]");
   m.def("cuda_launch_plan(str op, int n, int H, ScalarType dtype, str activation, bool bias_grad, int sm_count) "
         "-> int[]");
@@ -339,6 +441,8 @@ TORCH_LIBRARY_IMPL(dropout_ext_testing, CPU, m) {
   m.impl("cuda_host_fused_dropout", &cuda::test_fused_dropout);
   m.impl("cuda_host_fused_dropout_backward", &cuda::test_fused_dropout_backward);
   m.impl("cuda_host_dropout_mask", &cuda::test_dropout_mask);
+  m.impl("cuda_host_dropout_add_norm", &cuda::test_dropout_add_norm);
+  m.impl("cuda_host_dropout_add_norm_backward", &cuda::test_dropout_add_norm_backward);
   m.impl("cuda_fast_divmod", &cuda::test_fast_divmod);
   m.impl("cuda_round", &cuda::test_round);
 }
