@@ -369,10 +369,11 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
     of grad * xhat and grad_bias = sum of grad, in the statistics' dtype."""
     acc = rstd.dtype
     H = h.shape[-1]
-    hf = h.to(acc).reshape(-1, H)
-    g = grad.to(acc).reshape(-1, H)
-    r = rstd.reshape(-1, 1)
-    xhat = (hf - mean.reshape(-1, 1)) * r if norm == "layer" else hf * r
+    rows = math.prod(h.shape[:-1])  # explicit: with H == 0, -1 would be ambiguous
+    hf = h.to(acc).reshape(rows, H)
+    g = grad.to(acc).reshape(rows, H)
+    r = rstd.reshape(rows, 1)
+    xhat = (hf - mean.reshape(rows, 1)) * r if norm == "layer" else hf * r
     gw = g * weight.to(acc) if weight is not None else g
     proj = (gw * xhat).mean(-1, keepdim=True)
     dh = gw - xhat * proj
@@ -380,7 +381,7 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
         dh = dh - gw.mean(-1, keepdim=True)
     dh = dh * r
     if grad_h is not None:
-        dh = dh + grad_h.to(acc).reshape(-1, H)
+        dh = dh + grad_h.to(acc).reshape(rows, H)
     dh = dh.reshape(h.shape)
     keep = dropout_mask(h.shape, p, seed, offset, device=h.device)
     dx = _drop(keep, dh * _scale(p))
