@@ -84,6 +84,12 @@ def _inputs(shape, dtype, device, rfp32=False, f32_params=False, seed=0):
     return tuple(t.to(device) for t in (x, residual, weight, bias, gy, gh))
 
 
+@functools.lru_cache(maxsize=16)
+def _keep(shape, p, device):
+    """The contract's keep mask for (SEED, OFFSET), from the reference."""
+    return ref.dropout_mask(shape, p, SEED, OFFSET, device=device)
+
+
 def _composition(x, residual, weight, bias, h, keep, p, norm, eps, gy, gh):
     """The float64 composition: h of ``residual + dropout(x)``; y, mean,
     rstd and the gradients from the norm of h as stored (the contract's
@@ -136,7 +142,7 @@ def _check(b, monkeypatch, shape, dtype, norm, res=True, weight=True, bias=True,
     assert (y.dtype, h.dtype, mean.dtype, rstd.dtype) == (dtype, h_dtype, stat_dtype, stat_dtype)
     assert y.shape == h.shape == shape and rstd.shape == (rows,)
     assert mean.shape == ((rows,) if norm == "layer" else (0,))
-    keep = ref.dropout_mask(shape, p, SEED, OFFSET, device=b.device)
+    keep = _keep(shape, p, b.device)
     exp = _composition(x, r, w, bb, h, keep, p, norm, eps, gy, gh if prenorm else None)
     _close(h, exp["h"], H_TOL[h_dtype], "h")
     _close(y, exp["y"], _tol(dtype, H), "y")
