@@ -48,17 +48,17 @@ struct FamilyOps {
   c10::TypedOperatorHandle<NormBackwardSig> norm_backward;
 };
 
+c10::OperatorHandle find_op(const char* prefix, const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("dropout_ext::") + prefix + name).c_str(), "");
+}
+
 // The op handles of family kOpPrefixes[F], looked up once.
 template <int F>
 const FamilyOps& family() {
-  static const FamilyOps ops = [] {
-    const std::string prefix = std::string("dropout_ext::") + kOpPrefixes[F];
-    auto& d = c10::Dispatcher::singleton();
-    auto find = [&](const char* name) { return d.findSchemaOrThrow((prefix + name).c_str(), ""); };
-    return FamilyOps{find("fused_dropout").typed<ForwardSig>(), find("fused_dropout_backward").typed<BackwardSig>(),
-                     find("dropout_add_norm").typed<NormSig>(),
-                     find("dropout_add_norm_backward").typed<NormBackwardSig>()};
-  }();
+  static const FamilyOps ops{find_op(kOpPrefixes[F], "fused_dropout").typed<ForwardSig>(),
+                             find_op(kOpPrefixes[F], "fused_dropout_backward").typed<BackwardSig>(),
+                             find_op(kOpPrefixes[F], "dropout_add_norm").typed<NormSig>(),
+                             find_op(kOpPrefixes[F], "dropout_add_norm_backward").typed<NormBackwardSig>()};
   return ops;
 }
 
