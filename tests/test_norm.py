@@ -203,7 +203,8 @@ def test_variants(b, dtype, variant, monkeypatch):
     _check(b, monkeypatch, (5, 77), dtype, norm, **kw)
 
 
-@pytest.mark.parametrize(*cases(dtype=[torch.float32, torch.bfloat16], norm=NORMS))
+@pytest.mark.parametrize(*cases(dtype=[torch.float32, torch.bfloat16], norm=NORMS,
+                                small=dict(dtype=[torch.bfloat16])))
 def test_huge_row(b, dtype, norm, monkeypatch):
     """A row of 65536 elements (past any row kept in registers or one
     block's shared memory: the two-pass path)."""
