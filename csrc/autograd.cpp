@@ -10,6 +10,8 @@
 // dropout_add_norm saves the state, h, the weight and the per-row mean and
 // rstd: its backward reads h's row again instead of a normalised copy.
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <array>
@@ -127,10 +129,24 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_autograd(const at::Tensor& inpu
   return {out[0], out[1]};
 }
 
+// Gradients computed without recording a graph, as Python's
+// once_differentiable: under create_graph=True they get a node, fed by the
+// backward's inputs, that raises only if a double backward reaches it, so
+// first-order gradients still work.
+variable_list once_differentiable(variable_list grads, const variable_list& inputs, const char* what) {
+  if (!at::GradMode::is_enabled()) return grads;
+  const auto error = c10::make_intrusive<torch::autograd::Error>(
+      std::string(what) + " has no double backward: its backward is not differentiable",
+      torch::autograd::collect_next_edges(inputs));
+  for (const auto& g : grads) {
+    if (g.defined()) torch::autograd::set_history(g, error);
+  }
+  return grads;
+}
+
 // h = residual + dropout(input), y = norm(h) * weight + bias. y and h are
 // differentiable (h is a pre-norm block's residual stream); mean and rstd are
-// saved statistics. The backward is not differentiable itself: a double
-// backward raises.
+// saved statistics. The backward is differentiable once.
 template <int F>
 struct DropoutAddNormFn : torch::autograd::Function<DropoutAddNormFn<F>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& residual,
@@ -156,9 +172,6 @@ struct DropoutAddNormFn : torch::autograd::Function<DropoutAddNormFn<F>> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "dropout_add_norm has no double backward: its backward is not differentiable "
-                "(call backward without create_graph=True)");
     const variable_list saved = ctx->get_saved_variables();
     const OptTensor state = opt(saved[0]), weight = opt(saved[2]);
     const at::Tensor &h = saved[1], &mean = saved[3], &rstd = saved[4];
@@ -179,16 +192,19 @@ struct DropoutAddNormFn : torch::autograd::Function<DropoutAddNormFn<F>> {
                                 : at::zeros(h.sizes(), h.options().dtype(static_cast<at::ScalarType>(
                                                            ctx->saved_data["y_dtype"].toInt())));
     at::Tensor gx, gr, gw, gb;
-    std::tie(gx, gr, gw, gb) = family<F>().norm_backward.call(grad, opt(grads[1]), h, weight, mean, rstd, state,
-                                                               ctx->saved_data["norm"].toStringRef(),
-                                                               {need_x, need_r, need_w, need_b});
-    // The parameter gradients come in the statistics' dtype.
     variable_list out = none;
-    if (need_x) out[0] = gx;
-    if (need_r) out[1] = gr;
-    if (need_w) out[2] = gw.to(weight->scalar_type());
-    if (need_b) out[3] = gb.to(static_cast<at::ScalarType>(bias_dtype));
-    return out;
+    {
+      at::AutoGradMode no_grad(false);
+      std::tie(gx, gr, gw, gb) = family<F>().norm_backward.call(grad, opt(grads[1]), h, weight, mean, rstd, state,
+                                                                 ctx->saved_data["norm"].toStringRef(),
+                                                                 {need_x, need_r, need_w, need_b});
+      // The parameter gradients come in the statistics' dtype.
+      if (need_x) out[0] = gx;
+      if (need_r) out[1] = gr;
+      if (need_w) out[2] = gw.to(weight->scalar_type());
+      if (need_b) out[3] = gb.to(static_cast<at::ScalarType>(bias_dtype));
+    }
+    return once_differentiable(std::move(out), {grads[0], grads[1], h, saved[2]}, "dropout_add_norm");
   }
 };
 

@@ -348,7 +348,8 @@ def test_empty(b, monkeypatch):
                 continue
             leaves = _leaves(x=x, residual=r, weight=w, bias=bb)
             y, h = F.dropout_add_norm(*leaves.values(), 0.5, norm=norm, prenorm=True, backend=name)
-            gx, gr, gw, gb = torch.autograd.grad([y, h], list(leaves.values()), [torch.ones_like(y), torch.ones_like(h)])
+            gx, gr, gw, gb = torch.autograd.grad([y, h], list(leaves.values()),
+                                                 [torch.ones_like(y), torch.ones_like(h)])
             assert gx.shape == gr.shape == shape
             assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(bb))
 
@@ -414,12 +415,22 @@ def test_checkpoint_same_grads(b, use_reentrant, monkeypatch):
 
 
 @pytest.mark.parametrize(*cases())
-def test_double_backward_raises(b, monkeypatch):
+def test_once_differentiable(b, monkeypatch):
+    """Under create_graph=True the first-order gradients are the usual ones;
+    differentiating them again raises, saying why."""
     x, r, w, bb, gy, _ = _inputs((3, 8), torch.float32, b.device)
-    leaves = _leaves(x=x, weight=w)
-    y = F.dropout_add_norm(leaves["x"], r, leaves["weight"], bb, P, backend=public(b, monkeypatch))
-    with pytest.raises(RuntimeError, match="no double backward"):
-        torch.autograd.grad(y, list(leaves.values()), gy, create_graph=True)
+    name = public(b, monkeypatch)
+
+    def grads(create_graph):
+        leaves = _leaves(x=x, weight=w)
+        y = F.dropout_add_norm(leaves["x"], r, leaves["weight"], bb, P, seed=SEED, offset=OFFSET, backend=name)
+        return leaves, torch.autograd.grad(y, list(leaves.values()), gy, create_graph=create_graph)
+
+    leaves, got = grads(True)
+    for a, e in zip(got, grads(False)[1]):
+        assert_bitwise_equal(a.detach(), e)
+    with pytest.raises(RuntimeError, match="dropout_add_norm has no double backward"):
+        torch.autograd.grad(got[0].sum(), list(leaves.values()))
 
 
 # opcheck's tests; under Triton's interpreter only the schema and the
@@ -472,7 +483,8 @@ def _bad_op_cases():
          lambda o, x, r, w, b, g, st: o.norm(x.long(), None, None, None, st, "layer", EPS, False)),
         ("input 0-dim", ValueError, "input must have at least one dimension",
          lambda o, x, r, w, b, g, st: o.norm(x[0, 0], None, None, None, st, "layer", EPS, False)),
-        ("norm", ValueError, "norm must be one of", lambda o, x, r, w, b, g, st: o.norm(x, r, w, b, st, "batch", EPS, False)),
+        ("norm", ValueError, "norm must be one of",
+         lambda o, x, r, w, b, g, st: o.norm(x, r, w, b, st, "batch", EPS, False)),
         ("eps negative", ValueError, "eps must be a finite real number >= 0",
          lambda o, x, r, w, b, g, st: o.norm(x, r, w, b, st, "rms", -1.0, False)),
         ("eps nan", ValueError, "eps must be a finite real number >= 0",
@@ -566,7 +578,8 @@ if not TRITON_MODE:
 if not TRITON_MODE:
     MODULE_TWINS = [
         ("layer", lambda H: dropout_ext.DropoutAddLayerNorm(H), lambda H: nn.LayerNorm(H)),
-        ("layer no bias", lambda H: dropout_ext.DropoutAddLayerNorm(H, bias=False), lambda H: nn.LayerNorm(H, bias=False)),
+        ("layer no bias", lambda H: dropout_ext.DropoutAddLayerNorm(H, bias=False),
+         lambda H: nn.LayerNorm(H, bias=False)),
         ("layer no affine", lambda H: dropout_ext.DropoutAddLayerNorm(H, elementwise_affine=False),
          lambda H: nn.LayerNorm(H, elementwise_affine=False)),
         ("rms", lambda H: dropout_ext.DropoutAddRMSNorm(H), lambda H: nn.RMSNorm(H, eps=1e-6)),
