@@ -135,7 +135,12 @@ def make_call(fn: Callable, direction: str, sets, grads) -> Callable[[int], None
             y = fn(x, b, r)
             torch.autograd.grad(y, [t for t in (x, b, r) if t is not None], grads[k])
         return forward_backward
-    outs = [fn(*s) for s in sets]
+    # Timing the backward alone replays each graph (retain_graph), which a
+    # compiled backward that donates its saved buffers refuses; the graphs
+    # are compiled here, on their first call, so only this direction's are
+    # built without donation.
+    with torch._functorch.config.patch(donated_buffer=False):
+        outs = [fn(*s) for s in sets]
 
     def backward(k):
         x, b, r = sets[k]

@@ -665,7 +665,7 @@ def test_opcheck(b, activation):
     kw = {"test_utils": utils} if utils else {}
     x, bias, res, _ = make_inputs((3, 8), torch.float32, device=b.device)
     state = b.state(0.5)
-    fwd, bwd, mask = b.ops[:3]
+    fwd, bwd, mask = b.ops.forward, b.ops.backward, b.ops.mask
     torch.library.opcheck(fwd, (x, bias, res, state, activation, []), **kw)
     torch.library.opcheck(fwd, (x.clone().requires_grad_(), bias.clone().requires_grad_(), res, state,
                                 activation, []), **kw)
@@ -729,131 +729,8 @@ def test_property_equals_reference(b):
 # and rows whose length is no multiple of 8 (13, 12, 9), so rows start
 # mid-byte for the bias gradient.
 
-PACKED_SHAPES = [(1,), (7,), (9,), (4097,), (5, 13), (3, 12), (2, 3, 9)]
 PACKED_PS = [0.0, 0.1, 0.5, 1.0]
-
-
-def _other_bits(x, device, seed=99):
-    """A packed mask that is not the state's (random bits, the ones past
-    the end zero): an op that read it gives the reference's values for it,
-    one that drew the mask again would not."""
-    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) < 0.5
-    return ref.pack_bits(keep).to(device)
-
-
-@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=PACKED_SHAPES, p=PACKED_PS, activation=ACTIVATIONS,
-                                extras=EXTRAS,
-                                small=dict(shape=[(1,), (9,), (4097,), (5, 13)], p=[0.0, 0.1, 1.0],
-                                           activation=["identity", "gelu"])))
-def test_packed_forward_returns_the_mask_bits(b, dtype, shape, p, activation, extras):
-    """The output is that of the forward without packing, bit for bit; the
-    bits are the contract's mask packed."""
-    x, bias, res, _ = make_inputs(shape, dtype, device=b.device)
-    bias, res = _with(extras, bias, res)
-    state = b.state(p)
-    y, bits = b.ops.forward(x, bias, res, state, activation, [], None, True)
-    y_plain, none = b.ops.forward(x, bias, res, state, activation, [])
-    assert none.dtype == torch.uint8 and none.shape == (0,)
-    assert_bitwise_equal(y, y_plain)
-    check_contract(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, p, activation), dtype, activation)
-    assert bits.dtype == torch.uint8 and bits.shape == ((x.numel() + 7) // 8,) and bits.device == x.device
-    assert torch.equal(bits, ref.pack_bits(ref.dropout_mask(shape, p, SEED, OFFSET, device=b.device)))
-
-
-@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=PACKED_SHAPES + [(33, 65), (4, 1025)], activation=ACTIVATIONS,
-                                small=dict(shape=[(7,), (4097,), (5, 13), (3, 12), (2, 3, 9)],
-                                           activation=["identity", "relu", "gelu"])))
-def test_packed_bits_are_read_instead_of_drawn(b, dtype, shape, activation):
-    """Given the bits a forward packed, forward and backward (bias gradient
-    included) equal those that draw the mask again; given other bits, they
-    apply those bits (the reference op's values for them)."""
-    x, bias, res, grad = make_inputs(shape, dtype, seed=5, device=b.device)
-    state = b.state(0.3)
-    y, bits = b.ops.forward(x, bias, res, state, activation, [], None, True)
-    y_read, none = b.ops.forward(x, bias, res, state, activation, [], bits)
-    assert none.shape == (0,)
-    assert_bitwise_equal(y_read, y)
-    dx, db = b.ops.backward(grad, x, bias, state, activation, [], True)
-    dx_read, db_read = b.ops.backward(grad, x, bias, state, activation, [], True, bits)
-    assert_bitwise_equal(dx_read, dx)
-    check_bias_grad(db_read, db, dtype, shape)
-    dx_plain, _ = b.ops.backward(grad, None, None, state, "identity", [], False, bits)
-    assert_bitwise_equal(dx_plain, b.ops.backward(grad, None, None, state, "identity", [], False)[0])
-
-    other = _other_bits(x, b.device)
-    reference = _ops.op_set("reference_")
-    check_contract(b.ops.forward(x, bias, res, state, activation, [], other)[0],
-                   reference.forward(x, bias, res, state, activation, [], other)[0], dtype, activation)
-    dx_o, db_o = b.ops.backward(grad, x, bias, state, activation, [], True, other)
-    dx_ref, db_ref = reference.backward(grad, x, bias, state, activation, [], True, other)
-    check_contract(dx_o, dx_ref, dtype, activation)
-    check_bias_grad(db_o, db_ref, dtype, shape)
-
-
-@pytest.mark.parametrize(*cases(p=[0.0, 1.0]))
-def test_packed_bits_rule_at_p_0_and_1(b, p):
-    """Given bits, the bits decide what is kept and p only gives the scale
-    (1 at p == 0, 0 at p == 1): nothing is drawn or kept wholesale."""
-    x, bias, res, grad = make_inputs((6, 21), torch.float32, seed=8, device=b.device)
-    state, other = b.state(p), _other_bits(x, b.device, seed=3)
-    reference = _ops.op_set("reference_")
-    assert_bitwise_equal(b.ops.forward(x, bias, res, state, "silu", [], other)[0],
-                         reference.forward(x, bias, res, state, "silu", [], other)[0])
-    dx, db = b.ops.backward(grad, x, bias, state, "silu", [], True, other)
-    dx_ref, db_ref = reference.backward(grad, x, bias, state, "silu", [], True, other)
-    assert_bitwise_equal(dx, dx_ref)
-    check_bias_grad(db, db_ref, torch.float32, x.shape)
-
-
-@pytest.mark.parametrize(*cases(dtype=DTYPES, activation=ACTIVATIONS, extras=EXTRAS,
-                                small=dict(activation=["identity", "gelu"])))
-def test_packed_mask_mode_through_autograd(b, dtype, activation, extras, monkeypatch):
-    """The public API with mask_mode="packed" saves the keep bits (1 bit per
-    element) and its backward reads them: outputs and gradients equal
-    mask_mode="regenerate"'s bit for bit (the bias gradient to rounding)."""
-    shape = (7, 37)
-    x, bias, res, grad = make_inputs(shape, dtype, seed=6, device=b.device)
-    bias, res = _with(extras, bias, res)
-    name = public(b, monkeypatch, dtype)
-    results = {}
-    for mode in ("packed", "regenerate"):
-        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, bias, res)]
-        saved = []
-
-        def keep(t):
-            saved.append(t)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            y = F.fused_dropout(leaves[0], 0.4, bias=leaves[1], residual=leaves[2], activation=activation,
-                                seed=SEED, offset=OFFSET, backend=name, mask_mode=mode)
-        packed = [t for t in saved if t.dtype == torch.uint8]
-        assert [t.shape for t in packed] == ([((x.numel() + 7) // 8,)] if mode == "packed" else [])
-        y.backward(grad)
-        results[mode] = (y.detach(), *[t.grad for t in leaves if t is not None])
-    check_contract(results["packed"][0], ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.4, activation),
-                   dtype, activation)
-    for i, (got, want) in enumerate(zip(results["packed"], results["regenerate"])):
-        if i == 2 and bias is not None:
-            check_bias_grad(got, want, dtype, shape)
-        else:
-            assert_bitwise_equal(got, want)
-    xr = x.clone().requires_grad_()
-    y = F.dropout(xr, 0.4, seed=SEED, offset=OFFSET, backend=name, mask_mode="packed")
-    y.backward(grad)
-    assert_bitwise_equal(y, ref.fused_dropout(x, None, None, SEED, OFFSET, 0.4))
-    assert_bitwise_equal(xr.grad, ref.fused_dropout_backward(grad, x, None, SEED, OFFSET, 0.4)[0])
-
-
-# --- the packed mask mode: more sizes, layouts, the op calls the API makes ------------------------------------------------------------
-# The forward with pack_mask=True also returns its keep mask packed, element i
-# (row-major) at bit i % 8 of byte i // 8, zeros past the end; forward and
-# backward given such bits (mask_bits) read them instead of drawing the mask,
-# with the state's p giving the scale. Structured masks and no state pack
-# nothing (an empty uint8 tensor). The public API's mask_mode="packed" saves
-# the bits for the backward.
-
-PACKED_ROW_SHAPES = [(1,), (7,), (9,), (4097,), (5, 13), (3, 12), (6, 20), (5, 40), (2, 3, 9)]
+PACKED_SHAPES = [(1,), (7,), (9,), (4097,), (5, 13), (3, 12), (6, 20), (5, 40), (2, 3, 9)]
 
 
 def _packed(shape, p, device, seed=SEED, offset=OFFSET):
@@ -869,7 +746,22 @@ def _random_bits(shape, device, seed=0):
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=PACKED_ROW_SHAPES, p=PACKED_PS, activation=ACTIVATIONS, extras=EXTRAS,
+@pytest.mark.parametrize(*cases(p=[0.0, 1.0]))
+def test_packed_bits_rule_at_p_0_and_1(b, p):
+    """Given bits, the bits decide what is kept and p only gives the scale
+    (1 at p == 0, 0 at p == 1): nothing is drawn or kept wholesale."""
+    x, bias, res, grad = make_inputs((6, 21), torch.float32, seed=8, device=b.device)
+    state, other = b.state(p), _random_bits(x.shape, b.device, seed=3)
+    reference = _ops.op_set("reference_")
+    assert_bitwise_equal(b.ops.forward(x, bias, res, state, "silu", [], other)[0],
+                         reference.forward(x, bias, res, state, "silu", [], other)[0])
+    dx, db = b.ops.backward(grad, x, bias, state, "silu", [], True, other)
+    dx_ref, db_ref = reference.backward(grad, x, bias, state, "silu", [], True, other)
+    assert_bitwise_equal(dx, dx_ref)
+    check_bias_grad(db, db_ref, torch.float32, x.shape)
+
+
+@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=PACKED_SHAPES, p=PACKED_PS, activation=ACTIVATIONS, extras=EXTRAS,
                                 small=dict(shape=[(1,), (7,), (9,), (3, 12), (5, 13)], activation=["identity", "gelu"],
                                            extras=["plain", "bias+res"]),
                                 gpu=dict(shape=[(513, 1024), (3, 1000, 777), ((1 << 22) + 5,)])))
@@ -881,9 +773,11 @@ def test_packed_forward_packs_the_mask(b, dtype, shape, p, activation, extras):
     state = b.state(p)
     y, none = b.ops.forward(x, bias, res, state, activation, [])
     assert none.shape == (0,) and none.dtype == torch.uint8
+    check_contract(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, p, activation), dtype, activation)
     y_packed, bits = b.ops.forward(x, bias, res, state, activation, [], None, True)
     assert_bitwise_equal(y_packed, y)
     assert bits.dtype == torch.uint8 and bits.device.type == b.device
+    assert bits.shape == ((x.numel() + 7) // 8,)
     assert torch.equal(bits, _packed(shape, p, b.device))
 
 
@@ -898,7 +792,7 @@ def test_packed_every_size(b, n, dtype):
     assert torch.equal(bits, _packed((n,), 0.5, b.device, n, 1))
 
 
-@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=PACKED_ROW_SHAPES, p=PACKED_PS, activation=ACTIVATIONS,
+@pytest.mark.parametrize(*cases(dtype=DTYPES, shape=PACKED_SHAPES, p=PACKED_PS, activation=ACTIVATIONS,
                                 small=dict(shape=[(7,), (9,), (3, 12), (5, 13), (5, 40)], p=[0.0, 0.5, 1.0],
                                            activation=["identity", "relu", "gelu"]),
                                 gpu=dict(shape=[(513, 1024), (6, 1000, 772)])))
@@ -920,6 +814,9 @@ def test_packed_bits_read_back(b, dtype, shape, p, activation):
             check_bias_grad(db, db_regen, dtype, shape)
         else:
             assert db.shape == (0,)
+    # Plain dropout's backward as the API calls it: no saved input, the bits.
+    dx_plain, _ = b.ops.backward(grad, None, None, state, "identity", [], False, bits)
+    assert_bitwise_equal(dx_plain, b.ops.backward(grad, None, None, state, "identity", [], False)[0])
     other = _random_bits(shape, b.device, seed=len(shape))
     keep = ref.unpack_bits(other, shape)
     check_contract(b.ops.forward(x, bias, res, state, activation, [], other)[0],
@@ -1003,10 +900,15 @@ def test_packed_mask_mode_op_calls(b, case, dtype, monkeypatch):
     results = {}
     for mode in ("packed", "regenerate"):
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, bias, res)]
+        saved = []
         with _OpCalls() as rec:
-            y = F.fused_dropout(leaves[0], 0.4, bias=leaves[1], residual=leaves[2], activation=activation,
-                                seed=SEED, offset=OFFSET, backend=name, mask_mode=mode)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = F.fused_dropout(leaves[0], 0.4, bias=leaves[1], residual=leaves[2], activation=activation,
+                                    seed=SEED, offset=OFFSET, backend=name, mask_mode=mode)
             y.backward(grad)
+        # What the graph keeps per element: the keep bits, 1 bit each, only when packed.
+        assert [t.shape for t in saved if t.dtype == torch.uint8] == \
+            ([((x.numel() + 7) // 8,)] if mode == "packed" else [])
         (fwd, args, (_, bits)), (bwd, bargs, _) = rec.calls
         assert fwd.endswith("fused_dropout") and args["pack_mask"] == (mode == "packed")
         read = bargs["mask_bits"]
@@ -1071,7 +973,7 @@ def test_packed_opcheck(b, activation):
     test_packed_aot_dispatch_dynamic.)"""
     x, bias, res, _ = make_inputs((3, 12), torch.float32, device=b.device)
     state = b.state(0.5)
-    fwd, bwd = b.ops[:2]
+    fwd, bwd = b.ops.forward, b.ops.backward
     bits = _packed(x.shape, 0.5, b.device)
     pack = _opchecks(b, "test_aot_dispatch_dynamic")
     torch.library.opcheck(fwd, (x, bias, res, state, activation, [], None, True), **pack)

@@ -64,6 +64,19 @@ def test_over_2_31_elements(backend):
     dx, _ = _ops_of(backend).backward(x, None, None, state, "identity", [], False)
     idx = torch.arange(2**32 - 64, 2**32 + 64, device="cuda")
     assert torch.equal(dx[idx] == 2, ref.keep_for_indices(idx, 0.5, 31, 7))
+    del dx
+    # The packed mask mode: the bits packed past 2**31 and 2**32 elements are
+    # the contract's, and the backward reads them there (0.5 GiB of bits).
+    y, bits = _ops_of(backend).forward(x, None, None, state, "identity", [], None, True)
+    del y
+    for centre in (2**31, 2**32):
+        idx = torch.arange(centre - 4096, min(n, centre + 4096), device="cuda")
+        assert torch.equal(ref.unpack_bits(bits[idx[0] // 8:(idx[-1] + 8) // 8], (idx.numel(),)),
+                           ref.keep_for_indices(idx, 0.5, 31, 7))
+    other = torch.bitwise_not(bits)  # the complement: a backward that drew the mask would not match
+    dx, _ = _ops_of(backend).backward(x, None, None, state, "identity", [], False, other)
+    idx = torch.arange(2**32 - 64, 2**32 + 64, device="cuda")
+    assert torch.equal(dx[idx] == 2, ~ref.keep_for_indices(idx, 0.5, 31, 7))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -94,23 +107,35 @@ def test_compile_fullgraph_forward_backward(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_cuda_graph_replays_draw_fresh_masks(backend):
+@pytest.mark.parametrize("mask_mode", ["regenerate", "packed"])
+def test_cuda_graph_replays_draw_fresh_masks(backend, mask_mode):
+    """Each replay of a captured forward and backward draws a fresh mask, and
+    the backward applies the forward's (in the packed mode, from the bits the
+    captured forward packed)."""
     _need(backend)
-    x = torch.ones(1 << 16, device="cuda")
+    x = torch.ones(1 << 16, device="cuda", requires_grad=True)
+    g_out = torch.ones(1 << 16, device="cuda")
+
+    def step():
+        y = F.dropout(x, 0.5, backend=backend, mask_mode=mask_mode)
+        (gx,) = torch.autograd.grad(y, x, g_out)
+        return y.detach(), gx
+
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
-            F.dropout(x, 0.5, backend=backend)  # warm-up (Triton autotuning) before capture
+            step()  # warm-up (Triton autotuning) before capture
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = F.dropout(x, 0.5, backend=backend)
+        y, gx = step()
     masks = []
     for _ in range(4):
         g.replay()
         torch.cuda.synchronize()
         masks.append((y != 0).clone())
+        assert torch.equal(gx, y)  # the backward of ones is the forward of ones: the same mask
     for i in range(len(masks)):
         for j in range(i):
             assert not torch.equal(masks[i], masks[j])
@@ -161,6 +186,7 @@ def test_no_host_synchronisation(backend):
 
     def work():
         F.dropout(x, 0.3, backend=backend).backward(g)
+        F.fused_dropout(x, 0.3, bias=b, activation="gelu", backend=backend, mask_mode="packed").backward(g)
         F.fused_dropout(x, 0.3, bias=b, activation="gelu", seed=5, offset=2**40, backend=backend).backward(g)
         F.fused_dropout(x, 0.3, residual=x, training=False, backend=backend).backward(g)
         F.dropout2d(x.view(8, 8, 10, 100), 0.3, backend=backend)
@@ -187,7 +213,10 @@ _SANITIZED = textwrap.dedent("""
                 b = torch.randn(shape[-1], device="cuda", dtype=dtype, requires_grad=True)
                 y = F.fused_dropout(x[..., 1:] if shape[-1] > 1 else x, 0.3, activation="gelu", backend=backend)
                 y.sum().backward()
-                F.fused_dropout(x, 0.3, bias=b, activation="silu", backend=backend).sum().backward()
+                for mode in ("regenerate", "packed"):
+                    F.fused_dropout(x, 0.3, bias=b, activation="silu", backend=backend,
+                                    mask_mode=mode).sum().backward()
+                    F.dropout(x, 0.3, backend=backend, mask_mode=mode).sum().backward()
     torch.cuda.synchronize()
 """)
 

@@ -83,6 +83,19 @@ DX_INLINE void philox_words_scalar(const MaskParams& mp, uint64_t g0, int64_t ng
 constexpr int kLanes = 4;
 constexpr int64_t kGroupsPerStep = 4 * kLanes;
 
+// The key schedule (k0, k1 of rounds 0..9, interleaved), computed once per
+// range; each SIMD build broadcasts these words into its registers.
+struct RoundKeys {
+  uint32_t k[20];
+  explicit RoundKeys(const MaskParams& mp) {
+    uint32_t k0 = mp.key0, k1 = mp.key1;
+    for (int r = 0; r < 10; ++r, k0 += kPhiloxW0, k1 += kPhiloxW1) {
+      k[2 * r] = k0;
+      k[2 * r + 1] = k1;
+    }
+  }
+};
+
 DX_TARGET_AVX2 inline void philox_step_avx2(uint64_t g, __m256i c2v, __m256i c3v, const __m256i* keys,
                                             uint32_t* w) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
@@ -120,14 +133,9 @@ DX_TARGET_AVX2 inline void philox_step_avx2(uint64_t g, __m256i c2v, __m256i c3v
 }
 
 DX_TARGET_AVX2 inline void philox_words_avx2(const MaskParams& mp, uint64_t g0, int64_t ngroups, uint32_t* w) {
+  const RoundKeys rk(mp);
   __m256i keys[20];
-  uint32_t k0 = mp.key0, k1 = mp.key1;
-  for (int r = 0; r < 10; ++r) {
-    keys[2 * r] = _mm256_set1_epi64x(k0);
-    keys[2 * r + 1] = _mm256_set1_epi64x(k1);
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
+  for (int i = 0; i < 20; ++i) keys[i] = _mm256_set1_epi64x(rk.k[i]);
   const __m256i c2 = _mm256_set1_epi64x(mp.offset_lo);
   const __m256i c3 = _mm256_set1_epi64x(mp.offset_hi);
   for (int64_t j = 0; j < ngroups; j += kGroupsPerStep) {
@@ -194,14 +202,9 @@ DX_TARGET_AVX512 inline void philox_step_avx512(uint64_t g, __m512i c2v, __m512i
 
 DX_TARGET_AVX512 inline void philox_words_avx512(const MaskParams& mp, uint64_t g0, int64_t ngroups,
                                                  uint32_t* w) {
+  const RoundKeys rk(mp);
   __m512i keys[20];
-  uint32_t k0 = mp.key0, k1 = mp.key1;
-  for (int r = 0; r < 10; ++r) {
-    keys[2 * r] = _mm512_set1_epi64(k0);
-    keys[2 * r + 1] = _mm512_set1_epi64(k1);
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
+  for (int i = 0; i < 20; ++i) keys[i] = _mm512_set1_epi64(rk.k[i]);
   const __m512i c2 = _mm512_set1_epi64(mp.offset_lo);
   const __m512i c3 = _mm512_set1_epi64(mp.offset_hi);
   int64_t j = 0;
