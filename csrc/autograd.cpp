@@ -1,14 +1,20 @@
-// The one autograd of y = residual + dropout(act(x + bias)), registered for
-// the fused_dropout op of every backend's family (csrc/ops.cpp).
+// The one autograd of y = residual + dropout(act(x + bias)) and of
+// dropout_add_norm, registered for the ops of every backend's family
+// (csrc/ops.cpp).
 //
 // It is C++ because it runs on every call that records a graph: a Python
 // autograd kernel costs more than the whole kernel on tensors of a few
 // thousand elements. The forward saves the dropout state (the backward draws
 // the mask again) or, in the packed mask mode, the forward's keep bits, and
 // the input and bias only where the activation's derivative needs them.
+// dropout_add_norm saves the state, h, the weight and the per-row mean and
+// rstd: its backward reads h's row again instead of a normalised copy.
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -30,20 +36,31 @@ using BackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const 
                                                        const OptTensor&, c10::string_view, at::IntArrayRef, bool,
                                                        const OptTensor&);
 
+using NormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, c10::string_view,
+    double, bool);
+using NormBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+    const OptTensor&, c10::string_view, std::array<bool, 4>);
+
 struct FamilyOps {
   c10::TypedOperatorHandle<ForwardSig> forward;
   c10::TypedOperatorHandle<BackwardSig> backward;
+  c10::TypedOperatorHandle<NormSig> norm;
+  c10::TypedOperatorHandle<NormBackwardSig> norm_backward;
 };
+
+c10::OperatorHandle find_op(const char* prefix, const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("dropout_ext::") + prefix + name).c_str(), "");
+}
 
 // The op handles of family kOpPrefixes[F], looked up once.
 template <int F>
 const FamilyOps& family() {
-  static const FamilyOps ops = [] {
-    const std::string prefix = std::string("dropout_ext::") + kOpPrefixes[F];
-    auto& d = c10::Dispatcher::singleton();
-    return FamilyOps{d.findSchemaOrThrow((prefix + "fused_dropout").c_str(), "").typed<ForwardSig>(),
-                     d.findSchemaOrThrow((prefix + "fused_dropout_backward").c_str(), "").typed<BackwardSig>()};
-  }();
+  static const FamilyOps ops{find_op(kOpPrefixes[F], "fused_dropout").typed<ForwardSig>(),
+                             find_op(kOpPrefixes[F], "fused_dropout_backward").typed<BackwardSig>(),
+                             find_op(kOpPrefixes[F], "dropout_add_norm").typed<NormSig>(),
+                             find_op(kOpPrefixes[F], "dropout_add_norm_backward").typed<NormBackwardSig>()};
   return ops;
 }
 
@@ -112,9 +129,99 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_autograd(const at::Tensor& inpu
   return {out[0], out[1]};
 }
 
+// Gradients computed without recording a graph, as Python's
+// once_differentiable: under create_graph=True they get a node, fed by the
+// backward's inputs, that raises only if a double backward reaches it, so
+// first-order gradients still work.
+variable_list once_differentiable(variable_list grads, const variable_list& inputs, const char* what) {
+  if (!at::GradMode::is_enabled()) return grads;
+  const auto error = c10::make_intrusive<torch::autograd::Error>(
+      std::string(what) + " has no double backward: its backward is not differentiable",
+      torch::autograd::collect_next_edges(inputs));
+  for (const auto& g : grads) {
+    if (g.defined()) torch::autograd::set_history(g, error);
+  }
+  return grads;
+}
+
+// h = residual + dropout(input), y = norm(h) * weight + bias. y and h are
+// differentiable (h is a pre-norm block's residual stream); mean and rstd are
+// saved statistics. The backward is differentiable once.
+template <int F>
+struct DropoutAddNormFn : torch::autograd::Function<DropoutAddNormFn<F>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& residual,
+                               const OptTensor& weight, const OptTensor& bias, const OptTensor& state,
+                               c10::string_view norm, double eps, bool residual_in_fp32) {
+    at::Tensor y, h, mean, rstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(y, h, mean, rstd) =
+          family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+    }
+    ctx->save_for_backward({state.value_or(at::Tensor()), h, weight.value_or(at::Tensor()), mean, rstd});
+    ctx->saved_data["norm"] = std::string(norm);
+    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
+    ctx->saved_data["has_residual"] = residual.has_value();
+    ctx->saved_data["has_weight"] = weight.has_value();
+    // The bias is not saved (its gradient needs only grad); its dtype is.
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
+    ctx->mark_non_differentiable({mean, rstd});
+    // An unused h (or y) gets no gradient tensor of zeros to read.
+    ctx->set_materialize_grads(false);
+    return {y, h, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const OptTensor state = opt(saved[0]), weight = opt(saved[2]);
+    const at::Tensor &h = saved[1], &mean = saved[3], &rstd = saved[4];
+    const bool has_r = ctx->saved_data["has_residual"].toBool(), has_w = ctx->saved_data["has_weight"].toBool();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const bool has_b = bias_dtype >= 0;
+    // needs_input_grad counts tensor arguments only: absent optionals have no slot.
+    int64_t slot = 0;
+    const bool need_x = ctx->needs_input_grad(slot++);
+    const bool need_r = has_r && ctx->needs_input_grad(slot++);
+    const bool need_w = has_w && ctx->needs_input_grad(slot++);
+    const bool need_b = has_b && ctx->needs_input_grad(slot++);
+    const variable_list none(8);
+    if (!(need_x || need_r || need_w || need_b) || (!grads[0].defined() && !grads[1].defined())) return none;
+    // Only h was used: y's gradient is zero.
+    const at::Tensor grad = grads[0].defined()
+                                ? grads[0]
+                                : at::zeros(h.sizes(), h.options().dtype(static_cast<at::ScalarType>(
+                                                           ctx->saved_data["y_dtype"].toInt())));
+    at::Tensor gx, gr, gw, gb;
+    variable_list out = none;
+    {
+      at::AutoGradMode no_grad(false);
+      std::tie(gx, gr, gw, gb) = family<F>().norm_backward.call(grad, opt(grads[1]), h, weight, mean, rstd, state,
+                                                                 ctx->saved_data["norm"].toStringRef(),
+                                                                 {need_x, need_r, need_w, need_b});
+      // The parameter gradients come in the statistics' dtype.
+      if (need_x) out[0] = gx;
+      if (need_r) out[1] = gr;
+      if (need_w) out[2] = gw.to(weight->scalar_type());
+      if (need_b) out[3] = gb.to(static_cast<at::ScalarType>(bias_dtype));
+    }
+    return once_differentiable(std::move(out), {grads[0], grads[1], h, saved[2]}, "dropout_add_norm");
+  }
+};
+
+template <int F>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_autograd(
+    const at::Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& state, c10::string_view norm, double eps, bool residual_in_fp32) {
+  const variable_list out =
+      DropoutAddNormFn<F>::apply(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 template <int F>
 void register_family(torch::Library& m) {
-  m.impl((std::string(kOpPrefixes[F]) + "fused_dropout").c_str(), TORCH_FN(fused_dropout_autograd<F>));
+  const std::string prefix(kOpPrefixes[F]);
+  m.impl((prefix + "fused_dropout").c_str(), TORCH_FN(fused_dropout_autograd<F>));
+  m.impl((prefix + "dropout_add_norm").c_str(), TORCH_FN(dropout_add_norm_autograd<F>));
 }
 
 }  // namespace

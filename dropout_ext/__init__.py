@@ -1,7 +1,8 @@
 """dropout_ext: fused dropout kernels for PyTorch under one RNG contract.
 
-``y = residual + dropout(act(x + bias))`` on CPU (C++), CUDA (C++) and Triton,
-with a pure-PyTorch reference; the mask is a pure function of
+``y = residual + dropout(act(x + bias))`` and ``norm(residual + dropout(x))``
+(LayerNorm, RMSNorm) on CPU (C++), CUDA (C++) and Triton, with a pure-PyTorch
+reference; the mask is a pure function of
 (seed, offset, shape, p) on every backend (docs/RNG.md).
 """
 
@@ -10,8 +11,8 @@ from . import functional, reference, schedules
 from ._backend import BACKENDS, available_backends
 from .functional import dropout_mask
 from .fusion import LinearDropout, fuse_dropout
-from .modules import (AlphaDropout, DropPath, Dropout, Dropout1d, Dropout2d, Dropout3d, FeatureAlphaDropout,
-                      FusedDropout, LockedDropout, replace_dropout)
+from .modules import (AlphaDropout, DropPath, Dropout, Dropout1d, Dropout2d, Dropout3d, DropoutAddLayerNorm,
+                      DropoutAddRMSNorm, FeatureAlphaDropout, FusedDropout, LockedDropout, replace_dropout)
 
 __all__ = [
     "BACKENDS",
@@ -21,6 +22,8 @@ __all__ = [
     "Dropout1d",
     "Dropout2d",
     "Dropout3d",
+    "DropoutAddLayerNorm",
+    "DropoutAddRMSNorm",
     "FeatureAlphaDropout",
     "FusedDropout",
     "LinearDropout",

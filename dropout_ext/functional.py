@@ -1,5 +1,6 @@
-"""Functional API: drop-in ``dropout`` and its structured twins, and the fused
-``residual + dropout(act(input + bias))``.
+"""Functional API: drop-in ``dropout`` and its structured twins, the fused
+``residual + dropout(act(input + bias))``, and ``dropout_add_norm``
+(LayerNorm or RMSNorm of ``residual + dropout(x)``).
 
 Each public function validates its arguments (``_validate``) and then takes
 the one internal path, ``_fused``: backend lookup, the dropout state
@@ -16,9 +17,10 @@ import torch
 
 from . import _backend
 from ._state import Rate, make_state
-from ._validate import as_u64, check_fused_args, check_mask_mode, check_p, check_seed, check_shape, check_tensor
+from ._validate import (as_u64, check_fused_args, check_mask_mode, check_norm_args, check_p, check_seed, check_shape,
+                        check_tensor, norm_dtypes)
 
-__all__ = ["dropout", "fused_dropout", "dropout_mask", "dropout1d", "dropout2d", "dropout3d",
+__all__ = ["dropout", "fused_dropout", "dropout_add_norm", "dropout_mask", "dropout1d", "dropout2d", "dropout3d",
            "alpha_dropout", "feature_alpha_dropout", "shared_mask_shape"]
 
 
@@ -49,16 +51,25 @@ def _dropout(input, p: Rate, training, inplace, mask_shape, seed=None, offset=0,
     return input.copy_(out) if inplace else out
 
 
+def _autocasting(input) -> bool:
+    return isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type)
+
+
+def _cast(t, dtype, keep=()):
+    """A floating tensor companion cast to ``dtype``, unless its dtype is in ``keep``."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype and t.dtype not in keep:
+        return t.to(dtype)
+    return t
+
+
 def _follow_autocast(input, bias, residual):
     """Under autocast a matmul's output is in the autocast dtype while the
     bias and the residual stream stay float32: they are cast to the input's
     dtype, as autocast casts nn.Linear's bias to its matmul's. Outside
     autocast a dtype mismatch stays an error."""
-    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+    if not _autocasting(input):
         return bias, residual
-    cast = [t.to(input.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (bias, residual)]
-    return cast[0], cast[1]
+    return _cast(bias, input.dtype), _cast(residual, input.dtype)
 
 
 def fused_dropout(input: torch.Tensor, p: float = 0.5, *, bias: Optional[torch.Tensor] = None,
@@ -86,6 +97,65 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, *, bias: Optional[torch.T
     check_seed(seed, offset, generator, input.device)
     return _fused(input, p, bias, residual, activation, mshape, training, seed, offset, generator, backend,
                   mask_mode)
+
+
+def _norm(input, p: Rate, residual, weight, bias, eps, norm, prenorm, residual_in_fp32, training, seed=None,
+          offset=0, generator=None, backend=None):
+    """The one path of ``dropout_add_norm`` to a kernel, for arguments already
+    validated; ``p`` as in ``_fused``. Without dropout to do, the op gets no
+    state: it keeps every element and draws nothing."""
+    ops = _backend.ops_for(backend, input.device, input.dtype)
+    state = None
+    if training and (isinstance(p, torch.Tensor) or p != 0.0):
+        state = make_state(input.device, p, seed, offset, generator)
+    y, h, _, _ = ops.norm(input, residual, weight, bias, state, norm, float(eps), residual_in_fp32)
+    return (y, h) if prenorm else y
+
+
+def _follow_autocast_norm(input, residual, weight, bias, residual_in_fp32):
+    """``_follow_autocast`` for ``dropout_add_norm``: the residual stream is
+    cast to h's dtype (the input's, or float32 with ``residual_in_fp32``);
+    a weight or bias in neither the input's dtype nor float32 to the
+    input's (float32 parameters stay: the kernels read them as they are)."""
+    if not _autocasting(input) or not input.is_floating_point():
+        return residual, weight, bias
+    h_dtype = norm_dtypes(input.dtype, residual_in_fp32 is True)[0]
+    keep = (torch.float32,)
+    return _cast(residual, h_dtype), _cast(weight, input.dtype, keep), _cast(bias, input.dtype, keep)
+
+
+def _check_prenorm(prenorm) -> None:
+    if not isinstance(prenorm, bool):
+        raise TypeError(f"prenorm must be a bool, got {type(prenorm).__name__}")
+
+
+def dropout_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None, p: float = 0.5, eps: float = 1e-5, *, norm: str = "layer",
+                     prenorm: bool = False, residual_in_fp32: bool = False, training: bool = True,
+                     seed: Optional[int] = None, offset: int = 0, generator: Optional[torch.Generator] = None,
+                     backend: Optional[str] = None):
+    """``h = residual + dropout(x, p)``, ``y = norm(h) * weight + bias`` in one
+    pass over each row (the last dimension); returns ``y``, or ``(y, h)`` with
+    ``prenorm=True`` (a pre-norm block carries h on as its residual stream).
+
+    ``norm`` is "layer" (LayerNorm) or "rms" (RMSNorm); ``weight`` and
+    ``bias`` (optional) are 1-D of the last dimension's size, in x's dtype or
+    float32. h is stored in x's dtype, or in float32 with
+    ``residual_in_fp32=True`` for float16/bfloat16 x (then ``residual`` is
+    float32 too); the statistics are float32 (float64 for float64 x) and y
+    is in x's dtype. With the same (seed, offset, p), h equals
+    ``fused_dropout(x, p, residual=residual)`` bit for bit and the mask is
+    ``dropout_mask(x.shape, p, seed, offset)``; ``training=False`` (or
+    p == 0) is the plain norm of ``residual + x``. seed, offset, generator
+    and backend: as in ``fused_dropout``.
+    """
+    p = check_p(p)
+    _check_prenorm(prenorm)
+    residual, weight, bias = _follow_autocast_norm(x, residual, weight, bias, residual_in_fp32)
+    check_norm_args(x, residual, weight, bias, norm, eps, residual_in_fp32)
+    check_seed(seed, offset, generator, x.device)
+    return _norm(x, p, residual, weight, bias, eps, norm, prenorm, residual_in_fp32, training, seed, offset,
+                 generator, backend)
 
 
 def shared_mask_shape(shape: Sequence[int], broadcast_dims: Optional[Sequence[int]]) -> tuple:

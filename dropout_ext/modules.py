@@ -9,10 +9,11 @@ from torch import nn
 
 from . import functional as F
 from ._state import p_bits
-from ._validate import check_activation, check_fused_args, check_mask_mode, check_p, check_tensor
+from ._validate import check_activation, check_fused_args, check_mask_mode, check_norm_args, check_p, check_tensor
 
 __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
-           "LockedDropout", "DropPath", "FusedDropout", "replace_dropout"]
+           "LockedDropout", "DropPath", "FusedDropout", "DropoutAddLayerNorm", "DropoutAddRMSNorm",
+           "replace_dropout"]
 
 
 class _RuntimeP:
@@ -186,6 +187,82 @@ class FusedDropout(_RuntimeP, nn.Module):
     def extra_repr(self) -> str:
         extra = f", mask_mode={self.mask_mode!r}" if self.mask_mode is not None else ""
         return f"p={self.p}, activation={self.activation!r}" + extra
+
+
+class _DropoutAddNorm(_RuntimeP, nn.Module):
+    """``norm(residual + dropout(x)) * weight + bias`` over the last
+    dimension (``functional.dropout_add_norm``), with ``weight``/``bias``
+    named and initialised as nn.LayerNorm's and nn.RMSNorm's (ones, zeros),
+    so state dicts load either way."""
+
+    _norm = None
+
+    def __init__(self, hidden_size: int, p: float, eps: float, prenorm: bool, residual_in_fp32: bool,
+                 elementwise_affine: bool, bias: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        self.p = check_p(p)
+        for name, flag in (("prenorm", prenorm), ("residual_in_fp32", residual_in_fp32),
+                           ("elementwise_affine", elementwise_affine), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.prenorm = prenorm
+        self.residual_in_fp32 = residual_in_fp32
+        self.elementwise_affine = elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        for name, present in (("weight", elementwise_affine), ("bias", elementwise_affine and bias)):
+            self.register_parameter(name, nn.Parameter(torch.empty(hidden_size, **factory)) if present else None)
+        self.reset_parameters()
+        self._register_runtime_p()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """y, or (y, h) with prenorm (h = residual + dropout(x))."""
+        residual, weight, bias = F._follow_autocast_norm(x, residual, self.weight, self.bias, self.residual_in_fp32)
+        check_norm_args(x, residual, weight, bias, self._norm, self.eps, self.residual_in_fp32)
+        return F._norm(x, self._rate(x), residual, weight, bias, self.eps, self._norm, self.prenorm,
+                       self.residual_in_fp32, self.training)
+
+    def extra_repr(self) -> str:
+        return (f"{self.hidden_size}, p={self.p}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+                + (f", bias={self.bias is not None}" if self.elementwise_affine else "")
+                + f", prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}")
+
+
+class DropoutAddLayerNorm(_DropoutAddNorm):
+    """``LayerNorm(residual + Dropout(x))`` in one pass; ``forward(x,
+    residual=None)`` returns y, or (y, h) with ``prenorm=True``. Parameters
+    as ``nn.LayerNorm(hidden_size, eps, elementwise_affine, bias)``'s (its
+    state dict loads here and back); p is runtime data like every module's."""
+
+    _norm = "layer"
+
+    def __init__(self, hidden_size: int, p: float = 0.5, eps: float = 1e-5, prenorm: bool = False,
+                 residual_in_fp32: bool = False, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(hidden_size, p, eps, prenorm, residual_in_fp32, elementwise_affine, bias, device, dtype)
+
+
+class DropoutAddRMSNorm(_DropoutAddNorm):
+    """``RMSNorm(residual + Dropout(x))`` in one pass, as DropoutAddLayerNorm;
+    parameters as ``nn.RMSNorm(hidden_size, eps, elementwise_affine)``'s."""
+
+    _norm = "rms"
+
+    def __init__(self, hidden_size: int, p: float = 0.5, eps: float = 1e-6, prenorm: bool = False,
+                 residual_in_fp32: bool = False, elementwise_affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(hidden_size, p, eps, prenorm, residual_in_fp32, elementwise_affine, False, device, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(", bias=False", "")
 
 
 _SWAPS = {nn.Dropout: Dropout, nn.Dropout1d: Dropout1d, nn.Dropout2d: Dropout2d, nn.Dropout3d: Dropout3d,

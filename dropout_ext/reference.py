@@ -390,13 +390,20 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
 
 def _op_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
     seed, offset, p = state_values(state)
-    # Every backend returns y and h row-major, whatever the input's strides.
+    # Every backend returns y and h row-major, and the same bits whatever
+    # the inputs' strides (a row's sums in one order).
+    input, residual = _dense(input), _dense(residual)
     outs = dropout_add_norm(input, residual, weight, bias, seed, offset, p, norm, eps, residual_in_fp32)
     return tuple(t.contiguous() for t in outs)
 
 
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.contiguous() if t is not None else None
+
+
 def _op_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
     seed, offset, p = state_values(state)
+    grad, grad_h, h = _dense(grad), _dense(grad_h), _dense(h)
     grads = dropout_add_norm_backward(grad, grad_h, h, weight, mean, rstd, seed, offset, p, norm)
     return tuple(g.contiguous() if need else g.new_empty((0,)) for g, need in zip(grads, output_mask))
 

@@ -18,7 +18,7 @@ from typing import Callable, List
 from torch import nn
 
 from ._validate import check_p
-from .modules import DropPath, FusedDropout
+from .modules import DropoutAddLayerNorm, DropoutAddRMSNorm, DropPath, FusedDropout
 
 __all__ = ["constant", "linear", "cosine", "DropoutScheduler"]
 
@@ -57,7 +57,7 @@ def cosine(p_start: float, p_end: float, steps: int) -> Schedule:
 
 
 _SCHEDULED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-              FusedDropout, DropPath)
+              FusedDropout, DropPath, DropoutAddLayerNorm, DropoutAddRMSNorm)
 
 
 class DropoutScheduler:

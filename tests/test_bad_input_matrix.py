@@ -27,12 +27,16 @@ FUNCTIONS = {
     "alpha_dropout": (lambda x, p, b, **kw: F.alpha_dropout(x, p, True, backend=b, **kw), False, True, 1),
     "feature_alpha_dropout": (lambda x, p, b, **kw: F.feature_alpha_dropout(x, p, True, backend=b, **kw),
                               False, True, 3),
+    "dropout_add_norm": (lambda x, p, b, **kw: F.dropout_add_norm(x, p=p, backend=b, **kw), False, False, 1),
 }
 MODULES = {
     "Dropout": dropout_ext.Dropout, "Dropout1d": dropout_ext.Dropout1d, "Dropout2d": dropout_ext.Dropout2d,
     "Dropout3d": dropout_ext.Dropout3d, "AlphaDropout": dropout_ext.AlphaDropout,
     "FeatureAlphaDropout": dropout_ext.FeatureAlphaDropout, "FusedDropout": dropout_ext.FusedDropout,
     "LockedDropout": dropout_ext.LockedDropout, "DropPath": dropout_ext.DropPath,
+    # (the norms' first argument is the hidden size: the inputs' last dimension here)
+    "DropoutAddLayerNorm": lambda p: dropout_ext.DropoutAddLayerNorm(4, p),
+    "DropoutAddRMSNorm": lambda p: dropout_ext.DropoutAddRMSNorm(4, p),
 }
 MODULE_RANK = {"Dropout1d": 3, "Dropout2d": 4, "Dropout3d": 5, "FeatureAlphaDropout": 3}
 

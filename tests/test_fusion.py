@@ -147,3 +147,77 @@ def test_compiled_fused_model_keeps_one_graph_while_p_changes(residual):
         sched.step()
     assert len(set(seen)) == 6
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+class _NormBlock(nn.Module):
+    def __init__(self, norm, drop_first):
+        super().__init__()
+        self.fc, self.drop, self.norm, self.drop_first = nn.Linear(16, 16), nn.Dropout(0.3), norm, drop_first
+
+    def forward(self, x):
+        y = self.drop(self.fc(x))
+        return self.norm(y + x if self.drop_first else x + y)
+
+
+NORM_CASES = {
+    "layer": (lambda: nn.LayerNorm(16), dropout_ext.DropoutAddLayerNorm),
+    "layer no bias": (lambda: nn.LayerNorm(16, bias=False), dropout_ext.DropoutAddLayerNorm),
+    "layer no affine": (lambda: nn.LayerNorm(16, elementwise_affine=False), dropout_ext.DropoutAddLayerNorm),
+    "rms": (lambda: nn.RMSNorm(16, eps=1e-6), dropout_ext.DropoutAddRMSNorm),
+}
+
+
+@pytest.mark.parametrize("drop_first", [False, True], ids=["x+drop", "drop+x"])
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_norm_of_residual_add_is_fused(case, drop_first):
+    """Norm(x + Dropout(y)) and Norm(Dropout(y) + x) become one fused norm
+    module sharing the norm's parameters (the Linear stays); it drops the
+    same elements for the same generator state, so outputs and gradients
+    agree to rounding, in training and in eval mode."""
+    make_norm, kind = NORM_CASES[case]
+    torch.manual_seed(0)
+    model = _NormBlock(make_norm(), drop_first)
+    with torch.no_grad():
+        for prm in model.norm.parameters():
+            prm.normal_()
+    dropout_ext.replace_dropout(model)
+    fused = dropout_ext.fuse_dropout(model)
+    (norm,) = [m for m in fused.modules() if isinstance(m, kind)]
+    assert _count(fused, (nn.LayerNorm, nn.RMSNorm, nn.Dropout)) == 0 and _count(fused, nn.Linear) == 1
+    assert norm.weight is model.norm.weight and norm.bias is getattr(model.norm, "bias", None)
+    assert norm.p == 0.3 and norm.eps == model.norm.eps
+    x = torch.randn(8, 16, requires_grad=True)
+    torch.manual_seed(5)
+    expected = model(x)
+    torch.manual_seed(5)
+    out = fused(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    params = [x] + list(model.parameters())
+    for a, e in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    model.eval()
+    fused.eval()
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_norms_left_alone():
+    """No fusion where the pattern does not hold: an nn.RMSNorm without eps
+    (its eps comes from the input's dtype), a norm over two dimensions, a
+    sum used twice."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d1, self.d2, self.d3 = nn.Dropout(0.1), nn.Dropout(0.1), nn.Dropout(0.1)
+            self.rms, self.ln2d, self.ln = nn.RMSNorm(8), nn.LayerNorm((4, 8)), nn.LayerNorm(8)
+
+        def forward(self, x):
+            a = self.rms(x + self.d1(x))
+            b = self.ln2d(x + self.d2(x))
+            s = x + self.d3(x)
+            return a + b + self.ln(s) + s
+
+    fused = dropout_ext.fuse_dropout(M())
+    assert _count(fused, (dropout_ext.DropoutAddLayerNorm, dropout_ext.DropoutAddRMSNorm)) == 0
+    assert _count(fused, dropout_ext.FusedDropout) == 3  # each residual add alone
+    assert _count(fused, (nn.RMSNorm, nn.LayerNorm)) == 3

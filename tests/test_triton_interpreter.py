@@ -1,7 +1,8 @@
 """The Triton kernels checked against the reference under the Triton
-interpreter, on the CPU, in the default run: the conformance suite's Triton
-cases (tests/test_conformance.py, which has only those under the
-interpreter) and the Triton-only ones (triton_interpreted_cases.py).
+interpreter, on the CPU, in the default run: the conformance suites' Triton
+cases (tests/test_conformance.py and tests/test_norm.py, which have only
+those under the interpreter) and the Triton-only ones
+(triton_interpreted_cases.py).
 
 Triton decides when it is first imported whether kernels are interpreted, so
 the cases run in a child pytest with TRITON_INTERPRET=1 set from its start;
@@ -23,7 +24,7 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-CASES = [os.path.join(TESTS, "test_conformance.py"), os.path.join(TESTS, "triton_interpreted_cases.py")]
+CASES = [os.path.join(TESTS, name) for name in ("test_conformance.py", "test_norm.py", "triton_interpreted_cases.py")]
 PYTHONS = [p for p in os.environ.get("DROPOUT_EXT_TRITON_PYTHON", "").split(os.pathsep) if p] or [sys.executable]
 
 
