@@ -1,7 +1,9 @@
-"""Triton kernels for y = residual + dropout(act(x + bias)), its backward and
-the keep mask, under the contract of docs/RNG.md.
+"""Triton kernels for y = residual + dropout(act(x + bias)), its backward,
+the keep mask, and dropout_add_norm (h = residual + dropout(x), y =
+norm(h) * weight + bias) with its backward, under the contract of
+docs/RNG.md.
 
-``KERNELS`` holds the three launchers, plain functions with the op schemas'
+``KERNELS`` holds the launchers, plain functions with the op schemas'
 arguments; ``_ops`` registers them as the ``triton_`` ops (the CUDA key, and
 the CPU key under ``TRITON_INTERPRET=1``, where the kernels run on CPU tensors
 in Triton's interpreter, which is how they are tested without a GPU).
@@ -33,6 +35,12 @@ i // 8): the flat kernel's forward also stores the keep bits it draws
 (``BITS_OUT``; its programs start on whole bytes), and both kernels can read
 such bits instead of drawing them (``BITS_IN``: no Philox at all). Both are
 constexpr flags, so a call without them compiles to the code it had before.
+
+dropout_add_norm computes h with that same body, a row per program; a row
+whose length is not a multiple of 4 starts inside a Philox group, so its
+tiles draw element by element (``ALIGNED`` off). float64 has no Triton
+kernel here either: ``_backend.ops_for`` routes it to the CUDA kernels (or
+the reference), and a direct call with it fails.
 """
 
 import contextlib
@@ -662,33 +670,31 @@ def _norm_y(y_ptr, w_ptr, b_ptr, hv, offs, cols, m, mean, rstd, RMS: tl.constexp
 
 @triton.jit
 def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, rows, H, eps,
-                 STEPS: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                 HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr, EVEN: tl.constexpr,
-                 R: tl.constexpr, BLOCK: tl.constexpr):
+                 STEPS: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr,
+                 EVEN: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The forward, a row per program (and, for more rows than a grid holds,
-    every grid-size-th row after it, STEPS in all): the whole row in a
-    [BLOCK // R, R] tile in registers (BLOCK >= H; EVEN when BLOCK == H, then unmasked), or
-    (LOOP) over column tiles of BLOCK: one pass computes and stores h and
-    merges the tiles' statistics, a second reads h back for y. ALIGNED: H is
-    a multiple of 4, so every tile starts on a Philox group."""
+    every grid-size-th row after it, STEPS in all): the whole row in one
+    [BLOCK // R, R] tile in registers (BLOCK >= H; unmasked when EVEN, BLOCK
+    == H), or (LOOP) over column tiles of BLOCK: one pass computes and stores
+    h and merges the tiles' statistics, a second reads h back for y.
+    ALIGNED: H is a multiple of 4, so every tile starts on a Philox group."""
     TR: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     local = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
-    n = tl.zeros([], tl.float32) + H
-    full = H // BLOCK
     pid = tl.program_id(0).to(tl.int64)
     for i in range(STEPS):
         # int64 rows: row * H, the element index, passes 2**31 on large tensors.
         row = pid + tl.num_programs(0).to(tl.int64) * i
         if row < rows:
-            _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, n, full,
-                      local, thr, drop_all, keep_all, scale, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, LOOP,
-                      EVEN, TR, R, BLOCK)
+            _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
+                      thr, drop_all, keep_all, scale, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, LOOP, EVEN, TR,
+                      R, BLOCK)
 
 
 @triton.jit
-def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, n, full, local,
-              thr, drop_all, keep_all, scale, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local, thr,
+              drop_all, keep_all, scale, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
               HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr,
               EVEN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """One row of the forward (see _norm_kernel)."""
@@ -697,40 +703,46 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
     m2 = tl.zeros([], tl.float32)
     seen = tl.zeros([], tl.float32)
     if LOOP:
-        # while loops: their trip counts depend on H, and a for loop over a
-        # run-time range is not run by every Triton interpreter.
-        c0 = 0
-        while c0 < full * BLOCK:
-            hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + c0, local, None, thr, drop_all, keep_all,
-                         scale, HAS_RES, HAS_STATE, ALIGNED, TR, R, False)
-            mean, m2, seen = _norm_merge(hv, None, BLOCK, mean, m2, seen, RMS, False)
-            c0 += BLOCK
-        if c0 < H:
-            m = c0 + local < H
-            hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + c0, local, m, thr, drop_all, keep_all,
-                         scale, HAS_RES, HAS_STATE, ALIGNED, TR, R, True)
-            mean, m2, seen = _norm_merge(hv, m, H - c0, mean, m2, seen, RMS, True)
+        # The full tiles unmasked (16-byte accesses), then the partial one.
+        # while loops: the trip count depends on H, and a for loop over a
+        # run-time range is not run by every Triton interpreter; c0 = t *
+        # BLOCK, so the compiler knows each tile starts on a multiple of BLOCK.
+        tail = H // BLOCK * BLOCK
+        t = 0
+        while t * BLOCK < H:
+            c0 = t * BLOCK
+            if c0 < tail:
+                hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + c0, local, None, thr, drop_all, keep_all,
+                             scale, HAS_RES, HAS_STATE, ALIGNED, TR, R, False)
+                mean, m2, seen = _norm_merge(hv, None, BLOCK, mean, m2, seen, RMS, False)
+            else:
+                m = c0 + local < H
+                hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + c0, local, m, thr, drop_all, keep_all,
+                             scale, HAS_RES, HAS_STATE, ALIGNED, TR, R, True)
+                mean, m2, seen = _norm_merge(hv, m, H - c0, mean, m2, seen, RMS, True)
+            t += 1
     else:
         m = local < H
         hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale,
                      HAS_RES, HAS_STATE, ALIGNED, TR, R, not EVEN)
         mean, m2, seen = _norm_merge(hv, m, H, mean, m2, seen, RMS, not EVEN)
-    rstd = _div(tl.full([], 1.0, tl.float32), tl.sqrt_rn(_div(m2, n) + eps))
+    rstd = _div(tl.full([], 1.0, tl.float32), tl.sqrt_rn(_div(m2, seen) + eps))
     if not RMS:
         tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     if LOOP:
-        c0 = 0
-        while c0 < full * BLOCK:
+        t = 0
+        while t * BLOCK < H:
+            c0 = t * BLOCK
             cols = c0 + local
-            hv = _f32(tl.load(h_ptr + start + cols))
-            _norm_y(y_ptr, w_ptr, b_ptr, hv, start + cols, cols, None, mean, rstd, RMS, HAS_W, HAS_B, False)
-            c0 += BLOCK
-        cols = full * BLOCK + local
-        m = cols < H
-        if full * BLOCK < H:
-            hv = _f32(tl.load(h_ptr + start + cols, mask=m, other=0.0))
-            _norm_y(y_ptr, w_ptr, b_ptr, hv, start + cols, cols, m, mean, rstd, RMS, HAS_W, HAS_B, True)
+            if c0 < tail:
+                hv = _f32(tl.load(h_ptr + start + cols))
+                _norm_y(y_ptr, w_ptr, b_ptr, hv, start + cols, cols, None, mean, rstd, RMS, HAS_W, HAS_B, False)
+            else:
+                m = cols < H
+                hv = _f32(tl.load(h_ptr + start + cols, mask=m, other=0.0))
+                _norm_y(y_ptr, w_ptr, b_ptr, hv, start + cols, cols, m, mean, rstd, RMS, HAS_W, HAS_B, True)
+            t += 1
     else:
         _norm_y(y_ptr, w_ptr, b_ptr, hv, start + local, local, m, mean, rstd, RMS, HAS_W, HAS_B, not EVEN)
 
@@ -796,14 +808,15 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
     if NEED_DX | NEED_DRES:
         s1 = tl.zeros([TR, R], tl.float32)
         s2 = tl.zeros([TR, R], tl.float32)
-        c0 = 0
-        while c0 < tail:
+        t = 0
+        while t * BLOCK < tail:
+            c0 = t * BLOCK
             cols = c0 + local
             g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, None, mean, rstd, RMS, HAS_W,
                                           False)
             s1 += gw * xhat
             s2 += gw
-            c0 += BLOCK
+            t += 1
         if tail < H:
             g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + tail + local, tail + local, mt, mean, rstd, RMS,
                                           HAS_W, True)
@@ -811,8 +824,9 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
             s2 += gw
         c1 = _div(_row_sum(s1), n)
         c2 = _div(_row_sum(s2), n)
-    c0 = 0
-    while c0 < H:
+    t = 0
+    while t * BLOCK < H:
+        c0 = t * BLOCK
         cols = c0 + local
         if c0 < tail:
             g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, None, mean, rstd, RMS, HAS_W,
@@ -839,13 +853,13 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
             if NEED_DB:
                 prev = tl.where(first, 0.0, tl.load(db_ptr + part + cols, mask=mt, other=0.0))
                 tl.store(db_ptr + part + cols, prev + g, mask=mt)
-        c0 += BLOCK
+        t += 1
 
 
 @triton.jit
 def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state_ptr, dx_ptr, dres_ptr, dw_ptr,
-                          db_ptr, rows, H, PER: tl.constexpr, RMS: tl.constexpr, HAS_GH: tl.constexpr, HAS_W: tl.constexpr,
-                          HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, NEED_DX: tl.constexpr,
+                          db_ptr, rows, H, PER: tl.constexpr, RMS: tl.constexpr, HAS_GH: tl.constexpr,
+                          HAS_W: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, NEED_DX: tl.constexpr,
                           NEED_DRES: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                           LOOP: tl.constexpr, EVEN: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The backward, rows [pid * PER, (pid + 1) * PER) per program, each in
@@ -957,15 +971,21 @@ def rows_config(rows: int, H: int, elem_size: int) -> Tuple[int, int, int, int]:
     return R, block, warps, per
 
 
-# dropout_add_norm: the most columns a program holds as one tile in
-# registers. At 16384 and 16 warps a thread holds 32 float32 values of h (the
-# backward: g, xhat and the two partial sums), which compiles without local
-# memory on sm_90 (tests/test_triton_compile.py); a longer row is walked in
-# column tiles of NORM_LOOP_BLOCK, twice. Module globals, so that a test can
-# make them small and take the tiled path with small rows.
+# dropout_add_norm: a row is one tile in registers up to a length set by
+# what a thread can hold without spilling (tests/test_triton_compile.py
+# checks the widest configurations on sm_90): the elements of a tile per
+# thread and the warps, at most, by direction and by whether rows start on a
+# Philox group. A thread's registers are capped at 65536 / threads, so 16
+# warps leave 128 each and 8 warps 255. The forward holds h (a value an
+# element); the backward g, xhat, g * w and the two partial sums; a row not
+# starting on a group draws a Philox call per element, whose rounds keep
+# several words live per element. A longer row is walked in column tiles,
+# twice. NORM_MAX_BLOCK caps the tile for all; a module global, so that a
+# test can make it small and take the tiled path with small rows.
 NORM_MAX_BLOCK = 16384
 NORM_LOOP_BLOCK = 4096
-_NORM_MAX_WARPS = 16
+# (elements a thread, warps) at most, keyed by (backward, aligned)
+_NORM_LIMITS = {(False, True): (32, 16), (True, True): (16, 8), (False, False): (8, 8), (True, False): (8, 8)}
 # Warps per SM the backward's programs fill (its grid is what fixes the
 # reduction order of the parameter gradients, so it is chosen from the shape
 # and the SM count alone).
@@ -975,19 +995,21 @@ _INTERPRET_NORM_PROGRAMS = 3
 GRID_X_MAX = 2**31 - 1
 
 
-def norm_config(H: int, elem_size: int) -> Tuple[int, int, int, bool]:
-    """(R, BLOCK, num_warps, loop) of the dropout_add_norm kernels for rows
-    of H elements of elem_size bytes: BLOCK >= H (the row in registers) or,
+def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, int, int, bool]:
+    """(R, BLOCK, num_warps, loop) of a dropout_add_norm kernel for rows of
+    H elements of elem_size bytes: BLOCK >= H (the row in registers) or,
     with loop, the column tile of a longer row."""
     R = _vector(elem_size)
+    per_thread, max_warps = _NORM_LIMITS[backward, H % 4 == 0]
+    limit = min(NORM_MAX_BLOCK, per_thread * 32 * max_warps)
     block = max(R, triton.next_power_of_2(max(H, 1)))
-    loop = block > NORM_MAX_BLOCK
+    loop = block > limit
     if loop:
-        block = max(R, min(NORM_LOOP_BLOCK, NORM_MAX_BLOCK))
-    # 16 to 32 elements a thread: enough loads in flight per row, few
-    # registers held across the row reductions.
-    warps = 1 if _INTERPRET else max(1, min(_NORM_MAX_WARPS, block // 512))
-    return R, block, warps, loop
+        block = max(R, min(NORM_LOOP_BLOCK, limit))
+    # 16 elements a thread or fewer where the limit allows: more loads in
+    # flight per row.
+    warps = max(1, min(max_warps, max(block // 512, block // (32 * per_thread))))
+    return R, block, 1 if _INTERPRET else warps, loop
 
 
 def norm_backward_grid(rows: int, warps: int, sm_count: int) -> Tuple[int, int]:
@@ -1163,8 +1185,8 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     h_dtype, stat_dtype = norm_dtypes(x.dtype, residual_in_fp32)
     H = x.shape[-1]
     rows = math.prod(x.shape[:-1])
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(x.shape, dtype=h_dtype, device=x.device)
+    y = x.new_empty(x.shape)
+    h = x.new_empty(x.shape, dtype=h_dtype)
     mean = x.new_empty((rows if norm == "layer" else 0,), dtype=stat_dtype)
     rstd = x.new_empty((rows,), dtype=stat_dtype)
     if rows == 0:
@@ -1177,9 +1199,9 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     grid = min(rows, GRID_X_MAX)
     _launch(_norm_kernel, (grid,), x,
             x, r, w, b, y, h, mean if norm == "layer" else rstd, rstd, state if state is not None else x, rows, H,
-            float(eps), STEPS=triton.cdiv(rows, grid), RMS=norm == "rms", HAS_RES=residual is not None, HAS_W=weight is not None,
-            HAS_B=bias is not None, HAS_STATE=state is not None, ALIGNED=H % 4 == 0, LOOP=loop,
-            EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
+            float(eps), STEPS=triton.cdiv(rows, grid), RMS=norm == "rms", HAS_RES=residual is not None,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_STATE=state is not None, ALIGNED=H % 4 == 0,
+            LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
     return y, h, mean, rstd
 
 
@@ -1196,8 +1218,8 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
     H = g.shape[-1]
     rows = math.prod(g.shape[:-1])
     stat = rstd.dtype
-    dx = torch.empty(g.shape, dtype=g.dtype, device=g.device) if need_dx else g.new_empty((0,))
-    dres = torch.empty(g.shape, dtype=h.dtype, device=g.device) if need_dres else h.new_empty((0,))
+    dx = g.new_empty(g.shape if need_dx else (0,))
+    dres = g.new_empty(g.shape if need_dres else (0,), dtype=h.dtype)
 
     def param(need):
         return g.new_empty((H,) if need else (0,), dtype=stat)
@@ -1205,16 +1227,16 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
     if g.numel() == 0 or not any((need_dx, need_dres, need_dw, need_db)):
         return dx, dres, param(need_dw).zero_(), param(need_db).zero_()
     state = _state_on(state, g.device)
-    R, block, warps, loop = norm_config(H, g.element_size())
+    R, block, warps, loop = norm_config(H, g.element_size(), backward=True)
     programs, per = norm_backward_grid(rows, warps, _sm_count(g.device))
-    part = g.new_empty((need_dw + need_db, programs, H), dtype=torch.float32)
-    dw_part = part[0] if need_dw else g
-    db_part = part[int(need_dw)] if need_db else g
+    dw_part = g.new_empty((programs, H), dtype=torch.float32) if need_dw else g
+    db_part = g.new_empty((programs, H), dtype=torch.float32) if need_db else g
     gh = grad_h.contiguous() if grad_h is not None else g
     w = weight.contiguous() if weight is not None else g
     drop = need_dx and state is not None
+    rstd = rstd.contiguous()
     _launch(_norm_backward_kernel, (programs,), g,
-            g, gh, hc, w, mean if norm == "layer" else rstd, rstd, state if drop else g,
+            g, gh, hc, w, mean.contiguous() if norm == "layer" else rstd, rstd, state if drop else g,
             dx if need_dx else g, dres if need_dres else hc, dw_part, db_part, rows, H, PER=per,
             RMS=norm == "rms", HAS_GH=grad_h is not None, HAS_W=weight is not None, HAS_STATE=drop,
             ALIGNED=H % 4 == 0, NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db,
