@@ -324,3 +324,20 @@ def test_norm_registers(dtype, size, h_dtype, H, backward):
     included, residual_in_fp32)."""
     usage = _resource_usage(_norm_build(H, dtype, size, 90, backward, h_dtype=h_dtype))
     assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, (usage, K.norm_config(H, size, backward))
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_norm_rows_of_one(backward):
+    """A launch specialises an integer argument equal to 1 into a constant:
+    rows of one element (H == 1) and a single row compile too."""
+    R, block, warps, loop = K.norm_config(1, 4, backward)
+    flags = {"RMS": False, "HAS_STATE": True, "ALIGNED": False, "LOOP": loop, "EVEN": False, "R": R, "BLOCK": block,
+             "H": 1, "rows": 1}
+    fwd, bwd = _norm_types("fp32", "fp32")
+    if backward:
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, PER=1)
+        ptx = _compile(K._norm_backward_kernel, bwd, flags, 90, warps)
+    else:
+        flags.update(STEPS=1, HAS_RES=True, HAS_W=True, HAS_B=True)
+        ptx = _compile(K._norm_kernel, fwd, flags, 90, warps)
+    assert _count(ptx, r"mul\.hi\.u32") >= 1

@@ -257,9 +257,12 @@ def _norm_case(tk, shape, dtype, norm, p=0.3, residual_in_fp32=False, param_dtyp
         assert not grads[0][~keep].any()
 
 
-@pytest.mark.parametrize("norm", ["layer", "rms"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 1), (2, 3, 7), (5, 77), (4, 64)])
+@pytest.mark.parametrize("shape,dtype,norm", [
+    ((3, 1), torch.float32, "layer"), ((3, 1), torch.bfloat16, "rms"),
+    ((2, 3, 7), torch.float16, "layer"), ((2, 3, 7), torch.float32, "rms"),
+    ((5, 77), torch.bfloat16, "layer"), ((5, 77), torch.float16, "rms"),
+    ((4, 64), torch.float32, "layer"), ((4, 64), torch.bfloat16, "rms"),
+])
 def test_norm_in_registers(tk, shape, dtype, norm):
     """A row in one tile: masked (H below the tile) and even (H == BLOCK)
     rows, H % 4 != 0 drawing element by element; several rows a program in
@@ -287,9 +290,10 @@ def test_norm_long_rows(tk, monkeypatch):
     _norm_case(tk, (2, 20000), torch.bfloat16, "layer", against_fused=False)
 
 
-@pytest.mark.parametrize("p", [None, 0.0, 1.0, float("nan"), 1.5])
-@pytest.mark.parametrize("output_mask", [(True, True, True, True), (True, False, False, False),
-                                         (False, True, False, True), (False, False, True, False)])
+@pytest.mark.parametrize("p,output_mask", [
+    (None, (True, True, True, True)), (0.0, (True, False, False, False)), (1.0, (True, True, True, True)),
+    (float("nan"), (False, True, False, True)), (1.5, (False, False, True, False)), (0.3, (True, False, False, True)),
+])
 def test_norm_options(tk, p, output_mask):
     """No state, p == 0 and p >= 1 (and p read from the state as the
     contract sanitises it); every output_mask leaves the others empty; no
