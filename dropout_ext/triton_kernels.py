@@ -985,7 +985,7 @@ def rows_config(rows: int, H: int, elem_size: int) -> Tuple[int, int, int, int]:
 NORM_MAX_BLOCK = 16384
 NORM_LOOP_BLOCK = 4096
 # (elements a thread, warps) at most, keyed by (backward, aligned)
-_NORM_LIMITS = {(False, True): (32, 16), (True, True): (16, 8), (False, False): (8, 8), (True, False): (8, 8)}
+_NORM_LIMITS = {(False, True): (32, 16), (True, True): (32, 8), (False, False): (8, 8), (True, False): (8, 8)}
 # Warps per SM the backward's programs fill (its grid is what fixes the
 # reduction order of the parameter gradients, so it is chosen from the shape
 # and the SM count alone).
