@@ -1,7 +1,9 @@
-"""Triton kernels for y = residual + dropout(act(x + bias)), its backward and
-the keep mask, under the contract of docs/RNG.md.
+"""Triton kernels for y = residual + dropout(act(x + bias)), its backward,
+the keep mask, and dropout_add_norm (h = residual + dropout(x), y =
+norm(h) * weight + bias) with its backward, under the contract of
+docs/RNG.md.
 
-``KERNELS`` holds the three launchers, plain functions with the op schemas'
+``KERNELS`` holds the launchers, plain functions with the op schemas'
 arguments; ``_ops`` registers them as the ``triton_`` ops (the CUDA key, and
 the CPU key under ``TRITON_INTERPRET=1``, where the kernels run on CPU tensors
 in Triton's interpreter, which is how they are tested without a GPU).
@@ -33,9 +35,16 @@ i // 8): the flat kernel's forward also stores the keep bits it draws
 (``BITS_OUT``; its programs start on whole bytes), and both kernels can read
 such bits instead of drawing them (``BITS_IN``: no Philox at all). Both are
 constexpr flags, so a call without them compiles to the code it had before.
+
+dropout_add_norm computes h with that same body, a row per program; a row
+whose length is not a multiple of 4 starts inside a Philox group, so its
+tiles draw element by element (``ALIGNED`` off). float64 has no Triton
+kernel here either: ``_backend.ops_for`` routes it to the CUDA kernels (or
+the reference), and a direct call with it fails.
 """
 
 import contextlib
+import math
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -45,6 +54,7 @@ import triton.language as tl
 
 from ._contract import ACTIVATIONS, F32
 from ._ops import mask_bits_like
+from ._validate import norm_dtypes
 
 AVAILABLE = True
 
@@ -254,33 +264,55 @@ def _mask_params(state_ptr, HAS_STATE: tl.constexpr):
 
 
 @triton.jit
-def _philox_keep(state_ptr, group0, thr, ROWS: tl.constexpr, R: tl.constexpr):
-    """Keep bits of the [ROWS, R] tile of consecutive elements 4 * group0 + j.
-
-    One Philox call per group of four: key = the 64-bit seed, counter =
-    (group low, group high, offset low, offset high); element k of a group
-    takes word k. The four words are interleaved by joins, so a row of R
-    elements needs no select chain.
-    """
-    NG: tl.constexpr = ROWS * R // 4
+def _philox_words(state_ptr, group):
+    """The four Philox words of each int64 group index: key = the 64-bit
+    seed, counter = (group low, group high, offset low, offset high);
+    element k of a group takes word k. Every random word of this module is
+    drawn here."""
     seed = tl.load(state_ptr)
     offset = tl.load(state_ptr + 1)
-    group = group0 + tl.arange(0, NG).to(tl.int64)
     c0 = group.to(tl.uint32)
     zero = tl.zeros_like(c0)
     c1 = (group >> 32).to(tl.uint32)
     c2 = offset.to(tl.uint32) + zero
     c3 = (offset >> 32).to(tl.uint32) + zero
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=10)
+    return tl.philox(seed, c0, c1, c2, c3, n_rounds=10)
+
+
+@triton.jit
+def _philox_keep(state_ptr, group0, thr, ROWS: tl.constexpr, R: tl.constexpr):
+    """Keep bits of the [ROWS, R] tile of consecutive elements 4 * group0 + j.
+
+    One Philox call per group of four. The four words are interleaved by
+    joins, so a row of R elements needs no select chain.
+    """
+    NG: tl.constexpr = ROWS * R // 4
+    w0, w1, w2, w3 = _philox_words(state_ptr, group0 + tl.arange(0, NG).to(tl.int64))
     w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROWS, R])
     return w >= thr
 
 
 @triton.jit
+def _philox_keep_at(state_ptr, offs, thr):
+    """Keep bits of elements at any int64 indices offs: for a tile that does
+    not start on a group of four (a row of dropout_add_norm whose length is
+    not a multiple of 4), each element draws its own group's words and takes
+    word offs & 3, four times the Philox work of _philox_keep, where the
+    words of a group would have to cross between threads."""
+    w0, w1, w2, w3 = _philox_words(state_ptr, offs >> 2)
+    k = offs & 3
+    w = tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, w3)))
+    return w >= thr
+
+
+@triton.jit
 def _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS: tl.constexpr,
-          R: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, MASKED: tl.constexpr):
+          R: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, MASKED: tl.constexpr,
+          ALIGNED: tl.constexpr):
     """The keep bits of a tile: from an expanded structured mask, from the
-    packed keep bits of the forward (BITS_IN), or drawn."""
+    packed keep bits of the forward (BITS_IN), or drawn: a group of four at
+    a time when the tile starts on a group (ALIGNED, at element
+    4 * group0), else element by element."""
     if MASK_FROM_PTR:
         keep = _load(keep_ptr, offs, m, MASKED) != 0
     elif BITS_IN:
@@ -294,8 +326,10 @@ def _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_al
     elif keep_all | drop_all:
         # p == 0 or p >= 1: no Philox (the common eval-like and p == 0 calls)
         keep = tl.full([ROWS, R], 0, tl.int1) | keep_all
-    else:
+    elif ALIGNED:
         keep = _philox_keep(state_ptr, group0, thr, ROWS, R)
+    else:
+        keep = _philox_keep_at(state_ptr, offs, thr)
     return keep
 
 
@@ -416,10 +450,11 @@ def _bias_tile(bias_ptr, pid, local, m, H, BLOCK: tl.constexpr, MASKED: tl.const
 def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, group0,
           thr, drop_all, keep_all, scale, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
           HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
-          STORE_F32: tl.constexpr, BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr):
+          STORE_F32: tl.constexpr, BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr,
+          ALIGNED: tl.constexpr):
     """One [ROWS, R] tile at element offsets offs (row-major indices), mask m
     when MASKED; b is the tile's bias in float32 (HAS_BIAS). The tile's first
-    element is 4 * group0.
+    element is 4 * group0 when ALIGNED (see _keep).
 
     Forward (src = x): out = residual + drop(act(x + b) * scale).
     Backward (src = dy): out = drop(act'(x + b) * (dy * scale)); also the
@@ -444,7 +479,7 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
             a = _mul(a, scale)
     if HAS_STATE:
         keep = _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS, R,
-                     MASK_FROM_PTR, BITS_IN, MASKED)
+                     MASK_FROM_PTR, BITS_IN, MASKED, ALIGNED)
         if BITS_OUT:
             _pack_bits(bits_ptr, keep, group0, m, ROWS, R, MASKED)
         a = _drop(a, keep)
@@ -481,7 +516,7 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
             b = _bias_tile(bias_ptr, pid, local, None, H, BLOCK, False)
         _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, None, b,
               start // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-              BITS_OUT, STORE_F32, BWD, ROWS, R, False)
+              BITS_OUT, STORE_F32, BWD, ROWS, R, False, True)
     else:
         m = offs < n
         b = 0.0
@@ -489,7 +524,7 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
             b = _bias_tile(bias_ptr, pid, local, m, H, BLOCK, True)
         _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b,
               start // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-              BITS_OUT, STORE_F32, BWD, ROWS, R, True)
+              BITS_OUT, STORE_F32, BWD, ROWS, R, True, True)
 
 
 @triton.jit
@@ -504,7 +539,7 @@ def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H,
             offs = row * H + cols
             d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, dx_ptr, state_ptr, offs, cm, b,
                       (row * H + c_start) // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, False, HAS_STATE,
-                      MASK_FROM_PTR, BITS_IN, False, False, True, TR, R, MASKED)
+                      MASK_FROM_PTR, BITS_IN, False, False, True, TR, R, MASKED, True)
             if MASKED:
                 d = tl.where(cm, d, 0.0)
             acc = _add(acc, d)
@@ -558,11 +593,323 @@ def _mask_kernel(out_ptr, state_ptr, n, R: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
     keep = _keep(state_ptr, out_ptr, out_ptr, offs, None, start // 4, thr, drop_all, keep_all, ROWS, R, False, False,
-                 False)
+                 False, True)
     if start + BLOCK <= n:
         tl.store(out_ptr + offs, keep)
     else:
         tl.store(out_ptr + offs, keep, mask=offs < n)
+
+
+# --- dropout_add_norm ---------------------------------------------------------------------
+# h = residual + dropout(x) is fused_dropout's forward body (_tile, identity,
+# no bias), so h is bit for bit what fused_dropout(x, residual) stores, and
+# its mask is the contract's for flat index row * H + column. The statistics
+# are those of h as stored (rounded to h's dtype, then widened): the backward
+# sees only the stored h, so forward and backward normalise the same values.
+# The norm's own arithmetic is plain float32 (contraction allowed: y, the
+# statistics and the gradients are compared within tolerances), except that
+# divisions and the square root are IEEE ones (div.rn, sqrt.rn), as on the
+# other backends.
+
+@triton.jit
+def _row_sum(v):
+    return tl.sum(tl.sum(v, axis=1), axis=0)
+
+
+@triton.jit
+def _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale,
+            HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, TR: tl.constexpr,
+            R: tl.constexpr, MASKED: tl.constexpr):
+    """h of the tile at row-major elements start + local, computed and stored
+    by fused_dropout's body; returned as stored, in float32, 0 where masked."""
+    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, h_ptr, state_ptr, start + local, m, 0.0, start // 4, thr,
+              drop_all, keep_all, scale, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, False, TR, R,
+              MASKED, ALIGNED)
+    hv = _f32(_rounded(a, h_ptr.dtype.element_ty))
+    if MASKED:
+        hv = tl.where(m, hv, 0.0)
+    return hv
+
+
+@triton.jit
+def _norm_merge(hv, m, count, mean, m2, seen, RMS: tl.constexpr, MASKED: tl.constexpr):
+    """(mean, m2, seen) after `count` more columns, the tile hv (0 where
+    masked). Layer: the tile's own mean and sum of squared deviations, merged
+    with the columns seen so far by Chan et al.'s pairwise update, so no
+    E[h^2] - E[h]^2 cancellation; one tile (a row in registers) is the plain
+    two-pass mean then variance. RMS: m2 sums the squares."""
+    cnt = tl.zeros([], tl.float32) + count
+    total = seen + cnt
+    if RMS:
+        m2 = m2 + _row_sum(hv * hv)
+    else:
+        t_mean = _div(_row_sum(hv), cnt)
+        d = hv - t_mean
+        if MASKED:
+            d = tl.where(m, d, 0.0)
+        delta = t_mean - mean
+        mean = mean + delta * _div(cnt, total)
+        m2 = m2 + _row_sum(d * d) + delta * delta * _div(seen * cnt, total)
+    return mean, m2, total
+
+
+@triton.jit
+def _norm_y(y_ptr, w_ptr, b_ptr, hv, offs, cols, m, mean, rstd, RMS: tl.constexpr, HAS_W: tl.constexpr,
+            HAS_B: tl.constexpr, MASKED: tl.constexpr):
+    """y = (h - mean) * rstd * w + b of a tile, rounded once to y's dtype."""
+    if RMS:
+        v = hv * rstd
+    else:
+        v = (hv - mean) * rstd
+    if HAS_W:
+        v = v * _f32(_load(w_ptr, cols, m, MASKED))
+    if HAS_B:
+        v = v + _f32(_load(b_ptr, cols, m, MASKED))
+    _store(y_ptr, offs, _rounded(v, y_ptr.dtype.element_ty), m, MASKED)
+
+
+@triton.jit
+def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, rows, H, eps,
+                 STEPS: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr,
+                 EVEN: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward, a row per program (and, for more rows than a grid holds,
+    every grid-size-th row after it, STEPS in all): the whole row in one
+    [BLOCK // R, R] tile in registers (BLOCK >= H; unmasked when EVEN, BLOCK
+    == H), or (LOOP) over column tiles of BLOCK: one pass computes and stores
+    h and merges the tiles' statistics, a second reads h back for y.
+    ALIGNED: H is a multiple of 4, so every tile starts on a Philox group."""
+    TR: tl.constexpr = BLOCK // R
+    thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
+    local = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
+    pid = tl.program_id(0).to(tl.int64)
+    for i in range(STEPS):
+        # int64 rows: row * H, the element index, passes 2**31 on large tensors.
+        row = pid + tl.num_programs(0).to(tl.int64) * i
+        if row < rows:
+            _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
+                      thr, drop_all, keep_all, scale, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, LOOP, EVEN, TR,
+                      R, BLOCK)
+
+
+@triton.jit
+def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local, thr,
+              drop_all, keep_all, scale, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+              HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr,
+              EVEN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of the forward (see _norm_kernel)."""
+    start = row * H
+    mean = tl.zeros([], tl.float32)
+    m2 = tl.zeros([], tl.float32)
+    seen = tl.zeros([], tl.float32)
+    if LOOP:
+        # The full tiles unmasked (16-byte accesses), then the partial one.
+        # while loops: the trip count depends on H, and a for loop over a
+        # run-time range is not run by every Triton interpreter; c0 = t *
+        # BLOCK, so the compiler knows each tile starts on a multiple of BLOCK.
+        tail = H // BLOCK * BLOCK
+        t = 0
+        while t * BLOCK < H:
+            c0 = t * BLOCK
+            if c0 < tail:
+                hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + c0, local, None, thr, drop_all, keep_all,
+                             scale, HAS_RES, HAS_STATE, ALIGNED, TR, R, False)
+                mean, m2, seen = _norm_merge(hv, None, BLOCK, mean, m2, seen, RMS, False)
+            else:
+                m = c0 + local < H
+                hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + c0, local, m, thr, drop_all, keep_all,
+                             scale, HAS_RES, HAS_STATE, ALIGNED, TR, R, True)
+                mean, m2, seen = _norm_merge(hv, m, H - c0, mean, m2, seen, RMS, True)
+            t += 1
+    else:
+        m = local < H
+        hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale,
+                     HAS_RES, HAS_STATE, ALIGNED, TR, R, not EVEN)
+        mean, m2, seen = _norm_merge(hv, m, H, mean, m2, seen, RMS, not EVEN)
+    rstd = _div(tl.full([], 1.0, tl.float32), tl.sqrt_rn(_div(m2, seen) + eps))
+    if not RMS:
+        tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+    if LOOP:
+        t = 0
+        while t * BLOCK < H:
+            c0 = t * BLOCK
+            cols = c0 + local
+            if c0 < tail:
+                hv = _f32(tl.load(h_ptr + start + cols))
+                _norm_y(y_ptr, w_ptr, b_ptr, hv, start + cols, cols, None, mean, rstd, RMS, HAS_W, HAS_B, False)
+            else:
+                m = cols < H
+                hv = _f32(tl.load(h_ptr + start + cols, mask=m, other=0.0))
+                _norm_y(y_ptr, w_ptr, b_ptr, hv, start + cols, cols, m, mean, rstd, RMS, HAS_W, HAS_B, True)
+            t += 1
+    else:
+        _norm_y(y_ptr, w_ptr, b_ptr, hv, start + local, local, m, mean, rstd, RMS, HAS_W, HAS_B, not EVEN)
+
+
+@triton.jit
+def _norm_grad_tile(g_ptr, h_ptr, w_ptr, offs, cols, m, mean, rstd, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """(g, xhat, g * w) of a tile in float32, all 0 where masked."""
+    g = _f32(_load(g_ptr, offs, m, MASKED))
+    hv = _f32(_load(h_ptr, offs, m, MASKED))
+    if RMS:
+        xhat = hv * rstd
+    else:
+        xhat = (hv - mean) * rstd
+    if MASKED:
+        xhat = tl.where(m, xhat, 0.0)
+    gw = g
+    if HAS_W:
+        gw = g * _f32(_load(w_ptr, cols, m, MASKED))
+    return g, xhat, gw
+
+
+@triton.jit
+def _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat, c1, c2, rstd, thr, drop_all,
+                  keep_all, scale, RMS: tl.constexpr, HAS_GH: tl.constexpr, HAS_STATE: tl.constexpr,
+                  ALIGNED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr, TR: tl.constexpr,
+                  R: tl.constexpr, MASKED: tl.constexpr):
+    """dh = (g w - xhat c1 - c2) rstd + grad_h, stored as grad_residual (h's
+    dtype), and dropout of dh with the forward's mask as grad_input (grad's
+    dtype), a dropped element a zero with dh's sign."""
+    offs = start + local
+    dh = gw - xhat * c1
+    if not RMS:
+        dh = dh - c2
+    dh = dh * rstd
+    if HAS_GH:
+        dh = dh + _f32(_load(gh_ptr, offs, m, MASKED))
+    if NEED_DRES:
+        _store(dres_ptr, offs, _rounded(dh, dres_ptr.dtype.element_ty), m, MASKED)
+    if NEED_DX:
+        if HAS_STATE:
+            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, m, start // 4, thr, drop_all, keep_all, TR, R, False,
+                         False, MASKED, ALIGNED)
+            dh = _drop(_mul(dh, scale), keep)
+        _store(dx_ptr, offs, _rounded(dh, dx_ptr.dtype.element_ty), m, MASKED)
+
+
+@triton.jit
+def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr,
+                             start, part, first, H, n, local, thr, drop_all, keep_all, scale, RMS: tl.constexpr,
+                             HAS_GH: tl.constexpr, HAS_W: tl.constexpr, HAS_STATE: tl.constexpr,
+                             ALIGNED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+                             NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of the backward over column tiles: the row sums, then dh and
+    the partial sums, kept in the program's rows of the partial buffers (at
+    part), which the first row writes and later rows read back."""
+    TR: tl.constexpr = BLOCK // R
+    full = H // BLOCK
+    tail = full * BLOCK
+    mt = tail + local < H
+    c1 = 0.0
+    c2 = 0.0
+    if NEED_DX | NEED_DRES:
+        s1 = tl.zeros([TR, R], tl.float32)
+        s2 = tl.zeros([TR, R], tl.float32)
+        t = 0
+        while t * BLOCK < tail:
+            c0 = t * BLOCK
+            cols = c0 + local
+            g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, None, mean, rstd, RMS, HAS_W,
+                                          False)
+            s1 += gw * xhat
+            s2 += gw
+            t += 1
+        if tail < H:
+            g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + tail + local, tail + local, mt, mean, rstd, RMS,
+                                          HAS_W, True)
+            s1 += gw * xhat
+            s2 += gw
+        c1 = _div(_row_sum(s1), n)
+        c2 = _div(_row_sum(s2), n)
+    t = 0
+    while t * BLOCK < H:
+        c0 = t * BLOCK
+        cols = c0 + local
+        if c0 < tail:
+            g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, None, mean, rstd, RMS, HAS_W,
+                                          False)
+            if NEED_DX | NEED_DRES:
+                _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + c0, local, None, gw, xhat, c1, c2, rstd,
+                              thr, drop_all, keep_all, scale, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES,
+                              TR, R, False)
+            if NEED_DW:
+                prev = tl.where(first, 0.0, tl.load(dw_ptr + part + cols))
+                tl.store(dw_ptr + part + cols, prev + g * xhat)
+            if NEED_DB:
+                prev = tl.where(first, 0.0, tl.load(db_ptr + part + cols))
+                tl.store(db_ptr + part + cols, prev + g)
+        else:
+            g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, mt, mean, rstd, RMS, HAS_W, True)
+            if NEED_DX | NEED_DRES:
+                _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + c0, local, mt, gw, xhat, c1, c2, rstd,
+                              thr, drop_all, keep_all, scale, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES,
+                              TR, R, True)
+            if NEED_DW:
+                prev = tl.where(first, 0.0, tl.load(dw_ptr + part + cols, mask=mt, other=0.0))
+                tl.store(dw_ptr + part + cols, prev + g * xhat, mask=mt)
+            if NEED_DB:
+                prev = tl.where(first, 0.0, tl.load(db_ptr + part + cols, mask=mt, other=0.0))
+                tl.store(db_ptr + part + cols, prev + g, mask=mt)
+        t += 1
+
+
+@triton.jit
+def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state_ptr, dx_ptr, dres_ptr, dw_ptr,
+                          db_ptr, rows, H, PER: tl.constexpr, RMS: tl.constexpr, HAS_GH: tl.constexpr,
+                          HAS_W: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, NEED_DX: tl.constexpr,
+                          NEED_DRES: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                          LOOP: tl.constexpr, EVEN: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """The backward, rows [pid * PER, (pid + 1) * PER) per program, each in
+    one pass when the row fits a tile (else two over column tiles, see
+    _norm_backward_row_tiled). The program sums g * xhat and g over its rows
+    in float32 and writes them to its row of the [programs, H] partial
+    buffers (dw_ptr, db_ptr); summing those over their rows in order finishes
+    the parameter gradients, the same bits every run (no atomics)."""
+    TR: tl.constexpr = BLOCK // R
+    thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
+    local = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
+    m = local < H
+    n = tl.zeros([], tl.float32) + H
+    pid = tl.program_id(0).to(tl.int64)
+    part = pid * H
+    acc_w = tl.zeros([TR, R], tl.float32)
+    acc_b = tl.zeros([TR, R], tl.float32)
+    for i in range(PER):
+        row = pid * PER + i
+        if row < rows:
+            start = row * H
+            rstd = tl.load(rstd_ptr + row)
+            mean = 0.0
+            if not RMS:
+                mean = tl.load(mean_ptr + row)
+            if LOOP:
+                _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr, dx_ptr, dres_ptr, dw_ptr,
+                                         db_ptr, start, part, i == 0, H, n, local, thr, drop_all, keep_all, scale,
+                                         RMS, HAS_GH, HAS_W, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, NEED_DW,
+                                         NEED_DB, R, BLOCK)
+            else:
+                g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + local, local, m, mean, rstd, RMS, HAS_W,
+                                              not EVEN)
+                if NEED_DW:
+                    acc_w += g * xhat
+                if NEED_DB:
+                    acc_b += g
+                if NEED_DX | NEED_DRES:
+                    c1 = _div(_row_sum(gw * xhat), n)
+                    c2 = 0.0
+                    if not RMS:
+                        c2 = _div(_row_sum(gw), n)
+                    _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat, c1, c2, rstd, thr,
+                                  drop_all, keep_all, scale, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, TR,
+                                  R, not EVEN)
+    if not LOOP:
+        if NEED_DW:
+            _store(dw_ptr, part + local, acc_w, m, not EVEN)
+        if NEED_DB:
+            _store(db_ptr, part + local, acc_b, m, not EVEN)
 
 
 # --- launch configuration ------------------------------------------------------------------
@@ -622,6 +969,56 @@ def rows_config(rows: int, H: int, elem_size: int) -> Tuple[int, int, int, int]:
     # The row programs are grid axis 1: past 65535 of them, longer programs.
     per = max(per, triton.next_power_of_2(triton.cdiv(rows, GRID_YZ_MAX)))
     return R, block, warps, per
+
+
+# dropout_add_norm: a row is one tile in registers up to a length set by
+# what a thread can hold without spilling (tests/test_triton_compile.py
+# checks the widest configurations on sm_90): the elements of a tile per
+# thread and the warps, at most, by direction and by whether rows start on a
+# Philox group. A thread's registers are capped at 65536 / threads, so 16
+# warps leave 128 each and 8 warps 255. The forward holds h (a value an
+# element); the backward g, xhat, g * w and the two partial sums; a row not
+# starting on a group draws a Philox call per element, whose rounds keep
+# several words live per element. A longer row is walked in column tiles,
+# twice. NORM_MAX_BLOCK caps the tile for all; a module global, so that a
+# test can make it small and take the tiled path with small rows.
+NORM_MAX_BLOCK = 16384
+NORM_LOOP_BLOCK = 4096
+# (elements a thread, warps) at most, keyed by (backward, aligned)
+_NORM_LIMITS = {(False, True): (32, 16), (True, True): (32, 8), (False, False): (8, 8), (True, False): (8, 8)}
+# Warps per SM the backward's programs fill (its grid is what fixes the
+# reduction order of the parameter gradients, so it is chosen from the shape
+# and the SM count alone).
+_NORM_SM_WARPS = 32
+# Under the interpreter: a few programs, so that a program walks several rows.
+_INTERPRET_NORM_PROGRAMS = 3
+GRID_X_MAX = 2**31 - 1
+
+
+def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, int, int, bool]:
+    """(R, BLOCK, num_warps, loop) of a dropout_add_norm kernel for rows of
+    H elements of elem_size bytes: BLOCK >= H (the row in registers) or,
+    with loop, the column tile of a longer row."""
+    R = _vector(elem_size)
+    per_thread, max_warps = _NORM_LIMITS[backward, H % 4 == 0]
+    limit = min(NORM_MAX_BLOCK, per_thread * 32 * max_warps)
+    block = max(R, triton.next_power_of_2(max(H, 1)))
+    loop = block > limit
+    if loop:
+        block = max(R, min(NORM_LOOP_BLOCK, limit))
+    # 16 elements a thread or fewer where the limit allows: more loads in
+    # flight per row.
+    warps = max(1, min(max_warps, max(block // 512, block // (32 * per_thread))))
+    return R, block, 1 if _INTERPRET else warps, loop
+
+
+def norm_backward_grid(rows: int, warps: int, sm_count: int) -> Tuple[int, int]:
+    """(programs, rows per program) of the dropout_add_norm backward: about
+    _NORM_SM_WARPS warps per SM, each program over consecutive rows. The rows
+    per program are a power of two, as they are a constexpr: few binaries."""
+    target = _INTERPRET_NORM_PROGRAMS if _INTERPRET else sm_count * max(1, _NORM_SM_WARPS // warps)
+    per = triton.next_power_of_2(triton.cdiv(rows, max(1, min(rows, target))))
+    return triton.cdiv(rows, per), per
 
 
 def rows_grid(rows: int, H: int, block: int, per: int) -> Tuple[int, int]:
@@ -772,5 +1169,83 @@ def dropout_mask(state: torch.Tensor, shape: List[int]) -> torch.Tensor:
     return out
 
 
+def _sm_count(device: torch.device) -> int:
+    """SMs of the tensors' GPU (the backward's grid); the interpreter has none."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], state: Optional[torch.Tensor], norm: str, eps: float,
+                     residual_in_fp32: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd), as reference.dropout_add_norm; y and h row-major."""
+    _check_dtype(input, "input")
+    x = input.contiguous()
+    h_dtype, stat_dtype = norm_dtypes(x.dtype, residual_in_fp32)
+    H = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    y = x.new_empty(x.shape)
+    h = x.new_empty(x.shape, dtype=h_dtype)
+    mean = x.new_empty((rows if norm == "layer" else 0,), dtype=stat_dtype)
+    rstd = x.new_empty((rows,), dtype=stat_dtype)
+    if rows == 0:
+        return y, h, mean, rstd
+    state = _state_on(state, x.device)
+    r = residual.contiguous() if residual is not None else x
+    w = weight.contiguous() if weight is not None else x
+    b = bias.contiguous() if bias is not None else x
+    R, block, warps, loop = norm_config(H, x.element_size())
+    grid = min(rows, GRID_X_MAX)
+    _launch(_norm_kernel, (grid,), x,
+            x, r, w, b, y, h, mean if norm == "layer" else rstd, rstd, state if state is not None else x, rows, H,
+            float(eps), STEPS=triton.cdiv(rows, grid), RMS=norm == "rms", HAS_RES=residual is not None,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_STATE=state is not None, ALIGNED=H % 4 == 0,
+            LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
+    return y, h, mean, rstd
+
+
+def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor,
+                              weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                              state: Optional[torch.Tensor], norm: str, output_mask: Sequence[bool]
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_residual, grad_weight, grad_bias), as
+    reference.dropout_add_norm_backward; [0] where output_mask leaves one out."""
+    _check_dtype(grad, "grad")
+    need_dx, need_dres, need_dw, need_db = (bool(v) for v in output_mask)
+    g = grad.contiguous()
+    hc = h.contiguous()
+    H = g.shape[-1]
+    rows = math.prod(g.shape[:-1])
+    stat = rstd.dtype
+    dx = g.new_empty(g.shape if need_dx else (0,))
+    dres = g.new_empty(g.shape if need_dres else (0,), dtype=h.dtype)
+
+    def param(need):
+        return g.new_empty((H,) if need else (0,), dtype=stat)
+
+    if g.numel() == 0 or not any((need_dx, need_dres, need_dw, need_db)):
+        return dx, dres, param(need_dw).zero_(), param(need_db).zero_()
+    state = _state_on(state, g.device)
+    R, block, warps, loop = norm_config(H, g.element_size(), backward=True)
+    programs, per = norm_backward_grid(rows, warps, _sm_count(g.device))
+    dw_part = g.new_empty((programs, H), dtype=torch.float32) if need_dw else g
+    db_part = g.new_empty((programs, H), dtype=torch.float32) if need_db else g
+    gh = grad_h.contiguous() if grad_h is not None else g
+    w = weight.contiguous() if weight is not None else g
+    drop = need_dx and state is not None
+    rstd = rstd.contiguous()
+    _launch(_norm_backward_kernel, (programs,), g,
+            g, gh, hc, w, mean.contiguous() if norm == "layer" else rstd, rstd, state if drop else g,
+            dx if need_dx else g, dres if need_dres else hc, dw_part, db_part, rows, H, PER=per,
+            RMS=norm == "rms", HAS_GH=grad_h is not None, HAS_W=weight is not None, HAS_STATE=drop,
+            ALIGNED=H % 4 == 0, NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db,
+            LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
+    dw = dw_part.sum(0) if need_dw else param(False)
+    db = db_part.sum(0) if need_db else param(False)
+    return dx, dres, dw, db
+
+
 KERNELS = {"fused_dropout": fused_dropout, "fused_dropout_backward": fused_dropout_backward,
-           "dropout_mask": dropout_mask}
+           "dropout_mask": dropout_mask, "dropout_add_norm": dropout_add_norm,
+           "dropout_add_norm_backward": dropout_add_norm_backward}

@@ -25,22 +25,24 @@ ALIGNED = [["tt.divisibility", 16]]
 DTYPES = [("fp32", 4), ("bf16", 2), ("fp16", 2)]
 
 
-def _build(fn, types, constexprs, arch, num_warps=8):
+def _build(fn, types, constexprs, arch, num_warps=8, divisible=()):
     """``fn`` compiled for ``sm_<arch>``: pointer arguments (``types`` maps
     each non-constexpr argument to its Triton type) 16-byte aligned, integers
     unspecialised (so ``n`` and ``H`` stand for any size, an odd one
-    included)."""
+    included) but those named in ``divisible``, known to be multiples of 16
+    as Triton specialises such a launch argument."""
     names = [p.name for p in fn.params]
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in names}
-    attrs = {(i,): ALIGNED for i, name in enumerate(names) if signature[name].startswith("*")}
+    attrs = {(i,): ALIGNED for i, name in enumerate(names)
+             if signature[name].startswith("*") or name in divisible}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     # No options but the warps: Triton's defaults, FP fusion on.
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
-def _compile(fn, types, constexprs, arch, num_warps=8):
+def _compile(fn, types, constexprs, arch, num_warps=8, divisible=()):
     """PTX of ``fn`` for ``sm_<arch>`` (see _build)."""
-    return _build(fn, types, constexprs, arch, num_warps).asm["ptx"]
+    return _build(fn, types, constexprs, arch, num_warps, divisible).asm["ptx"]
 
 
 def _resource_usage(kernel):
@@ -250,3 +252,92 @@ def test_bits_reading_kernels_draw_no_words(arch, dtype, size):
     rows = _compile(K._rows_kernel, types, consts, arch, num_warps=4)
     _no_contraction_ieee_division(rows)
     assert _count(rows, _PHILOX) == 0 and _count(rows, _BYTE_LOAD) >= 1
+
+
+# --- dropout_add_norm ----------------------------------------------------------------
+
+NORM_H = [7, 1024, 4097, 65536]  # a short row, rows in registers (even and odd), the column-tile loop
+
+
+def _norm_types(dtype, h_dtype):
+    p, ph = f"*{dtype}", f"*{h_dtype}"
+    fwd = {"x_ptr": p, "res_ptr": ph, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": ph, "mean_ptr": "*fp32",
+           "rstd_ptr": "*fp32", "state_ptr": "*i64", "rows": "i32", "H": "i32", "eps": "fp32"}
+    bwd = {"g_ptr": p, "gh_ptr": ph, "h_ptr": ph, "w_ptr": p, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+           "state_ptr": "*i64", "dx_ptr": p, "dres_ptr": ph, "dw_ptr": "*fp32", "db_ptr": "*fp32", "rows": "i32",
+           "H": "i32"}
+    return fwd, bwd
+
+
+def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None):
+    """The norm kernel a launch with rows of H elements compiles, with every
+    input and output present, H specialised as a launch would (a multiple
+    of 16 or not)."""
+    R, block, warps, loop = K.norm_config(H, size, backward)
+    flags = {"RMS": norm == "rms", "HAS_STATE": True, "ALIGNED": H % 4 == 0, "LOOP": loop,
+             "EVEN": not loop and block == H, "R": R, "BLOCK": block}
+    fwd, bwd = _norm_types(dtype, h_dtype or dtype)
+    if backward:
+        fn, types = K._norm_backward_kernel, bwd
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, PER=16)
+    else:
+        fn, types = K._norm_kernel, fwd
+        flags.update(STEPS=1, HAS_RES=True, HAS_W=True, HAS_B=True)
+    return _build(fn, types, flags, arch, warps, divisible=("H",) if H % 16 == 0 else ())
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype,size", DTYPES)
+@pytest.mark.parametrize("H", NORM_H)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_norm_kernels(arch, dtype, size, H, backward):
+    """IEEE division and square root only; 64-bit element offsets (row * H
+    as a 64-bit product); the dropout of h (forward) and of dh (backward)
+    drawn with Philox; no atomics (the parameter gradients are per-program
+    partial sums); rows of a multiple of 16 elements moved 16 bytes a
+    thread, as fused_dropout does."""
+    kernel = _norm_build(H, dtype, size, arch, backward)
+    ptx = kernel.asm["ptx"]
+    assert _count(ptx, r"div\.full|div\.approx|rcp\.approx|sqrt\.approx|rsqrt") == 0
+    assert _count(ptx, r"div\.rn\.f32") >= 1 and _count(ptx, r"sqrt\.rn\.f32") >= (0 if backward else 1)
+    # The row tensors are addressed with 64-bit offsets (row * H + column);
+    # only weight and bias, indexed by the column, take 32-bit ones.
+    addptr = re.findall(r"tt\.addptr [^\n]*tensor<\d+x\d+xi(32|64)>", kernel.asm["ttir"])
+    assert addptr.count("64") >= 4 and addptr.count("32") <= 2 * addptr.count("64"), addptr
+    assert _count(ptx, r"mul\.hi\.u32") >= 1
+    assert _count(ptx, r"atom\.") == 0
+    if not backward:
+        # h = residual + dropout(x) is fused_dropout's body: explicitly rounded, no FMA there
+        assert _count(ptx, r"mul\.rn\.f32") >= 1 and _count(ptx, r"add\.rn\.f32") >= 1
+    if H % 16 == 0:
+        assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 2
+        assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
+
+
+@pytest.mark.parametrize("dtype,size,h_dtype", [("fp32", 4, "fp32"), ("bf16", 2, "bf16"), ("bf16", 2, "fp32")])
+@pytest.mark.parametrize("H", [1024, 2047, 4096, 4097, 8192, K.NORM_MAX_BLOCK, 65536])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_norm_registers(dtype, size, h_dtype, H, backward):
+    """The widest rows held in registers (each direction's and alignment's
+    limit, see triton_kernels.norm_config) and the column-tile path compile
+    without register spills on sm_90 (an h in float32 from 16-bit inputs
+    included, residual_in_fp32)."""
+    usage = _resource_usage(_norm_build(H, dtype, size, 90, backward, h_dtype=h_dtype))
+    assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, (usage, K.norm_config(H, size, backward))
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_norm_rows_of_one(backward):
+    """A launch specialises an integer argument equal to 1 into a constant:
+    rows of one element (H == 1) and a single row compile too."""
+    R, block, warps, loop = K.norm_config(1, 4, backward)
+    flags = {"RMS": False, "HAS_STATE": True, "ALIGNED": False, "LOOP": loop, "EVEN": False, "R": R, "BLOCK": block,
+             "H": 1, "rows": 1}
+    fwd, bwd = _norm_types("fp32", "fp32")
+    if backward:
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, PER=1)
+        ptx = _compile(K._norm_backward_kernel, bwd, flags, 90, warps)
+    else:
+        flags.update(STEPS=1, HAS_RES=True, HAS_W=True, HAS_B=True)
+        ptx = _compile(K._norm_kernel, fwd, flags, 90, warps)
+    assert _count(ptx, r"mul\.hi\.u32") >= 1

@@ -62,6 +62,10 @@ def _check_grid(name, grid):
         assert isinstance(size, int) and 1 <= size <= limit, f"{name}: grid {grid}, axis {axis} outside [1, {limit}]"
 
 
+KERNEL_NAMES = ("_flat_kernel", "_rows_kernel", "_mask_kernel", "_norm_kernel", "_norm_backward_kernel")
+SMS = 132
+
+
 @pytest.fixture
 def recorded(monkeypatch):
     """(launches, current): each launch as (kernel name, current device at
@@ -90,8 +94,10 @@ def recorded(monkeypatch):
             return lambda *args, **meta: launches.append((self.name, current[0], grid, meta, args))
 
     monkeypatch.setattr(torch.cuda, "device", device)
-    for name in ("_flat_kernel", "_rows_kernel", "_mask_kernel"):
+    for name in KERNEL_NAMES:
         monkeypatch.setattr(K, name, Kernel(name))
+    # The SM count of a GPU like an H100 (the norm backward's grid).
+    monkeypatch.setattr(K, "_sm_count", lambda device: SMS)
     return launches, current
 
 
@@ -113,12 +119,14 @@ def _every_launcher(device):
     _, bits = K.fused_dropout(x, b, r, state, "gelu", [], None, True)  # the packed mask mode
     K.fused_dropout(g, None, None, state, "identity", [], bits)
     K.fused_dropout_backward(g, x, b, state, "silu", [], True, bits)
+    y, h, mean, rstd = K.dropout_add_norm(x, r, b, b, state, "layer", 1e-5, False)
+    K.dropout_add_norm_backward(g, None, h, b, mean, rstd, state, "layer", [True, True, True, True])
 
 
 def test_launches_on_the_tensors_device(recorded):
     launches, current = recorded
     _every_launcher("cuda:1")
-    assert {name for name, *_ in launches} == {"_flat_kernel", "_rows_kernel", "_mask_kernel"}
+    assert {name for name, *_ in launches} == set(KERNEL_NAMES)
     for name, device, *_ in launches:
         assert device == torch.device("cuda", 1), f"{name} launched on {device}, its tensors are on cuda:1"
     assert current[0] == torch.device("cuda", 0)  # the caller's device is restored
@@ -223,3 +231,79 @@ def test_packed_mode_launches(recorded):
     assert flat[0][1][8] is bits and flat[1][1][8].inner.data_ptr() == bits.inner.data_ptr()
     [(meta, args)] = rows
     assert meta["BITS_IN"] and args[7].inner.data_ptr() == bits.inner.data_ptr()
+
+
+# --- dropout_add_norm ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("elem_size", [4, 2])
+def test_norm_config(elem_size, backward):
+    """A row in registers (one tile, BLOCK >= H) up to NORM_MAX_BLOCK
+    elements at most, column tiles past its limit; 16-byte rows of a tile,
+    whole powers of two; the limits of elements a thread and warps."""
+    R = 16 // elem_size
+    for H in (1, 3, 7, 77, 768, 1000, 2047, 2048, 4096, 4097, 8192, K.NORM_MAX_BLOCK, K.NORM_MAX_BLOCK + 1, 65536,
+              2**20 + 3):
+        r, block, warps, loop = K.norm_config(H, elem_size, backward)
+        per_thread, max_warps = K._NORM_LIMITS[backward, H % 4 == 0]
+        assert r == R and block % R == 0 and math.log2(block).is_integer()
+        assert warps in (1, 2, 4, 8, 16) and warps <= max_warps
+        assert block <= max(R, 32 * warps * per_thread)
+        assert loop == (H > min(K.NORM_MAX_BLOCK, 32 * max_warps * per_thread))
+        assert block >= H if not loop else block <= K.NORM_MAX_BLOCK
+    assert not K.norm_config(16384, elem_size, False)[3] and K.norm_config(16385, elem_size, False)[3]
+    assert not K.norm_config(4096, elem_size, True)[3] and K.norm_config(2049, elem_size, True)[3]
+
+
+def _norm_inputs(device, rows, H, dtype=torch.float32, meta=False):
+    make = (lambda *s: torch.empty(s, dtype=dtype, device="meta")) if meta else (lambda *s: torch.randn(s).to(dtype))
+    x, r, w, g = _on(device, make(rows, H), make(rows, H), make(H), make(rows, H))
+    return x, r, w, g
+
+
+@pytest.mark.parametrize("rows,H", [(1, 7), (5, 77), (4096, 1024), (3, 65536), (10**6, 64), (2**31 + 5, 1)])
+def test_norm_grids(recorded, rows, H):
+    """The forward: a program a row, more rows than CUDA's grid holds in
+    STEPS rounds. The backward: its grid from the shape and the SM count
+    alone (the order of the parameter-gradient sums), every row covered, a
+    power-of-two rows per program, and a float32 partial buffer of a row
+    per program for each parameter gradient."""
+    launches, _ = recorded
+    x, r, w, g = _norm_inputs("cuda:1", rows, H, meta=True)
+    (state,) = _on("cuda:1", torch.tensor([1, 2, 4599075939470750515]))
+    _, h, _, rstd = K.dropout_add_norm(x, r, w, w, state, "rms", 1e-6, False)
+    mean = rstd.new_empty((0,))
+    K.dropout_add_norm_backward(g, None, h, w, mean, rstd, state, "rms", [True, True, True, True])
+    K.dropout_add_norm_backward(g, None, h, w, mean, rstd, state, "rms", [True, True, True, True])
+    [(fname, _, fgrid, fmeta, fargs), (bname, _, bgrid, bmeta, bargs), second] = launches
+    assert (fname, bname) == ("_norm_kernel", "_norm_backward_kernel")
+    assert fgrid[0] * fmeta["STEPS"] >= rows and (fmeta["STEPS"] == 1) == (rows <= K.GRID_X_MAX)
+    assert fmeta["LOOP"] == K.norm_config(H, 4)[3] and bmeta["LOOP"] == K.norm_config(H, 4, True)[3]
+    assert fmeta["ALIGNED"] == bmeta["ALIGNED"] == (H % 4 == 0)
+    per = bmeta["PER"]
+    assert math.log2(per).is_integer() and bgrid[0] * per >= rows and (bgrid[0] - 1) * per < rows
+    assert bgrid[0] <= SMS * 32
+    dw_part, db_part = bargs[9], bargs[10]
+    assert dw_part.dtype == torch.float32 and tuple(dw_part.shape) == (bgrid[0], H) == tuple(db_part.shape)
+    assert second[2] == bgrid and second[3] == bmeta  # the same shape, the same grid: the same sums
+
+
+def test_norm_output_mask(recorded):
+    """Outputs left out of output_mask are empty, are not computed (their
+    constexpr flags off) and get no partial buffer; nothing asked, no launch."""
+    launches, _ = recorded
+    x, r, w, g = _norm_inputs("cuda:1", 6, 40, dtype=torch.bfloat16)
+    (state,) = _on("cuda:1", torch.tensor([1, 2, 4599075939470750515]))
+    y, h, mean, rstd = K.dropout_add_norm(x, r, w, None, state, "layer", 1e-5, True)
+    assert h.dtype == torch.float32 and mean.dtype == rstd.dtype == torch.float32 and mean.shape == (6,)
+    for mask in ([True, False, False, False], [False, True, False, True], [False, False, True, False]):
+        del launches[:]
+        out = K.dropout_add_norm_backward(g, None, h, w, mean, rstd, state, "layer", mask)
+        assert [tuple(t.shape) != (0,) for t in out] == mask
+        [(_, _, _, meta, args)] = launches
+        assert [meta[k] for k in ("NEED_DX", "NEED_DRES", "NEED_DW", "NEED_DB")] == mask
+        assert meta["HAS_STATE"] == mask[0]  # only grad_input needs the mask
+    del launches[:]
+    out = K.dropout_add_norm_backward(g, None, h, w, mean, rstd, state, "layer", [False] * 4)
+    assert launches == [] and all(tuple(t.shape) == (0,) for t in out)

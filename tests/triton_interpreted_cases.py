@@ -163,8 +163,10 @@ def test_all_launches_are_fixed_and_guarded(tk, monkeypatch):
     tk.dropout_mask(_state(0.5), [9])
     _, bits = tk.fused_dropout(x, bias, res, _state(0.5), "relu", [], None, True)
     tk.fused_dropout_backward(grad, x, bias, _state(0.5), "relu", [], True, bits)
+    y, h, mean, rstd = tk.dropout_add_norm(x, res, bias, None, _state(0.5), "layer", 1e-5, False)
+    tk.dropout_add_norm_backward(grad, None, h, bias, mean, rstd, _state(0.5), "layer", [True, True, True, True])
     kernels = {k for k, _, _ in seen}
-    assert kernels == {tk._flat_kernel, tk._rows_kernel, tk._mask_kernel}
+    assert kernels == {tk._flat_kernel, tk._rows_kernel, tk._mask_kernel, tk._norm_kernel, tk._norm_backward_kernel}
     for kernel, device, meta in seen:
         assert not isinstance(kernel, Autotuner)
         assert device == x.device
@@ -189,6 +191,131 @@ def test_float64_refused_by_the_triton_ops(tk):
         ops.triton_fused_dropout_backward(x, x, bias, _state(0.5), "gelu", [], True)
     with pytest.raises(TypeError, match="input " + wording):
         ops.triton_fused_dropout_backward(x.float(), x, bias, _state(0.5), "gelu", [], False)
+    with pytest.raises(TypeError, match="input " + wording):
+        ops.triton_dropout_add_norm(x, None, None, None, _state(0.5), "layer", 1e-5, False)
+    rstd = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="grad " + wording):
+        ops.triton_dropout_add_norm_backward(x, None, x, None, rstd, rstd, _state(0.5), "layer",
+                                             [True, True, False, False])
+    assert _backend.ops_for("triton", x.device, torch.float64).norm is not ops.triton_dropout_add_norm
     assert _backend.ops_for("triton", x.device, torch.float64).forward is not ops.triton_fused_dropout
     y = functional.fused_dropout(x, 0.5, bias=bias, activation="gelu", seed=SEED, backend="triton")
     torch.testing.assert_close(y, ref.fused_dropout(x, bias, None, SEED, 0, 0.5, "gelu"), atol=1e-12, rtol=1e-12)
+
+
+# --- dropout_add_norm ------------------------------------------------------------------
+# The conformance suite holds every backend's dropout_add_norm to the
+# reference; here what is Triton's own: both the row-in-registers and the
+# column-tile paths (NORM_MAX_BLOCK made small), rows that start inside a
+# Philox group (H % 4 != 0), and h bit for bit equal to the Triton
+# fused_dropout of the same state.
+
+# (atol, rtol) of y, the statistics and the gradients against the reference
+NORM_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def _norm_case(tk, shape, dtype, norm, p=0.3, residual_in_fp32=False, param_dtype=None, with_bias=True,
+               output_mask=(True, True, True, True), against_fused=True):
+    h_dtype, _ = ref.norm_dtypes(dtype, residual_in_fp32)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    res = torch.randn(shape, generator=g).to(h_dtype)
+    H = shape[-1]
+    w = (1 + torch.randn(H, generator=g)).to(param_dtype or dtype)
+    b = torch.randn(H, generator=g).to(param_dtype or dtype) if with_bias else None
+    grad = torch.randn(shape, generator=g).to(dtype)
+    grad_h = torch.randn(shape, generator=g).to(h_dtype)
+    state = _state(p) if p is not None else None
+    pe = _sanitised(p) if p is not None else 0.0
+    y, h, mean, rstd = tk.dropout_add_norm(x, res, w, b, state, norm, 1e-5, residual_in_fp32)
+    y_ref, h_ref, mean_ref, rstd_ref = ref.dropout_add_norm(x, res, w, b, SEED, OFFSET, pe, norm, 1e-5,
+                                                           residual_in_fp32)
+    assert_bitwise_equal(h, h_ref)
+    if h_dtype == dtype and against_fused:
+        assert_bitwise_equal(h, tk.fused_dropout(x, None, res, state, "identity", [])[0])
+    atol, rtol = NORM_TOL[dtype]
+    torch.testing.assert_close(y, y_ref, atol=4 * atol, rtol=rtol)
+    torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd, rstd_ref, atol=1e-5, rtol=1e-5)
+    grads = tk.dropout_add_norm_backward(grad, grad_h, h, w, mean, rstd, state, norm, list(output_mask))
+    expected = ref.dropout_add_norm_backward(grad, grad_h, h, w, mean, rstd, SEED, OFFSET, pe, norm)
+    rows = math.prod(shape[:-1])
+    for name, got, want, need in zip(("grad_input", "grad_residual", "grad_weight", "grad_bias"), grads, expected,
+                                     output_mask):
+        if not need:
+            assert got.shape == (0,), name
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        # grad_weight and grad_bias are float32 sums of float32 products
+        # of the same values, in another order
+        tol = dict(atol=8 * atol, rtol=4 * rtol) if got.dtype == dtype else dict(atol=1e-5 * rows, rtol=1e-5)
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+    if output_mask[0]:
+        # a dropped element: a zero with dh's sign, as the reference
+        keep = ref.dropout_mask(shape, pe, SEED, OFFSET)
+        assert torch.equal(torch.signbit(grads[0][~keep]), torch.signbit(expected[0][~keep]))
+        assert not grads[0][~keep].any()
+
+
+@pytest.mark.parametrize("shape,dtype,norm", [
+    ((3, 1), torch.float32, "layer"), ((3, 1), torch.bfloat16, "rms"),
+    ((2, 3, 7), torch.float16, "layer"), ((2, 3, 7), torch.float32, "rms"),
+    ((5, 77), torch.bfloat16, "layer"), ((5, 77), torch.float16, "rms"),
+    ((4, 64), torch.float32, "layer"), ((4, 64), torch.bfloat16, "rms"),
+])
+def test_norm_in_registers(tk, shape, dtype, norm):
+    """A row in one tile: masked (H below the tile) and even (H == BLOCK)
+    rows, H % 4 != 0 drawing element by element; several rows a program in
+    the backward."""
+    _norm_case(tk, shape, dtype, norm)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("shape", [(4, 77), (2, 128)])
+def test_norm_column_tiles(tk, monkeypatch, shape, norm):
+    """Rows longer than NORM_MAX_BLOCK (made 32 here): the column-tile loop,
+    full tiles and a partial last one, the merged statistics, and the
+    backward's partial sums kept in the partial buffer row by row."""
+    monkeypatch.setattr(tk, "NORM_MAX_BLOCK", 32)
+    assert tk.norm_config(shape[-1], 4)[3]
+    _norm_case(tk, shape, torch.float32, norm)
+    _norm_case(tk, shape, torch.bfloat16, norm, residual_in_fp32=True, param_dtype=torch.float32,
+               output_mask=(True, False, True, True))
+
+
+def test_norm_long_rows(tk, monkeypatch):
+    """A long row, 20000 elements, over column tiles of 4096 (h against the
+    reference's only: the interpreted fused_dropout's tiny blocks are slow)."""
+    monkeypatch.setattr(tk, "NORM_MAX_BLOCK", 4096)
+    _norm_case(tk, (2, 20000), torch.bfloat16, "layer", against_fused=False)
+
+
+@pytest.mark.parametrize("p,output_mask", [
+    (None, (True, True, True, True)), (0.0, (True, False, False, False)), (1.0, (True, True, True, True)),
+    (float("nan"), (False, True, False, True)), (1.5, (False, False, True, False)), (0.3, (True, False, False, True)),
+])
+def test_norm_options(tk, p, output_mask):
+    """No state, p == 0 and p >= 1 (and p read from the state as the
+    contract sanitises it); every output_mask leaves the others empty; no
+    bias, float32 parameters of a half input, h in float32."""
+    _norm_case(tk, (3, 12), torch.float16, "layer", p, with_bias=False, param_dtype=torch.float32,
+               residual_in_fp32=True, output_mask=output_mask)
+
+
+def test_norm_no_philox_without_dropout(tk, monkeypatch):
+    """No state, p == 0 and p >= 1 decide every element without a random
+    word, in the forward and the backward (with Philox made to fail; a call
+    with 0 < p < 1 does fail, so the patch is in effect)."""
+    import triton
+
+    @triton.jit
+    def _no_philox(state_ptr, group):
+        raise AssertionError("Philox evaluated")
+
+    monkeypatch.setattr(tk, "_philox_words", _no_philox)
+    x, bias, res, grad = make_inputs((3, 13), torch.float32)
+    for state in (None, _state(0.0), _state(1.0)):
+        y, h, mean, rstd = tk.dropout_add_norm(x, res, bias, bias, state, "layer", 1e-5, False)
+        tk.dropout_add_norm_backward(grad, None, h, bias, mean, rstd, state, "layer", [True] * 4)
+    with pytest.raises(Exception):
+        tk.dropout_add_norm(x, res, bias, bias, _state(0.5), "layer", 1e-5, False)
