@@ -1,13 +1,19 @@
 """What the benchmark suite measures: the cases (op, direction, dtype, size),
 the implementations of each, minimal byte counts, input sets and the clocks.
-Shared by the pytest-benchmark suite and its conftest."""
+Shared by the pytest-benchmark suite and its conftest.
+
+Two op families: the fused dropout (``OPS``: residual + dropout(act(x +
+bias)), input sets (x, bias, residual)) and dropout + residual + norm
+(``NORM_OPS``: norm(residual + dropout(x)) * weight + bias, input sets
+(x, residual, weight, bias)). An input set is a tuple of the op's arguments,
+None where the op takes none; gradients are taken for every tensor in it."""
 
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as TF
@@ -30,14 +36,33 @@ OPS: Dict[str, Tuple[str, bool, bool]] = {
     "bias_silu_dropout": ("silu", True, False),
     "dropout_residual": ("identity", False, True),
 }
-DEFAULT_OPS = ["dropout", "bias_gelu_dropout", "dropout_residual"]
+# op -> the norm of y = norm(residual + dropout(x)) * weight + bias (RMSNorm has no bias)
+NORM_OPS: Dict[str, str] = {
+    "dropout_add_norm": "layer",
+    "dropout_add_rmsnorm": "rms",
+}
+EPS = 1e-5
+DEFAULT_OPS = ["dropout", "bias_gelu_dropout", "dropout_residual", "dropout_add_norm"]
+# The smoke run adds the RMSNorm twin: its composition and kernel path are
+# not LayerNorm's, and a tiny run of them costs little.
+SMOKE_OPS = DEFAULT_OPS + ["dropout_add_rmsnorm"]
 DIRECTIONS = ("forward", "backward", "forward_backward")
-HIDDEN = 1024  # last dimension: the bias length
+HIDDEN = 1024  # last dimension: the bias length, the normalized row
 
 
 def minimal_bytes(op: str, direction: str, numel: int, elem: int) -> int:
     """Bytes any implementation must move: each input read once, each output
-    written once (the bias and the 16-byte (seed, offset) are negligible)."""
+    written once (the bias and the 16-byte (seed, offset) are negligible).
+
+    dropout + residual + norm (weight, bias and the per-row statistics are
+    negligible too): forward reads x and residual and writes y; backward
+    reads dy and h (the one tensor it cannot do without: without h it would
+    read x and residual) and writes dx and dresidual (dh, no longer dy);
+    forward+backward also writes h in the forward, for the backward to read."""
+    if op in NORM_OPS:
+        fwd, bwd = 3, 4
+        per = {"forward": fwd, "backward": bwd, "forward_backward": fwd + 1 + bwd}[direction]
+        return per * numel * elem
     act, bias, res = OPS[op]
     fwd = 2 + (1 if res else 0)            # read x (and residual), write y
     bwd = 2 + (1 if act != "identity" else 0)  # read dy (and x), write dx; dresidual is dy
@@ -56,6 +81,17 @@ _ACT = {"identity": lambda v: v, "relu": torch.relu, "gelu": TF.gelu,
 
 
 def eager_fn(op: str) -> Callable:
+    """The eager composition of `op` (what torch.compile compiles too)."""
+    if op in NORM_OPS:
+        norm = NORM_OPS[op]
+
+        def norm_fn(x, r, w, b):
+            h = r + TF.dropout(x, P, training=True)
+            if norm == "layer":
+                return TF.layer_norm(h, h.shape[-1:], w, b, EPS)
+            return TF.rms_norm(h, h.shape[-1:], w, EPS)
+
+        return norm_fn
     act, _, _ = OPS[op]
     f = _ACT[act]
 
@@ -70,7 +106,14 @@ def eager_fn(op: str) -> Callable:
 MASK_MODES = ("packed", "regenerate")
 
 
-def ext_fn(op: str, backend: str, mask_mode: str) -> Callable:
+def ext_fn(op: str, backend: str, mask_mode: Optional[str]) -> Callable:
+    if op in NORM_OPS:
+        norm = NORM_OPS[op]
+
+        def norm_fn(x, r, w, b):
+            return F.dropout_add_norm(x, r, w, b, P, EPS, norm=norm, backend=backend)
+
+        return norm_fn
     act, _, _ = OPS[op]
 
     def fn(x, b, r):
@@ -79,23 +122,27 @@ def ext_fn(op: str, backend: str, mask_mode: str) -> Callable:
     return fn
 
 
-def impl_names(device: torch.device) -> List[str]:
+def impl_names(op: str, device: torch.device) -> List[str]:
     """Every implementation of a case, in the order a paired round runs them:
     each dropout_ext backend here (the reference is the oracle, not a
-    contender) in each mask mode ("dropout_ext[cpu/packed]"), the eager
-    composition (nn.Dropout's functional form for plain dropout),
-    torch.compile of it, and clone() of the input, the copy ceiling of an op
-    that reads and writes each element once."""
-    ext = [f"dropout_ext[{name}/{mode}]" for name in dropout_ext.available_backends(device)
-           if name != "reference" for mode in MASK_MODES]
+    contender), for the fused dropout in each mask mode
+    ("dropout_ext[cpu/packed]"; the norm op has one, the mask regenerated:
+    "dropout_ext[cpu]"), the eager composition (nn.Dropout's functional form
+    for plain dropout), torch.compile of it, and clone() of the input, the
+    copy ceiling of an op that reads and writes each element once."""
+    backends = [name for name in dropout_ext.available_backends(device) if name != "reference"]
+    if op in NORM_OPS:
+        ext = [f"dropout_ext[{name}]" for name in backends]
+    else:
+        ext = [f"dropout_ext[{name}/{mode}]" for name in backends for mode in MASK_MODES]
     return ext + ["eager", "torch.compile", "copy"]
 
 
 def build_impl(op: str, name: str) -> Callable:
     """The function of a named implementation ("copy" has none: see copy_call)."""
     if name.startswith("dropout_ext[") and name.endswith("]"):
-        backend, mode = name[len("dropout_ext["):-1].split("/")
-        return ext_fn(op, backend, mode)
+        backend, _, mode = name[len("dropout_ext["):-1].partition("/")
+        return ext_fn(op, backend, mode or None)
     if name == "eager":
         return eager_fn(op)
     if name == "torch.compile":
@@ -105,10 +152,18 @@ def build_impl(op: str, name: str) -> Callable:
 
 def make_inputs(op: str, numel: int, dtype, device, requires_grad: bool, copies: int):
     """`copies` independent input sets to rotate through."""
-    _, bias, res = OPS[op]
     rows = max(1, numel // HIDDEN)
     shape = (rows, HIDDEN) if numel >= HIDDEN else (numel,)
     sets = []
+    if op in NORM_OPS:
+        for _ in range(copies):
+            x, r, w = (torch.randn(s, dtype=dtype, device=device).requires_grad_(requires_grad)
+                       for s in (shape, shape, shape[-1:]))
+            b = (torch.randn(shape[-1], dtype=dtype, device=device).requires_grad_(requires_grad)
+                 if NORM_OPS[op] == "layer" else None)
+            sets.append((x, r, w, b))
+        return sets
+    _, bias, res = OPS[op]
     for _ in range(copies):
         x = torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
         b = torch.randn(shape[-1], dtype=dtype, device=device).requires_grad_(requires_grad) if bias else None
@@ -129,11 +184,11 @@ def make_call(fn: Callable, direction: str, sets, grads) -> Callable[[int], None
         def forward(k):
             fn(*sets[k])
         return forward
+    wrt = [[t for t in s if t is not None] for s in sets]
     if direction == "forward_backward":
         def forward_backward(k):
-            x, b, r = sets[k]
-            y = fn(x, b, r)
-            torch.autograd.grad(y, [t for t in (x, b, r) if t is not None], grads[k])
+            y = fn(*sets[k])
+            torch.autograd.grad(y, wrt[k], grads[k])
         return forward_backward
     # Timing the backward alone replays each graph (retain_graph), which a
     # compiled backward that donates its saved buffers refuses; the graphs
@@ -143,8 +198,7 @@ def make_call(fn: Callable, direction: str, sets, grads) -> Callable[[int], None
         outs = [fn(*s) for s in sets]
 
     def backward(k):
-        x, b, r = sets[k]
-        torch.autograd.grad(outs[k], [t for t in (x, b, r) if t is not None], grads[k], retain_graph=True)
+        torch.autograd.grad(outs[k], wrt[k], grads[k], retain_graph=True)
     return backward
 
 
@@ -200,7 +254,7 @@ def saved_bytes_per_element(fn: Callable, op: str, dtype, device) -> float:
     saved_tensors_hooks on a 2**16-element forward (each storage counted once;
     an input that is saved counts, since the graph keeps it alive)."""
     numel = 1 << 16
-    (x, b, r), = make_inputs(op, numel, dtype, device, True, 1)
+    inputs, = make_inputs(op, numel, dtype, device, True, 1)
     seen = {}
 
     def pack(t):
@@ -208,7 +262,7 @@ def saved_bytes_per_element(fn: Callable, op: str, dtype, device) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x, b, r)
+        fn(*inputs)
     return sum(seen.values()) / numel
 
 
@@ -238,7 +292,7 @@ def dtypes(device: torch.device, mode: str) -> List[str]:
 
 def bench_cases(device: torch.device, mode: str) -> List[Tuple[str, str, str, int]]:
     """(op, direction, dtype, numel) of every case of a run, in run order."""
-    ops = list(OPS) if mode == "full" else DEFAULT_OPS
+    ops = {"full": list(OPS) + list(NORM_OPS), "smoke": SMOKE_OPS}.get(mode, DEFAULT_OPS)
     return [(op, d, dt, n) for op in ops for d in DIRECTIONS for dt in dtypes(device, mode)
             for n in sizes(device, mode)]
 

@@ -15,6 +15,44 @@ def _fmt(value, spec, suffix=""):
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+# (op, direction, what is compared, the bound): the targets of the fused
+# dropout + residual + LayerNorm, stated for 16384 x 1024 on 2 CPU threads.
+# "x compile" / "x eager": dropout_ext's speedup must reach the bound;
+# "saved": its saved bytes per element must not exceed torch.compile's.
+TARGETS = [
+    ("dropout_add_norm", "forward_backward", "x compile", 2.0),
+    ("dropout_add_norm", "forward", "x eager", 3.0),
+    ("dropout_add_norm", "forward", "saved", None),
+]
+
+
+def _targets(rows, numel, impls):
+    """The TARGETS rows measured in this run, per dtype and dropout_ext implementation."""
+    out = []
+    for op, direction, what, bound in TARGETS:
+        for dtype in sorted({r["dtype"] for r in rows if r["op"] == op}, key=lambda d: d != "float32"):
+            comp = _get(rows, (op, direction, dtype, numel, "torch.compile"))
+            eager = _get(rows, (op, direction, dtype, numel, "eager"))
+            for impl in impls:
+                r = _get(rows, (op, direction, dtype, numel, impl))
+                if r is None:
+                    continue
+                if what == "saved":
+                    ours, theirs = r.get("saved_bytes_per_elem"), comp and comp.get("saved_bytes_per_elem")
+                    name = f"{op} saves no more bytes per element than `torch.compile`"
+                    shown = f"**{_fmt(ours, '.2f')}** vs {_fmt(theirs, '.2f')}"
+                    met = None if ours is None or theirs is None else ours <= theirs
+                else:
+                    base, field = (comp, "speedup_vs_compile") if what == "x compile" else (eager, "speedup_vs_eager")
+                    ratio = r.get(field)
+                    name = f"{op} {direction} >= {bound:g}x {'`torch.compile`' if what == 'x compile' else 'eager'}"
+                    shown = (f"{r['time_s'] * 1e3:.1f} ms vs {_fmt(base and base['time_s'] * 1e3, '.1f')} ms: "
+                             f"**{_fmt(ratio, '.2f', 'x')}**")
+                    met = None if ratio is None else ratio >= bound
+                out.append((name, dtype, impl, shown, {True: "yes", False: "no", None: "-"}[met]))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json")
@@ -27,6 +65,13 @@ def main():
     print(f"{env['device_name']}, {env['cpu_threads']} threads, torch {env['torch']}, {env['date']}")
     print(f"command: `{env['command']}`\n")
     impls = sorted({r["impl"] for r in rows if r["impl"].startswith("dropout_ext")})
+    targets = _targets(rows, numel, impls)
+    if targets:
+        print(f"| target (2**{numel.bit_length() - 1} elements) | dtype | impl | measured | met |")
+        print("| --- | --- | --- | --- | --- |")
+        for row in targets:
+            print("| " + " | ".join(row) + " |")
+        print()
     print("| op | direction | dtype | impl | time ms | eager ms | compile ms | x eager | x compile | t/copy | "
           "saved B/el (ours / eager / compile) |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")

@@ -41,7 +41,7 @@ def pytest_generate_tests(metafunc):
     for op, direction, dtype, numel in cases.bench_cases(device, mode):
         cid = cases.case_id(op, direction, dtype, numel)
         if "impl" in metafunc.fixturenames:
-            for impl in cases.impl_names(device):
+            for impl in cases.impl_names(op, device):
                 params.append(pytest.param(op, direction, dtype, numel, impl, id=f"{cid}-{impl}",
                                            marks=pytest.mark.benchmark(group=cid, **timer)))
         else:
@@ -140,7 +140,7 @@ def test_paired(benchmark, request, op, direction, dtype, numel):
     device = bench_device(request.config)
     rounds, warmup = bench_rounds(request.config, numel, device)
     state = _case_state(op, direction, dtype, numel, device)
-    names = cases.impl_names(device)
+    names = cases.impl_names(op, device)
     calls = [_call(state, op, direction, name) for name in names]
     if state["warm"].issuperset(names):
         # Warmed by this case's test_impl runs; one round still brings every
