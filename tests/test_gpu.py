@@ -190,6 +190,10 @@ def test_no_host_synchronisation(backend):
         F.fused_dropout(x, 0.3, bias=b, activation="gelu", seed=5, offset=2**40, backend=backend).backward(g)
         F.fused_dropout(x, 0.3, residual=x, training=False, backend=backend).backward(g)
         F.dropout2d(x.view(8, 8, 10, 100), 0.3, backend=backend)
+        w = torch.ones(1000, device="cuda", requires_grad=True)
+        y, h = F.dropout_add_norm(x, x.detach(), w, b, 0.3, prenorm=True, backend=backend)
+        torch.autograd.backward([y, h], [g, g])
+        F.dropout_add_norm(x, None, w, None, 0.3, norm="rms", backend=backend).backward(g)
         dropout_ext.dropout_mask((64, 1000), 0.3, seed=1, device="cuda", backend=backend)
 
     work()  # first calls: Triton compiles and autotunes (which synchronises)
@@ -213,6 +217,9 @@ _SANITIZED = textwrap.dedent("""
                 b = torch.randn(shape[-1], device="cuda", dtype=dtype, requires_grad=True)
                 y = F.fused_dropout(x[..., 1:] if shape[-1] > 1 else x, 0.3, activation="gelu", backend=backend)
                 y.sum().backward()
+                w = torch.randn(shape[-1], device="cuda", dtype=dtype, requires_grad=True)
+                for norm in ("layer", "rms"):
+                    F.dropout_add_norm(x, x.detach(), w, b, 0.3, norm=norm, backend=backend).sum().backward()
                 for mode in ("regenerate", "packed"):
                     F.fused_dropout(x, 0.3, bias=b, activation="silu", backend=backend,
                                     mask_mode=mode).sum().backward()
@@ -275,3 +282,66 @@ def test_autocast_bias_and_residual_follow_the_input(backend):
     expected = F.fused_dropout(y, 0.2, bias=bias.bfloat16(), residual=res.bfloat16(), activation="gelu", seed=5,
                                backend=backend)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_dropout_add_norm_cuda_graph_replays(backend):
+    """A captured dropout_add_norm forward and backward: every replay draws
+    a fresh mask, h is the residual plus the dropped input, and the
+    parameter gradients are the ordered sums of the eager call."""
+    _need(backend)
+    x = torch.randn(64, 1024, device="cuda", requires_grad=True)
+    r = torch.randn(64, 1024, device="cuda")
+    w = torch.randn(1024, device="cuda", requires_grad=True)
+    b = torch.randn(1024, device="cuda", requires_grad=True)
+    g = torch.randn(64, 1024, device="cuda")
+
+    def step():
+        y, h = F.dropout_add_norm(x, r, w, b, 0.5, prenorm=True, backend=backend)
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
+        return h.detach(), gx, gw, gb
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h, gx, gw, gb = step()
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        kept = h != r
+        masks.append(kept.clone())
+        torch.testing.assert_close(h[kept], (r + 2 * x.detach())[kept])
+        assert torch.equal(gx == 0, ~kept)
+        torch.testing.assert_close(gb, g.sum(0), rtol=1e-5, atol=1e-4)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_dropout_add_norm_over_2_31_elements(backend):
+    """Rows past 2**31 and 2**32 elements: h carries the contract's keep bits
+    there (ones at p = 0.5 become 2 or 0), and each row of y is normalised."""
+    _need(backend)
+    H = 4099
+    rows = (2**32 + 2 * H) // H
+    n = rows * H
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * 2 * n:
+        pytest.skip(f"needs {4 * 2 * n / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.ones(rows, H, dtype=torch.bfloat16, device="cuda")
+    state = _state_on_gpu(0.5, 31, 7)
+    y, h, mean, rstd = _ops_of(backend).norm(x, None, None, None, state, "layer", 1e-5, False)
+    flat = h.view(-1)
+    for centre in (2**31, 2**32):
+        idx = torch.arange(centre - 4100, centre + 4100, device="cuda")
+        assert torch.equal(flat[idx] == 2, ref.keep_for_indices(idx, 0.5, 31, 7))
+    for row in (2**31 // H, 2**32 // H, rows - 1):
+        want = torch.nn.functional.layer_norm(h[row].float(), (H,), eps=1e-5)
+        torch.testing.assert_close(y[row].float(), want, rtol=2e-2, atol=2e-2)
