@@ -649,7 +649,9 @@ def _norm_merge(hv, m, count, mean, m2, seen, RMS: tl.constexpr, MASKED: tl.cons
             d = tl.where(m, d, 0.0)
         delta = t_mean - mean
         mean = mean + delta * _div(cnt, total)
-        m2 = m2 + _row_sum(d * d) + delta * delta * _div(seen * cnt, total)
+        # The weight first: on a row's first tile it is 0, and delta * delta
+        # alone overflows for |mean| above 2**64 (then 0 * inf is NaN).
+        m2 = m2 + _row_sum(d * d) + (delta * _div(seen * cnt, total)) * delta
     return mean, m2, total
 
 
@@ -708,7 +710,8 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
         # run-time range is not run by every Triton interpreter; c0 = t *
         # BLOCK, so the compiler knows each tile starts on a multiple of BLOCK.
         tail = H // BLOCK * BLOCK
-        t = 0
+        # The tile index in 64 bits: t * BLOCK passes 2**31 on rows that long.
+        t = tl.zeros([], tl.int64)
         while t * BLOCK < H:
             c0 = t * BLOCK
             if c0 < tail:
@@ -731,7 +734,7 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
         tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     if LOOP:
-        t = 0
+        t = tl.zeros([], tl.int64)
         while t * BLOCK < H:
             c0 = t * BLOCK
             cols = c0 + local
@@ -808,7 +811,7 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
     if NEED_DX | NEED_DRES:
         s1 = tl.zeros([TR, R], tl.float32)
         s2 = tl.zeros([TR, R], tl.float32)
-        t = 0
+        t = tl.zeros([], tl.int64)
         while t * BLOCK < tail:
             c0 = t * BLOCK
             cols = c0 + local
@@ -824,7 +827,7 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
             s2 += gw
         c1 = _div(_row_sum(s1), n)
         c2 = _div(_row_sum(s2), n)
-    t = 0
+    t = tl.zeros([], tl.int64)
     while t * BLOCK < H:
         c0 = t * BLOCK
         cols = c0 + local

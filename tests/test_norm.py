@@ -22,6 +22,7 @@ import torch.nn.functional as tF
 from torch import nn
 
 import dropout_ext
+from dropout_ext import _ops
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
 from dropout_ext._validate import norm_dtypes
@@ -257,6 +258,22 @@ def test_zero_variance_rows(b, dtype, monkeypatch):
     out = F.dropout_add_norm(*leaves.values(), 0.5, EPS, seed=SEED, offset=OFFSET,
                              backend=public(b, monkeypatch, dtype))
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out, list(leaves.values()), gy))
+
+
+@pytest.mark.parametrize(*cases(dtype=[torch.float32, torch.bfloat16]))
+def test_rows_with_huge_means(b, dtype):
+    """Rows whose mean squared overflows float32 (|mean| near 1e20): the
+    statistics stay finite and match the reference; a constant row's
+    variance is 0, a spread one's is the spread's."""
+    H = 8
+    rows = torch.stack([torch.full((H,), 1e20, dtype=torch.float64),
+                        3e19 + torch.arange(H, dtype=torch.float64) * 1e17])
+    x = rows.to(dtype).to(b.device)
+    want = _ops.op_set("reference_").norm(x, None, None, None, None, "layer", EPS, False)
+    got = b.ops.norm(x, None, None, None, None, "layer", EPS, False)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[3]).all()
+    for name, g, w in zip(("y", "h", "mean", "rstd"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize(*cases(dtype=DTYPES, norm=NORMS, small=dict(dtype=[torch.float32, torch.bfloat16])))
