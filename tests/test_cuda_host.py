@@ -76,19 +76,26 @@ def test_forward_backward_equal_reference(dtype, activation):
                 assert got[2].shape == (0,)
 
 
+def _misaligned_inputs(dtype):
+    """x, bias, residual and grad of shape (6, 45), the three big ones
+    contiguous views one element into their storage (off 16 bytes)."""
+    shape = (6, 45)
+    g = torch.Generator().manual_seed(5)
+    flat = [(torch.randn(math.prod(shape) + 1, generator=g) * 3).to(dtype) for _ in range(3)]
+    x, res, grad = (t[1:].view(shape) for t in flat)
+    assert x.data_ptr() % 16 != 0 and x.is_contiguous()
+    bias = torch.randn(shape[-1], generator=g).to(dtype)
+    return x, bias, res, grad
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["identity", "relu", "gelu_tanh"])
 def test_misaligned_views_take_the_scalar_path(dtype, activation):
     """A storage offset of one element leaves the pointers off 16 bytes: the
     kernels then load and store element by element (the CPU allocator's 64-byte
     alignment gives the 128-bit path everywhere else in this file)."""
-    shape = (6, 45)
-    n = math.prod(shape)
-    g = torch.Generator().manual_seed(5)
-    flat = [(torch.randn(n + 1, generator=g) * 3).to(dtype) for _ in range(3)]
-    x, res, grad = (t[1:].view(shape) for t in flat)
-    assert x.data_ptr() % 16 != 0 and x.is_contiguous()
-    bias = torch.randn(shape[-1], generator=g).to(dtype)
+    x, bias, res, grad = _misaligned_inputs(dtype)
+    shape = x.shape
     got, want = _both(x, bias, res, grad, state(0.4), activation, bias_grad=True)
     check_contract(got[0], want[0], dtype, activation)
     check_contract(got[1], want[1], dtype, activation)
@@ -454,13 +461,8 @@ def test_packed_mode_on_misaligned_views(dtype, activation):
     """Pointers off 16 bytes take the scalar loads and stores; the bits are
     packed and read all the same, and a mask_bits view at an odd byte
     offset is read where it is."""
-    shape = (6, 45)
-    n = math.prod(shape)
-    g = torch.Generator().manual_seed(5)
-    flat = [(torch.randn(n + 1, generator=g) * 3).to(dtype) for _ in range(3)]
-    x, res, grad = (t[1:].view(shape) for t in flat)
-    assert x.data_ptr() % 16 != 0 and x.is_contiguous()
-    bias = torch.randn(shape[-1], generator=g).to(dtype)
+    x, bias, res, grad = _misaligned_inputs(dtype)
+    shape = x.shape
     st = state(0.4)
     y, packed = ops.cuda_host_fused_dropout(x, bias, res, st, activation, [], None, True)
     y_ref, packed_ref = ops.reference_fused_dropout(x, bias, res, st, activation, [], None, True)
