@@ -46,6 +46,11 @@ DEFAULT_OPS = ["dropout", "bias_gelu_dropout", "dropout_residual", "dropout_add_
 # The smoke run adds the RMSNorm twin: its composition and kernel path are
 # not LayerNorm's, and a tiny run of them costs little.
 SMOKE_OPS = DEFAULT_OPS + ["dropout_add_rmsnorm"]
+# The lease run (tools/gpu_check.sh on a GPU lent for minutes): the ops with
+# a stated GPU target (BENCHMARKS.md), a training step's forward+backward
+# only, in bfloat16: every torch.compile in a case costs seconds of a
+# minutes-long budget.
+LEASE_OPS = ["dropout", "bias_gelu_dropout", "dropout_add_norm"]
 DIRECTIONS = ("forward", "backward", "forward_backward")
 HIDDEN = 1024  # last dimension: the bias length, the normalized row
 
@@ -270,9 +275,20 @@ def median(samples: List[float]) -> float:
     return statistics.median(samples)
 
 
+def tiny(device: torch.device, mode: str) -> bool:
+    """Whether a run only shows that the suite works, with no timing claims:
+    the smoke run, and the lease run off the GPU (a GPU mode, run on the CPU
+    at smoke size so that it can be checked anywhere)."""
+    return mode == "smoke" or (mode == "lease" and device.type != "cuda")
+
+
 def sizes(device: torch.device, mode: str) -> List[int]:
-    if mode == "smoke":
+    if tiny(device, mode):
         return [1 << 12]
+    if mode == "lease":
+        # One transformer layer's activations (8 x 2048 tokens x 1024) and a
+        # size far past the L2 cache, both sizes of the default run.
+        return [1 << 24, 1 << 28]
     if mode == "small":  # per-call overhead
         return [1 << 8, 1 << 10, 1 << 12, 1 << 14]
     top = 28 if device.type == "cuda" else 26
@@ -282,6 +298,8 @@ def sizes(device: torch.device, mode: str) -> List[int]:
 
 
 def dtypes(device: torch.device, mode: str) -> List[str]:
+    if mode == "lease":
+        return ["bfloat16"]
     if mode in ("smoke", "small"):
         return ["float32"]
     out = ["float32", "bfloat16"]
@@ -292,8 +310,9 @@ def dtypes(device: torch.device, mode: str) -> List[str]:
 
 def bench_cases(device: torch.device, mode: str) -> List[Tuple[str, str, str, int]]:
     """(op, direction, dtype, numel) of every case of a run, in run order."""
-    ops = {"full": list(OPS) + list(NORM_OPS), "smoke": SMOKE_OPS}.get(mode, DEFAULT_OPS)
-    return [(op, d, dt, n) for op in ops for d in DIRECTIONS for dt in dtypes(device, mode)
+    ops = {"full": list(OPS) + list(NORM_OPS), "smoke": SMOKE_OPS, "lease": LEASE_OPS}.get(mode, DEFAULT_OPS)
+    directions = ("forward_backward",) if mode == "lease" else DIRECTIONS
+    return [(op, d, dt, n) for op in ops for d in directions for dt in dtypes(device, mode)
             for n in sizes(device, mode)]
 
 
@@ -312,7 +331,7 @@ def case_id(op: str, direction: str, dtype: str, numel: int) -> str:
 def rounds_for(numel: int, mode: str, device: torch.device) -> Tuple[int, int]:
     """(rounds, warm-up rounds): enough rounds for a stable median, bounded so
     the slowest CPU case (nn.Dropout at 2**26) stays within seconds."""
-    if mode == "smoke":
+    if tiny(device, mode):
         return 1, 1
     if mode == "small":
         return 2000, 200

@@ -180,7 +180,7 @@ def test_transformer_block_memory(benchmark, request):
     device = bench_device(request.config)
     mode = request.config.getoption("--bench-mode")
     threads = request.config.getoption("--bench-threads")
-    rows = benchmark.pedantic(transformer_block.run_all, args=(device.type, threads, mode == "smoke"),
+    rows = benchmark.pedantic(transformer_block.run_all, args=(device.type, threads, cases.tiny(device, mode)),
                               rounds=1, iterations=1)
     base = next(r for r in rows if r["variant"] == "nn")
     for r in rows:

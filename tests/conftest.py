@@ -76,6 +76,21 @@ class Snapshot:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long test (the huge-tensor one); deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "gpu_quick: the GPU tests of the first minutes on a new GPU "
+                                       "(tools/gpu_check.sh runs them first); select with -m gpu_quick")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures tests record (``request.node.user_properties``, also in
+    the JUnit XML): measured values reported, not asserted, such as the
+    device operations per call that tests/test_gpu.py counts. One line
+    each, ``figure: <name> = <value>``, for tools/gpu_check.sh to collect."""
+    reports = [r for r in terminalreporter.stats.get("passed", []) if getattr(r, "user_properties", None)]
+    if reports:
+        terminalreporter.write_sep("-", "figures recorded by the tests")
+        for report in reports:
+            for name, value in report.user_properties:
+                terminalreporter.write_line(f"figure: {name} = {value}  ({report.nodeid})")
 
 
 # The one place GPU tests are marked. The condition is a string, evaluated

@@ -1,17 +1,22 @@
 """What only a GPU can show (every test here skips, with the reason, on a
 machine without one): a tensor over 2**31 elements, drop rates, CUDA-graph
 replays, torch.compile, checkpoint recompute, no host synchronisation, a
-compiled schedule, compute-sanitizer. The GPU backends' masks, outputs and
-gradients against the reference (large, odd, misaligned, strided and
-channels_last tensors, structured masks, special values, p from device memory,
-the generator's draws, opcheck) are test_conformance.py's gpu_cuda and
-gpu_triton cases."""
+compiled schedule, compute-sanitizer, the device operations per call. The
+GPU backends' masks, outputs and gradients against the reference (large,
+odd, misaligned, strided and channels_last tensors, structured masks,
+special values, p from device memory, the generator's draws, opcheck) are
+test_conformance.py's gpu_cuda and gpu_triton cases.
+
+The tests marked ``gpu_quick`` are the first minutes on a new GPU
+(tools/gpu_check.sh runs them before anything else): a few shapes and dtypes
+against the reference, CUDA-graph replays, no host synchronisation, and the
+device operations per call, recorded as figures."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,11 +25,15 @@ import dropout_ext
 from dropout_ext import _ops, _state
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
-from conftest import assert_bitwise_equal, requires_cuda
+import test_conformance as conformance
+import test_norm as norm_suite
+from conftest import ROOT, assert_bitwise_equal, requires_cuda
 
 pytestmark = requires_cuda
+quick = pytest.mark.gpu_quick
 
 GPU_BACKENDS = ["cuda", "triton"]
+PREFIXES = {"cuda": "", "triton": "triton_"}
 
 
 def _need(backend):
@@ -33,7 +42,7 @@ def _need(backend):
 
 
 def _ops_of(backend) -> _ops.OpSet:
-    return _ops.op_set({"cuda": "", "triton": "triton_"}[backend])
+    return _ops.op_set(PREFIXES[backend])
 
 
 def _state_on_gpu(p, seed, offset):
@@ -79,6 +88,67 @@ def test_over_2_31_elements(backend):
     assert torch.equal(dx[idx] == 2, ~ref.keep_for_indices(idx, 0.5, 31, 7))
 
 
+@quick
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (513, 1024)), (torch.bfloat16, (3, 4099))],
+                         ids=conformance._id)
+def test_quick_equals_the_reference(backend, dtype, shape, monkeypatch):
+    """A corner of the full suites' GPU rows, for the first minutes on a new
+    GPU: the fused op with a bias, gelu and a residual (the conformance
+    suite's test_forward_backward) and dropout_add_norm with h's gradient
+    (test_norm.py's check), on an aligned and an odd row length (each a
+    Triton compile of every kernel: the minutes are short)."""
+    _need(backend)
+    b = conformance.Backend(f"gpu_{backend}", PREFIXES[backend], "cuda", backend)
+    conformance.test_forward_backward(b, dtype, shape, 0.3, "gelu", "bias+res")
+    for norm in ("layer", "rms"):
+        norm_suite._check(b, monkeypatch, shape, dtype, norm, prenorm=True)
+
+
+# The op's own kernels among the profiler's device events: the CUDA kernels'
+# one __global__ template, the Triton kernels by their function names.
+_OWN_KERNEL = re.compile(r"kernel_entry|^_\w+_kernel$")
+
+
+@quick
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_quick_device_ops_per_call(backend, request):
+    """The device operations (kernels, fills, copies) of one eager forward,
+    counted by the profiler and recorded as figures, not asserted: the
+    target is the op's one kernel, and today a forward also builds its state
+    [seed, offset, p bits] on the device with a few small ops (docs/DESIGN.md).
+    Asserted: each call runs the op's own kernel exactly once."""
+    _need(backend)
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, r = (torch.randn(64, 1024, device="cuda", generator=g) for _ in range(2))
+    w, b = (torch.randn(1024, device="cuda", generator=g) for _ in range(2))
+    calls = {
+        "fused_dropout forward": lambda: F.fused_dropout(x, 0.1, bias=b, activation="gelu", residual=r,
+                                                         backend=backend),
+        "fused_dropout forward, seed=": lambda: F.fused_dropout(x, 0.1, bias=b, activation="gelu", residual=r,
+                                                                seed=1, backend=backend),
+        "dropout_add_norm forward": lambda: F.dropout_add_norm(x, r, w, b, 0.1, backend=backend),
+    }
+    reps = 5
+    for name, call in calls.items():
+        call()  # Triton compiles on the first call
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                call()
+            torch.cuda.synchronize()
+        device_ops = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+        if not device_ops:
+            pytest.skip("the profiler recorded no device activity here (no CUPTI?)")
+        own = [op for op in device_ops if _OWN_KERNEL.search(op)]
+        assert len(own) == reps, f"{name}: {len(own)} own kernels in {reps} calls; device ops: {device_ops}"
+        request.node.user_properties.append((f"device ops per call, {name} [{backend}]",
+                                             f"{len(device_ops) / reps:g}"))
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.001, 0.1, 0.5, 0.9, 0.999])
 def test_drop_rate_within_5_sigma(backend, p):
@@ -106,6 +176,7 @@ def test_compile_fullgraph_forward_backward(backend):
     torch.testing.assert_close(gc[1], ge[1])
 
 
+@quick
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("mask_mode", ["regenerate", "packed"])
 def test_cuda_graph_replays_draw_fresh_masks(backend, mask_mode):
@@ -173,6 +244,7 @@ def test_checkpoint_recompute_equal(backend, use_reentrant):
     assert_bitwise_equal(w.grad, ref_grads[1])
 
 
+@quick
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_no_host_synchronisation(backend):
     """The state lives on the GPU and the kernels read p, seed and offset from
@@ -207,38 +279,16 @@ def test_no_host_synchronisation(backend):
     torch.cuda.synchronize()
 
 
-_SANITIZED = textwrap.dedent("""
-    import torch
-    from dropout_ext import functional as F
-    for backend in {backends!r}:
-        for dtype in (torch.float32, torch.bfloat16):
-            for shape in ((7,), (33, 65), (3, 5, 1028)):
-                x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-                b = torch.randn(shape[-1], device="cuda", dtype=dtype, requires_grad=True)
-                y = F.fused_dropout(x[..., 1:] if shape[-1] > 1 else x, 0.3, activation="gelu", backend=backend)
-                y.sum().backward()
-                w = torch.randn(shape[-1], device="cuda", dtype=dtype, requires_grad=True)
-                for norm in ("layer", "rms"):
-                    F.dropout_add_norm(x, x.detach(), w, b, 0.3, norm=norm, backend=backend).sum().backward()
-                for mode in ("regenerate", "packed"):
-                    F.fused_dropout(x, 0.3, bias=b, activation="silu", backend=backend,
-                                    mask_mode=mode).sum().backward()
-                    F.dropout(x, 0.3, backend=backend, mask_mode=mode).sum().backward()
-    torch.cuda.synchronize()
-""")
-
-
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
 def test_compute_sanitizer_clean(tool):
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
-    backends = [b for b in GPU_BACKENDS if b in dropout_ext.available_backends("cuda")]
-    # With no GPU backend the script would run nothing and pass.
-    assert backends, f"no GPU backend to sanitize: {dropout_ext.available_backends('cuda')}"
-    script = _SANITIZED.format(backends=backends)
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    proc = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, "-c", script],
+    # PYTHONPATH: the script imports this checkout's dropout_ext, installed or not.
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1",
+               PYTHONPATH=os.pathsep.join(part for part in (ROOT, os.environ.get("PYTHONPATH")) if part))
+    script = os.path.join(ROOT, "tools", "sanitize_ops.py")
+    proc = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, script, "--quick"],
                           capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-5000:]
 
@@ -284,6 +334,7 @@ def test_autocast_bias_and_residual_follow_the_input(backend):
     assert torch.equal(out, expected)
 
 
+@quick
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_dropout_add_norm_cuda_graph_replays(backend):
     """A captured dropout_add_norm forward and backward: every replay draws
