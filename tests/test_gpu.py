@@ -7,9 +7,7 @@ channels_last tensors, structured masks, special values, p from device memory,
 the generator's draws, opcheck) are test_conformance.py's gpu_cuda and
 gpu_triton cases."""
 
-import os
 import shutil
-import subprocess
 import sys
 import textwrap
 
@@ -20,7 +18,7 @@ import dropout_ext
 from dropout_ext import _ops, _state
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
-from conftest import assert_bitwise_equal, requires_cuda
+from conftest import assert_bitwise_equal, requires_cuda, run_child
 
 pytestmark = requires_cuda
 
@@ -237,9 +235,8 @@ def test_compute_sanitizer_clean(tool):
     # With no GPU backend the script would run nothing and pass.
     assert backends, f"no GPU backend to sanitize: {dropout_ext.available_backends('cuda')}"
     script = _SANITIZED.format(backends=backends)
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    proc = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, "-c", script],
-                          capture_output=True, text=True, env=env, timeout=1800)
+    proc = run_child([sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, "-c", script],
+                     env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-5000:]
 
 
