@@ -730,9 +730,6 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
                      HAS_RES, HAS_STATE, ALIGNED, TR, R, not EVEN)
         mean, m2, seen = _norm_merge(hv, m, H, mean, m2, seen, RMS, not EVEN)
     rstd = _div(tl.full([], 1.0, tl.float32), tl.sqrt_rn(_div(m2, seen) + eps))
-    if not RMS:
-        tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
     if LOOP:
         t = tl.zeros([], tl.int64)
         while t * BLOCK < H:
@@ -748,6 +745,13 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
             t += 1
     else:
         _norm_y(y_ptr, w_ptr, b_ptr, hv, start + local, local, m, mean, rstd, RMS, HAS_W, HAS_B, not EVEN)
+    # The statistics last: a scalar store is one thread's, and between the
+    # two passes the thread index that picks it went to the stack under the
+    # ptxas of Triton 3.9 (sm_90, the column tiles of float32 rows); stored
+    # here it stays in a register under every supported Triton.
+    if not RMS:
+        tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit

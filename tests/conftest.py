@@ -1,11 +1,52 @@
 """Shared helpers for the test suite."""
 
+import atexit
+import functools
 import os
+import shutil
+import subprocess
+import tempfile
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def _package_folder() -> str:
+    """A folder whose one entry, dropout_ext, links to the package this
+    process imported: an installed copy, or a checkout with its extension
+    built in place."""
+    import dropout_ext
+
+    folder = tempfile.mkdtemp(prefix="dropout_ext-child-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.symlink(os.path.dirname(os.path.abspath(dropout_ext.__file__)), os.path.join(folder, "dropout_ext"))
+    return folder
+
+
+def run_child(argv, env=None, timeout=300):
+    """``argv`` (Python, or a tool that starts it) in a child process that
+    imports the dropout_ext this process imported; its output as text, in
+    the CompletedProcess. ``env``: variables to set, or to unset with None.
+
+    The child's working directory and the front of its PYTHONPATH are a
+    folder holding only that package: the checkout's root must not be on the
+    child's path (a Python started in it puts it there), because the source
+    tree's dropout_ext, which has no built extension when the package was
+    installed non-editable, would shadow the installed one. A venv of
+    another Triton then needs no dropout_ext of its own, only the Python and
+    torch that the extension was built for."""
+    folder = _package_folder()
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+    for name, value in (env or {}).items():
+        if value is None:
+            child_env.pop(name, None)
+        else:
+            child_env[name] = value
+    return subprocess.run(list(argv), cwd=folder, env=child_env, capture_output=True, text=True, timeout=timeout)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ cpu_<isa> rows.)
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -20,7 +19,7 @@ import torch
 
 from dropout_ext import _ops, _state
 from dropout_ext import reference as ref
-from conftest import ROOT, TOLERANCES, assert_bitwise_equal, make_inputs
+from conftest import TOLERANCES, assert_bitwise_equal, make_inputs, run_child
 
 
 ISAS = ("baseline", "avx2", "avx512")
@@ -118,11 +117,7 @@ _CHILD = textwrap.dedent("""
 
 
 def _child(value):
-    env = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"]
-                                              if os.environ.get("PYTHONPATH") else ""))
-    env[VAR] = value
-    return subprocess.run([sys.executable, "-c", _CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return run_child([sys.executable, "-c", _CHILD], env={VAR: value})
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -15,7 +15,6 @@ device operations per call, recorded as figures."""
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -27,7 +26,7 @@ from dropout_ext import functional as F
 from dropout_ext import reference as ref
 import test_conformance as conformance
 import test_norm as norm_suite
-from conftest import ROOT, assert_bitwise_equal, requires_cuda
+from conftest import ROOT, assert_bitwise_equal, requires_cuda, run_child
 
 pytestmark = requires_cuda
 quick = pytest.mark.gpu_quick
@@ -284,12 +283,9 @@ def test_compute_sanitizer_clean(tool):
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
-    # PYTHONPATH: the script imports this checkout's dropout_ext, installed or not.
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1",
-               PYTHONPATH=os.pathsep.join(part for part in (ROOT, os.environ.get("PYTHONPATH")) if part))
     script = os.path.join(ROOT, "tools", "sanitize_ops.py")
-    proc = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, script, "--quick"],
-                          capture_output=True, text=True, env=env, timeout=1800)
+    proc = run_child([sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, script, "--quick"],
+                     env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-5000:]
 
 

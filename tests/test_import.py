@@ -1,10 +1,12 @@
-"""The package needs its compiled extension: without it, one clear error."""
+"""The package needs its compiled extension: without it, one clear error.
+The tests' child processes import the package the run imported."""
 
-import subprocess
+import os
 import sys
 import textwrap
 
-from conftest import ROOT
+import dropout_ext
+from conftest import run_child
 
 
 def test_import_without_compiled_extension_says_how_to_build():
@@ -17,6 +19,15 @@ def test_import_without_compiled_extension_says_how_to_build():
             assert "dropout_ext._C" in str(exc) and "pip install" in str(exc), exc
             print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_child([sys.executable, "-c", code])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_child_processes_import_this_package():
+    """The tests' child processes (conftest.run_child) import the package
+    this run imported, never a source tree on their path."""
+    code = "import os, dropout_ext; print(os.path.realpath(os.path.dirname(dropout_ext.__file__)))"
+    out = run_child([sys.executable, "-c", code])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == os.path.realpath(os.path.dirname(dropout_ext.__file__))
