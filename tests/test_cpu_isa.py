@@ -1,8 +1,9 @@
 """The instruction sets of the CPU kernels.
 
-csrc/cpu/dropout_cpu.cpp builds every loop for the baseline x86-64, AVX2 and
-AVX-512 and runs the best one the CPU has, unless DROPOUT_EXT_CPU_ISA or the
-test hook ``dropout_ext_testing.cpu_isa`` says otherwise. Here: that choice,
+csrc/cpu builds every loop for the baseline x86-64, AVX2 and AVX-512 (one
+file per kernel family and ISA; csrc/cpu/isa.h) and runs the best one the CPU
+has, unless DROPOUT_EXT_CPU_ISA or the test hook
+``dropout_ext_testing.cpu_isa`` says otherwise. Here: that choice,
 and the same bits from every build over long ranges, at group numbers past
 2**32 (up to 2**61, through the test op ``cpu_mask_range``) and from starts at
 any element of a group, and every output of dropout_add_norm and its

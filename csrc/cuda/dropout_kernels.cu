@@ -1,7 +1,7 @@
 // The CUDA kernels: each __global__ function is a thin entry that hands
 // blockIdx/threadIdx/gridDim to the per-thread code of kernel_body.h and
-// norm_body.h, which the host driver (csrc/cuda_host/driver.cpp) runs on
-// the CPU as well, and the launchers run the launch sequences they describe.
+// norm_body.h, which the host driver (csrc/cuda_host) runs on the CPU as
+// well, and the launchers run the launch sequences they describe.
 #include <cuda_runtime.h>
 
 #include <utility>

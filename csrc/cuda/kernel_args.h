@@ -2,8 +2,8 @@
 //
 // Plain C++, no CUDA and no torch header: the CUDA launchers
 // (dropout_kernels.cu), the torch glue (ops_impl.h) and the host driver that
-// runs the same kernels on the CPU (csrc/cuda_host/driver.cpp, built by g++
-// where no CUDA toolkit exists) all include it, so a grid is computed by one
+// runs the same kernels on the CPU (csrc/cuda_host, built by g++ where no
+// CUDA toolkit exists) all include it, so a grid is computed by one
 // function whichever of them launches it.
 #pragma once
 

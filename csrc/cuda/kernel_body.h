@@ -1,11 +1,11 @@
 // The per-thread code of the CUDA kernels, __host__ __device__.
 //
 // nvcc compiles it into the __global__ kernels of dropout_kernels.cu; g++
-// compiles the same lines into the host driver (csrc/cuda_host/driver.cpp),
-// which runs every block and thread of a launch on the CPU. So the host
-// build needs no CUDA header: the few device-only operations (128-bit
-// loads, half/bfloat16 conversions, 64-bit multiply-high, bit casts) have a
-// host twin with the same result, bit for bit.
+// compiles the same lines into the host driver (csrc/cuda_host), which runs
+// every block and thread of a launch on the CPU. So the host build needs no
+// CUDA header: the few device-only operations (128-bit loads, half/bfloat16
+// conversions, 64-bit multiply-high, bit casts) have a host twin with the
+// same result, bit for bit.
 //
 // A kernel is a struct with Params, a Shared block, kPhases, kBlocksPerSm
 // (kernel_args.h) and phase<k>(params, idx, shared): the phases are the
