@@ -233,7 +233,10 @@ setup(
     packages=find_packages(include=["dropout_ext", "dropout_ext.*"]),
     ext_modules=extensions(PLAN, cpp_extension),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    # The oldest Python the supported torch releases are built for.
+    python_requires=">=3.10",
+    # The torch releases the build and the suite are tested with (README.md,
+    # "Tests"); .ci/run tests the lower bound, so it names a full release.
+    install_requires=["torch>=2.11.0,<2.15"],
     zip_safe=False,
 )

@@ -15,9 +15,12 @@
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "op_common.h"
@@ -129,13 +132,29 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_autograd(const at::Tensor& inpu
   return {out[0], out[1]};
 }
 
+// The smart pointer that owns autograd nodes: std::shared_ptr up to torch
+// 2.12, c10::intrusive_ptr from 2.13 on. Read off Tensor::grad_fn() rather
+// than a version number, so the build follows the headers it compiles with.
+using NodePtr = std::decay_t<decltype(std::declval<const at::Tensor&>().grad_fn())>;
+
+// A new node of type N, owned as the installed torch owns nodes. A template
+// on N, so only the branch that matches NodePtr is instantiated.
+template <typename N, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<N>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  }
+}
+
 // Gradients computed without recording a graph, as Python's
 // once_differentiable: under create_graph=True they get a node, fed by the
 // backward's inputs, that raises only if a double backward reaches it, so
 // first-order gradients still work.
 variable_list once_differentiable(variable_list grads, const variable_list& inputs, const char* what) {
   if (!at::GradMode::is_enabled()) return grads;
-  const auto error = c10::make_intrusive<torch::autograd::Error>(
+  const auto error = make_node<torch::autograd::Error>(
       std::string(what) + " has no double backward: its backward is not differentiable",
       torch::autograd::collect_next_edges(inputs));
   for (const auto& g : grads) {
