@@ -87,16 +87,17 @@ def fold_accuracy(kind, drop, x, y, train_idx, test_idx, epochs, seed):
     return (pred.float() == y[test_idx]).float().mean().item()
 
 
-def run(data=DEFAULT_DATA, epochs=300, folds=10, repeats=1, models=MODELS, seed=7):
-    """{model: {impl: [accuracy per fold and repeat]}}."""
+def run(data=DEFAULT_DATA, epochs=300, folds=10, repeats=1, models=MODELS, seed=7, impls=IMPLS):
+    """{model: {impl: [accuracy per fold and repeat]}}; ``impls`` maps a name
+    to the dropout class (anything called with p that returns a module)."""
     x, y = load(data)
-    results = {m: {name: [] for name in IMPLS} for m in models}
+    results = {m: {name: [] for name in impls} for m in models}
     for r in range(repeats):
         split = stratified_folds(y, folds, torch.Generator().manual_seed(seed + r))
         for f, test_idx in enumerate(split):
             train_idx = torch.cat([s for j, s in enumerate(split) if j != f])
             for m in models:
-                for name, drop in IMPLS.items():
+                for name, drop in impls.items():
                     acc = fold_accuracy(m, drop, x, y, train_idx, test_idx, epochs, seed * 1000 + r * 100 + f)
                     results[m][name].append(acc)
     return results

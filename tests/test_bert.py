@@ -4,16 +4,20 @@ LayerNorm(. + input)) rewritten by ``fuse_dropout`` into
 DropoutAddLayerNorm. With dropout_ext's Dropout in the unfused copy, both
 draw the same masks from the same generator state, so training losses
 match step by step (to float32 rounding, p = 0 and p > 0 alike) and eval
-outputs agree within float32 tolerance. Needs ``transformers``."""
+outputs agree within float32 tolerance; a fused block whose dropout has a
+wrong p, no 1/(1 - p) or one mask for every row fails that match. Needs
+``transformers`` (installed by requirements-test.txt; missing, the module
+fails to import)."""
 
 import copy
+import math
 
 import pytest
 import torch
+import transformers
 
 import dropout_ext
-
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+from conftest import BrokenDropout
 
 
 def _models(p):
@@ -49,16 +53,66 @@ def _train(model, data, steps=5):
     return losses
 
 
+def _check(got, expected):
+    """The fused run's loss at every step within 2 float32 ulps of the
+    unfused run's. The two differ only in the norms' rounding (each norm
+    output within conftest.norm_bounds of the exact one), which moves the
+    loss by less than one of its own ulps: measured, the losses
+    are equal at every step, p = 0 and 0.1 alike. (This is a measured
+    margin, not a bound: the first-order worst case, the norms' bounds
+    weighted by |dloss/dy|, is some 90 ulps at step 0.) A dropout with a
+    wrong p, a lost 1/(1 - p) or a mask shared by the rows moves some step's
+    loss by 250 ulps or more (test_the_check_fails_for_a_broken_fused_dropout)."""
+    assert expected[-1] < expected[0]  # it learns
+    ulps = [abs(g - e) / (torch.finfo(torch.float32).eps * 2.0 ** math.floor(math.log2(abs(e))))
+            for g, e in zip(got, expected)]
+    assert max(ulps) <= 2, f"the losses differ by {ulps} float32 ulps: {got} vs {expected}"
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_bert_fused_norms_train_like_unfused(p):
     unfused, fused = _models(p)
     data = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
-    expected = _train(unfused, data)
-    got = _train(fused, data)
-    assert expected[-1] < expected[0]  # it learns
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    _check(_train(fused, data), _train(unfused, data))
     unfused.eval()
     fused.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # no dropout: the norms' rounding alone, measured at most 3e-7 apart
         torch.testing.assert_close(fused(input_ids=data).logits, unfused(input_ids=data).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def _composed(norm, kind):
+    """A fused block's DropoutAddLayerNorm replaced by its composition in
+    Python: layer_norm(residual + dropout(x)), the mask drawn as the fused
+    op draws it (dropout_ext's dropout of the same shape, from the same
+    generator state) unless ``kind`` is a BrokenDropout kind, which then
+    makes that one mistake ("p ignored" draws nothing; "half p" draws at
+    p / 2; "no scale" leaves the kept values unscaled; "shared mask" takes
+    row 0's mask for every row)."""
+    def forward(x, residual=None):
+        if norm.training and kind != "p ignored":
+            p = norm.p / 2 if kind == "half p" else norm.p
+            keep = dropout_ext.functional.dropout(torch.ones_like(x), p) != 0
+            if kind == "shared mask":
+                keep = keep[:1].expand_as(keep)
+            x = x * keep if kind == "no scale" else x * keep / (1 - p)
+        h = x if residual is None else residual + x
+        return torch.nn.functional.layer_norm(h, (norm.hidden_size,), norm.weight, norm.bias, norm.eps)
+    norm.forward = forward
+
+
+@pytest.mark.parametrize("kind", (None,) + BrokenDropout.KINDS)
+def test_the_check_fails_for_a_broken_fused_dropout(kind):
+    """The training check with every fused block composed in Python: with
+    the right dropout it passes; with each broken one it fails."""
+    unfused, fused = _models(0.1)
+    for m in fused.modules():
+        if isinstance(m, dropout_ext.DropoutAddLayerNorm):
+            _composed(m, kind)
+    data = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
+    got, expected = _train(fused, data), _train(unfused, data)
+    if kind is None:
+        _check(got, expected)
+    else:
+        with pytest.raises(AssertionError, match="ulps"):
+            _check(got, expected)

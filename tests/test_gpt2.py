@@ -1,25 +1,36 @@
 """A real model: Hugging Face GPT-2 built from a small config (no weights),
-every dropout swapped for dropout_ext's, trained a few steps; its losses
-match the nn.Dropout run's within sampling noise. Needs ``transformers``
-(installed by requirements-test.txt); without it the test skips."""
-
-import statistics
+every dropout swapped for dropout_ext's, trained a few steps: it learns as
+the nn.Dropout run does, and its dropout layers do what a dropout of their p
+does (conftest.DropoutRecorder: the dropped fraction, the 1/(1 - p) scale,
+independent masks across the batch), as nn.Dropout's do; a deliberately
+broken dropout fails that check. Needs ``transformers`` (installed by
+requirements-test.txt; missing, the module fails to import)."""
 
 import pytest
 import torch
+import transformers
 
 import dropout_ext
-
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+from conftest import BrokenDropout, DropoutRecorder, swap_dropout
 
 
 def _train(swap, seed, steps=12):
+    """(dropouts swapped, per-step losses, the dropout layers' record) of
+    GPT-2 trained on one batch; ``swap``: None keeps nn.Dropout, "ext"
+    swaps in dropout_ext's, a BrokenDropout kind swaps in that."""
     cfg = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4,
                                   resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
-    torch.manual_seed(1000 + seed)  # the same weights and data for both runs of a seed
+    torch.manual_seed(1000 + seed)  # the same weights and data for every run of a seed
     model = transformers.GPT2LMHeadModel(cfg)
     data = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(seed))
-    swapped = dropout_ext.replace_dropout(model) if swap else 0
+    if swap == "ext":
+        swapped = dropout_ext.replace_dropout(model)
+    elif swap is not None:
+        swapped = swap_dropout(model, lambda p: BrokenDropout(p, swap))
+    else:
+        swapped = 0
+    recorder = DropoutRecorder()
+    recorder.attach(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(seed)
     losses = []
@@ -30,22 +41,39 @@ def _train(swap, seed, steps=12):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return swapped, losses
+    return swapped, losses, recorder
+
+
+def _check(losses, recorder):
+    """A run's dropout layers behave as a dropout of their p, and it learns
+    (12 steps on one batch take the loss of 4.8 below 3.5, with either
+    dropout)."""
+    recorder.check()
+    assert losses[-1] < losses[0] - 0.5, losses
 
 
 def test_gpt2_swapped_trains_like_nn_dropout():
-    nn_final, ext_final = [], []
     for seed in range(3):
-        n0, l_nn = _train(False, seed)
-        n1, l_ext = _train(True, seed)
+        n0, l_nn, r_nn = _train(None, seed)
+        n1, l_ext, r_ext = _train("ext", seed)
         assert n0 == 0 and n1 >= 2 * 2 + 1  # embeddings + (resid, mlp) per layer at least
-        assert l_ext[-1] < l_ext[0] - 0.5 and l_nn[-1] < l_nn[0] - 0.5  # both learn
-        assert abs(l_ext[0] - l_nn[0]) < 0.05  # the same start; only the masks differ
-        nn_final.append(l_nn[-1])
-        ext_final.append(l_ext[-1])
-    diffs = [a - b for a, b in zip(nn_final, ext_final)]
-    spread = statistics.pstdev(nn_final + ext_final)
-    assert abs(statistics.mean(diffs)) < 4 * spread + 0.1, (nn_final, ext_final)
+        _check(l_nn, r_nn)  # the check holds for PyTorch's own dropout
+        _check(l_ext, r_ext)
+
+
+# The message of conftest.DropoutRecorder.check each broken dropout fails with.
+CAUGHT_BY = {"p ignored": "dropped fraction", "half p": "dropped fraction", "no scale": "not input \\* 1/\\(1 - p\\)",
+             "shared mask": "the rows share masks"}
+
+
+@pytest.mark.parametrize("kind", BrokenDropout.KINDS)
+def test_the_check_fails_for_a_broken_dropout(kind):
+    """The training check against a broken dropout, on two steps: it fails,
+    on the statistic that the mistake moves."""
+    swapped, losses, recorder = _train(kind, 0, steps=2)
+    assert swapped >= 5
+    with pytest.raises(AssertionError, match=CAUGHT_BY[kind]):
+        _check(losses, recorder)
 
 
 def test_gpt2_eval_output_is_unchanged_by_the_swap():
