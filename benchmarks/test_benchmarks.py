@@ -92,7 +92,8 @@ def _call(state, op, direction, impl):
         x = state["sets"][0][0]
         key = (op, x.dtype, x.numel(), str(x.device), impl)
         if key not in _checked:
-            grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+            gen = torch.Generator(device=x.device).manual_seed(1)
+            grad = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             cases.check_against_eager(op, impl, state["sets"][0], grad)
             _checked.add(key)
         if impl == "copy":
