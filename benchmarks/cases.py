@@ -111,20 +111,100 @@ def eager_fn(op: str) -> Callable:
 MASK_MODES = ("packed", "regenerate")
 
 
-def ext_fn(op: str, backend: str, mask_mode: Optional[str]) -> Callable:
+def ext_fn(op: str, backend: str, mask_mode: Optional[str], seed: Optional[int] = None) -> Callable:
+    """dropout_ext's `op` on `backend`; (seed, offset) drawn from the
+    generator, or (`seed`, 0) when given (the check against eager)."""
     if op in NORM_OPS:
         norm = NORM_OPS[op]
 
         def norm_fn(x, r, w, b):
-            return F.dropout_add_norm(x, r, w, b, P, EPS, norm=norm, backend=backend)
+            return F.dropout_add_norm(x, r, w, b, P, EPS, norm=norm, seed=seed, backend=backend)
 
         return norm_fn
     act, _, _ = OPS[op]
 
     def fn(x, b, r):
-        return F.fused_dropout(x, P, bias=b, activation=act, residual=r, backend=backend, mask_mode=mask_mode)
+        return F.fused_dropout(x, P, bias=b, activation=act, residual=r, seed=seed, backend=backend,
+                               mask_mode=mask_mode)
 
     return fn
+
+
+def masked_eager_fn(op: str, keep: torch.Tensor) -> Callable:
+    """The eager composition of `op` with a given keep mask instead of a draw
+    (nn.Dropout's arithmetic: kept elements times 1/(1 - p))."""
+    scale = 1.0 / (1.0 - P)
+    if op in NORM_OPS:
+        norm = NORM_OPS[op]
+
+        def norm_fn(x, r, w, b):
+            h = r + x * keep * scale
+            if norm == "layer":
+                return TF.layer_norm(h, h.shape[-1:], w, b, EPS)
+            return TF.rms_norm(h, h.shape[-1:], w, EPS)
+
+        return norm_fn
+    f = _ACT[OPS[op][0]]
+
+    def fn(x, b, r):
+        y = f(x + b if b is not None else x) * keep * scale
+        return r + y if r is not None else y
+
+    return fn
+
+
+# The check's tolerance, norm-wise (||actual - expected|| <= RTOL * ||expected||
+# over a whole output or gradient): each element is off by at most a few units
+# of the dtype's rounding (one rounding on store of float32 math, or eager's
+# roundings per op), and a gradient summed over rows by float32 rounding
+# errors that add up like a random walk. A wrong mask, a wrong scale (1/(1-p)
+# at p = 0.1 is 11%) or a dropped term of the norm's backward is off by
+# percents to 100%.
+CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+CHECK_SEED = 20261207
+
+
+def _outputs_and_grads(fn, inputs, grad):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    wrt = [t for t in leaves if t is not None]
+    return [y.detach(), *torch.autograd.grad(y, wrt, grad)]
+
+
+def check_against_eager(op: str, name: str, inputs, grad) -> None:
+    """Raises AssertionError unless implementation `name` computes `op`: its
+    output and every gradient against the eager composition, given the same
+    mask. dropout_ext's backends run with an explicit seed, against eager in
+    float64 with the contract's mask for that seed; torch.compile is compiled
+    once more with Inductor's fallback_random, which draws the mask as eager
+    does, and compared with eager from the same generator state (the timed
+    compile draws from Inductor's own generator: only its mask differs)."""
+    if name in ("eager", "copy"):
+        return
+    x = inputs[0]
+    if name.startswith("dropout_ext["):
+        backend, _, mode = name[len("dropout_ext["):-1].partition("/")
+        actual = _outputs_and_grads(ext_fn(op, backend, mode or None, seed=CHECK_SEED), inputs, grad)
+        keep = F.dropout_mask(x.shape, P, CHECK_SEED, 0, device=x.device).double()
+        wide = [t.double() if t is not None else None for t in inputs]
+        expected = _outputs_and_grads(masked_eager_fn(op, keep), wide, grad.double())
+    elif name == "torch.compile":
+        with torch._inductor.config.patch(fallback_random=True):
+            compiled = torch.compile(eager_fn(op), dynamic=False)
+            torch.manual_seed(CHECK_SEED)
+            actual = _outputs_and_grads(compiled, inputs, grad)
+        torch._dynamo.reset()
+        torch.manual_seed(CHECK_SEED)
+        expected = _outputs_and_grads(eager_fn(op), inputs, grad)
+    else:
+        raise ValueError(f"unknown implementation {name!r}")
+    rtol = CHECK_RTOL[x.dtype]
+    what = ["output"] + [f"gradient {k}" for k in range(len(actual) - 1)]
+    for label, a, e in zip(what, actual, expected):
+        err = torch.linalg.vector_norm((a.double() - e.double()).flatten())
+        size = torch.linalg.vector_norm(e.double().flatten())
+        assert bool(err <= rtol * size), \
+            f"{name} does not compute {op} ({x.dtype}): {label} off by {float(err / size):.3g} of its norm (> {rtol})"
 
 
 def impl_names(op: str, device: torch.device) -> List[str]:

@@ -13,6 +13,10 @@ Each case (op, direction, dtype, size) is measured twice over:
   by round, whose per-implementation medians feed the report's table, the
   JSON and the plots (the ratios hold on a machine whose speed drifts).
 
+Before an implementation is first timed at an (op, dtype, size), its output
+and gradients are checked against eager given the same mask
+(cases.check_against_eager): a benchmark of a wrong result fails instead.
+
 conftest runs the tests of one case back to back, so they share its inputs,
 its torch.compile and its warm-up.
 """
@@ -77,8 +81,21 @@ def _case_state(op, direction, dtype, numel, device):
     return _case
 
 
+_checked = set()   # (op, dtype, numel, device, impl) whose results were checked against eager
+
+
 def _call(state, op, direction, impl):
     if impl not in state["calls"]:
+        # Before an implementation is timed, its output and gradients are
+        # checked against eager once per (op, dtype, size): the directions of
+        # a case run the same kernels.
+        x = state["sets"][0][0]
+        key = (op, x.dtype, x.numel(), str(x.device), impl)
+        if key not in _checked:
+            gen = torch.Generator(device=x.device).manual_seed(1)
+            grad = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            cases.check_against_eager(op, impl, state["sets"][0], grad)
+            _checked.add(key)
         if impl == "copy":
             state["calls"][impl] = cases.copy_call(state["sets"])
         else:

@@ -5,6 +5,9 @@ import os
 import re
 import sys
 
+import pytest
+import torch
+
 from conftest import ROOT, run_child
 
 
@@ -26,3 +29,45 @@ def test_benchmark_suite_smoke():
                 assert row is not None, f"no report row for {op} {direction} {impl}:\n{out.stdout[-4000:]}"
                 assert row.group(1) != "-", f"no saved bytes for {op} {impl}:\n{row.group(0)}"
             assert re.search(rf"^{op} +{direction} +float32 .* copy ", out.stdout, re.M)
+
+
+def _bench_cases():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import cases
+    finally:
+        sys.path.pop(0)
+    return cases
+
+
+@pytest.mark.parametrize("op", ["bias_gelu_dropout", "dropout_add_norm"])
+@pytest.mark.parametrize("wrong", ["another p", "no scale", "another mask"])
+def test_benchmark_check_rejects_a_wrong_result(op, wrong, monkeypatch):
+    """The check the suite runs before timing an implementation passes
+    dropout_ext and fails a dropout with another p, without the 1/(1 - p)
+    scale, or with another mask."""
+    cases = _bench_cases()
+    inputs = cases.make_inputs(op, 4096, torch.bfloat16, torch.device("cpu"), False, 1)[0]
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    name = "dropout_ext[cpu]" if op in cases.NORM_OPS else "dropout_ext[cpu/regenerate]"
+    cases.check_against_eager(op, name, inputs, grad)
+    right = cases.ext_fn
+
+    def broken(o, backend, mode, seed=None):
+        if wrong == "another mask":
+            return right(o, backend, mode, seed + 1)
+        fn = right(o, backend, mode, seed)
+        if wrong == "no scale":  # the dropout branch without its 1/(1 - p)
+            if o in cases.NORM_OPS:
+                return lambda x, *rest: fn(x * (1 - cases.P), *rest)
+            return lambda *a: fn(*a) * (1 - cases.P)
+
+        def another_p(*a):  # ext_fn's function reads P when called
+            with monkeypatch.context() as m:
+                m.setattr(cases, "P", 0.2)
+                return fn(*a)
+        return another_p
+
+    monkeypatch.setattr(cases, "ext_fn", broken)
+    with pytest.raises(AssertionError, match="does not compute"):
+        cases.check_against_eager(op, name, inputs, grad)

@@ -1,5 +1,5 @@
 """Reliability of the CPU kernel beyond the contract's values (those are
-test_conformance.py's): thread counts, the streaming path, Python threads,
+test_conformance.py's): thread counts, the parallel split, Python threads,
 leaks, and a tensor over 2**31 elements (slow; see README)."""
 
 import gc
@@ -34,12 +34,26 @@ def test_thread_count_does_not_change_results():
         assert_bitwise_equal(a, b)  # the bias reduction order is fixed by the shape
 
 
-def test_large_streaming_path_equals_reference():
-    # Above 16 MiB the AVX2 path writes with non-temporal stores.
-    n = (1 << 22) + 13
+def test_tasks_of_the_parallel_split_equal_reference():
+    """A size that ends mid-group and mid-byte, on 1 and 2 threads: on 2,
+    at::parallel_for's split starts the second task mid-group (49159
+    elements, 6145 bytes of packed bits each), which must pick up the
+    Philox group and the byte where the first stopped, for the mask, the
+    fused op and its packed bits."""
+    n = 3 * (1 << 15) + 13
     x = torch.randn(n, generator=torch.Generator().manual_seed(0))
-    y = CPU.forward(x, None, None, _state.make_state(torch.device("cpu"), 0.25, 31, 4), "identity", [])[0]
-    assert_bitwise_equal(y, ref.fused_dropout(x, None, None, 31, 4, 0.25))
+    state = _state.make_state(torch.device("cpu"), 0.25, 31, 4)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y, bits = CPU.forward(x, None, None, state, "identity", [], None, True)
+            assert_bitwise_equal(y, ref.fused_dropout(x, None, None, 31, 4, 0.25))
+            keep = ref.dropout_mask((n,), 0.25, 31, 4)
+            assert torch.equal(bits, ref.pack_bits(keep))
+            assert torch.equal(CPU.mask(state, [n]), keep)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_many_threads_at_once():
