@@ -8,6 +8,7 @@ from torch import nn
 
 import dropout_ext
 from dropout_ext import functional as F
+from dropout_ext import _backend
 from dropout_ext import reference as ref
 from conftest import assert_bitwise_equal
 
@@ -245,11 +246,17 @@ def test_checkpoint_replays_the_same_masks(use_reentrant, mask_mode):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_backends_agree(backend, monkeypatch):
+    """backend= and DROPOUT_EXT_BACKEND pick the same op family, and each
+    backend gives the other's bits."""
     x, b = torch.randn(5, 9), torch.randn(9)
     y = F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8, backend=backend)
+    other = {"cpu": "reference", "reference": "cpu"}[backend]
+    assert_bitwise_equal(y, F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8, backend=other))
+    chosen = _backend.ops_for(backend, x.device)
+    assert chosen is not _backend.ops_for(other, x.device)
     monkeypatch.setenv("DROPOUT_EXT_BACKEND", backend)
+    assert _backend.ops_for(None, x.device) is chosen
     assert_bitwise_equal(F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8), y)
-    assert_bitwise_equal(y, F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8, backend="cpu"))
 
 
 def test_available_backends_on_cpu():
