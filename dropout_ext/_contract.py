@@ -43,11 +43,11 @@ F32_TABLE = (
     # t = 1 / (1 + p z), Abramowitz & Stegun 7.1.26.
     ("SQRT1_2", "0x1.6a09e6p-1", "1/sqrt(2)"),
     ("AS_P", "0x1.4f740ap-2", "A&S 7.1.26 p"),
-    ("AS_A1", "0x1.0fb844p+0", "A&S 7.1.26 a1"),
-    ("AS_A2", "-0x1.7401c6p+0", "A&S 7.1.26 a2"),
+    ("AS_A1", "0x1.0fb844p+0", "A&S 7.1.26 a5 (AS_A1..AS_A5 are a5..a1, Horner's order)"),
+    ("AS_A2", "-0x1.7401c6p+0", "A&S 7.1.26 a4"),
     ("AS_A3", "0x1.6be1c6p+0", "A&S 7.1.26 a3"),
-    ("AS_A4", "-0x1.23531cp-2", "A&S 7.1.26 a4"),
-    ("AS_A5", "0x1.04f20cp-2", "A&S 7.1.26 a5"),
+    ("AS_A4", "-0x1.23531cp-2", "A&S 7.1.26 a2"),
+    ("AS_A5", "0x1.04f20cp-2", "A&S 7.1.26 a1"),
     ("INV_SQRT_2PI", "0x1.988454p-2", "1/sqrt(2 pi), the normal pdf at 0"),
     # gelu_tanh: u = sqrt(2/pi) (v + c v^3)
     ("SQRT_2_OVER_PI", "0x1.988454p-1", "sqrt(2/pi)"),

@@ -1,11 +1,13 @@
 """Every CUDA source compiles with nvcc for Ampere (sm_80) and Hopper (sm_90)
 with warnings as errors, on any machine with nvcc, GPU or not, and the code
-ptxas makes of the kernels is checked: no stack frame or spills, registers
-that let each kernel reach the residency its grid is planned for, 128-bit
-loads and stores in the streaming kernels, and no call to the 64-bit integer
-division routine (the kernels divide by launch constants with a multiply and
-a shift). The kernels include no torch header, so this needs only the CUDA
-toolkit.
+ptxas makes of the kernels is checked: no stack frame or spills, each grid
+planned for exactly the blocks per SM that the kernels' registers and shared
+memory (ptxas's figures) and the GPUs' limits allow, 128-bit loads and
+stores in the streaming kernels, and no call to the 64-bit integer division
+routine (the kernels divide by launch constants with a multiply and a
+shift). The kernels include no torch header, so compiling them needs only
+the CUDA toolkit; the launch plans come from the extension's host driver.
+Without nvcc these checks skip, unless CI is set.
 
 The torch-facing glue (csrc/cuda/dropout_cuda.cpp) needs a CUDA build of
 torch to compile; its launch discipline (device guard, current stream, every
@@ -30,14 +32,17 @@ ARCHS = ["sm_80", "sm_90"]
 DIV64_ROUTINES = ("__cuda_sm20_div_s64", "__cuda_sm20_div_u64", "__cuda_sm20_rem_s64", "__cuda_sm20_rem_u64")
 ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh", "silu"]  # by Act id
 MASK_BITS = ["draw", "pack", "read"]  # by MaskBits id (kernel_args.h)
-# What bounds the resident blocks of an SM on compute capability 8.0 and
-# 9.0: registers, allocated per warp in units of 256 (8 per thread),
-# threads, and shared memory (an A100's 164 KiB; an H100 has 228).
-SM_REGISTERS = 65536
-REGISTER_UNIT = 8
-SM_THREADS = 2048
-SM_SHARED = 164 * 1024
-THREADS = 256
+# Per SM, what bounds the blocks resident at once (the CUDA programming
+# guide's table per compute capability, applied as the occupancy calculator
+# cuda_occupancy.h does): registers, allocated per warp in units of 256 from
+# 4 equal sub-partitions; threads, as whole warps; blocks; shared memory,
+# allocated per block in units of 128 bytes with 1 KiB reserved per block.
+GPU_LIMITS = {
+    "sm_80": {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 164 * 1024},  # A100
+    "sm_90": {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 228 * 1024},  # H100
+}
+REGISTER_UNIT, SUB_PARTITIONS = 256, 4
+SHARED_UNIT, SHARED_RESERVED = 128, 1024
 # Kernels per architecture: the elementwise kernels per dtype (4) and
 # activation (5), forward in 3 mask modes and backward in 2 (draw, read);
 # the bias-gradient kernel in 2; the bias reduction per dtype; the mask.
@@ -48,20 +53,52 @@ NORM_KERNELS = 2 * (4 + 2)
 KERNELS = STREAMING_KERNELS + 4 + 1 + NORM_KERNELS
 
 
-def declared_blocks_per_sm(kernel, dtype, activation, backward, mask_bits="draw"):
-    """The resident blocks per SM each kernel is built and its grid planned
-    for (csrc/cuda/kernel_args.h): its __launch_bounds__ minimum on the GPU
-    and the host driver's plan alike (tests/test_cuda_host.py checks the
-    latter), the same in every mask mode. float64 gelu's backward needs
-    136-155 registers on sm_90 and spills at 128, so it gets one block."""
-    f64_gelu = dtype == "double" and activation == "gelu"
+def resident_blocks(arch, threads, registers, shared_bytes):
+    """Blocks of ``threads`` threads that one SM of ``arch`` holds at once,
+    with ``registers`` per thread and ``shared_bytes`` of static shared
+    memory per block."""
+    limits = GPU_LIMITS[arch]
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = limits["registers"] // SUB_PARTITIONS // per_warp * SUB_PARTITIONS // warps
+    shared = -(-(shared_bytes + SHARED_RESERVED) // SHARED_UNIT) * SHARED_UNIT
+    return min(by_registers, limits["threads"] // 32 // warps, limits["blocks"], limits["shared"] // shared)
+
+
+KERNEL_DTYPES = {"float": "float32", "double": "float64", "Half": "float16", "BFloat16": "bfloat16"}
+
+
+def _plan_launch(kernel, backward, mask_bits):
+    """(op, with the bias gradient, launch index) of the launch plan that
+    runs a kernel, for torch.ops.dropout_ext_testing.cuda_launch_plan; None
+    for the forward that reads packed bits, which that hook does not plan."""
     if kernel == "ElementwiseKernel":
-        return 1 if f64_gelu and backward else 4
-    if kernel == "BiasGradKernel":
-        return 1 if f64_gelu else 3
-    if kernel in ("NormForwardKernel", "NormBackwardKernel"):
-        return 2
-    return {"BiasReduceKernel": SM_THREADS // THREADS, "MaskKernel": 4}[kernel]
+        op = {(False, "draw"): "forward", (False, "pack"): "forward_packed", (True, "draw"): "backward",
+              (True, "read"): "backward_read"}.get((backward, mask_bits))
+        return (op, False, 0) if op else None
+    return {"BiasGradKernel": ("backward_read" if mask_bits == "read" else "backward", True, 0),
+            "BiasReduceKernel": ("backward", True, 1), "MaskKernel": ("mask", False, 0),
+            "NormForwardKernel": ("norm_forward", False, 0), "NormBackwardKernel": ("norm_backward", False, 0)}[kernel]
+
+
+def declared_blocks_per_sm(kernel, dtype, activation, backward, mask_bits="draw"):
+    """The blocks per SM that the launch plan (csrc/cuda/kernel_args.h, as
+    the host driver runs it) gives a kernel's grid, the number its
+    __launch_bounds__ carry too; test_grids_are_planned_for_the_blocks_an_sm_holds
+    holds it to ptxas's figures and the GPUs' limits. None where no plan
+    reaches the kernel."""
+    import torch
+
+    import dropout_ext  # noqa: F401  (registers the testing ops)
+
+    launch = _plan_launch(kernel, backward, mask_bits)
+    if launch is None:
+        return None
+    op, bias_grad, index = launch
+    dtype = getattr(torch, KERNEL_DTYPES.get(dtype, "float32"))
+    plan = torch.ops.dropout_ext_testing.cuda_launch_plan(op, 2 ** 30, 1024, dtype, activation or "identity",
+                                                          bias_grad, 132)
+    return plan[3 * index + 2]
 
 
 def _nvcc():
@@ -231,38 +268,54 @@ def test_no_stack_frame_or_spills(builds):
     assert not bad, "\n".join(bad)
 
 
-def test_registers_allow_each_kernels_declared_residency(builds):
-    """Each kernel's grid is one wave of its declared blocks per SM: its
-    __launch_bounds__ carry that number, and its registers (rounded to the
-    allocation unit), threads and shared memory let that many blocks be
-    resident at once, with nothing spilled to reach it: a grid planned for
-    more blocks than fit runs in waves, the last one part empty."""
+def test_grids_are_planned_for_the_blocks_an_sm_holds(builds):
+    """A grid-stride launch is one wave of the blocks an SM holds, and the
+    bias gradient's row blocks one wave without a tail, only if the planner's
+    blocks per SM is what the kernel's registers and shared memory, as
+    ptxas reports them, and the GPU's limits allow: more and the grid runs
+    in waves, the last one part empty; fewer and the GPU is left part idle.
+    The planner gives one number to a kernel in every mask mode (so the
+    packed and the regenerated bias gradients sum in one order) and on both
+    GPUs, so that number must be the fewest blocks any of them holds. Each
+    kernel is built for the number its plan launches it with
+    (__launch_bounds__'s minimum, which ptxas fits the registers to), with
+    nothing spilled to fit (the C library's float64 functions included)."""
     _ok(builds)
     table, bad = [], []
+    holds, built_for = {}, {}
     for (src, arch), (_, proc, cubin) in builds.items():
         ptx = glob.glob(os.path.join(os.path.dirname(cubin), "*.ptx"))
         assert len(ptx) == 1, ptx
         bounds = _launch_bounds(ptx[0])
         figures = _ptxas_figures(proc.stderr)
         assert set(bounds) == set(figures) and len(figures) == KERNELS, (sorted(bounds), sorted(figures))
-        for name, (regs, stack, spill_st, spill_ld, smem) in figures.items():
-            threads, target = bounds[name]
+        for name, (regs, _, spill_st, spill_ld, smem) in figures.items():
+            threads, blocks = bounds[name]
             key = _kernel_key(name)
-            per_block = -(-regs // REGISTER_UNIT) * REGISTER_UNIT * THREADS
-            resident = min(SM_REGISTERS // per_block, SM_THREADS // THREADS,
-                           SM_SHARED // smem if smem else SM_THREADS // THREADS)
             kernel, dtype, activation, backward, bits = key
             args = [a for a in (dtype, activation) if a] + (["backward" if backward else "forward"]
                                                            if kernel == "ElementwiseKernel" else [])
             args += [bits] if bits else []
-            row = (f"{arch} {kernel}<{', '.join(args)}>: {regs} registers, {smem} B shared, {resident} resident, "
-                   f"declared {target}")
-            table.append(row)
-            if threads != THREADS or target != declared_blocks_per_sm(*key):
-                bad.append(f"{row}: __launch_bounds__({threads}, {target}), expected "
-                           f"({THREADS}, {declared_blocks_per_sm(*key)})")
-            elif resident < target or spill_st or spill_ld:
-                bad.append(f"{row}, {spill_st}/{spill_ld} bytes spilled")
+            if threads is None or blocks is None:
+                bad.append(f"{arch} {kernel}<{', '.join(args)}>: no __launch_bounds__ with a minimum of blocks")
+                continue
+            resident = resident_blocks(arch, threads, regs, smem)
+            table.append(f"{arch} {kernel}<{', '.join(args)}>: {regs} registers, {smem} B shared, {resident} "
+                         f"resident, built for {blocks}")
+            group = f"{kernel}<{', '.join(args[:-1] if bits else args)}>"  # every mask mode
+            holds.setdefault(group, []).append((resident, f"{arch} {bits or ''}".strip()))
+            built_for.setdefault(group, set()).add(blocks)
+            planned = declared_blocks_per_sm(*key)
+            if planned is not None and planned != blocks:
+                bad.append(f"{table[-1]}: its grid is planned for {planned}")
+            if spill_st or spill_ld:
+                bad.append(f"{table[-1]}: {spill_st}/{spill_ld} bytes spilled to fit")
+    for group, resident in sorted(holds.items()):
+        fewest = min(r for r, _ in resident)
+        if built_for[group] != {fewest}:
+            where = ", ".join(f"{w}: {r}" for r, w in resident)
+            bad.append(f"{group}: planned for {sorted(built_for[group])} blocks per SM, the GPUs hold {fewest} "
+                       f"({where})")
     print("\n".join(sorted(table)))
     assert not bad, "\n".join(bad)
 

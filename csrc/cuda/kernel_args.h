@@ -140,17 +140,18 @@ inline const char* launch_refusal(Grid2 grid, int threads, size_t static_shared_
 }
 
 // Resident blocks of kThreads per SM that each kernel is built for: its
-// __launch_bounds__ minimum, so ptxas fits its registers to it
-// (tests/test_cuda_compile.py checks the figures and that nothing spills),
-// and the blocks per SM its grid is planned with, so a grid-stride launch
-// is one wave of resident blocks and a bias-gradient launch has no tail
-// wave. The host driver plans with the same numbers, so it runs the GPU's
-// grid. Registers by ptxas (sm_80 and sm_90, CUDA 13) without a bound:
-//   elementwise and mask: 54-64, so 4 blocks; float64 gelu forward (68-82)
-//     fits 4 blocks' 64 unspilled, its backward (72-136) spills at 2's 128;
-//   bias gradient: 63-92, and at 3 blocks' 80 all fit unspilled but float64
-//     gelu (92-155), which spills at 80 and at 128;
-//   bias reduction: 24-32, a full SM's 2048 threads.
+// __launch_bounds__ minimum, so ptxas fits its registers to it, and the
+// blocks per SM its grid is planned with, so a grid-stride launch is one
+// wave of resident blocks and a bias-gradient launch has no tail wave. The
+// host driver plans with the same numbers, so it runs the GPU's grid. Each
+// number is what the kernel holds in every mask mode on sm_80 and sm_90
+// with the registers ptxas gives it at that bound, unspilled
+// (tests/test_cuda_compile.py checks it against ptxas's figures and prints
+// them): 4 for the elementwise and mask kernels; 3 for the bias gradient,
+// whose instances use up to 3 blocks' 80 registers, but 4 for float32
+// identity's, which stays within 64; 1 for float64 gelu's backward and bias
+// gradient, which spill at 2 blocks' 128; a full SM's 2048 threads for the
+// bias reduction.
 constexpr int kMaskBlocksPerSm = 4;
 constexpr int kReduceBlocksPerSm = 2048 / kThreads;
 
@@ -158,7 +159,10 @@ constexpr int elementwise_blocks_per_sm(DType t, Act a, bool backward) {
   return t == DType::kDouble && a == Act::kGelu && backward ? 1 : 4;
 }
 
-constexpr int bias_grad_blocks_per_sm(DType t, Act a) { return t == DType::kDouble && a == Act::kGelu ? 1 : 3; }
+constexpr int bias_grad_blocks_per_sm(DType t, Act a) {
+  if (t == DType::kDouble && a == Act::kGelu) return 1;
+  return t == DType::kFloat && a == Act::kIdentity ? 4 : 3;
+}
 
 // Grid-stride kernels: enough blocks to fill the GPU, no more.
 inline int64_t flat_blocks(int64_t work_items, int sm_count, int blocks_per_sm) {
