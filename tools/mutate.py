@@ -109,7 +109,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         (Edit("dropout_ext/_contract.py", '("LN2_HI", "0x1.62e4p-1",', '("LN2_HI", "0x1.62e402p-1",'),
          Edit("csrc/activation_constants.h", "LN2_HI             = 0x1.62e4p-1f;",
               "LN2_HI             = 0x1.62e402p-1f;")),
-        ("tests/test_fusion.py", "tests/test_api.py", "tests/test_activation_constants.py"),
+        ("tests/test_activations.py", "tests/test_fusion.py", "tests/test_api.py",
+         "tests/test_activation_constants.py"),
     ),
     Mutation(
         "cpu_norm_rstd_zero",
