@@ -7,8 +7,8 @@ has, unless DROPOUT_EXT_CPU_ISA or the test hook
 and the same bits from every build over long ranges, at group numbers past
 2**32 (up to 2**61, through the test op ``cpu_mask_range``) and from starts at
 any element of a group, and every output of dropout_add_norm and its
-backward. (The conformance suite runs its cases on each build too: its
-cpu_<isa> rows.)
+backward. (The conformance suite runs its cases on each build too: its cpu
+row on the build in force, its cpu_<isa> rows on the others.)
 """
 
 import os
@@ -121,13 +121,13 @@ def _child(value):
     return run_child([sys.executable, "-c", _CHILD], env={VAR: value})
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_environment_chooses_the_build(isa):
-    if isa not in _have():
-        pytest.skip(f"this CPU has no {isa}: cpu_isas() is {_have()}")
-    out = _child(isa)
+def test_environment_chooses_the_build():
+    """The variable names a build (baseline, which every CPU runs); the
+    names are read by the parser of the test hook, which
+    test_hook_sets_and_returns_the_previous runs on each."""
+    out = _child("baseline")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == isa
+    assert out.stdout.split()[-1] == "baseline"
 
 
 def test_environment_empty_means_the_best_build():
@@ -300,10 +300,16 @@ def _norm_inputs(dtype, H, extras):
     return x, res.to(h_dtype), weight, bias, grad, grad_h, rfp32
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+# (dtype, extras): "fp32" changes the kernels' types (a float32 h) for 16-bit
+# inputs only; for float32 and float64 it is "all" with float32 parameters,
+# which the glue converts before the kernels.
+NORM_BUILD_CASES = [(dtype, extras) for dtype in (torch.float32, torch.float64) for extras in NORM_EXTRAS[:2]] + \
+    [(dtype, extras) for dtype in (torch.bfloat16, torch.float16) for extras in NORM_EXTRAS]
+
+
+@pytest.mark.parametrize("dtype,extras", NORM_BUILD_CASES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("H", [77, 4097])
-@pytest.mark.parametrize("extras", NORM_EXTRAS)
 def test_norm_forward_backward_equal_across_builds(dtype, norm, H, extras):
     """Rows of an odd length (rows and chunks start at every element of a
     Philox group): every build gives the same bits for every output of
