@@ -7,8 +7,8 @@ has, unless DROPOUT_EXT_CPU_ISA or the test hook
 and the same bits from every build over long ranges, at group numbers past
 2**32 (up to 2**61, through the test op ``cpu_mask_range``) and from starts at
 any element of a group, and every output of dropout_add_norm and its
-backward. (The conformance suite runs its cases on each build too: its
-cpu_<isa> rows.)
+backward. (The conformance suite runs its cases on each build too: its cpu
+row on the build in force, its cpu_<isa> rows on the others.)
 """
 
 import os
@@ -20,7 +20,8 @@ import torch
 
 from dropout_ext import _ops, _state
 from dropout_ext import reference as ref
-from conftest import TOLERANCES, assert_bitwise_equal, make_inputs, run_child
+from conftest import (assert_bitwise_equal, check_bounded, check_norm_param_grads, make_inputs,
+                      norm_bounds, run_child)
 
 
 ISAS = ("baseline", "avx2", "avx512")
@@ -121,13 +122,13 @@ def _child(value):
     return run_child([sys.executable, "-c", _CHILD], env={VAR: value})
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_environment_chooses_the_build(isa):
-    if isa not in _have():
-        pytest.skip(f"this CPU has no {isa}: cpu_isas() is {_have()}")
-    out = _child(isa)
+def test_environment_chooses_the_build():
+    """The variable names a build (baseline, which every CPU runs); the
+    names are read by the parser of the test hook, which
+    test_hook_sets_and_returns_the_previous runs on each."""
+    out = _child("baseline")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == isa
+    assert out.stdout.split()[-1] == "baseline"
 
 
 def test_environment_empty_means_the_best_build():
@@ -300,10 +301,21 @@ def _norm_inputs(dtype, H, extras):
     return x, res.to(h_dtype), weight, bias, grad, grad_h, rfp32
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("norm", ["layer", "rms"])
-@pytest.mark.parametrize("H", [77, 4097])
-@pytest.mark.parametrize("extras", NORM_EXTRAS)
+# (dtype, extras): "fp32" changes the kernels' types (a float32 h) for 16-bit
+# inputs only; for float32 and float64 it is "all" with float32 parameters,
+# which the glue converts before the kernels.
+NORM_BUILD_CASES = [(dtype, extras) for dtype in (torch.float32, torch.float64) for extras in NORM_EXTRAS[:2]] + \
+    [(dtype, extras) for dtype in (torch.bfloat16, torch.float16) for extras in NORM_EXTRAS]
+
+
+# (norm, H): a row in one chunk and in many; the chunks' lane sums of a
+# layer norm (the mean and the variance forward, two means backward) hold
+# those of an RMS norm (one each).
+NORM_ROWS = [("layer", 77), ("rms", 77), ("layer", 4097)]
+
+
+@pytest.mark.parametrize("dtype,extras", NORM_BUILD_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("norm,H", NORM_ROWS)
 def test_norm_forward_backward_equal_across_builds(dtype, norm, H, extras):
     """Rows of an odd length (rows and chunks start at every element of a
     Philox group): every build gives the same bits for every output of
@@ -330,19 +342,14 @@ def test_norm_forward_backward_equal_across_builds(dtype, norm, H, extras):
         assert_bitwise_equal(h, ops.forward(x, None, res, state, "identity", [])[0])
     ref_fwd = ref.dropout_add_norm(x, res, weight, bias, SEED, 2**32 + 5, 0.3, norm, 1e-5, rfp32)
     assert_bitwise_equal(h, ref_fwd[1])
-    stat_tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mean, ref_fwd[2], **stat_tol)
-    torch.testing.assert_close(rstd, ref_fwd[3], **stat_tol)
-    torch.testing.assert_close(y, ref_fwd[0], atol=TOLERANCES[dtype][1] * 2, rtol=TOLERANCES[dtype][2] * 2)
-    ref_bwd = ref.dropout_add_norm_backward(grad, grad_h, h, weight, mean, rstd, SEED, 2**32 + 5, 0.3, norm)
-    for actual, expected in zip((dx, dres), ref_bwd[:2]):
-        tol = TOLERANCES[actual.dtype]
-        torch.testing.assert_close(actual, expected, atol=tol[1] * 4, rtol=tol[2] * 4)
-    # Sums over 23 rows: float32 accumulation in another order than the reference's.
-    param_tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
-    if weight is not None:
-        torch.testing.assert_close(dw, ref_bwd[2], **param_tol)
-    torch.testing.assert_close(db, ref_bwd[3], **param_tol)
+    # The rest within the bounds of its error analysis (conftest.norm_bounds),
+    # against the float64 values from h as stored.
+    keep = ref.dropout_mask(x.shape, 0.3, SEED, 2**32 + 5)
+    bounds = norm_bounds(h, weight, bias, grad, grad_h, norm, 1e-5, rstd.dtype, keep, 0.3)
+    for name, actual in (("mean", mean), ("rstd", rstd), ("y", y), ("dh", dres), ("dx", dx)):
+        check_bounded(actual, *bounds[name], rstd.dtype, name)
+    check_norm_param_grads(dw if weight is not None else None, db if bias is not None else None, grad, h, mean,
+                           rstd, norm)
 
 
 def test_norm_parameter_gradients_same_for_any_thread_count():

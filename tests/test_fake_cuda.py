@@ -47,7 +47,10 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch's CUDA build (no GPU): CI runs this file in a venv with torch's CUDA wheel")
 
 BACKENDS = ["auto", "cuda", "triton"]
-ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh", "silu"]
+# What a trace holds depends on the activation only through what autograd
+# saves: identity's backward needs neither the input nor the bias, the
+# others' need both (csrc/autograd.cpp); the fake kernels take any.
+ACTIVATIONS = ["identity", "gelu"]
 SEED = 1234
 aten = torch.ops.aten
 

@@ -99,7 +99,7 @@ def test_quick_equals_the_reference(backend, dtype, shape, monkeypatch):
     Triton compile of every kernel: the minutes are short)."""
     _need(backend)
     b = conformance.Backend(f"gpu_{backend}", PREFIXES[backend], "cuda", backend)
-    conformance.test_forward_backward(b, dtype, shape, 0.3, "gelu", "bias+res")
+    conformance.test_forward_backward(b, dtype, (shape, "bias+res"), 0.3, "gelu")
     for norm in ("layer", "rms"):
         norm_suite._check(b, monkeypatch, shape, dtype, norm, prenorm=True)
 
@@ -149,7 +149,7 @@ def test_quick_device_ops_per_call(backend, request):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("p", [0.001, 0.1, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("p", [0.001, 0.5, 0.999])
 def test_drop_rate_within_5_sigma(backend, p):
     _need(backend)
     n = 1 << 24

@@ -37,7 +37,9 @@ def position_uniformity_z(masks: torch.Tensor, p: float) -> float:
     return abs(chi2 - positions) / math.sqrt(2 * positions)
 
 
-@pytest.mark.parametrize("p", [0.001, 0.1, 0.5, 0.9, 0.999])
+# The tails of the threshold and its middle: other p compare the words with
+# another threshold in the same way.
+@pytest.mark.parametrize("p", [0.001, 0.5, 0.999])
 def test_drop_rate(p):
     mask = F.dropout_mask((1 << 22,), p, seed=12345)
     assert drop_rate_z(mask, p) < SIGMA
@@ -85,7 +87,8 @@ def test_per_row_kept_counts_match_nn_dropout():
     assert pvalue > 5.7e-7  # the two-sided 5-sigma level
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+# A small and a large scale, 10/9 and 10, both rounded in floating point (0.5's, 2, is exact).
+@pytest.mark.parametrize("p", [0.1, 0.9])
 def test_mean_and_variance(p):
     c, n = 1.5, 1 << 22
     y = F.dropout(torch.full((n,), c, dtype=torch.float64), p, seed=99)

@@ -183,7 +183,11 @@ def _meta(device, *shapes, dtype=torch.float32):
     return _on(device, *(torch.empty(shape, dtype=dtype, device="meta") for shape in shapes))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# The launch plans depend on the dtype through its size alone (rows_config): one of 4 bytes, one of 2.
+DTYPE_PER_SIZE = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PER_SIZE)
 @pytest.mark.parametrize("rows,H", [(2, 33558528), (2, 67117056), (2**27, 4), (2**24 + 8, 8)])
 def test_bias_gradient_grid_within_limits(recorded, dtype, rows, H):
     """A bias gradient just wider than 65535 column tiles (of 512 float32 or
@@ -197,7 +201,7 @@ def test_bias_gradient_grid_within_limits(recorded, dtype, rows, H):
     assert grid[0] * meta["BLOCK"] >= H and grid[1] * meta["ROWS_PER_PROGRAM"] >= rows
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPE_PER_SIZE)
 @pytest.mark.parametrize("rows,H", [(1024, 768), (4096, 1024), (64, 4096), (8, 512), (3, 12), (10**6, 768)])
 def test_bias_gradient_partial_buffer_is_small(recorded, dtype, rows, H):
     """The float32 partial sums (a row per row program), written and summed
