@@ -17,7 +17,7 @@ import torch
 import transformers
 
 import dropout_ext
-from conftest import BrokenDropout
+from training_checks import BrokenDropout
 
 
 def _models(p):
@@ -56,7 +56,7 @@ def _train(model, data, steps=5):
 def _check(got, expected):
     """The fused run's loss at every step within 2 float32 ulps of the
     unfused run's. The two differ only in the norms' rounding (each norm
-    output within conftest.norm_bounds of the exact one), which moves the
+    output within error_bounds.norm_bounds of the exact one), which moves the
     loss by less than one of its own ulps: measured, the losses
     are equal at every step, p = 0 and 0.1 alike. (This is a measured
     margin, not a bound: the first-order worst case, the norms' bounds

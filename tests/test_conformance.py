@@ -67,7 +67,8 @@ from hypothesis import strategies as st
 from dropout_ext import _backend, _ops, _state
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
-from conftest import assert_bitwise_equal, check_bias_grad, check_contract, check_sum, make_inputs, requires_cuda
+from conftest import assert_bitwise_equal, check_contract, make_inputs, requires_cuda
+from error_bounds import check_bias_grad, check_sum
 
 TRITON_MODE = os.environ.get("TRITON_INTERPRET") == "1"
 

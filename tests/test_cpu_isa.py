@@ -20,8 +20,8 @@ import torch
 
 from dropout_ext import _ops, _state
 from dropout_ext import reference as ref
-from conftest import (assert_bitwise_equal, check_bounded, check_norm_param_grads, make_inputs,
-                      norm_bounds, run_child)
+from conftest import assert_bitwise_equal, make_inputs, run_child
+from error_bounds import check_bounded, check_norm_param_grads, norm_bounds
 
 
 ISAS = ("baseline", "avx2", "avx512")
@@ -342,7 +342,7 @@ def test_norm_forward_backward_equal_across_builds(dtype, norm, H, extras):
         assert_bitwise_equal(h, ops.forward(x, None, res, state, "identity", [])[0])
     ref_fwd = ref.dropout_add_norm(x, res, weight, bias, SEED, 2**32 + 5, 0.3, norm, 1e-5, rfp32)
     assert_bitwise_equal(h, ref_fwd[1])
-    # The rest within the bounds of its error analysis (conftest.norm_bounds),
+    # The rest within the bounds of its error analysis (error_bounds.norm_bounds),
     # against the float64 values from h as stored.
     keep = ref.dropout_mask(x.shape, 0.3, SEED, 2**32 + 5)
     bounds = norm_bounds(h, weight, bias, grad, grad_h, norm, 1e-5, rstd.dtype, keep, 0.3)

@@ -20,8 +20,8 @@ import torch
 
 from dropout_ext import _ops
 from dropout_ext import reference as ref
-from conftest import (assert_bitwise_equal, bias_grad_terms, bits, check_bias_grad, check_bounded, check_contract,
-                      check_norm_param_grads, check_sum, make_inputs, norm_bounds)
+from conftest import assert_bitwise_equal, bits, check_contract, make_inputs
+from error_bounds import bias_grad_terms, check_bias_grad, check_bounded, check_norm_param_grads, check_sum, norm_bounds
 from test_cuda_compile import declared_blocks_per_sm
 
 ops = torch.ops.dropout_ext
@@ -593,7 +593,7 @@ def test_bad_state_is_refused():
 # sizes below take both paths in both directions (4097 and 65536 the second
 # in the backward, 65536 in the forward too). h is compared bit for bit;
 # y, the statistics and the gradients with the float64 values within their
-# error bounds (conftest.norm_bounds, check_sum: the row sums add in the
+# error bounds (error_bounds.norm_bounds, check_sum: the row sums add in the
 # kernels' order, not torch's).
 
 NORM_H = [1, 7, 77, 1000, 4097, 65536]
@@ -617,7 +617,7 @@ def _norm_inputs(shape, dtype, residual_in_fp32, param_dtype, seed):
 
 def _check_norm_forward(got, want, w, b, norm, eps):
     """h bit for bit the reference's; y, mean and rstd the float64 values
-    of h as stored within their error bounds (conftest.norm_bounds)."""
+    of h as stored within their error bounds (error_bounds.norm_bounds)."""
     y, h, mean, rstd = got
     assert_bitwise_equal(h, want[1])
     assert mean.shape == want[2].shape and rstd.shape == want[3].shape

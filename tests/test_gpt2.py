@@ -1,7 +1,7 @@
 """A real model: Hugging Face GPT-2 built from a small config (no weights),
 every dropout swapped for dropout_ext's, trained a few steps: it learns as
 the nn.Dropout run does, and its dropout layers do what a dropout of their p
-does (conftest.DropoutRecorder: the dropped fraction, the 1/(1 - p) scale,
+does (training_checks.DropoutRecorder: the dropped fraction, the 1/(1 - p) scale,
 independent masks across the batch), as nn.Dropout's do; a deliberately
 broken dropout fails that check. Needs ``transformers`` (installed by
 requirements-test.txt; missing, the module fails to import)."""
@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import dropout_ext
-from conftest import BrokenDropout, DropoutRecorder, swap_dropout
+from training_checks import BrokenDropout, DropoutRecorder, swap_dropout
 
 
 def _train(swap, seed, steps=12):
@@ -61,7 +61,7 @@ def test_gpt2_swapped_trains_like_nn_dropout():
         _check(l_ext, r_ext)
 
 
-# The message of conftest.DropoutRecorder.check each broken dropout fails with.
+# The message of training_checks.DropoutRecorder.check each broken dropout fails with.
 CAUGHT_BY = {"p ignored": "dropped fraction", "half p": "dropped fraction", "no scale": "not input \\* 1/\\(1 - p\\)",
              "shared mask": "the rows share masks"}
 

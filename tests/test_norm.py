@@ -4,9 +4,9 @@ the cpu_<isa> hook and the ``backend=`` routing are reused from there).
 
 The kernels are held to a float64 composition (``F.layer_norm`` /
 ``F.rms_norm`` of ``residual + dropout(x)`` with the contract's mask), each
-value within the bound of its error analysis (conftest.norm_bounds: the
+value within the bound of its error analysis (error_bounds.norm_bounds: the
 statistics relative to their own scale, y and the gradients element by
-element; the weight and bias gradients as sums, conftest.check_sum); h and
+element; the weight and bias gradients as sums, error_bounds.check_sum); h and
 the mask to the contract bit for bit
 (h equals the same backend's ``fused_dropout(x, residual)`` for the same
 state, the mask ``dropout_mask``). Each backend is checked through its op
@@ -29,8 +29,8 @@ import dropout_ext
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
 from dropout_ext._validate import norm_dtypes
-from conftest import (Snapshot, assert_bitwise_equal, check_bounded, check_norm_param_grads, gamma, math_dtype,
-                      norm_bounds, unit_roundoff)
+from conftest import Snapshot, assert_bitwise_equal
+from error_bounds import check_bounded, check_norm_param_grads, gamma, math_dtype, norm_bounds, unit_roundoff
 from test_conformance import OFFSET, SEED, TRITON_MODE, cases, public
 from test_conformance import _cpu_isa  # noqa: F401  (autouse: the cpu_<isa> rows' instruction set)
 

@@ -1,7 +1,7 @@
 """A reduced Sonar experiment (examples/sonar.py): nn.Dropout and
 dropout_ext.Dropout, on the same folds, initial weights and batch order,
 reach accuracies that agree within sampling noise, and their dropout layers
-do what a dropout of their p does (conftest.DropoutRecorder); a
+do what a dropout of their p does (training_checks.DropoutRecorder); a
 deliberately broken dropout fails that check."""
 
 import os
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import BrokenDropout, DropoutRecorder
+from training_checks import BrokenDropout, DropoutRecorder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))

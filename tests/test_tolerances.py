@@ -1,4 +1,4 @@
-"""The tests' error bounds (conftest.sum_bound, conftest.norm_bounds and the
+"""The tests' error bounds (error_bounds.sum_bound, error_bounds.norm_bounds and the
 checks built on them) accept what the kernels compute and reject what a
 broken kernel would give: a bias gradient zeroed, negated, off by the
 1/(1 - p) scale or missing a row of terms; norm statistics zeroed or of the
@@ -9,8 +9,9 @@ import torch
 
 from dropout_ext import _ops, _state
 from dropout_ext import reference as ref
-from conftest import (bias_grad_terms, check_bias_grad, check_bounded, check_norm_param_grads, check_sum, gamma,
-                      make_inputs, norm_bounds, sum_bound, unit_roundoff)
+from conftest import make_inputs
+from error_bounds import (bias_grad_terms, check_bias_grad, check_bounded, check_norm_param_grads, check_sum, gamma,
+                          norm_bounds, sum_bound, unit_roundoff)
 
 SEED, OFFSET = 0xF123456789ABCDEF, 2**32 + 5
 # (shape, dtype, activation): one row of 4097 (the shape at which a bound of
@@ -97,7 +98,7 @@ def _norm_backward(g, h, w, mean, rstd, keep, scale, broken=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_norm_bounds_accept_the_kernels_and_reject_broken_ones(dtype):
     """LayerNorm through the CPU kernels: y, the statistics and the
-    gradients within conftest.norm_bounds and check_sum; the same checks
+    gradients within error_bounds.norm_bounds and check_sum; the same checks
     fail for statistics zeroed or of the unbiased variance, and for a
     backward that drops mean(g w), the projection on xhat, or normalises
     nothing in the weight gradient (each caught also in bfloat16, where a

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from dropout_ext import reference as ref
-from conftest import (assert_bitwise_equal, check_bias_grad, check_bounded, check_contract, check_norm_param_grads,
-                      make_inputs, norm_bounds)
+from conftest import assert_bitwise_equal, check_contract, make_inputs
+from error_bounds import check_bias_grad, check_bounded, check_norm_param_grads, norm_bounds
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (3, 12) and (5, 40) take the bias-gradient row kernel (last dim % 4 == 0),
@@ -240,7 +240,7 @@ def _norm_case(tk, shape, dtype, norm, p=0.3, residual_in_fp32=False, param_dtyp
     if h_dtype == dtype and against_fused:
         assert_bitwise_equal(h, tk.fused_dropout(x, None, res, state, "identity", [])[0])
     # y, the statistics and the gradients: the float64 values of h as stored,
-    # within their error bounds (conftest.norm_bounds, check_sum)
+    # within their error bounds (error_bounds.norm_bounds, check_sum)
     stat = rstd.dtype
     fwd = norm_bounds(h, w, b, torch.zeros_like(h), None, norm, 1e-5, stat)
     for name, value in (("y", y), ("mean", mean), ("rstd", rstd)):
