@@ -6,6 +6,7 @@ benchmark steps select the key cases."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,7 +128,10 @@ def test_a_step_without_its_whole_limit_left_is_skipped(tmp_path):
     proc = gpu_check("--budget", "20", str(out))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     results = _summary(out)
-    assert results["stamp"] == "skipped: needs 30s, 20s of the budget left"
+    # The budget's clock starts with the script: under load a second may pass
+    # before the first step asks what is left.
+    left = re.fullmatch(r"skipped: needs 30s, (\d+)s of the budget left", results["stamp"])
+    assert left is not None and 15 <= int(left.group(1)) <= 20, results["stamp"]
     assert results["build"] == "not run: the stamp step did not pass"
 
 
