@@ -2,8 +2,9 @@
 
 Masks, outputs and gradients equal ``dropout_ext.reference`` bit for bit
 (float64 gelu, gelu_tanh and silu to rounding: they use the C library on each
-side; bias gradients to rounding: backends sum in different orders; see
-docs/RNG.md), for every dtype, activation, bias/residual combination, odd
+side; bias gradients, which backends sum in different orders, within the
+error bound of a sum: error_bounds.check_bias_grad; see docs/RNG.md), for
+every dtype, activation, bias/residual combination, odd
 shapes, p = 0 (keep all), p = 1 (drop all), p in between and at the
 threshold's edges, no state (eval mode), seeds and offsets up to 2**64 - 1,
 the generator's draws, strided and misaligned layouts, structured masks,
