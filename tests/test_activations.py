@@ -47,11 +47,12 @@ import pytest
 import torch
 
 from conftest import assert_bitwise_equal
+from error_bounds import unit_roundoff
 from dropout_ext import _contract
 from dropout_ext import reference as ref
 
 F32, F64 = _contract.F32, _contract.F64
-ROUNDOFF = 2.0 ** -24
+ROUNDOFF = unit_roundoff(torch.float32)
 
 # --- the constants, from their definitions -----------------------------------
 

@@ -69,7 +69,7 @@ from dropout_ext import _backend, _ops, _state
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
 from conftest import assert_bitwise_equal, check_contract, make_inputs, requires_cuda
-from error_bounds import check_bias_grad, check_sum
+from error_bounds import check_bias_grad, check_sum, math_dtype
 
 TRITON_MODE = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -474,7 +474,7 @@ def test_extreme_p(b, p, monkeypatch):
 def _replaced(x, p, activation, grad=None):
     """The value a dropped element replaces: act(x) * scale forward,
     grad * scale * act'(x) backward, in the math type (docs/RNG.md)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = math_dtype(x.dtype)
     v, scale = x.to(acc), (1.0 / (1.0 - p) if p < 1.0 else 0.0)
     if grad is None:
         return ref.activation_forward(v, activation) * scale

@@ -21,7 +21,8 @@ import torch
 from dropout_ext import _ops
 from dropout_ext import reference as ref
 from conftest import assert_bitwise_equal, bits, check_contract, make_inputs
-from error_bounds import bias_grad_terms, check_bias_grad, check_bounded, check_norm_param_grads, check_sum, norm_bounds
+from error_bounds import (bias_grad_terms, check_bias_grad, check_bounded, check_norm_param_grads, check_sum, math_dtype,
+                          norm_bounds)
 from test_cuda_compile import declared_blocks_per_sm
 
 ops = torch.ops.dropout_ext
@@ -330,7 +331,7 @@ def _expected_at(x, bias, res, grad, p, activation, base, keep=None):
     base .. base + n - 1 of a huge tensor whose last dimension is x's: keep
     bits (unless given) and bias columns from the logical index
     (reference.keep_for_indices), math as the reference's."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = math_dtype(x.dtype)
     H = x.shape[-1]
     idx = base + torch.arange(x.numel(), dtype=torch.int64)
     if keep is None:
