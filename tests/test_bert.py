@@ -85,17 +85,13 @@ def _composed(norm, kind):
     """A fused block's DropoutAddLayerNorm replaced by its composition in
     Python: layer_norm(residual + dropout(x)), the mask drawn as the fused
     op draws it (dropout_ext's dropout of the same shape, from the same
-    generator state) unless ``kind`` is a BrokenDropout kind, which then
-    makes that one mistake ("p ignored" draws nothing; "half p" draws at
-    p / 2; "no scale" leaves the kept values unscaled; "shared mask" takes
-    row 0's mask for every row)."""
+    generator state), with the one mistake of ``kind`` (BrokenDropout's)
+    or none."""
+    dropout = BrokenDropout(norm.p, kind, draw=lambda x, p: dropout_ext.functional.dropout(torch.ones_like(x), p) != 0)
+
     def forward(x, residual=None):
-        if norm.training and kind != "p ignored":
-            p = norm.p / 2 if kind == "half p" else norm.p
-            keep = dropout_ext.functional.dropout(torch.ones_like(x), p) != 0
-            if kind == "shared mask":
-                keep = keep[:1].expand_as(keep)
-            x = x * keep if kind == "no scale" else x * keep / (1 - p)
+        if norm.training:
+            x = dropout(x)
         h = x if residual is None else residual + x
         return torch.nn.functional.layer_norm(h, (norm.hidden_size,), norm.weight, norm.bias, norm.eps)
     norm.forward = forward

@@ -6,12 +6,15 @@ independent masks across the batch), as nn.Dropout's do; a deliberately
 broken dropout fails that check. Needs ``transformers`` (installed by
 requirements-test.txt; missing, the module fails to import)."""
 
+from unittest import mock
+
 import pytest
 import torch
 import transformers
 
 import dropout_ext
-from training_checks import BrokenDropout, DropoutRecorder, swap_dropout
+from dropout_ext import modules
+from training_checks import BrokenDropout, DropoutRecorder
 
 
 def _train(swap, seed, steps=12):
@@ -26,7 +29,9 @@ def _train(swap, seed, steps=12):
     if swap == "ext":
         swapped = dropout_ext.replace_dropout(model)
     elif swap is not None:
-        swapped = swap_dropout(model, lambda p: BrokenDropout(p, swap))
+        # replace_dropout's own swap, with the broken dropout as nn.Dropout's twin
+        with mock.patch.dict(modules._SWAPS, {torch.nn.Dropout: lambda p, inplace: BrokenDropout(p, swap)}):
+            swapped = dropout_ext.replace_dropout(model)
     else:
         swapped = 0
     recorder = DropoutRecorder()

@@ -91,32 +91,25 @@ class DropoutRecorder:
 class BrokenDropout(torch.nn.Dropout):
     """A dropout with one deliberate mistake, for the tests of the training
     tests' checks: "p ignored" (keeps everything), "half p" (drops at p/2),
-    "no scale" (kept values not divided by 1 - p), "shared mask" (one mask
-    for every row of dimension 0)."""
+    "no scale" (kept values not divided by 1 - p), "shared mask" (row 0's
+    mask for every row of dimension 0); kind None makes none. ``draw(x, p)``
+    gives the keep mask (default: torch.rand_like(x) >= p), so that a test
+    can draw it as the dropout it stands in for does, and the mistake is
+    the only difference."""
 
     KINDS = ("p ignored", "half p", "no scale", "shared mask")
 
-    def __init__(self, p, kind):
+    def __init__(self, p, kind, draw=None):
         super().__init__(p)
-        assert kind in self.KINDS, kind
+        assert kind is None or kind in self.KINDS, kind
         self.kind = kind
+        self.draw = draw or (lambda x, p: torch.rand_like(x) >= p)
 
     def forward(self, x):
         if not self.training or self.kind == "p ignored":
             return x
         p = self.p / 2 if self.kind == "half p" else self.p
-        keep = torch.rand_like(x[:1] if self.kind == "shared mask" else x) >= p
+        keep = self.draw(x, p)
+        if self.kind == "shared mask":
+            keep = keep[:1].expand_as(keep)
         return x * keep if self.kind == "no scale" else x * keep / (1 - p)
-
-
-def swap_dropout(model: torch.nn.Module, make) -> int:
-    """Every nn.Dropout in model replaced by make(p), in its training mode."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Dropout):
-                new = make(child.p)
-                new.train(child.training)
-                setattr(parent, name, new)
-                swapped += 1
-    return swapped
