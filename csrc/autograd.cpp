@@ -32,16 +32,18 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
-using ForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, const OptTensor&,
-                                                      const OptTensor&, c10::string_view, at::IntArrayRef,
-                                                      const OptTensor&, bool);
+using OptGenerator = std::optional<at::Generator>;
+using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&,
+                                                                  const OptTensor&, const OptTensor&,
+                                                                  c10::string_view, at::IntArrayRef, const OptTensor&,
+                                                                  bool, std::optional<double>, const OptGenerator&);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, const OptTensor&,
                                                        const OptTensor&, c10::string_view, at::IntArrayRef, bool,
                                                        const OptTensor&);
 
-using NormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+using NormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, c10::string_view,
-    double, bool);
+    double, bool, std::optional<double>, const OptGenerator&);
 using NormBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
     const OptTensor&, c10::string_view, std::array<bool, 4>);
@@ -73,12 +75,13 @@ template <int F>
 struct FusedDropoutFn : torch::autograd::Function<FusedDropoutFn<F>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& bias,
                                const OptTensor& residual, const OptTensor& state, c10::string_view activation,
-                               at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask) {
-    at::Tensor out, bits;
+                               at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask,
+                               std::optional<double> p, const OptGenerator& generator) {
+    at::Tensor out, bits, drawn;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, bits) =
-          family<F>().forward.call(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
+      std::tie(out, bits, drawn) = family<F>().forward.call(input, bias, residual, state, activation, mask_shape,
+                                                            mask_bits, pack_mask, p, generator);
     }
     const bool smooth = activation != "identity";
     // The mask the backward reads: bits given to this call or packed by it,
@@ -86,14 +89,16 @@ struct FusedDropoutFn : torch::autograd::Function<FusedDropoutFn<F>> {
     // dynamic shapes has no concrete size.
     const at::Tensor saved_bits =
         mask_bits.has_value() ? *mask_bits : bits.sym_numel() != 0 ? bits : at::Tensor();
-    ctx->save_for_backward({state.value_or(at::Tensor()), smooth ? input : at::Tensor(),
+    // The state the backward draws the mask from: the one given, or the one the op drew.
+    const at::Tensor saved_state = p.has_value() ? drawn : state.value_or(at::Tensor());
+    ctx->save_for_backward({saved_state, smooth ? input : at::Tensor(),
                             smooth ? bias.value_or(at::Tensor()) : at::Tensor(), saved_bits});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["mask_shape"] = mask_shape.vec();
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["has_residual"] = residual.has_value();
-    ctx->mark_non_differentiable({bits});
-    return {out, bits};
+    ctx->mark_non_differentiable({bits, drawn});
+    return {out, bits, drawn};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -112,24 +117,31 @@ struct FusedDropoutFn : torch::autograd::Function<FusedDropoutFn<F>> {
       // op, through this autograd when a double backward records a graph.
       std::optional<at::AutoDispatchBelowADInplaceOrView> below;
       if (!at::GradMode::is_enabled()) below.emplace();
-      if (need_x) gx = std::get<0>(family<F>().forward.call(grad, {}, {}, state, "identity", mask_shape, bits, false));
+      if (need_x) {
+        gx = std::get<0>(family<F>().forward.call(grad, {}, {}, state, "identity", mask_shape, bits, false,
+                                                  std::nullopt, std::nullopt));
+      }
     } else if (need_x || need_b) {
       std::tie(gx, gb) = family<F>().backward.call(grad, input, bias, state, activation, mask_shape, need_b, bits);
       if (!need_b) gb = at::Tensor();
     }
     const at::Tensor gr = need_r ? grad : at::Tensor();
-    return {gx, gb, gr, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list out(10);
+    out[0] = gx;
+    out[1] = gb;
+    out[2] = gr;
+    return out;
   }
 };
 
 template <int F>
-std::tuple<at::Tensor, at::Tensor> fused_dropout_autograd(const at::Tensor& input, const OptTensor& bias,
-                                                          const OptTensor& residual, const OptTensor& state,
-                                                          c10::string_view activation, at::IntArrayRef mask_shape,
-                                                          const OptTensor& mask_bits, bool pack_mask) {
-  const variable_list out =
-      FusedDropoutFn<F>::apply(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
-  return {out[0], out[1]};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_autograd(
+    const at::Tensor& input, const OptTensor& bias, const OptTensor& residual, const OptTensor& state,
+    c10::string_view activation, at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask,
+    std::optional<double> p, const OptGenerator& generator) {
+  const variable_list out = FusedDropoutFn<F>::apply(input, bias, residual, state, activation, mask_shape, mask_bits,
+                                                     pack_mask, p, generator);
+  return {out[0], out[1], out[2]};
 }
 
 // The smart pointer that owns autograd nodes: std::shared_ptr up to torch
@@ -170,24 +182,26 @@ template <int F>
 struct DropoutAddNormFn : torch::autograd::Function<DropoutAddNormFn<F>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& residual,
                                const OptTensor& weight, const OptTensor& bias, const OptTensor& state,
-                               c10::string_view norm, double eps, bool residual_in_fp32) {
-    at::Tensor y, h, mean, rstd;
+                               c10::string_view norm, double eps, bool residual_in_fp32, std::optional<double> p,
+                               const OptGenerator& generator) {
+    at::Tensor y, h, mean, rstd, drawn;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(y, h, mean, rstd) =
-          family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+      std::tie(y, h, mean, rstd, drawn) =
+          family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
     }
-    ctx->save_for_backward({state.value_or(at::Tensor()), h, weight.value_or(at::Tensor()), mean, rstd});
+    const at::Tensor saved_state = p.has_value() ? drawn : state.value_or(at::Tensor());
+    ctx->save_for_backward({saved_state, h, weight.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["norm"] = std::string(norm);
     ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
     ctx->saved_data["has_residual"] = residual.has_value();
     ctx->saved_data["has_weight"] = weight.has_value();
     // The bias is not saved (its gradient needs only grad); its dtype is.
     ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
-    ctx->mark_non_differentiable({mean, rstd});
+    ctx->mark_non_differentiable({mean, rstd, drawn});
     // An unused h (or y) gets no gradient tensor of zeros to read.
     ctx->set_materialize_grads(false);
-    return {y, h, mean, rstd};
+    return {y, h, mean, rstd, drawn};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -203,7 +217,7 @@ struct DropoutAddNormFn : torch::autograd::Function<DropoutAddNormFn<F>> {
     const bool need_r = has_r && ctx->needs_input_grad(slot++);
     const bool need_w = has_w && ctx->needs_input_grad(slot++);
     const bool need_b = has_b && ctx->needs_input_grad(slot++);
-    const variable_list none(8);
+    const variable_list none(10);
     if (!(need_x || need_r || need_w || need_b) || (!grads[0].defined() && !grads[1].defined())) return none;
     // Only h was used: y's gradient is zero.
     const at::Tensor grad = grads[0].defined()
@@ -228,12 +242,13 @@ struct DropoutAddNormFn : torch::autograd::Function<DropoutAddNormFn<F>> {
 };
 
 template <int F>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_autograd(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& state, c10::string_view norm, double eps, bool residual_in_fp32) {
+    const OptTensor& state, c10::string_view norm, double eps, bool residual_in_fp32, std::optional<double> p,
+    const OptGenerator& generator) {
   const variable_list out =
-      DropoutAddNormFn<F>::apply(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
-  return {out[0], out[1], out[2], out[3]};
+      DropoutAddNormFn<F>::apply(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 template <int F>

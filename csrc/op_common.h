@@ -7,8 +7,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <array>
+#include <mutex>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -90,14 +92,63 @@ inline void check_residual(const at::Tensor& input, const std::optional<at::Tens
                     py_shape(input.sizes()), ", got ", py_shape(residual->sizes()));
 }
 
-// The dropout state [seed, offset, p bits] (docs/DESIGN.md) on `device`, or
-// none (no dropout).
+// The dropout state [seed, offset, p bits] (docs/DESIGN.md) on `device` or
+// the CPU (then its words reach the kernels by value), or none (no dropout).
 inline void check_state(const std::optional<at::Tensor>& state, const at::Device& device) {
   if (!state.has_value()) return;
   TORCH_CHECK_VALUE(state->scalar_type() == at::kLong && state->dim() == 1 && state->numel() == 3,
                     "state must be an int64 tensor [seed, offset, p bits], got ",
                     py_dtype(state->scalar_type()), " of shape ", py_shape(state->sizes()));
-  TORCH_CHECK_VALUE(state->device() == device, "state is on ", state->device(), ", but input is on ", device);
+  TORCH_CHECK_VALUE(state->device() == device || state->is_cpu(), "state is on ", state->device(),
+                    ", but input is on ", device, " (a state lives on the input's device or the CPU)");
+}
+
+inline void check_p_value(double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
+}
+
+// A forward op draws its state when given p instead of a state (the eager
+// path, docs/DESIGN.md), from `generator` or the default generator of the
+// input's device.
+inline void check_draw(const std::optional<at::Tensor>& state, const std::optional<double>& p,
+                       const std::optional<at::Generator>& generator, const at::Device& device) {
+  TORCH_CHECK_VALUE(!(state.has_value() && p.has_value()),
+                    "state and p exclude each other: p asks the op to draw its state");
+  TORCH_CHECK_VALUE(p.has_value() || !generator.has_value(), "generator needs p: it is what a drawn state comes from");
+  if (p.has_value()) check_p_value(*p);
+  if (generator.has_value()) {
+    TORCH_CHECK_VALUE(generator->device().type() == device.type(), "generator is for ", generator->device(),
+                      ", but input is on ", device);
+  }
+}
+
+// The forward's last output: a drawn state, [3] on the input's device, or
+// an empty int64 tensor when the op drew none.
+inline at::Tensor drawn_state_output(const at::Tensor& input, bool drew) {
+  return at::empty({drew ? 3 : 0}, input.options().dtype(at::kLong));
+}
+
+// Two words from a CPU generator (the CPU ops, and the CUDA kernels executed
+// on the host): the state's seed and offset.
+inline std::array<int64_t, 2> cpu_drawn_words(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return {static_cast<int64_t>(gen->random64()), static_cast<int64_t>(gen->random64())};
+}
+
+// The state of a CPU op: the one given, or (p given) one drawn now, written
+// into `drawn`, the op's last output.
+inline std::optional<at::Tensor> cpu_call_state(const at::Tensor& input, const std::optional<at::Tensor>& state,
+                                                const std::optional<double>& p,
+                                                const std::optional<at::Generator>& generator, at::Tensor& drawn) {
+  drawn = drawn_state_output(input, p.has_value());
+  if (!p.has_value()) return state;
+  const std::array<int64_t, 2> w = cpu_drawn_words(generator);
+  int64_t* out = drawn.data_ptr<int64_t>();
+  out[0] = w[0];
+  out[1] = w[1];
+  out[2] = p_to_bits(*p);
+  return drawn;
 }
 
 // The contract's parameters of a state the host can read (the CPU kernels,
@@ -107,8 +158,7 @@ inline MaskParams host_mask_params(const std::optional<at::Tensor>& state) {
   if (!state.has_value()) return keep_all_params();
   const at::Tensor s = state->contiguous();
   const int64_t* w = s.const_data_ptr<int64_t>();
-  const double p = p_from_bits(w[2]);
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
+  check_p_value(p_from_bits(w[2]));
   return mask_params_from_state(w);
 }
 

@@ -22,15 +22,21 @@ PyObject* PyInit__C(void) {
 namespace dropout_ext {
 
 TORCH_LIBRARY(dropout_ext, m) {
-  // state: int64 [seed, offset, p bits] on the input's device, or None for
-  // no dropout. mask_shape: [] for one draw per element, or the input's
-  // shape with some sizes 1 (structured dropout). mask_bits: the keep mask
-  // of a full mask packed 8 elements per byte (docs/RNG.md), read instead of
-  // drawing it again; pack_mask: also return it (else an empty uint8 tensor).
+  // state: int64 [seed, offset, p bits] on the input's device or the CPU,
+  // or None for no dropout. p (forward ops, with no state): the op draws the
+  // state itself from generator, or the default generator of the input's
+  // device, and returns it as its last output (else an empty int64 tensor):
+  // the eager path, one launch on a GPU, fresh draws in every replay of a
+  // captured CUDA graph (docs/DESIGN.md). mask_shape: [] for one draw per
+  // element, or the input's shape with some sizes 1 (structured dropout).
+  // mask_bits: the keep mask of a full mask packed 8 elements per byte
+  // (docs/RNG.md), read instead of drawing it again; pack_mask: also return
+  // it (else an empty uint8 tensor).
   for (const char* prefix : kOpPrefixes) {
     const std::string p(prefix);
     m.def((p + "fused_dropout(Tensor input, Tensor? bias, Tensor? residual, Tensor? state, str activation, "
-                "int[] mask_shape, Tensor? mask_bits=None, bool pack_mask=False) -> (Tensor, Tensor)")
+                "int[] mask_shape, Tensor? mask_bits=None, bool pack_mask=False, float? p=None, "
+                "Generator? generator=None) -> (Tensor, Tensor, Tensor)")
               .c_str());
     m.def((p + "fused_dropout_backward(Tensor grad, Tensor? input, Tensor? bias, Tensor? state, str activation, "
                 "int[] mask_shape, bool bias_grad, Tensor? mask_bits=None) -> (Tensor, Tensor)")
@@ -43,12 +49,17 @@ TORCH_LIBRARY(dropout_ext, m) {
     // and draws the mask again from the state; grad_h is the gradient of
     // the h output (a pre-norm block's residual stream), None where unused.
     m.def((p + "dropout_add_norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? state, "
-                "str norm, float eps, bool residual_in_fp32) -> (Tensor, Tensor, Tensor, Tensor)")
+                "str norm, float eps, bool residual_in_fp32, float? p=None, Generator? generator=None) "
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
               .c_str());
     m.def((p + "dropout_add_norm_backward(Tensor grad, Tensor? grad_h, Tensor h, Tensor? weight, Tensor mean, "
                 "Tensor rstd, Tensor? state, str norm, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
               .c_str());
   }
+  // The state a forward op given p draws, drawn alone (the same words for the
+  // same generator state): for kernels that cannot draw it themselves
+  // (Triton, the reference).
+  m.def("draw_state(Tensor input, float p, Generator? generator=None) -> Tensor");
 }
 
 }  // namespace dropout_ext

@@ -83,6 +83,7 @@ DX_HD To bit_cast(const From& from) {
 }
 
 DX_HD double p_from_bits(int64_t bits) { return bit_cast<double>(bits); }
+DX_HD int64_t p_to_bits(double p) { return bit_cast<int64_t>(p); }
 
 // p as data (a device word nobody validated on the host) is sanitised the
 // way the host would have refused it: NaN and negatives keep everything,
@@ -111,6 +112,67 @@ DX_HD MaskParams mask_params_from_state(const int64_t* state) {
   if (state == nullptr) return keep_all_params();
   return make_mask_params(static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]),
                           p_from_bits(state[2]));
+}
+
+// A generator's draw for one call (docs/RNG.md, "Where (seed, offset) come
+// from"): the generator reserved the four words at its counter
+// (gen_offset / 4, 0, 0, 0) under its key gen_seed, which no other op reads,
+// and they become the state's seed and offset. Keyed by those random words,
+// the call's own stream shares no counter with PyTorch's ops on the same
+// generator.
+DX_HD void drawn_words(uint64_t gen_seed, uint64_t gen_offset, int64_t& seed, int64_t& offset) {
+  uint32_t w[4];
+  const uint64_t c = gen_offset / 4;
+  philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, 0u, static_cast<uint32_t>(gen_seed),
+                static_cast<uint32_t>(gen_seed >> 32), w);
+  seed = static_cast<int64_t>(w[0] | (static_cast<uint64_t>(w[1]) << 32));
+  offset = static_cast<int64_t>(w[2] | (static_cast<uint64_t>(w[3]) << 32));
+}
+
+// Where a kernel finds a call's state [seed, offset, p bits]: nowhere (no
+// dropout); in memory it reads (the input's device); or by value (a state
+// the host holds, or drew). A state drawn by value is also stored at `out`
+// by the launch's first thread: the op returns it, the backward reads it.
+struct StateRef {
+  enum Kind : int { kNone = 0, kMemory = 1, kValue = 2 };
+  int kind = kNone;
+  const int64_t* words = nullptr;  // kMemory
+  int64_t value[3] = {0, 0, 0};    // kValue
+  int64_t* out = nullptr;          // kValue, drawn
+};
+
+// The contract's parameters of the call. `first`: this is the launch's
+// first thread, which stores a drawn state.
+DX_HD MaskParams state_params(const StateRef& s, bool first) {
+  if (s.kind == StateRef::kNone) return keep_all_params();
+  const bool mem = s.kind == StateRef::kMemory;
+  const int64_t seed = mem ? s.words[0] : s.value[0];
+  const int64_t offset = mem ? s.words[1] : s.value[1];
+  const int64_t bits = mem ? s.words[2] : s.value[2];
+  if (first && s.out != nullptr) {
+    s.out[0] = seed;
+    s.out[1] = offset;
+    s.out[2] = bits;
+  }
+  return make_mask_params(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), p_from_bits(bits));
+}
+
+// A draw under CUDA-graph capture: the generator's seed and offset live in
+// device memory that every replay rewrites (PyTorch's PhiloxCudaState), so
+// one thread turns them into the state at `out` on the device, afresh in
+// each replay, and the kernels read it there.
+struct GraphDraw {
+  const int64_t* gen_seed = nullptr;
+  const int64_t* gen_offset = nullptr;
+  uint64_t gen_offset_intragraph = 0;
+  int64_t p_bits = 0;
+  int64_t* out = nullptr;
+};
+
+DX_HD void store_graph_draw(const GraphDraw& d) {
+  drawn_words(static_cast<uint64_t>(*d.gen_seed), static_cast<uint64_t>(*d.gen_offset) + d.gen_offset_intragraph,
+              d.out[0], d.out[1]);
+  d.out[2] = d.p_bits;
 }
 
 // The four words of the group that holds logical elements 4g .. 4g+3.

@@ -63,8 +63,16 @@ def mask_bits_like(input, state, mask_shape, pack_mask):
     return input.new_empty((_validate.mask_bits_size(input.numel()) if pack else 0,), dtype=torch.uint8)
 
 
-def _fake_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False):
-    return torch.empty_like(input), mask_bits_like(input, state, mask_shape, pack_mask)
+def drawn_state_like(input, p):
+    """The forward's last output: the state it drew (given p), else empty."""
+    return input.new_empty((3 if p is not None else 0,), dtype=torch.int64)
+
+
+def _fake_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False, p=None,
+                  generator=None):
+    present = state if p is None else drawn_state_like(input, p)
+    return (torch.empty_like(input), mask_bits_like(input, present, mask_shape, pack_mask),
+            drawn_state_like(input, p))
 
 
 def _fake_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
@@ -75,12 +83,16 @@ def _fake_mask(state, shape):
     return state.new_empty(shape, dtype=torch.bool)
 
 
-def _fake_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
+def _fake_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p=None, generator=None):
     h_dtype, stat_dtype = _validate.norm_dtypes(input.dtype, residual_in_fp32)
     rows = math.prod(input.shape[:-1])
     return (input.new_empty(input.shape), input.new_empty(input.shape, dtype=h_dtype),
             input.new_empty((rows if norm == "layer" else 0,), dtype=stat_dtype),
-            input.new_empty((rows,), dtype=stat_dtype))
+            input.new_empty((rows,), dtype=stat_dtype), drawn_state_like(input, p))
+
+
+def _fake_draw_state(input, p, generator=None):
+    return drawn_state_like(input, p)
 
 
 def _fake_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
@@ -96,16 +108,28 @@ _FAKES = {"fused_dropout": _fake_forward, "fused_dropout_backward": _fake_backwa
 for _prefix in PREFIXES:
     for _name in NAMES:
         torch.library.register_fake(f"dropout_ext::{_prefix}{_name}", _FAKES[_name], lib=_lib)
+torch.library.register_fake("dropout_ext::draw_state", _fake_draw_state, lib=_lib)
 
 
 # --- the Python kernels --------------------------------------------------------
 
-def _check_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False):
+def _check_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False, p=None,
+                   generator=None):
     _validate.check_fused_args(input, bias, residual, activation, mask_shape)
     _validate.check_state(state, input.device)
     _validate.check_mask_bits(input, state, mask_shape, mask_bits)
     if pack_mask and mask_bits is not None:
         raise ValueError("pack_mask and mask_bits exclude each other")
+    _check_draw(state, p, generator)
+
+
+def _check_draw(state, p, generator):
+    if state is not None and p is not None:
+        raise ValueError("state and p exclude each other: p asks the op to draw its state")
+    if p is None and generator is not None:
+        raise ValueError("generator needs p: it is what a drawn state comes from")
+    if p is not None:
+        _validate.check_p(p)
 
 
 def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
@@ -124,9 +148,10 @@ def _check_mask(state, shape):
     _validate.check_shape(shape)
 
 
-def _check_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
+def _check_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p=None, generator=None):
     _validate.check_norm_args(input, residual, weight, bias, norm, eps, residual_in_fp32)
     _validate.check_state(state, input.device)
+    _check_draw(state, p, generator)
 
 
 def _check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
@@ -138,20 +163,41 @@ _CHECKS = {"fused_dropout": _check_forward, "fused_dropout_backward": _check_bac
            "dropout_add_norm": _check_norm, "dropout_add_norm_backward": _check_norm_backward}
 
 
+# The forward ops whose schema ends in (p, generator): given p they draw their
+# state, and return it last.
+_DRAWING = {"fused_dropout": 3, "dropout_add_norm": 4}  # the state's position
+
+
 def _python_kernel(module: str, name: str):
     """The kernel ``name`` of ``dropout_ext.<module>`` (its ``KERNELS``
     table), imported on first use
     (Triton is imported only when a Triton kernel runs), behind the argument
-    checks every direct call gets."""
+    checks every direct call gets. A Python kernel cannot draw inside its
+    launch: a forward given p takes its state from ``draw_state``, the words
+    the C++ kernels draw for the same generator state, and returns it."""
     check = _CHECKS[name]
+    at = _DRAWING.get(name)
 
     def kernel(*args):
         check(*args)
-        return importlib.import_module(f"{__package__}.{module}").KERNELS[name](*args)
+        run = importlib.import_module(f"{__package__}.{module}").KERNELS[name]
+        if at is None:
+            return run(*args)
+        args = list(args) + [None] * (len(_schema_args[name]) - len(args))
+        p, generator = args[-2:]
+        args = args[:-2]
+        if p is not None:
+            args[at] = torch.ops.dropout_ext.draw_state(args[0], p, generator)
+        return (*run(*args), args[at] if p is not None else drawn_state_like(args[0], None))
 
     kernel.__name__ = f"{module}_{name}"
     return kernel
 
+
+# Argument names per op, from the schema: a Python kernel's call may leave
+# the trailing defaults out.
+_schema_args = {name: [a.name for a in getattr(torch.ops.dropout_ext, name).default._schema.arguments]
+                for name in NAMES}
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PYTHON_KERNELS = {

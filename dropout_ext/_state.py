@@ -1,19 +1,18 @@
 """The dropout state: the one representation of (seed, offset, p) that every
-kernel reads (docs/DESIGN.md).
+kernel reads (docs/DESIGN.md), and how a call gets it.
 
-An int64 tensor ``[seed, offset, p bits]`` on the input's device: the seed
-and offset of the RNG contract as two's-complement words, and p's IEEE
-binary64 bits. Being data, not constants of a call, it lets a captured CUDA
-graph draw fresh (seed, offset) on every replay and a compiled graph take
-any p; being on the input's device, kernels read it without a host sync;
-saved by the forward, it is all the backward needs to draw the mask again.
+An int64 tensor ``[seed, offset, p bits]``: the seed and offset of the RNG
+contract as two's-complement words, and p's IEEE binary64 bits. On the
+input's device the kernels read it in memory (no host sync); on the CPU they
+take its words by value. An eager forward op given p instead draws it inside
+its own launch and returns it; saved by the forward, it is all the backward
+needs to draw the mask again.
 """
 
 from __future__ import annotations
 
 import struct
-from array import array
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -35,9 +34,9 @@ def _signed(u: int) -> int:
 
 
 def _words(values, device: torch.device) -> torch.Tensor:
-    """Host integers as an int64 tensor on ``device``: built there by fills
-    that carry the values as kernel arguments, since copying a host tensor
-    over would block the host and cannot be captured in a CUDA graph."""
+    """Host integers as an int64 tensor on ``device`` inside a compiled
+    graph: fills that carry the values as kernel arguments, since a copy from
+    a host tensor cannot be captured in a CUDA graph."""
     if device.type == "cpu":
         return torch.tensor(values, dtype=torch.int64)
     out = torch.empty(len(values), dtype=torch.int64, device=device)
@@ -46,29 +45,60 @@ def _words(values, device: torch.device) -> torch.Tensor:
     return out
 
 
+def host_state(seed: int, offset: int, p: float) -> torch.Tensor:
+    """A state the host holds: a CPU tensor whose words the kernels of any
+    device take by value (no copy, no launch)."""
+    return torch.tensor([_signed(as_u64(seed, "seed")), _signed(as_u64(offset, "offset")), p_bits(p)],
+                        dtype=torch.int64)
+
+
+def call_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset: int = 0,
+               generator: Optional[torch.Generator] = None) -> Tuple[Optional[torch.Tensor], Optional[float]]:
+    """What an op call takes for its randomness (arguments already
+    validated): ``(state, None)``, or ``(None, p)`` for a forward op to draw
+    its state itself.
+
+    - eager, no ``seed``: the op draws (seed, offset) from ``generator`` or
+      the default generator of ``device`` inside its own launch (on CUDA from
+      the generator's Philox counters, fresh in every replay of a captured
+      graph), so nothing else runs; ``torch.manual_seed`` and a restored RNG
+      state (activation checkpointing) reproduce its masks;
+    - eager, ``seed=``: the host's words in a CPU state, passed by value;
+    - under torch.compile (or with p a module's tensor of its bits): the
+      state is a value of the graph (``graph_state``), so p stays data and
+      no op of the graph reads a generator behind the compiler's back.
+    """
+    if isinstance(p, torch.Tensor) or torch.compiler.is_compiling():
+        return graph_state(device, p, seed, offset, generator), None
+    if seed is None:
+        return None, p
+    return host_state(seed, offset, p), None
+
+
 def make_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset: int = 0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The state for a call on ``device`` (arguments already validated).
+    """The state as a tensor, for the ops that take one (``dropout_mask``):
+    ``call_state``'s, or the state a forward op would draw, drawn alone."""
+    state, p_draw = call_state(device, p, seed, offset, generator)
+    if state is not None:
+        return state
+    return torch.ops.dropout_ext.draw_state(torch.empty(0, device=device), p_draw, generator)
 
-    With ``seed``: (seed, offset) as given. Otherwise both words are drawn
-    with ``torch.randint`` from ``generator`` or the device's default
-    generator, so ``torch.manual_seed`` reproduces runs, a restored RNG state
-    (activation checkpointing) replays the same masks, and on CUDA the draw
-    is a device op that a captured graph repeats on every replay.
-    """
+
+def graph_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset: int = 0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The state built from tensor ops, for a compiled graph. With ``seed``:
+    (seed, offset) as given. Otherwise both words are drawn with
+    ``torch.randint`` from ``generator`` or the device's default generator:
+    a random op the compiler knows as one (it neither repeats nor reorders
+    it), and under CUDA-graph capture a device op replayed afresh."""
     if seed is not None:
         words = [_signed(as_u64(seed, "seed")), _signed(as_u64(offset, "offset"))]
-    else:
-        rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
-        if isinstance(p, torch.Tensor) or device.type != "cpu":
-            return torch.cat([rng, _p_word(p, device)])
-        words = rng.tolist()  # a host tensor: reading it is free, and one tensor beats a cat
-        if not torch.compiler.is_compiling():
-            # The cheapest CPU tensor of three host words: no list parsing.
-            return torch.frombuffer(array("q", words + [p_bits(p)]), dtype=torch.int64)
-    if isinstance(p, torch.Tensor):
-        return torch.cat([_words(words, device), _p_word(p, device)])
-    return _words(words + [p_bits(p)], device)
+        if isinstance(p, torch.Tensor):
+            return torch.cat([_words(words, device), _p_word(p, device)])
+        return _words(words + [p_bits(p)], device)
+    rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
+    return torch.cat([rng, _p_word(p, device)])
 
 
 def _p_word(p: Rate, device: torch.device) -> torch.Tensor:

@@ -116,7 +116,7 @@ def check_seed(seed, offset, generator, device) -> None:
 
 def check_state(state, device) -> None:
     """The dropout state an op takes: int64 [seed, offset, p bits] on the
-    input's device (docs/DESIGN.md), or None for no dropout. Where the host
+    input's device or the CPU (docs/DESIGN.md), or None for no dropout. Where the host
     can read it for free (a CPU state) its p is checked too; a device
     state's p is data the kernels sanitise."""
     if state is None:
@@ -125,8 +125,9 @@ def check_state(state, device) -> None:
         got = f"{state.dtype} of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor) \
             else type(state).__name__
         raise ValueError(f"state must be an int64 tensor [seed, offset, p bits], got {got}")
-    if state.device != torch.device(device):
-        raise ValueError(f"state is on {state.device}, but input is on {device}")
+    if state.device != torch.device(device) and state.device.type != "cpu":
+        raise ValueError(f"state is on {state.device}, but input is on {device} "
+                         "(a state lives on the input's device or the CPU)")
     if state.device.type == "cpu" and not isinstance(state, torch._subclasses.FakeTensor):
         p = struct.unpack("<d", struct.pack("<q", int(state[2])))[0]
         if not (0.0 <= p <= 1.0):

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _backend
-from ._state import Rate, make_state
+from ._state import Rate, call_state, make_state
 from ._validate import (as_u64, check_fused_args, check_mask_mode, check_norm_args, check_p, check_seed, check_shape,
                         check_tensor, norm_dtypes)
 
@@ -36,10 +36,11 @@ def _fused(input, p: Rate, bias, residual, activation, mask_shape, training, see
         if bias is None and residual is None and activation == "identity":
             return input
         return ops.forward(input, bias, residual, None, activation, [])[0]
-    state = make_state(input.device, p, seed, offset, generator)
+    state, p_draw = call_state(input.device, p, seed, offset, generator)
     pack = (torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad))
             and (mask_mode or _backend.default_mask_mode(input.device)) == "packed")
-    return ops.forward(input, bias, residual, state, activation, list(mask_shape), None, pack)[0]
+    return ops.forward(input, bias, residual, state, activation, mask_shape, None, pack, p_draw,
+                       generator if p_draw is not None else None)[0]
 
 
 def _dropout(input, p: Rate, training, inplace, mask_shape, seed=None, offset=0, generator=None, backend=None,
@@ -105,10 +106,11 @@ def _norm(input, p: Rate, residual, weight, bias, eps, norm, prenorm, residual_i
     validated; ``p`` as in ``_fused``. Without dropout to do, the op gets no
     state: it keeps every element and draws nothing."""
     ops = _backend.ops_for(backend, input.device, input.dtype)
-    state = None
+    state = p_draw = None
     if training and (isinstance(p, torch.Tensor) or p != 0.0):
-        state = make_state(input.device, p, seed, offset, generator)
-    y, h, _, _ = ops.norm(input, residual, weight, bias, state, norm, float(eps), residual_in_fp32)
+        state, p_draw = call_state(input.device, p, seed, offset, generator)
+    y, h, _, _, _ = ops.norm(input, residual, weight, bias, state, norm, float(eps), residual_in_fp32, p_draw,
+                             generator if p_draw is not None else None)
     return (y, h) if prenorm else y
 
 

@@ -841,10 +841,10 @@ def test_packed_forward_packs_the_mask(b, dtype, case, p):
     x, bias, res, _ = make_inputs(shape, dtype, seed=5, device=b.device)
     bias, res = _with(extras, bias, res)
     state = b.state(p)
-    y, none = b.ops.forward(x, bias, res, state, activation, [])
+    y, none, _ = b.ops.forward(x, bias, res, state, activation, [])
     assert none.shape == (0,) and none.dtype == torch.uint8
     check_contract(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, p, activation), dtype, activation)
-    y_packed, bits = b.ops.forward(x, bias, res, state, activation, [], None, True)
+    y_packed, bits, _ = b.ops.forward(x, bias, res, state, activation, [], None, True)
     assert_bitwise_equal(y_packed, y)
     assert bits.dtype == torch.uint8 and bits.device.type == b.device
     assert bits.shape == ((x.numel() + 7) // 8,)
@@ -862,7 +862,7 @@ def test_packed_every_size(b, n, dtype):
     """Sizes around bytes, vector widths and blocks: the tail's last byte
     holds zeros past n."""
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype).to(b.device)
-    y, bits = b.ops.forward(x, None, None, b.state(0.5, n, 1), "identity", [], None, True)
+    y, bits, _ = b.ops.forward(x, None, None, b.state(0.5, n, 1), "identity", [], None, True)
     assert_bitwise_equal(y, ref.fused_dropout(x, None, None, n, 1, 0.5))
     assert torch.equal(bits, _packed((n,), 0.5, b.device, n, 1))
 
@@ -881,7 +881,7 @@ def test_packed_bits_read_back(b, dtype, case, p):
     x, bias, res, grad = make_inputs(shape, dtype, seed=6, device=b.device)
     state = b.state(p)
     bits = _packed(shape, p, b.device)
-    y, none = b.ops.forward(x, bias, res, state, activation, [], bits)
+    y, none, _ = b.ops.forward(x, bias, res, state, activation, [], bits)
     assert none.shape == (0,)
     assert_bitwise_equal(y, b.ops.forward(x, bias, res, state, activation, [])[0])
     for bias_grad in (False, True):
@@ -911,11 +911,11 @@ def test_packed_nothing_to_pack(b):
     empty uint8 tensor and the same output."""
     x, bias, res, _ = make_inputs((4, 6), torch.float32, seed=7, device=b.device)
     for state, mask_shape in [(None, []), (b.state(0.5), [4, 1]), (b.state(0.5), [1, 6])]:
-        y, bits = b.ops.forward(x, bias, res, state, "gelu", mask_shape, None, True)
+        y, bits, _ = b.ops.forward(x, bias, res, state, "gelu", mask_shape, None, True)
         assert bits.shape == (0,) and bits.dtype == torch.uint8 and bits.device.type == b.device
         assert_bitwise_equal(y, b.ops.forward(x, bias, res, state, "gelu", mask_shape)[0])
     for shape in [(0,), (3, 0)]:
-        y, bits = b.ops.forward(torch.randn(shape, device=b.device), None, None, b.state(0.5), "identity", [],
+        y, bits, _ = b.ops.forward(torch.randn(shape, device=b.device), None, None, b.state(0.5), "identity", [],
                                 None, True)
         assert y.shape == shape and bits.shape == (0,) and bits.dtype == torch.uint8
 
@@ -931,7 +931,7 @@ def test_packed_layouts(b, layout):
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(10)).to(b.device)
     grad = grad.transpose(0, -1).contiguous().transpose(0, -1)
     state = b.state(0.3)
-    y, bits = b.ops.forward(x, bias, None, state, "silu", [], None, True)
+    y, bits, _ = b.ops.forward(x, bias, None, state, "silu", [], None, True)
     assert torch.equal(bits, _packed(x.shape, 0.3, b.device))
     assert_bitwise_equal(y.contiguous(), ref.fused_dropout(x.contiguous(), bias, None, SEED, OFFSET, 0.3, "silu"))
     dx, _ = b.ops.backward(grad, x, bias, state, "silu", [], True, bits)
@@ -989,7 +989,7 @@ def test_packed_mask_mode_op_calls(b, case, dtype, monkeypatch):
         # What the graph keeps per element: the keep bits, 1 bit each, only when packed.
         assert [t.shape for t in saved if t.dtype == torch.uint8] == \
             ([((x.numel() + 7) // 8,)] if mode == "packed" else [])
-        (fwd, args, (_, bits)), (bwd, bargs, _) = rec.calls
+        (fwd, args, (_, bits, _)), (bwd, bargs, _) = rec.calls
         assert fwd.endswith("fused_dropout") and args["pack_mask"] == (mode == "packed")
         read = bargs["mask_bits"]
         if mode == "packed":

@@ -329,7 +329,7 @@ def test_norm_forward_backward_equal_across_builds(dtype, norm, H, extras):
     mask = [True, True, weight is not None, True]
 
     def run():
-        y, h, mean, rstd = ops.norm(x, res, weight, bias, state, norm, 1e-5, rfp32)
+        y, h, mean, rstd, _ = ops.norm(x, res, weight, bias, state, norm, 1e-5, rfp32)
         return (y, h, mean, rstd) + tuple(ops.norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, mask))
 
     results = _on_each_isa(run)
@@ -359,7 +359,7 @@ def test_norm_parameter_gradients_same_for_any_thread_count():
     x, res, grad = (t.repeat(200, 1) for t in (x, res, grad))
     state = _state.make_state(torch.device("cpu"), 0.3, SEED, 0)
     ops = _ops.op_set("")
-    y, h, mean, rstd = ops.norm(x, res, weight, bias, state, "layer", 1e-5, False)
+    y, h, mean, rstd, _ = ops.norm(x, res, weight, bias, state, "layer", 1e-5, False)
     before = torch.get_num_threads()
     grads = []
     try:

@@ -45,12 +45,13 @@ REGISTER_UNIT, SUB_PARTITIONS = 256, 4
 SHARED_UNIT, SHARED_RESERVED = 128, 1024
 # Kernels per architecture: the elementwise kernels per dtype (4) and
 # activation (5), forward in 3 mask modes and backward in 2 (draw, read);
-# the bias-gradient kernel in 2; the bias reduction per dtype; the mask.
+# the bias-gradient kernel in 2; the bias reduction per dtype; the mask;
+# the store of a drawn state, by value and under graph capture.
 STREAMING_KERNELS = 4 * 5 * (3 + 2) + 4 * 5 * 2
 # dropout_add_norm, forward and backward, per (input dtype, h dtype): four
 # dtypes with h in their own, and float16/bfloat16 with a float32 h.
 NORM_KERNELS = 2 * (4 + 2)
-KERNELS = STREAMING_KERNELS + 4 + 1 + NORM_KERNELS
+KERNELS = STREAMING_KERNELS + 4 + 1 + 2 + NORM_KERNELS
 
 
 def resident_blocks(arch, threads, registers, shared_bytes):
@@ -71,14 +72,15 @@ KERNEL_DTYPES = {"float": "float32", "double": "float64", "Half": "float16", "BF
 def _plan_launch(kernel, backward, mask_bits):
     """(op, with the bias gradient, launch index) of the launch plan that
     runs a kernel, for torch.ops.dropout_ext_testing.cuda_launch_plan; None
-    for the forward that reads packed bits, which that hook does not plan."""
+    for the forward that reads packed bits, which that hook does not plan,
+    and for the one-block store of a drawn state, which has no plan."""
     if kernel == "ElementwiseKernel":
         op = {(False, "draw"): "forward", (False, "pack"): "forward_packed", (True, "draw"): "backward",
               (True, "read"): "backward_read"}.get((backward, mask_bits))
         return (op, False, 0) if op else None
     return {"BiasGradKernel": ("backward_read" if mask_bits == "read" else "backward", True, 0),
             "BiasReduceKernel": ("backward", True, 1), "MaskKernel": ("mask", False, 0),
-            "NormForwardKernel": ("norm_forward", False, 0), "NormBackwardKernel": ("norm_backward", False, 0)}[kernel]
+            "NormForwardKernel": ("norm_forward", False, 0), "NormBackwardKernel": ("norm_backward", False, 0)}.get(kernel)
 
 
 def declared_blocks_per_sm(kernel, dtype, activation, backward, mask_bits="draw"):

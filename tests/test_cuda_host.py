@@ -453,8 +453,8 @@ def test_packed_mode_on_misaligned_views(dtype, activation):
     x, bias, res, grad = _misaligned_inputs(dtype)
     shape = x.shape
     st = state(0.4)
-    y, packed = ops.cuda_host_fused_dropout(x, bias, res, st, activation, [], None, True)
-    y_ref, packed_ref = ops.reference_fused_dropout(x, bias, res, st, activation, [], None, True)
+    y, packed, _ = ops.cuda_host_fused_dropout(x, bias, res, st, activation, [], None, True)
+    y_ref, packed_ref, _ = ops.reference_fused_dropout(x, bias, res, st, activation, [], None, True)
     check_contract(y, y_ref, dtype, activation)
     assert torch.equal(packed, packed_ref)
     _, bits = _random_bits(shape, 7)
@@ -477,7 +477,7 @@ def test_packed_mode_grid_stride_loop(dtype):
     x, bias, res, grad = make_inputs((n // 13, 13), dtype, seed=9)
     st = state(0.25)
     y, packed = testing.cuda_host_fused_dropout(x, bias, res, st, "silu", [], 0, 1, None, True)
-    y_ref, packed_ref = ops.reference_fused_dropout(x, bias, res, st, "silu", [], None, True)
+    y_ref, packed_ref, _ = ops.reference_fused_dropout(x, bias, res, st, "silu", [], None, True)
     check_contract(y, y_ref, dtype, "silu")
     assert torch.equal(packed, packed_ref)
     dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, "silu", [], False, 0, 1, packed)
@@ -649,10 +649,10 @@ def _norm_case(x, res, w, b, grad, grad_h, st, norm, fp32, output_mask=(True,) *
     values, both directions, the backward from the reference's saved
     tensors."""
     if sm_count is None:
-        got = ops.cuda_host_dropout_add_norm(x, res, w, b, st, norm, eps, fp32)
+        got = ops.cuda_host_dropout_add_norm(x, res, w, b, st, norm, eps, fp32)[:4]
     else:
         got = testing.cuda_host_dropout_add_norm(x, res, w, b, st, norm, eps, fp32, 0, sm_count)
-    want = ops.reference_dropout_add_norm(x, res, w, b, st, norm, eps, fp32)
+    want = ops.reference_dropout_add_norm(x, res, w, b, st, norm, eps, fp32)[:4]
     _check_norm_forward(got, want, w, b, norm, eps)
     _, h, mean, rstd = want
     mask = list(output_mask)
@@ -764,7 +764,7 @@ def test_norm_rows_past_2_31_and_2_32(boundary, dtype):
     keep = ref.keep_for_indices(base + torch.arange(n), p, SEED, OFFSET).reshape(shape)
     dropped = ref._drop(keep, x * (1.0 / (1.0 - p)))
     # The reference without dropout on the dropped, scaled input: its h is the kernels' h.
-    want = ops.reference_dropout_add_norm(dropped, res, w, b, None, "layer", 1e-5, False)
+    want = ops.reference_dropout_add_norm(dropped, res, w, b, None, "layer", 1e-5, False)[:4]
     got = testing.cuda_host_dropout_add_norm(x, res, w, b, state(p), "layer", 1e-5, False, base, 1)
     _check_norm_forward(got, want, w, b, "layer", 1e-5)
     _, h, mean, rstd = want

@@ -137,7 +137,7 @@ def _check(b, monkeypatch, shape, dtype, norm, res=True, weight=True, bias=True,
     r, w, bb = (r if res else None), (w if weight else None), (bb if bias else None)
     h_dtype, stat_dtype = norm_dtypes(dtype, rfp32)
     rows = math.prod(shape[:-1])
-    y, h, mean, rstd = b.ops.norm(x, r, w, bb, b.state(p), norm, eps, rfp32)
+    y, h, mean, rstd, _ = b.ops.norm(x, r, w, bb, b.state(p), norm, eps, rfp32)
     assert (y.dtype, h.dtype, mean.dtype, rstd.dtype) == (dtype, h_dtype, stat_dtype, stat_dtype)
     assert y.shape == h.shape == shape and rstd.shape == (rows,)
     assert mean.shape == ((rows,) if norm == "layer" else (0,))
@@ -251,14 +251,14 @@ def test_zero_variance_rows(b, dtype, monkeypatch):
     r = consts[:, None].expand(4, H).to(dtype).to(b.device)
     _, _, w, bb, gy, _ = _inputs((4, H), dtype, b.device)
     state = b.state(0.5)
-    y, h, mean, rstd = b.ops.norm(x, r, w, bb, state, "layer", EPS, False)
+    y, h, mean, rstd, _ = b.ops.norm(x, r, w, bb, state, "layer", EPS, False)
     stat = norm_dtypes(dtype, False)[1]
     assert_bitwise_equal(mean, consts.to(stat).to(b.device))
     one = torch.ones(4, dtype=stat, device=b.device)
     assert_bitwise_equal(rstd, one / torch.full_like(one, EPS).sqrt())
     assert_bitwise_equal(y, bb.expand(4, H))
     keep = torch.ones(4, H, dtype=torch.bool, device=b.device)
-    y, h, mean, rstd = b.ops.norm(x, r, w, bb, state, "rms", EPS, False)
+    y, h, mean, rstd, _ = b.ops.norm(x, r, w, bb, state, "rms", EPS, False)
     exp = _composition(x, r, w, bb, h, keep, 0.0, "rms", EPS, gy, None)
     _check_forward(y, mean, rstd, norm_bounds(h, w, bb, gy, None, "rms", EPS, stat), exp, stat)
     # and through autograd: finite gradients
@@ -280,7 +280,7 @@ def test_rows_with_huge_means(b, dtype):
     rows = torch.stack([torch.full((H,), 1e20, dtype=torch.float64),
                         3e19 + torch.arange(H, dtype=torch.float64) * 1e17])
     x = rows.to(dtype).to(b.device)
-    y, h, mean, rstd = b.ops.norm(x, None, None, None, None, "layer", EPS, False)
+    y, h, mean, rstd, _ = b.ops.norm(x, None, None, None, None, "layer", EPS, False)
     assert_bitwise_equal(h, x)
     assert torch.isfinite(y).all() and torch.isfinite(rstd).all()
     eps = torch.tensor(EPS, dtype=torch.float32)
@@ -304,7 +304,7 @@ def test_eval_is_the_plain_norm(b, dtype, norm, monkeypatch):
     y0, h0 = F.dropout_add_norm(x, r, w, bb, 0.0, norm=norm, prenorm=True, backend=name)
     assert_bitwise_equal(y0, y)
     assert_bitwise_equal(h0, h)
-    y, h, _, _ = b.ops.norm(x, None, None, None, None, norm, EPS, False)
+    y, h, _, _, _ = b.ops.norm(x, None, None, None, None, norm, EPS, False)
     assert_bitwise_equal(h, x)
     plain = tF.layer_norm if norm == "layer" else tF.rms_norm
     _check_y(y, x, None, None, norm, plain(x.double(), (77,), eps=EPS))
@@ -370,7 +370,7 @@ def test_empty(b, monkeypatch):
         x, r = torch.randn(shape, device=b.device), torch.randn(shape, device=b.device)
         w, bb = torch.randn(H, device=b.device), torch.randn(H, device=b.device)
         for norm in NORMS:
-            y, h, mean, rstd = b.ops.norm(x, r, w, bb, b.state(0.5), norm, EPS, False)
+            y, h, mean, rstd, _ = b.ops.norm(x, r, w, bb, b.state(0.5), norm, EPS, False)
             assert y.shape == h.shape == shape and rstd.shape == (rows,)
             assert mean.shape == ((rows,) if norm == "layer" else (0,))
             if rows:
@@ -399,7 +399,7 @@ def test_op_autograd_subsets(b, needs, grads):
     inputs = {k: v.detach().clone().requires_grad_(k in wanted)
               for k, v in (("x", x), ("residual", r), ("weight", w), ("bias", bb))}
     state = b.state(P)
-    y, h, mean, rstd = b.ops.norm(*inputs.values(), state, "layer", EPS, False)
+    y, h, mean, rstd, _ = b.ops.norm(*inputs.values(), state, "layer", EPS, False)
     assert y.requires_grad and h.requires_grad and not mean.requires_grad and not rstd.requires_grad
     outs = {"y": (y, gy), "h": (h, gh)}
     used = [outs[k] for k in grads.split("+")]

@@ -69,18 +69,22 @@ void parallel_bytes(int64_t n, const F& f) {
                    [&](int64_t b0, int64_t b1) { f(b0 * 8, std::min(b1 * 8, n)); });
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_dropout_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
-  const Act act = check_forward(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
+    const std::optional<at::Tensor>& given_state, c10::string_view activation, at::IntArrayRef mask_shape,
+    const std::optional<at::Tensor>& mask_bits, bool pack_mask, std::optional<double> p,
+    const std::optional<at::Generator>& generator) {
+  const Act act = check_forward(input, bias, residual, given_state, activation, mask_shape, mask_bits, pack_mask);
+  check_draw(given_state, p, generator, input.device());
+  at::Tensor drawn;
+  const std::optional<at::Tensor> state = cpu_call_state(input, given_state, p, generator, drawn);
   at::Tensor bits = mask_bits_output(input, state, mask_shape, pack_mask);
   const MaskParams mp = host_mask_params(state);
   Layout lay = make_layout(input, mask_shape, mp);
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
-  if (n == 0) return {like_input(input, out), bits};
+  if (n == 0) return {like_input(input, out), bits, drawn};
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::Tensor mb = mask_bits.has_value() ? mask_bits->contiguous() : at::Tensor();
@@ -102,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_cpu(
       });
     });
   });
-  return {like_input(input, out), bits};
+  return {like_input(input, out), bits, drawn};
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
@@ -186,6 +190,13 @@ at::Tensor test_cpu_mask_range(const at::Tensor& state, int64_t start, int64_t l
   return m;
 }
 
+at::Tensor draw_state_cpu(const at::Tensor& input, double p, const std::optional<at::Generator>& generator) {
+  check_draw(std::nullopt, p, generator, input.device());
+  at::Tensor drawn;
+  cpu_call_state(input, std::nullopt, p, generator, drawn);
+  return drawn;
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -193,6 +204,7 @@ TORCH_LIBRARY_IMPL(dropout_ext, CPU, m) {
   m.impl("fused_dropout", &cpu::fused_dropout_cpu);
   m.impl("fused_dropout_backward", &cpu::fused_dropout_backward_cpu);
   m.impl("dropout_mask", &cpu::dropout_mask_cpu);
+  m.impl("draw_state", &cpu::draw_state_cpu);
 }
 
 // Test-only op (the namespace of csrc/cuda_host/driver.cpp's): keep bits

@@ -65,17 +65,19 @@ int64_t norm_param_block_rows(int64_t rows, int64_t H) {
   return std::max<int64_t>(1, (rows + cap - 1) / cap);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm,
-    double eps, bool residual_in_fp32) {
-  const Norm kind = check_norm_forward(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
-  const MaskParams mp = host_mask_params(state);
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& given_state, c10::string_view norm,
+    double eps, bool residual_in_fp32, std::optional<double> p, const std::optional<at::Generator>& generator) {
+  const Norm kind = check_norm_forward(input, residual, weight, bias, given_state, norm, eps, residual_in_fp32);
+  check_draw(given_state, p, generator, input.device());
+  at::Tensor drawn;
+  const MaskParams mp = host_mask_params(cpu_call_state(input, given_state, p, generator, drawn));
   at::Tensor y, h, mean, rstd;
   std::tie(y, h, mean, rstd) = norm_outputs(input, kind, residual_in_fp32);
   const int64_t rows = norm_rows(input);
   const int64_t H = input.size(-1);
-  if (rows == 0) return {y, h, mean, rstd};
+  if (rows == 0) return {y, h, mean, rstd, drawn};
   const at::Tensor x = input.contiguous();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::ScalarType stat = rstd.scalar_type();
@@ -103,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cpu(
       });
     });
   });
-  return {y, h, mean, rstd};
+  return {y, h, mean, rstd, drawn};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_backward_cpu(

@@ -73,6 +73,18 @@ struct DeviceRunner {
 
 }  // namespace
 
+cudaError_t launch_store_state(const StateRef& s, cudaStream_t stream) {
+  DeviceRunner r{stream};
+  run_store_state(r, s);
+  return r.error;
+}
+
+cudaError_t launch_graph_draw(const GraphDraw& d, cudaStream_t stream) {
+  DeviceRunner r{stream};
+  run_store_state(r, d);
+  return r.error;
+}
+
 cudaError_t launch_forward(const DropoutArgs& a, int sm_count, cudaStream_t stream) {
   DeviceRunner r{stream};
   run_forward(r, a, sm_count);

@@ -24,6 +24,10 @@ cudaError_t launch_mask(const MaskArgs& a, int sm_count, cudaStream_t stream);
 // weight and bias gradients' partial rows where asked for (up to three launches).
 cudaError_t launch_norm_forward(const NormArgs& a, int sm_count, cudaStream_t stream);
 cudaError_t launch_norm_backward(const NormArgs& a, int sm_count, cudaStream_t stream);
+// One thread storing a drawn state: a StateRef's by-value words at its out
+// (the draw_state op), or a draw under graph capture (GraphDraw).
+cudaError_t launch_store_state(const StateRef& s, cudaStream_t stream);
+cudaError_t launch_graph_draw(const GraphDraw& d, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dropout_ext

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../activation_constants.h"
+#include "../philox.h"
 
 namespace dropout_ext {
 namespace cuda {
@@ -87,10 +88,9 @@ struct DropoutArgs {
   void* out = nullptr;             // forward: y; backward: dx
   int64_t n = 0;
   FastDiv H;  // the last dimension (the bias length)
-  // [seed, offset, p bits] in memory the kernel reads (device memory on a
-  // GPU, so graph replays see fresh draws and nothing syncs), or nullptr for
-  // no dropout.
-  const int64_t* state = nullptr;
+  // The dropout state, wherever it lives (philox.h, StateRef); none for no
+  // dropout.
+  StateRef state;
   // Logical index of element 0: 0 in every real call. Tests set it (a
   // multiple of 16) to run the index arithmetic of elements past 2**31 and
   // 2**32 without allocating them.
@@ -111,7 +111,7 @@ struct DropoutArgs {
 struct MaskArgs {
   bool* out = nullptr;
   int64_t n = 0;
-  const int64_t* state = nullptr;
+  StateRef state;
   int64_t base = 0;  // as DropoutArgs::base
 };
 
@@ -231,7 +231,7 @@ struct NormArgs {
   int64_t rows = 0;
   int64_t H = 0;
   double eps = 0.0;
-  const int64_t* state = nullptr;  // as DropoutArgs::state
+  StateRef state;                  // as DropoutArgs::state
   int64_t base = 0;                // as DropoutArgs::base
   const void* weight = nullptr;
   // forward

@@ -437,9 +437,9 @@ struct ThreadCtx {
 };
 
 template <typename T, Dir D>
-DX_HD ThreadCtx<T> thread_ctx(const DropoutArgs& a) {
+DX_HD ThreadCtx<T> thread_ctx(const DropoutArgs& a, bool first) {
   ThreadCtx<T> c;
-  c.mp = mask_params_from_state(a.state);
+  c.mp = state_params(a.state, first);
   c.scale = static_cast<typename Num<T>::acc>(c.mp.scale);
   c.in = static_cast<const T*>(D == Dir::kForward ? a.x : a.grad);
   c.aux = static_cast<const T*>(D == Dir::kForward ? a.residual : a.x);
@@ -545,7 +545,7 @@ struct ElementwiseKernel {
     int64_t u = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread;
     if (u >= steps_n) return;
     const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
-    const ThreadCtx<T> c = thread_ctx<T, D>(a);
+    const ThreadCtx<T> c = thread_ctx<T, D>(a, u == 0);
     const bool bias_cols = c.bias != nullptr && (D == Dir::kForward || A != Act::kIdentity);
     // Two units a step would double the bytes in flight but spill at 4 blocks' 64 registers: to measure on a GPU.
 #if defined(__CUDA_ARCH__)
@@ -615,7 +615,7 @@ struct BiasGradKernel {
 #endif
       for (int j = 0; j < E; ++j) acc[j] = acc_t(0);
       if (c0 < H) {
-        const ThreadCtx<T> c = thread_ctx<T, Dir::kBackward>(a);
+        const ThreadCtx<T> c = thread_ctx<T, Dir::kBackward>(a, false);
         const int len = H - c0 < E ? static_cast<int>(H - c0) : E;
         const bool vec = p.vec && len == E;
         const int64_t r0 = static_cast<int64_t>(idx.block_y) * g.rows_per_block;
@@ -696,7 +696,7 @@ struct MaskKernel {
     int64_t grp = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread;
     if (grp >= groups) return;
     const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
-    const MaskParams mp = mask_params_from_state(a.state);
+    const MaskParams mp = state_params(a.state, grp == 0);
 #if defined(__CUDA_ARCH__)
 #pragma unroll 1
 #endif
@@ -730,6 +730,26 @@ decltype(auto) dispatch_mask_bits(const DropoutArgs& a, F&& f) {
   }
   return f(std::integral_constant<MaskBits, MaskBits::kDraw>{});
 }
+
+// A drawn state stored alone by one thread (the draw_state op): a StateRef's
+// words by value, or a draw under graph capture (GraphDraw).
+DX_HD void store_drawn(const StateRef& s) { state_params(s, true); }
+DX_HD void store_drawn(const GraphDraw& d) { store_graph_draw(d); }
+
+template <typename D>
+struct StoreStateKernel {
+  struct Params {
+    D d;
+  };
+  using Shared = NoShared;
+  static constexpr int kPhases = 1;
+  static constexpr int kBlocksPerSm = kReduceBlocksPerSm;  // as many blocks as an SM's threads allow
+
+  template <int kPhase>
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
+    if (idx.block_x == 0 && idx.thread == 0) store_drawn(p.d);
+  }
+};
 
 // The launches of each op, written once for the CUDA launchers and the host
 // driver: which kernels, with which parameters, on which grid, in order.
@@ -778,6 +798,12 @@ bool run_backward(Runner& r, const DropoutArgs& a, int sm_count) {
       });
     });
   });
+}
+
+template <class Runner, typename D>
+bool run_store_state(Runner& r, const D& d) {
+  using K = StoreStateKernel<D>;
+  return r.template launch<K>(typename K::Params{d}, Grid2{1, 1});
 }
 
 template <class Runner>

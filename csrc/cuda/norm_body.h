@@ -298,7 +298,7 @@ struct NormForwardKernel {
       Step s;
       s.e_row = row * a.H;
       if constexpr (kPhase == 0) {
-        s.mp = mask_params_from_state(a.state);
+        s.mp = state_params(a.state, row == 0 && t == 0);
         s.scale = static_cast<acc_t>(s.mp.scale);
       } else if constexpr (kPhase == 2) {
         // rms: a mean of 0, and h - 0 is h exactly.
@@ -500,7 +500,7 @@ struct NormBackwardKernel {
         const acc_t Hf = static_cast<acc_t>(a.H);
         s.proj = div_rn(folded_total(sh.part2[0]), Hf);
         s.mean_gw = a.rms ? acc_t(0) : div_rn(folded_total(sh.part2[1]), Hf);
-        s.mp = mask_params_from_state(a.state);
+        s.mp = state_params(a.state, false);
         s.scale = static_cast<acc_t>(s.mp.scale);
         s.last = s.r.row + static_cast<int64_t>(idx.grid_x) >= a.rows;
         for_thread_runs<2, NormBackwardKernel>(p, l, s, t);

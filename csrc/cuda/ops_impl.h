@@ -6,9 +6,15 @@
 //
 //   exec.guard(device)       an RAII device guard (CUDAGuard, or nothing)
 //   exec.check_p(state)      refuse a p outside [0, 1] where the state is
-//                            readable on the host; a no-op on the GPU, whose
-//                            kernels sanitise p instead of syncing to read it
+//                            readable on the host; a no-op for a state in
+//                            GPU memory, whose kernels sanitise p instead of
+//                            syncing to read it
+//   exec.draw(input, p, generator, out)
+//                            a state drawn now from the generator of the
+//                            input's device (StateRef, philox.h), stored by
+//                            the kernels at out
 //   exec.sm_count()          the SM count the grids are computed for
+//   exec.store_state(ref)    launch the store of a drawn state alone
 //   exec.forward(args, sms)  / backward(args, sms) / mask(args, sms) /
 //                            norm_forward(args, sms) / norm_backward(args, sms):
 //                            launch, checked, on the current stream
@@ -46,10 +52,56 @@ inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.con
 
 inline int64_t last_dim(const at::Tensor& t) { return t.dim() >= 1 ? std::max<int64_t>(t.size(-1), 1) : 1; }
 
-// The state's words where the kernels read them: on the input's device
-// (check_state refuses any other), contiguous. Nothing is read on the host.
-inline at::Tensor state_words(const std::optional<at::Tensor>& state) {
-  return state.has_value() ? state->contiguous() : at::Tensor();
+// The state of a forward or backward call (docs/DESIGN.md): the one given,
+// read where it lives (in memory on the input's device, or by value from a
+// CPU state: no copy, no sync), or, with p, one the op draws now, which the
+// launch's first thread stores into `drawn`, the op's last output, for the
+// backward. `given` keeps a given state alive until the launch; `present` is
+// the state as the checks see it (given, drawn, or none).
+struct CallState {
+  StateRef ref;
+  at::Tensor given;
+  at::Tensor drawn;
+  std::optional<at::Tensor> present;
+
+  // The forward's last output: the drawn state, or an empty one.
+  at::Tensor output(const at::Tensor& input) const {
+    return drawn.defined() ? drawn : drawn_state_output(input, false);
+  }
+};
+
+template <class Exec>
+CallState call_state(const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& state,
+                     const std::optional<double>& p, const std::optional<at::Generator>& generator) {
+  CallState c;
+  if (p.has_value()) {
+    c.drawn = at::empty({3}, input.options().dtype(at::kLong));
+    c.ref = exec.draw(input, *p, generator, c.drawn.data_ptr<int64_t>());
+    c.present = c.drawn;
+  } else if (state.has_value()) {
+    c.given = state->contiguous();
+    const int64_t* w = c.given.const_data_ptr<int64_t>();
+    if (c.given.device() == input.device()) {
+      c.ref.kind = StateRef::kMemory;
+      c.ref.words = w;
+    } else {  // check_state allows only the CPU here: host memory
+      c.ref.kind = StateRef::kValue;
+      for (int i = 0; i < 3; ++i) c.ref.value[i] = w[i];
+    }
+    c.present = state;
+  }
+  return c;
+}
+
+// A state the host drew (or a draw the host resolved): its words by value.
+inline StateRef drawn_by_value(int64_t seed, int64_t offset, double p, int64_t* out) {
+  StateRef s;
+  s.kind = StateRef::kValue;
+  s.value[0] = seed;
+  s.value[1] = offset;
+  s.value[2] = p_to_bits(p);
+  s.out = out;
+  return s;
 }
 
 // The structured mask's index map: the input's dimensions with size-1 ones
@@ -96,10 +148,10 @@ struct Structured {
 
 template <class Exec>
 Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, at::IntArrayRef mask_shape,
-                           const int64_t* state) {
+                           const StateRef& state) {
   Structured s;
   const std::vector<int64_t> mshape = resolve_mask_shape(input, mask_shape);
-  if (is_full_mask(input, mshape) || state == nullptr) return s;
+  if (is_full_mask(input, mshape) || state.kind == StateRef::kNone) return s;
   s.keep = at::empty(mshape, input.options().dtype(at::kBool));
   MaskArgs m;
   m.out = s.keep.data_ptr<bool>();
@@ -112,32 +164,28 @@ Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, a
 }
 
 // What both directions' kernels take of the tensor they stream (the input,
-// or the gradient) and of the dropout state; the state's words, a
-// structured mask's keep bits and the packed mask read stay alive in here
-// until the launch.
+// or the gradient) and of the dropout state; a structured mask's keep bits
+// and the packed mask read stay alive in here until the launch.
 struct Prepared {
   DropoutArgs args;
-  at::Tensor state;
   Structured mask;
   at::Tensor bits_in;
 };
 
 template <class Exec>
-Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const std::optional<at::Tensor>& state,
+Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const StateRef& state,
                  at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits, int64_t base) {
   Prepared p;
-  p.state = state_words(state);
   // check_mask_bits let only a full mask with a state have bits: no
   // structured mask is drawn beside them.
   p.bits_in = mask_bits.has_value() ? mask_bits->contiguous() : at::Tensor();
-  const int64_t* words = p.state.defined() ? p.state.const_data_ptr<int64_t>() : nullptr;
-  p.mask = structured_mask(exec, sms, t, mask_shape, words);
+  p.mask = structured_mask(exec, sms, t, mask_shape, state);
   DropoutArgs& a = p.args;
   a.dtype = kernel_dtype(t.scalar_type());
   a.act = static_cast<int>(act);
   a.n = t.numel();
   a.H = make_fast_div(static_cast<uint64_t>(last_dim(t)));
-  a.state = words;
+  a.state = state;
   a.base = base;
   a.mask = p.mask.view;
   a.bits_in = p.bits_in.defined() ? p.bits_in.const_data_ptr<uint8_t>() : nullptr;
@@ -147,19 +195,22 @@ Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const 
 // base: the logical index of element 0, nonzero only from the host driver's
 // test entry points.
 template <class Exec>
-std::tuple<at::Tensor, at::Tensor> fused_dropout_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_op(
     const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state, c10::string_view activation,
-    at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits, bool pack_mask, int64_t base = 0) {
+    at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits, bool pack_mask,
+    const std::optional<double>& p_draw, const std::optional<at::Generator>& generator, int64_t base = 0) {
   const Act act = check_forward(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
+  check_draw(state, p_draw, generator, input.device());
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(input.device());
-  at::Tensor bits = mask_bits_output(input, state, mask_shape, pack_mask);
+  const CallState cs = call_state(exec, input, state, p_draw, generator);
+  at::Tensor bits = mask_bits_output(input, cs.present, mask_shape, pack_mask);
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return {like_input(input, out), bits};
+  if (x.numel() == 0) return {like_input(input, out), bits, cs.output(input)};
   const int sms = exec.sm_count();
-  Prepared p = prepare(exec, sms, x, act, state, mask_shape, mask_bits, base);
+  Prepared p = prepare(exec, sms, x, act, cs.ref, mask_shape, mask_bits, base);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   DropoutArgs& a = p.args;
@@ -170,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_op(
   // Empty unless packing was asked for and the mask is packable.
   a.bits_out = bits.numel() > 0 ? bits.data_ptr<uint8_t>() : nullptr;
   exec.forward(a, sms);
-  return {like_input(input, out), bits};
+  return {like_input(input, out), bits, cs.output(input)};
 }
 
 template <class Exec>
@@ -191,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
   const int64_t n = g.numel();
   if (n == 0) return {like_input(grad, dx), dbias};
   const int sms = exec.sm_count();
-  Prepared p = prepare(exec, sms, g, act, state, mask_shape, mask_bits, base);
+  const CallState cs = call_state(exec, g, state, std::nullopt, std::nullopt);
+  Prepared p = prepare(exec, sms, g, act, cs.ref, mask_shape, mask_bits, base);
   DropoutArgs& a = p.args;
   a.grad = g.const_data_ptr();
   a.x = ptr_or_null(x);
@@ -217,14 +269,25 @@ at::Tensor dropout_mask_op(const Exec& exec, const at::Tensor& state, at::IntArr
   [[maybe_unused]] const auto guard = exec.guard(state.device());
   at::Tensor out = at::empty(shape, state.options().dtype(at::kBool));
   if (out.numel() == 0) return out;
-  const at::Tensor st = state.contiguous();
+  const CallState cs = call_state(exec, out, state, std::nullopt, std::nullopt);
   MaskArgs m;
   m.out = out.data_ptr<bool>();
   m.n = out.numel();
-  m.state = st.const_data_ptr<int64_t>();
+  m.state = cs.ref;
   m.base = base;
   exec.mask(m, exec.sm_count());
   return out;
+}
+
+// The state a forward op would draw, drawn alone into device memory.
+template <class Exec>
+at::Tensor draw_state_op(const Exec& exec, const at::Tensor& input, double p,
+                         const std::optional<at::Generator>& generator) {
+  check_draw(std::nullopt, p, generator, input.device());
+  [[maybe_unused]] const auto guard = exec.guard(input.device());
+  const CallState cs = call_state(exec, input, std::nullopt, p, generator);
+  exec.store_state(cs.ref);
+  return cs.drawn;
 }
 
 // --- dropout_add_norm ---------------------------------------------------------
@@ -234,23 +297,24 @@ inline bool is_f32_param(const std::optional<at::Tensor>& t, at::ScalarType inpu
 }
 
 template <class Exec>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_op(
     const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view norm, double eps, bool residual_in_fp32,
-    int64_t base = 0) {
+    const std::optional<double>& p_draw, const std::optional<at::Generator>& generator, int64_t base = 0) {
   const Norm kind = check_norm_forward(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+  check_draw(state, p_draw, generator, input.device());
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(input.device());
+  const CallState cs = call_state(exec, input, state, p_draw, generator);
   at::Tensor y, h, mean, rstd;
   std::tie(y, h, mean, rstd) = norm_outputs(input, kind, residual_in_fp32);
   const int64_t rows = norm_rows(input);
-  if (rows == 0) return {y, h, mean, rstd};
+  if (rows == 0) return {y, h, mean, rstd, cs.output(input)};
   const at::Tensor x = input.contiguous();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const at::Tensor st = state_words(state);
   NormArgs a;
   a.dtype = kernel_dtype(x.scalar_type());
   a.h_dtype = kernel_dtype(h.scalar_type());
@@ -259,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_op(
   a.rows = rows;
   a.H = x.size(-1);
   a.eps = eps;
-  a.state = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
+  a.state = cs.ref;
   a.base = base;
   a.x = x.const_data_ptr();
   a.residual = ptr_or_null(r);
@@ -270,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_op(
   a.mean = kind == Norm::kLayer ? mean.data_ptr() : nullptr;
   a.rstd = rstd.data_ptr();
   exec.norm_forward(a, exec.sm_count());
-  return {y, h, mean, rstd};
+  return {y, h, mean, rstd, cs.output(input)};
 }
 
 template <class Exec>
@@ -293,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_back
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor mu = mean.contiguous();
   const at::Tensor rs = rstd.contiguous();
-  const at::Tensor st = state_words(state);
+  const CallState cs = call_state(exec, g, state, std::nullopt, std::nullopt);
   const int sms = exec.sm_count();
   NormArgs a;
   a.dtype = kernel_dtype(g.scalar_type());
@@ -302,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_back
   a.rms = kind == Norm::kRms;
   a.rows = norm_rows(g);
   a.H = g.size(-1);
-  a.state = st.defined() ? st.const_data_ptr<int64_t>() : nullptr;
+  a.state = cs.ref;
   a.base = base;
   a.weight = ptr_or_null(w);
   a.grad = g.const_data_ptr();

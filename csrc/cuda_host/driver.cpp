@@ -40,6 +40,14 @@ struct HostExec {
     if (host_checks_p) host_mask_params(state);
   }
   int sm_count() const { return sms; }
+  StateRef draw(const at::Tensor&, double p, const std::optional<at::Generator>& generator, int64_t* out) const {
+    const std::array<int64_t, 2> w = cpu_drawn_words(generator);
+    return drawn_by_value(w[0], w[1], p, out);
+  }
+  void store_state(const StateRef& s) const {
+    HostRunner r;
+    run_store_state(r, s);
+  }
   void forward(const DropoutArgs& a, int s) const {
     HostRunner r;
     run_forward(r, a, s);
@@ -62,11 +70,13 @@ struct HostExec {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> cuda_host_fused_dropout(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_host_fused_dropout(
     const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
-  return fused_dropout_op(HostExec{}, input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
+    const std::optional<at::Tensor>& mask_bits, bool pack_mask, std::optional<double> p,
+    const std::optional<at::Generator>& generator) {
+  return fused_dropout_op(HostExec{}, input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask, p,
+                          generator);
 }
 
 std::tuple<at::Tensor, at::Tensor> cuda_host_fused_dropout_backward(
@@ -81,11 +91,12 @@ at::Tensor cuda_host_dropout_mask(const at::Tensor& state, at::IntArrayRef shape
   return dropout_mask_op(HostExec{}, state, shape);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_host_dropout_add_norm(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_host_dropout_add_norm(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
-    bool residual_in_fp32) {
-  return dropout_add_norm_op(HostExec{}, input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+    bool residual_in_fp32, std::optional<double> p, const std::optional<at::Generator>& generator) {
+  return dropout_add_norm_op(HostExec{}, input, residual, weight, bias, state, norm, eps, residual_in_fp32, p,
+                             generator);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_host_dropout_add_norm_backward(
@@ -123,8 +134,10 @@ std::tuple<at::Tensor, at::Tensor> test_fused_dropout(
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape, int64_t base,
     int64_t sm_count, const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
   check_base(base, input.numel(), is_structured(input, mask_shape));
-  return fused_dropout_op(test_exec(sm_count), input, bias, residual, state, activation, mask_shape, mask_bits,
-                          pack_mask, base);
+  at::Tensor y, bits, drawn;
+  std::tie(y, bits, drawn) = fused_dropout_op(test_exec(sm_count), input, bias, residual, state, activation,
+                                              mask_shape, mask_bits, pack_mask, std::nullopt, std::nullopt, base);
+  return {y, bits};
 }
 
 std::tuple<at::Tensor, at::Tensor> test_fused_dropout_backward(
@@ -149,8 +162,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
     bool residual_in_fp32, int64_t base, int64_t sm_count) {
   check_base(base, input.numel(), false);
-  return dropout_add_norm_op(test_exec(sm_count), input, residual, weight, bias, state, norm, eps, residual_in_fp32,
-                             base);
+  at::Tensor y, h, mean, rstd, drawn;
+  std::tie(y, h, mean, rstd, drawn) = dropout_add_norm_op(test_exec(sm_count), input, residual, weight, bias, state,
+                                                          norm, eps, residual_in_fp32, std::nullopt, std::nullopt,
+                                                          base);
+  return {y, h, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm_backward(
