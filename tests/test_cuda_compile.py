@@ -378,17 +378,21 @@ def test_every_launch_is_on_the_current_stream_and_checked():
     assert "c10::cuda::CUDAGuard" in glue, "no device guard"
     assert "getCurrentCUDAStream" in glue, "not on the current stream"
     calls = re.findall(r"[^\n]*cuda::launch_\w+\(", glue)
-    assert len(calls) == 5 and all("C10_CUDA_CHECK(" in c for c in calls), calls
+    # The five op launchers and the two stores of a drawn state.
+    assert len(calls) == 7 and all("C10_CUDA_CHECK(" in c for c in calls), calls
 
 
 def test_cuda_glue_neither_copies_to_the_device_nor_syncs():
-    """The state is read by the kernels in device memory: a CPU state is
-    refused (check_state), never copied over, and nothing waits for the GPU."""
+    """A state in device memory is read by the kernels there; a CPU state's
+    words are read on the host and passed by value, never copied over; and
+    nothing waits for the GPU."""
     for name in ("dropout_cuda.cpp", "ops_impl.h", "dropout_kernels.cu"):
         code = _source(name)
-        for banned in (".to(", ".cpu(", ".item(", ".tolist(", "cudaMemcpy", "ynchronize", "host_mask_params",
-                       ".sum(", "pin_memory"):
+        for banned in (".to(", ".cpu(", ".item(", ".tolist(", "cudaMemcpy", "ynchronize", ".sum(", "pin_memory"):
             assert banned not in code, f"{name} uses {banned!r}"
+        # The host reads a state's words only where they are host memory.
+        for line in re.findall(r"[^\n]*host_mask_params\([^\n]*", code):
+            assert "is_cpu()" in line, f"{name} reads a state on the host unguarded: {line.strip()}"
     impl = _source("ops_impl.h")
     for check in ("check_forward(", "check_backward(", "check_mask_args(", "check_norm_forward(",
                   "check_norm_backward("):
