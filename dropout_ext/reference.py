@@ -5,17 +5,24 @@ compiled extension is missing. It favours being obviously the contract over
 speed: Philox runs on int64 tensors (32-bit words, products split so nothing
 overflows), and the activations are the same IEEE operation sequences as
 ``csrc/activations.h``, one float32 tensor op per step.
+
+The seed, offset and p may be host numbers or 0-dim tensors: the op kernels
+take them from the dropout state by tensor ops alone, never reading it on the
+host (on a GPU that read would be a synchronisation, and would break graph
+capture). A state on the CPU serves an input on any device as it is: its
+0-dim views enter the input's kernels as scalar arguments, where copying it
+over would be a transfer per call and make every key and threshold step a
+launch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ._contract import F32, F64
-from ._state import state_values
 from ._validate import ACTIVATIONS, as_u64, norm_dtypes  # noqa: F401  (the reference's names)
 
 M32 = 0xFFFFFFFF
@@ -56,8 +63,10 @@ def _mulhilo(a: torch.Tensor, m: int):
     return s >> 16, ((s & 0xFFFF) << 16) | (t_lo & 0xFFFF)
 
 
-def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
-    """The four output words (int64 tensors holding uint32) for counters c0..c3."""
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """The four output words (int64 tensors holding uint32) for counters c0..c3
+    (tensors that broadcast together) under key words k0, k1 (ints or 0-dim
+    int64 tensors, < 2**32)."""
     for _ in range(10):
         hi0, lo0 = _mulhilo(c0, PHILOX_M0)
         hi1, lo1 = _mulhilo(c2, PHILOX_M1)
@@ -67,33 +76,55 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def threshold(p: float) -> Optional[int]:
-    """floor(p * 2**32) in double; None means drop everything (p == 1)."""
-    if p >= 1.0:
-        return None
-    return int(math.floor(p * 4294967296.0))
+# A seed or offset: a host integer (any 64-bit value, as the API takes it) or
+# a 0-dim int64 tensor holding its two's-complement word (a state's).
+Word = Union[int, torch.Tensor]
+# p: a host number or a 0-dim float64 tensor (a state's p bits, viewed).
+Rate = Union[float, torch.Tensor]
 
 
-def philox_words(indices: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+def sanitised_p(p: Rate) -> torch.Tensor:
+    """p as every kernel takes it (make_mask_params in csrc/philox.h): NaN and
+    negatives mean 0, 1 and above drop everything; float64, p's device."""
+    return torch.as_tensor(p, dtype=torch.float64).nan_to_num(0.0).clamp(0.0, 1.0)
+
+
+def threshold(p: Rate) -> torch.Tensor:
+    """floor(p * 2**32) in double, a 0-dim int64 tensor: words are below
+    2**32, so t == 2**32 (p == 1) drops everything and t == 0 keeps all,
+    with no branch on p."""
+    return torch.floor(sanitised_p(p) * 4294967296.0).to(torch.int64)
+
+
+def scale(p: Rate, dtype: torch.dtype) -> torch.Tensor:
+    """1 / (1 - p) in double, rounded once to the math type ``dtype``; 0 when
+    everything is dropped. A 0-dim tensor on p's device."""
+    p = sanitised_p(p)
+    return torch.where(p < 1.0, _div(1.0, 1.0 - p), 0.0).to(dtype)
+
+
+def _u64(word: Word, name: str) -> Word:
+    return word if isinstance(word, torch.Tensor) else as_u64(word, name)
+
+
+def philox_words(indices: torch.Tensor, seed: Word, offset: Word) -> torch.Tensor:
     """The Philox word each logical element index takes (int64 holding uint32)."""
-    seed, offset = as_u64(seed, "seed"), as_u64(offset, "offset")
+    seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
     idx = indices.to(torch.int64)
     group = idx >> 2
-    words = philox4x32_10(group & M32, (group >> 32) & M32, offset & M32, offset >> 32,
-                          seed & M32, seed >> 32)
+    # `& M32` after `>> 32`: the shift of an int64 word keeps its sign.
+    words = philox4x32_10(group & M32, (group >> 32) & M32, offset & M32, (offset >> 32) & M32,
+                          seed & M32, (seed >> 32) & M32)
     stacked = torch.stack(words, dim=-1)
     return stacked.gather(-1, (idx & 3).unsqueeze(-1)).squeeze(-1)
 
 
-def keep_for_indices(indices: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+def keep_for_indices(indices: torch.Tensor, p: Rate, seed: Word, offset: Word = 0) -> torch.Tensor:
     """Keep bits of the given logical indices, for checking slices of huge tensors."""
-    t = threshold(p)
-    if t is None:
-        return torch.zeros(indices.shape, dtype=torch.bool, device=indices.device)
-    return philox_words(indices, seed, offset) >= t
+    return philox_words(indices, seed, offset) >= threshold(p)
 
 
-def dropout_mask(shape: Sequence[int], p: float, seed: int, offset: int = 0, device="cpu") -> torch.Tensor:
+def dropout_mask(shape: Sequence[int], p: Rate, seed: Word, offset: Word = 0, device="cpu") -> torch.Tensor:
     """The contract's boolean keep mask of ``shape``: element i (row-major) is kept
     iff Philox word i & 3 of counter (i >> 2, offset) under key seed is >= t."""
     shape = tuple(int(s) for s in shape)
@@ -226,8 +257,8 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scale(p: float) -> float:
-    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+def _scaled(v: torch.Tensor, p: Rate) -> torch.Tensor:
+    return v * scale(p, v.dtype)
 
 
 def _drop(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -244,7 +275,7 @@ def _keep(shape, p, seed, offset, mask_shape, device, keep=None):
 
 
 def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                  seed: int, offset: int, p: float, activation: str = "identity",
+                  seed: Word, offset: Word, p: Rate, activation: str = "identity",
                   mask_shape: Sequence[int] = (), *, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """residual + dropout(act(x + bias)), computed in float32 (float64 for
     float64) and rounded once to x's dtype; ``keep`` (x's shape) replaces
@@ -253,7 +284,7 @@ def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optio
     v = x.to(acc)
     if bias is not None:
         v = v + bias.to(acc)
-    kept = activation_forward(v, activation) * _scale(p)
+    kept = _scaled(activation_forward(v, activation), p)
     keep = _keep(x.shape, p, seed, offset, mask_shape, x.device, keep)
     out = _drop(keep, kept)
     if residual is not None:
@@ -262,14 +293,14 @@ def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optio
 
 
 def fused_dropout_backward(grad: torch.Tensor, x: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                           seed: int, offset: int, p: float, activation: str = "identity",
+                           seed: Word, offset: Word, p: Rate, activation: str = "identity",
                            mask_shape: Sequence[int] = (), bias_grad: bool = False, *,
                            keep: Optional[torch.Tensor] = None):
     """(grad_input, grad_bias or None): dx = grad * keep * scale * act'(x + bias).
     The bias gradient sums the unrounded dx (float64 here; kernels use their
     accumulation type in a fixed order, so it matches to rounding, not bits)."""
     acc = _acc_dtype(grad.dtype)
-    gs = grad.to(acc) * _scale(p)
+    gs = _scaled(grad.to(acc), p)
     if activation == "identity":
         d = gs
     else:
@@ -297,10 +328,18 @@ def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(input).copy_(result)
 
 
+def state_params(state: Optional[torch.Tensor]):
+    """(seed, offset, p) of a dropout state as 0-dim views of it, on its
+    device, read by no host access; no state: keep everything."""
+    if state is None:
+        return 0, 0, 0.0
+    return state[0], state[1], state[2:3].view(torch.float64)[0]
+
+
 def _op_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False):
     from ._ops import mask_bits_like
 
-    seed, offset, p = state_values(state)
+    seed, offset, p = state_params(state)
     bits = mask_bits_like(input, state, mask_shape, pack_mask)
     if mask_bits is not None:
         keep = unpack_bits(mask_bits, input.shape)
@@ -314,7 +353,7 @@ def _op_forward(input, bias, residual, state, activation, mask_shape, mask_bits=
 
 
 def _op_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
-    seed, offset, p = state_values(state)
+    seed, offset, p = state_params(state)
     keep = unpack_bits(mask_bits, grad.shape) if mask_bits is not None else None
     dx, db = fused_dropout_backward(grad, input, bias, seed, offset, p, activation, mask_shape, bias_grad,
                                     keep=keep)
@@ -322,14 +361,14 @@ def _op_backward(grad, input, bias, state, activation, mask_shape, bias_grad, ma
 
 
 def _op_mask(state, shape):
-    seed, offset, p = state_values(state)
+    seed, offset, p = state_params(state)
     return dropout_mask(shape, p, seed, offset, device=state.device)
 
 
 # --- dropout + residual + LayerNorm / RMSNorm ----------------------------------
 
 def dropout_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor], seed: int, offset: int, p: float, norm: str = "layer",
+                     bias: Optional[torch.Tensor], seed: Word, offset: Word, p: Rate, norm: str = "layer",
                      eps: float = 1e-5, residual_in_fp32: bool = False):
     """(y, h, mean, rstd): h = residual + dropout(x), rounded once to h's
     dtype; y = norm(h) * weight + bias over the last dimension, from h as
@@ -337,7 +376,7 @@ def dropout_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: 
     are per row, in the statistics' dtype."""
     h_dtype, acc = norm_dtypes(x.dtype, residual_in_fp32)
     keep = dropout_mask(x.shape, p, seed, offset, device=x.device)
-    v = _drop(keep, x.to(acc) * _scale(p))
+    v = _drop(keep, _scaled(x.to(acc), p))
     if residual is not None:
         v = residual.to(acc) + v
     h = v.to(h_dtype)
@@ -361,7 +400,7 @@ def dropout_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: 
 
 def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor,
                               weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                              seed: int, offset: int, p: float, norm: str = "layer"):
+                              seed: Word, offset: Word, p: Rate, norm: str = "layer"):
     """(grad_input, grad_residual, grad_weight, grad_bias) of
     ``dropout_add_norm``: the norm's backward from h, mean and rstd, plus
     ``grad_h``, is dh = grad_residual (h's dtype); grad_input = dropout of
@@ -384,12 +423,12 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
         dh = dh + grad_h.to(acc).reshape(rows, H)
     dh = dh.reshape(h.shape)
     keep = dropout_mask(h.shape, p, seed, offset, device=h.device)
-    dx = _drop(keep, dh * _scale(p))
+    dx = _drop(keep, _scaled(dh, p))
     return dx.to(grad.dtype), dh.to(h.dtype), (g * xhat).sum(0), g.sum(0)
 
 
 def _op_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
-    seed, offset, p = state_values(state)
+    seed, offset, p = state_params(state)
     # Every backend returns y and h row-major, and the same bits whatever
     # the inputs' strides (a row's sums in one order).
     input, residual = _dense(input), _dense(residual)
@@ -402,7 +441,7 @@ def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _op_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
-    seed, offset, p = state_values(state)
+    seed, offset, p = state_params(state)
     grad, grad_h, h = _dense(grad), _dense(grad_h), _dense(h)
     grads = dropout_add_norm_backward(grad, grad_h, h, weight, mean, rstd, seed, offset, p, norm)
     return tuple(g.contiguous() if need else g.new_empty((0,)) for g, need in zip(grads, output_mask))
