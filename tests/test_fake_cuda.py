@@ -83,7 +83,7 @@ def _fresh_dynamo(monkeypatch):
     # Each case compiles its own callables: no cache or recompile limit
     # carried over from another case.
     torch._dynamo.reset()
-    monkeypatch.delenv("DROPOUT_EXT_BACKEND", raising=False)
+    monkeypatch.setattr(dropout_ext._backend, "DEFAULT_BACKEND", None)
     yield
     torch._dynamo.reset()
 
@@ -101,7 +101,7 @@ class Case:
     make: Callable[[Optional[str], Optional[int], bool], Tuple[Callable, tuple]]
     takes_seed: bool          # a function with seed=: traced with and without it
     needs_seed: bool = False  # dropout_mask: seed is required
-    module: bool = False      # a module: the backend comes from DROPOUT_EXT_BACKEND
+    module: bool = False      # a module: the backend comes from _backend.DEFAULT_BACKEND
 
 
 def _x(*shape, dtype=torch.float32):
@@ -210,7 +210,7 @@ def _params(with_training):
 def _build(case, backend, seed, training, monkeypatch):
     _need(backend)
     if case.module and backend != "auto":
-        monkeypatch.setenv("DROPOUT_EXT_BACKEND", backend)
+        monkeypatch.setattr(dropout_ext._backend, "DEFAULT_BACKEND", backend)
     return case.make(None if backend == "auto" else backend, seed, training)
 
 
