@@ -22,6 +22,7 @@ the fused norms compute their statistics in their own order.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 from typing import Optional
@@ -144,6 +145,8 @@ def _norm_module(norm: nn.Module, p: float) -> nn.Module:
     the same parameter objects."""
     cls = _NORMS[type(norm)]
     kw = {"bias": norm.bias is not None} if cls is DropoutAddLayerNorm else {}
+    if norm.weight is not None:  # the twin's own parameters, replaced below, made in the same dtype
+        kw["dtype"] = norm.weight.dtype
     fused = cls(norm.normalized_shape[0], p, norm.eps, elementwise_affine=norm.elementwise_affine, **kw)
     for name in ("weight", "bias"):
         if getattr(fused, name) is not None:
@@ -151,17 +154,37 @@ def _norm_module(norm: nn.Module, p: float) -> nn.Module:
     return fused
 
 
+def _device_of(modules, model: nn.Module) -> Optional[torch.device]:
+    """Where a fused module belongs: with the first parameter of the modules
+    it replaces, else of the model, else its first buffer (nn.Dropout holds
+    no tensor, and a dropout_ext Dropout's p buffer may have been left
+    behind); None for a model without tensors."""
+    for m in list(modules) + [model]:
+        for t in m.parameters():
+            return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
 def _rewrite(gm, m: _Match, name: str) -> None:
-    """Replace the matched nodes by one call of a fused module ``name``."""
-    if m.norm_node is not None:
-        fused = _norm_module(gm.get_submodule(m.norm_node.target), m.module.p)
-        args = (m.src, m.residual)
-    elif m.linear_node is not None:
-        fused = LinearDropout(gm.get_submodule(m.linear_node.target), m.module.p, m.activation)
-        args = (m.linear_node.args[0],) + ((m.residual,) if m.residual is not None else ())
-    else:
-        fused = FusedDropout(m.module.p)
-        args = (m.src, None, m.residual)
+    """Replace the matched nodes by one call of a fused module ``name``,
+    made on the device of the modules it replaces: its p buffer must meet
+    the input there, or p reaches the kernels as a number under
+    torch.compile (modules._RuntimeP._rate), one graph per value."""
+    norm = gm.get_submodule(m.norm_node.target) if m.norm_node is not None else None
+    linear = gm.get_submodule(m.linear_node.target) if m.linear_node is not None else None
+    device = _device_of([x for x in (norm, linear) if x is not None], gm)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if norm is not None:
+            fused = _norm_module(norm, m.module.p)
+            args = (m.src, m.residual)
+        elif linear is not None:
+            fused = LinearDropout(linear, m.module.p, m.activation)
+            args = (m.linear_node.args[0],) + ((m.residual,) if m.residual is not None else ())
+        else:
+            fused = FusedDropout(m.module.p)
+            args = (m.src, None, m.residual)
     fused.train(m.module.training)
     gm.add_submodule(name, fused)
     replaced = m.norm_node or m.add or m.dropout
@@ -179,8 +202,8 @@ def fuse_dropout(model: nn.Module) -> fx.GraphModule:
     ``FusedDropout`` modules (``LinearDropout`` where a Linear joins,
     ``DropoutAddLayerNorm``/``DropoutAddRMSNorm`` where a norm follows the
     residual add); the model itself is left unchanged (the fused modules
-    share its parameters). Dropout modules are nn.Dropout or
-    dropout_ext.Dropout without broadcast_dims."""
+    share its parameters and are made on its device). Dropout modules are
+    nn.Dropout or dropout_ext.Dropout without broadcast_dims."""
     gm = fx.GraphModule(model, _Tracer().trace(model))
     count = 0
     for node in list(gm.graph.nodes):

@@ -2,6 +2,8 @@
 autograd (gradcheck, double backward), torch.compile, RNG sourcing, backend
 choice. (Every backend against the reference, opcheck included: test_conformance.py.)"""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ import dropout_ext
 from dropout_ext import functional as F
 from dropout_ext import _backend
 from dropout_ext import reference as ref
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, run_child
 
 
 
@@ -192,6 +194,37 @@ def test_compile_module_draws_from_generator_without_graph_break():
     assert y.shape == (4, 8)
 
 
+_FIRST_CALLS = """
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+import dropout_ext
+
+model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Dropout(0.5))
+if {fused}:
+    model = dropout_ext.fuse_dropout(model)
+else:
+    dropout_ext.replace_dropout(model)
+counter = CompileCounter()
+compiled = torch.compile(model, backend=counter, fullgraph=True)
+x = torch.randn(4, 8)
+compiled(x)
+compiled(x)
+print(counter.frame_count)
+"""
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["replace_dropout", "fuse_dropout"])
+def test_first_compiled_calls_make_one_graph(fused):
+    """The first compiled call of a model finds nothing that a call fills
+    (the backend lookup is complete at import), so the second call runs the
+    first one's graph. In a fresh process: any earlier call here would have
+    filled what a first call fills."""
+    proc = run_child([sys.executable, "-c", _FIRST_CALLS.format(fused=fused)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "1", f"graphs compiled by the first two calls: {proc.stdout}"
+
+
 def test_manual_seed_reproducibility_and_fresh_masks():
     x = torch.randn(1000)
     torch.manual_seed(0)
@@ -246,17 +279,28 @@ def test_checkpoint_replays_the_same_masks(use_reentrant, mask_mode):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_backends_agree(backend, monkeypatch):
-    """backend= and DROPOUT_EXT_BACKEND pick the same op family, and each
-    backend gives the other's bits."""
+    """backend= and the default backend (DROPOUT_EXT_BACKEND) pick the same
+    op family, and each backend gives the other's bits."""
     x, b = torch.randn(5, 9), torch.randn(9)
     y = F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8, backend=backend)
     other = {"cpu": "reference", "reference": "cpu"}[backend]
     assert_bitwise_equal(y, F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8, backend=other))
     chosen = _backend.ops_for(backend, x.device)
     assert chosen is not _backend.ops_for(other, x.device)
-    monkeypatch.setenv("DROPOUT_EXT_BACKEND", backend)
+    monkeypatch.setattr(_backend, "DEFAULT_BACKEND", backend)
     assert _backend.ops_for(None, x.device) is chosen
     assert_bitwise_equal(F.fused_dropout(x, 0.5, bias=b, activation="gelu_tanh", seed=8), y)
+
+
+def test_environment_sets_the_default_backend():
+    """DROPOUT_EXT_BACKEND is read once, at import: calls without backend=
+    then run it, and a later change of the environment changes nothing."""
+    code = ("import os, torch; from dropout_ext import _backend; "
+            "os.environ['DROPOUT_EXT_BACKEND'] = 'cpu'; "
+            "print(_backend.DEFAULT_BACKEND, _backend.ops_for(None, torch.device('cpu')).forward.name())")
+    proc = run_child([sys.executable, "-c", code], env={"DROPOUT_EXT_BACKEND": "reference"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["reference", "dropout_ext::reference_fused_dropout"], proc.stdout
 
 
 def test_available_backends_on_cpu():

@@ -210,8 +210,7 @@ def public(b: Backend, monkeypatch, dtype=torch.float32) -> str:
     on ``b``'s device, checked to reach it. cuda_host is routed as
     DROPOUT_EXT_CUDA_INTERPRET=1 routes it (CUDA kernels for CPU tensors)."""
     if b.id == "cuda_host":
-        monkeypatch.setitem(_backend._TABLE, ("cuda", "cpu"), "cuda_host_")
-        monkeypatch.setattr(_backend, "_CHOSEN", {})  # ops_for's memo, for this test only
+        monkeypatch.setattr(_backend, "_FAMILIES", _backend._families(cuda_interpret=True))
     reached = _backend.ops_for(b.public, torch.device(b.device), dtype)
     assert [o.name() for o in reached] == [o.name() for o in b.ops]
     return b.public

@@ -83,7 +83,7 @@ def _fresh_dynamo(monkeypatch):
     # Each case compiles its own callables: no cache or recompile limit
     # carried over from another case.
     torch._dynamo.reset()
-    monkeypatch.delenv("DROPOUT_EXT_BACKEND", raising=False)
+    monkeypatch.setattr(dropout_ext._backend, "DEFAULT_BACKEND", None)
     yield
     torch._dynamo.reset()
 
@@ -101,7 +101,7 @@ class Case:
     make: Callable[[Optional[str], Optional[int], bool], Tuple[Callable, tuple]]
     takes_seed: bool          # a function with seed=: traced with and without it
     needs_seed: bool = False  # dropout_mask: seed is required
-    module: bool = False      # a module: the backend comes from DROPOUT_EXT_BACKEND
+    module: bool = False      # a module: the backend comes from _backend.DEFAULT_BACKEND
 
 
 def _x(*shape, dtype=torch.float32):
@@ -210,7 +210,7 @@ def _params(with_training):
 def _build(case, backend, seed, training, monkeypatch):
     _need(backend)
     if case.module and backend != "auto":
-        monkeypatch.setenv("DROPOUT_EXT_BACKEND", backend)
+        monkeypatch.setattr(dropout_ext._backend, "DEFAULT_BACKEND", backend)
     return case.make(None if backend == "auto" else backend, seed, training)
 
 
@@ -327,3 +327,35 @@ def test_make_fx_trace_stays_on_gpu(case, seed, training, backend, monkeypatch):
     assert not problems, "\n".join(problems) + "\n\n" + gm.print_readable(print_output=False)
     (_, grads), = [node.args[0] for node in gm.graph.nodes if node.op == "output"]
     assert grads[0] is not None, "the trace computes no gradient for the input"
+
+
+# backend lookup and fused modules
+
+def test_fused_modules_of_a_gpu_model_keep_p_as_data():
+    """fuse_dropout of a model already on the GPU (called outside any device
+    context) makes its fused modules there, p buffer included, so under
+    torch.compile p meets the input on its device, reaches the kernels as
+    data, and a schedule that changes p keeps one graph."""
+    from test_fusion import EveryPattern
+
+    from dropout_ext import schedules
+
+    aot = CompileCounterWithBackend("aot_eager")
+    with _fake_mode():
+        with torch.device("cuda"):
+            model = EveryPattern()
+        fused = dropout_ext.fuse_dropout(model)
+        kinds = (dropout_ext.FusedDropout, dropout_ext.DropoutAddLayerNorm)
+        made = [m for m in fused.modules() if isinstance(m, kinds)]
+        assert len(made) == 3
+        off_gpu = [f"{type(m).__name__}.{name}: {t.device}" for m in made
+                   for name, t in list(m.named_parameters()) + list(m.named_buffers()) if t.device.type != "cuda"]
+        assert not off_gpu, off_gpu
+        compiled = torch.compile(fused, fullgraph=True, backend=aot)
+        sched = schedules.DropoutScheduler(fused, schedules.linear(0.1, 0.5, steps=2))
+        x = _x(8, 16)
+        with torch.no_grad():
+            for _ in range(3):
+                assert compiled(x).device.type == "cuda"
+                sched.step()
+    assert aot.frame_count == 1, f"{aot.frame_count} graphs for 3 values of p"

@@ -232,3 +232,39 @@ def test_norms_left_alone():
     assert _count(fused, (dropout_ext.DropoutAddLayerNorm, dropout_ext.DropoutAddRMSNorm)) == 0
     assert _count(fused, dropout_ext.FusedDropout) == 3  # each residual add alone
     assert _count(fused, (nn.RMSNorm, nn.LayerNorm)) == 3
+
+
+class EveryPattern(nn.Module):
+    """One of each fused module: Linear -> act -> Dropout, x + Dropout(y)
+    without a Linear, LayerNorm(x + Dropout(Linear(y)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop1 = nn.Linear(16, 16), nn.Dropout(0.1)
+        self.drop2 = nn.Dropout(0.2)
+        self.fc3, self.drop3, self.norm = nn.Linear(16, 16), nn.Dropout(0.3), nn.LayerNorm(16)
+
+    def forward(self, x):
+        h = self.drop1(torch.relu(self.fc1(x)))
+        h = h + self.drop2(torch.tanh(h))
+        return self.norm(h + self.drop3(self.fc3(h)))
+
+
+@pytest.mark.parametrize("dropout", ["nn", "dropout_ext"])
+def test_fused_modules_live_where_the_model_does(dropout):
+    """The fused modules are made on the device and in the dtype of the
+    modules they replace (the model's device where those hold no tensor, as
+    nn.Dropout): a p buffer left elsewhere would reach the kernels as a
+    number under torch.compile, one graph per value of p. A model on the
+    meta device stands for one on a GPU."""
+    with torch.device("meta"):
+        model = EveryPattern().double()
+    if dropout == "dropout_ext":
+        dropout_ext.replace_dropout(model)
+    fused = dropout_ext.fuse_dropout(model)
+    made = [m for m in fused.modules() if isinstance(m, (dropout_ext.FusedDropout, dropout_ext.DropoutAddLayerNorm))]
+    assert sorted(type(m).__name__ for m in made) == ["DropoutAddLayerNorm", "FusedDropout", "LinearDropout"]
+    for m in made:
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            assert t.device.type == "meta", (type(m).__name__, name, t.device)
+            assert t.dtype == (torch.int64 if name.endswith("_p_bits") else torch.float64), (name, t.dtype)

@@ -296,7 +296,7 @@ def test_compiled_schedule_keeps_one_graph(backend, monkeypatch):
 
     from dropout_ext import schedules
 
-    monkeypatch.setenv("DROPOUT_EXT_BACKEND", backend)
+    monkeypatch.setattr(dropout_ext._backend, "DEFAULT_BACKEND", backend)
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), dropout_ext.Dropout(0.1)).cuda()
     compiled = torch.compile(model, fullgraph=True)
