@@ -11,9 +11,10 @@ None where the op takes none; gradients are taken for every tensor in it."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as TF
@@ -351,15 +352,30 @@ def timer_for(device: torch.device) -> Callable[[], float]:
 
 
 def paired_round(calls: List[Callable[[int], None]], timer: Callable[[], float], k: int,
-                 samples: List[List[float]]) -> None:
+                 samples: List[List[float]], order: Optional[List[int]] = None) -> None:
     """One round of a paired measurement: each callable once on input set k,
-    each timed alone, one after the other. Alternating within the round makes
-    a slow phase of the machine (page reclaim, another process) hit every
-    implementation alike, so their ratios hold."""
-    for call, out in zip(calls, samples):
+    each timed alone, one after the other, in ``order`` (indices into
+    ``calls``; default: as given), each time into its own list of
+    ``samples``. Alternating within the round makes a slow phase of the
+    machine (page reclaim, another process) hit every implementation alike,
+    so their ratios hold."""
+    for i in order if order is not None else range(len(calls)):
         t0 = timer()
-        call(k)
-        out.append(timer() - t0)
+        calls[i](k)
+        samples[i].append(timer() - t0)
+
+
+def round_orders(n: int, seed: int = 0) -> Iterator[List[int]]:
+    """Orders for successive paired rounds of n callables, shuffled from a
+    fixed seed: at a few microseconds a call, a call's time depends on what
+    ran just before it (the caches and branch history the previous call, or
+    the harness between rounds, left), so no implementation keeps one place
+    or one predecessor in every round."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    while True:
+        rng.shuffle(order)
+        yield list(order)
 
 
 def saved_bytes_per_element(fn: Callable, op: str, dtype, device) -> float:

@@ -8,8 +8,8 @@ layers, width 768, 12 heads and GPT-2's vocabulary, trained on a batch of 4
 sequences of 256 random token ids (the labels are the inputs), every dropout
 at GPT-2's p = 0.1. The three variants start from the same weights (copies
 of one model built from a fixed seed), each with its own optimizer. A round
-runs one step of each, in turn (``cases.paired_round``), so a slow phase of
-the machine hits them alike; the report is each variant's median step and
+runs one step of each, in a shuffled order (``cases.paired_round``), so a
+slow phase of the machine hits them alike; the report is each variant's median step and
 nn.Dropout's median over it. Also reported: the dropout modules swapped and
 fused, and the device ops of one step (``dropout_ext.launches``).
 
@@ -97,8 +97,9 @@ def run(device: torch.device, rounds: int, warmup: int, tiny: bool) -> List[dict
     steps = [_step_fn(v["model"], ids) for v in live]
     timer = cases.timer_for(device)
     samples = [[] for _ in live]
+    orders = cases.round_orders(len(steps))
     for _ in range(warmup + rounds):
-        cases.paired_round(steps, timer, 0, samples)
+        cases.paired_round(steps, timer, 0, samples, next(orders))
     for v, step, times in zip(live, steps, samples):
         v["step_time_s"] = cases.median(times[warmup:])
         with count_launches(device.type) as launches:

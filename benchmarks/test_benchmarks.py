@@ -186,7 +186,8 @@ def test_paired(benchmark, request, op, direction, dtype, numel):
         warmup = min(warmup, 1)
     timer = cases.timer_for(device)
     samples = [[] for _ in names]
-    benchmark.pedantic(lambda k: cases.paired_round(calls, timer, k, samples), setup=_rotation(),
+    orders = cases.round_orders(len(calls))
+    benchmark.pedantic(lambda k: cases.paired_round(calls, timer, k, samples, next(orders)), setup=_rotation(),
                        rounds=rounds, warmup_rounds=warmup)
     # The warm-up rounds came first; keep the timed ones (all there is under --benchmark-disable).
     samples = [s[-rounds:] for s in samples]
