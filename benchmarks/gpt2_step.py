@@ -87,8 +87,9 @@ def _step_fn(model, ids):
 
 
 def run(device: torch.device, rounds: int, warmup: int, tiny: bool) -> List[dict]:
-    """One row per variant: median step time, its ratio to nn.Dropout's, the
-    dropouts swapped and fused, the device ops of one step."""
+    """One row per variant: median step time (and every timed step), its
+    ratio to nn.Dropout's, the dropouts swapped and fused, the device ops of
+    one step."""
     cfg = CONFIG["smoke" if tiny else "model"]
     ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]),
                         generator=torch.Generator().manual_seed(SEED)).to(device)
@@ -101,6 +102,7 @@ def run(device: torch.device, rounds: int, warmup: int, tiny: bool) -> List[dict
     for _ in range(warmup + rounds):
         cases.paired_round(steps, timer, 0, samples, next(orders))
     for v, step, times in zip(live, steps, samples):
+        v["step_times_s"] = times[warmup:]
         v["step_time_s"] = cases.median(times[warmup:])
         with count_launches(device.type) as launches:
             step()
@@ -110,6 +112,7 @@ def run(device: torch.device, rounds: int, warmup: int, tiny: bool) -> List[dict
     for v in variants:
         t = v.get("step_time_s")
         rows.append({"variant": v["variant"], "device": str(device), "step_time_s": t,
+                     "step_times_s": v.get("step_times_s"),
                      "speedup_vs_nn": base / t if t else None, "rounds": rounds if t else 0,
                      "launches_per_step": v.get("launches_per_step"), "dropouts_swapped": v["swapped"],
                      "fused_modules": v["fused"], "note": v["note"],

@@ -10,8 +10,8 @@ test_conformance.py's gpu_cuda and gpu_triton cases.
 The tests marked ``gpu_quick`` are the first minutes on a new GPU
 (tools/gpu_check.sh runs them before anything else): a few shapes and dtypes
 against the reference, CUDA-graph replays, no host synchronisation, and the
-device operations per call, recorded as figures, and the eager dropout's
-one per direction."""
+device operations per call (recorded as figures for the fused ops, asserted
+as one per direction for the eager Dropout)."""
 
 import os
 import re
@@ -159,8 +159,8 @@ def test_quick_device_ops_per_call(backend, request):
 @quick
 def test_eager_dropout_one_device_op_per_direction():
     """The eager path's target: dropout_ext.Dropout's forward on a CUDA
-    tensor is one device operation, its kernel, with (seed, offset, p)
-    passed to it, and its backward one, as nn.Dropout's are
+    tensor is one device operation, its kernel (no state built on the
+    device beside it), and its backward one, as nn.Dropout's are
     (native_dropout, and its backward's masked scale). nn.Dropout is
     counted the same way first: the check of the count itself."""
     x = torch.randn(64, 1024, device="cuda", requires_grad=True)
