@@ -11,9 +11,10 @@ None where the op takes none; gradients are taken for every tensor in it."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as TF
@@ -51,7 +52,15 @@ SMOKE_OPS = DEFAULT_OPS + ["dropout_add_rmsnorm"]
 # only, in bfloat16: every torch.compile in a case costs seconds of a
 # minutes-long budget.
 LEASE_OPS = ["dropout", "bias_gelu_dropout", "dropout_add_norm"]
+# The small run is the per-call cost a model pays: plain dropout against
+# nn.Dropout, in the directions of a training step.
+SMALL_OPS = ["dropout"]
 DIRECTIONS = ("forward", "backward", "forward_backward")
+# The modules a model calls, timed where the per-call cost is the question
+# (the small run; the smoke run covers every path): a module call adds
+# nn.Module's dispatch and the module's own checks to the function's.
+MODULES = {"dropout_ext.Dropout": dropout_ext.Dropout, "nn.Dropout": torch.nn.Dropout}
+MODULE_MODES = ("small", "smoke")
 HIDDEN = 1024  # last dimension: the bias length, the normalized row
 
 
@@ -178,15 +187,24 @@ def check_against_eager(op: str, name: str, inputs, grad) -> None:
     float64 with the contract's mask for that seed; torch.compile is compiled
     once more with Inductor's fallback_random, which draws the mask as eager
     does, and compared with eager from the same generator state (the timed
-    compile draws from Inductor's own generator: only its mask differs)."""
-    if name in ("eager", "copy"):
+    compile draws from Inductor's own generator: only its mask differs);
+    dropout_ext's module, which takes no seed, against eager with the mask
+    read off its output, its dropped fraction within 6 sigma of p."""
+    if name in ("eager", "copy", "nn.Dropout"):
         return
     x = inputs[0]
-    if name.startswith("dropout_ext["):
+    wide = [t.double() if t is not None else None for t in inputs]
+    if name in MODULES:
+        actual = _outputs_and_grads(build_impl(op, name), inputs, grad)
+        keep = actual[0] != 0  # the module draws its own mask: a zero is a dropped element (x has no zeros)
+        n, dropped = keep.numel(), int((~keep).sum())
+        assert abs(dropped / n - P) <= 6 * math.sqrt(P * (1 - P) / n), \
+            f"{name} does not compute {op}: it dropped {dropped} of {n} elements at p = {P}"
+        expected = _outputs_and_grads(masked_eager_fn(op, keep.double()), wide, grad.double())
+    elif name.startswith("dropout_ext["):
         backend, _, mode = name[len("dropout_ext["):-1].partition("/")
         actual = _outputs_and_grads(ext_fn(op, backend, mode or None, seed=CHECK_SEED), inputs, grad)
         keep = F.dropout_mask(x.shape, P, CHECK_SEED, 0, device=x.device).double()
-        wide = [t.double() if t is not None else None for t in inputs]
         expected = _outputs_and_grads(masked_eager_fn(op, keep), wide, grad.double())
     elif name == "torch.compile":
         with torch._inductor.config.patch(fallback_random=True):
@@ -207,24 +225,35 @@ def check_against_eager(op: str, name: str, inputs, grad) -> None:
             f"{name} does not compute {op} ({x.dtype}): {label} off by {float(err / size):.3g} of its norm (> {rtol})"
 
 
-def impl_names(op: str, device: torch.device) -> List[str]:
+def impl_names(op: str, device: torch.device, mode: str = "default") -> List[str]:
     """Every implementation of a case, in the order a paired round runs them:
-    each dropout_ext backend here (the reference is the oracle, not a
-    contender), for the fused dropout in each mask mode
-    ("dropout_ext[cpu/packed]"; the norm op has one, the mask regenerated:
-    "dropout_ext[cpu]"), the eager composition (nn.Dropout's functional form
-    for plain dropout), torch.compile of it, and clone() of the input, the
-    copy ceiling of an op that reads and writes each element once."""
+    for plain dropout in the small and smoke runs dropout_ext's Dropout
+    module first (its default backend and mask mode); each dropout_ext
+    backend here (the reference is the oracle, not a contender), for the
+    fused dropout in each mask mode ("dropout_ext[cpu/packed]"; the norm op
+    has one, the mask regenerated: "dropout_ext[cpu]"); then nn.Dropout
+    where the modules are timed, the eager composition (nn.Dropout's
+    functional form for plain dropout), torch.compile of it, and clone() of
+    the input, the copy ceiling of an op that reads and writes each element
+    once."""
     backends = [name for name in dropout_ext.available_backends(device) if name != "reference"]
     if op in NORM_OPS:
         ext = [f"dropout_ext[{name}]" for name in backends]
     else:
-        ext = [f"dropout_ext[{name}/{mode}]" for name in backends for mode in MASK_MODES]
-    return ext + ["eager", "torch.compile", "copy"]
+        ext = [f"dropout_ext[{name}/{mask}]" for name in backends for mask in MASK_MODES]
+    ours, theirs = (list(MODULES)[:1], list(MODULES)[1:]) if op == "dropout" and mode in MODULE_MODES else ([], [])
+    return ours + ext + theirs + ["eager", "torch.compile", "copy"]
 
 
 def build_impl(op: str, name: str) -> Callable:
     """The function of a named implementation ("copy" has none: see copy_call)."""
+    if name in MODULES:
+        module = MODULES[name](P)  # in training mode
+
+        def call_module(x, b, r):
+            return module(x)
+
+        return call_module
     if name.startswith("dropout_ext[") and name.endswith("]"):
         backend, _, mode = name[len("dropout_ext["):-1].partition("/")
         return ext_fn(op, backend, mode or None)
@@ -323,15 +352,30 @@ def timer_for(device: torch.device) -> Callable[[], float]:
 
 
 def paired_round(calls: List[Callable[[int], None]], timer: Callable[[], float], k: int,
-                 samples: List[List[float]]) -> None:
+                 samples: List[List[float]], order: Optional[List[int]] = None) -> None:
     """One round of a paired measurement: each callable once on input set k,
-    each timed alone, one after the other. Alternating within the round makes
-    a slow phase of the machine (page reclaim, another process) hit every
-    implementation alike, so their ratios hold."""
-    for call, out in zip(calls, samples):
+    each timed alone, one after the other, in ``order`` (indices into
+    ``calls``; default: as given), each time into its own list of
+    ``samples``. Alternating within the round makes a slow phase of the
+    machine (page reclaim, another process) hit every implementation alike,
+    so their ratios hold."""
+    for i in order if order is not None else range(len(calls)):
         t0 = timer()
-        call(k)
-        out.append(timer() - t0)
+        calls[i](k)
+        samples[i].append(timer() - t0)
+
+
+def round_orders(n: int, seed: int = 0) -> Iterator[List[int]]:
+    """Orders for successive paired rounds of n callables, shuffled from a
+    fixed seed: at a few microseconds a call, a call's time depends on what
+    ran just before it (the caches and branch history the previous call, or
+    the harness between rounds, left), so no implementation keeps one place
+    or one predecessor in every round."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    while True:
+        rng.shuffle(order)
+        yield list(order)
 
 
 def saved_bytes_per_element(fn: Callable, op: str, dtype, device) -> float:
@@ -390,8 +434,9 @@ def dtypes(device: torch.device, mode: str) -> List[str]:
 
 def bench_cases(device: torch.device, mode: str) -> List[Tuple[str, str, str, int]]:
     """(op, direction, dtype, numel) of every case of a run, in run order."""
-    ops = {"full": list(OPS) + list(NORM_OPS), "smoke": SMOKE_OPS, "lease": LEASE_OPS}.get(mode, DEFAULT_OPS)
-    directions = ("forward_backward",) if mode == "lease" else DIRECTIONS
+    ops = {"full": list(OPS) + list(NORM_OPS), "smoke": SMOKE_OPS, "lease": LEASE_OPS,
+           "small": SMALL_OPS}.get(mode, DEFAULT_OPS)
+    directions = {"lease": ("forward_backward",), "small": ("forward", "forward_backward")}.get(mode, DIRECTIONS)
     return [(op, d, dt, n) for op in ops for d in directions for dt in dtypes(device, mode)
             for n in sizes(device, mode)]
 

@@ -18,6 +18,7 @@ import dropout_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = []
 MEMORY_ROWS = []
+GPT2_ROWS = []
 
 
 def pytest_addoption(parser):
@@ -138,7 +139,8 @@ def _add_ratios(rows):
         for r in impls.values():
             if r["impl"] == "copy":
                 continue
-            for base, field in (("eager", "speedup_vs_eager"), ("torch.compile", "speedup_vs_compile")):
+            for base, field in (("eager", "speedup_vs_eager"), ("torch.compile", "speedup_vs_compile"),
+                                ("nn.Dropout", "speedup_vs_nn")):
                 if base in impls:
                     r[field] = impls[base]["time_s"] / r["time_s"]
             if r.get("copy_time_s"):
@@ -153,15 +155,17 @@ def _add_ratios(rows):
 
 
 def _table(rows) -> str:
-    head = f"{'op':24} {'dir':17} {'dtype':9} {'numel':>6} {'impl':22} {'time':>10} {'GB/s':>7} {'%copy':>6} {'t/copy':>6} {'x eager':>8} {'x compile':>9} {'saved B/el':>10}"
+    head = (f"{'op':24} {'dir':17} {'dtype':9} {'numel':>6} {'impl':27} {'time':>10} {'GB/s':>7} {'%copy':>6} "
+            f"{'t/copy':>6} {'x eager':>8} {'x compile':>9} {'x nn':>6} {'launches':>8} {'saved B/el':>10}")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["op"], r["direction"], r["dtype"], r["numel"], r["impl"])):
         t = r["time_s"]
         t_s = f"{t * 1e3:8.3f}ms" if t >= 1e-4 else f"{t * 1e6:8.2f}us"
         f = lambda k, fmt: (fmt % r[k]) if r.get(k) is not None else "-"
-        lines.append(f"{r['op']:24} {r['direction']:17} {r['dtype']:9} 2^{int(r['numel']).bit_length() - 1:<4} {r['impl']:22} "
+        lines.append(f"{r['op']:24} {r['direction']:17} {r['dtype']:9} 2^{int(r['numel']).bit_length() - 1:<4} {r['impl']:27} "
                      f"{t_s:>10} {r['gbps']:7.1f} {f('pct_of_copy', '%5.0f%%'):>6} {f('time_over_copy', '%5.2fx'):>6} {f('speedup_vs_eager', '%7.2fx'):>8} "
-                     f"{f('speedup_vs_compile', '%8.2fx'):>9} {f('saved_bytes_per_elem', '%10.2f'):>10}")
+                     f"{f('speedup_vs_compile', '%8.2fx'):>9} {f('speedup_vs_nn', '%5.2fx'):>6} "
+                     f"{f('launches_per_call', '%8d'):>8} {f('saved_bytes_per_elem', '%10.2f'):>10}")
     return "\n".join(lines)
 
 
@@ -176,8 +180,24 @@ def _memory_table(rows) -> str:
     return "\n".join(lines)
 
 
+def _gpt2_table(rows) -> str:
+    head = f"{'GPT-2 training step':20} {'step time':>10} {'x nn':>6} {'launches':>8} {'swapped':>7} {'fused':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["step_time_s"] is None:
+            lines.append(f"{r['variant']:20} not run: {r['note']}")
+            continue
+        lines.append(f"{r['variant']:20} {r['step_time_s'] * 1e3:8.1f}ms {r['speedup_vs_nn']:5.2f}x "
+                     f"{r['launches_per_step']:8d} {r['dropouts_swapped']:7d} {r['fused_modules']:5d}")
+    cfg = rows[0]["config"]
+    lines.append(f"median of {rows[0]['rounds']} paired rounds; {cfg['n_layer']} layers, width {cfg['n_embd']}, "
+                 f"{cfg['n_head']} heads, vocabulary {cfg['vocab_size']}, batch {cfg['batch']} x {cfg['seq']} "
+                 f"tokens, p {cfg['p']}, {cfg['optimizer']}; launches: device ops of one step")
+    return "\n".join(lines)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not ROWS and not MEMORY_ROWS:
+    if not ROWS and not MEMORY_ROWS and not GPT2_ROWS:
         return
     device = bench_device(config)
     _add_ratios(ROWS)
@@ -186,7 +206,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_sep("=", f"dropout_ext benchmark report: {env['device_name']} ({mode} run)")
     terminalreporter.write_line(f"torch {env['torch']}, triton {env['triton']}, threads {env['cpu_threads']}, {env['date']}")
     terminalreporter.write_line("time: median per call; GB/s: minimal bytes / time; %copy, t/copy: against "
-                                "clone() of the same tensor; x eager / x compile: speedups. All implementations of a case and its "
+                                "clone() of the same tensor; x eager / x compile / x nn: speedups over the eager composition, "
+                                "torch.compile, nn.Dropout's module; launches: device ops of one call (dropout_ext.launches). "
+                                "All implementations of a case and its "
                                 "clone() are timed in alternation, round by round, in one test (test_paired); pytest-benchmark's "
                                 "own tables are of each implementation timed alone (test_impl), grouped per case")
     if ROWS:
@@ -194,6 +216,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if MEMORY_ROWS:
         terminalreporter.write_line("")
         terminalreporter.write_line(_memory_table(MEMORY_ROWS))
+    if GPT2_ROWS:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(_gpt2_table(GPT2_ROWS))
     if cases.tiny(device, mode):
         return
     out = config.getoption("--bench-out")
@@ -201,8 +226,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tag = f"{device.type}-{mode}"
     path = os.path.join(out, f"bench-{tag}.json")
     with open(path, "w") as f:
-        json.dump({"environment": env, "rows": ROWS, "transformer_block": MEMORY_ROWS}, f, indent=1)
+        json.dump({"environment": env, "rows": ROWS, "transformer_block": MEMORY_ROWS, "gpt2_step": GPT2_ROWS}, f,
+                  indent=1)
     terminalreporter.write_line(f"results: {path}")
+    if not ROWS:
+        return
     plot = os.path.join(os.path.dirname(__file__), "plot.py")
     proc = subprocess.run([sys.executable, plot, path, "--out", out], capture_output=True, text=True)
     terminalreporter.write_line(proc.stdout.strip() or proc.stderr.strip())

@@ -1,4 +1,7 @@
-"""Markdown tables of a benchmark JSON (the form BENCHMARKS.md quotes).
+"""Markdown tables of a benchmark JSON (the form BENCHMARKS.md quotes): the
+targets, every implementation at one size, the per-call table of a run that
+timed nn.Dropout's module (the small run: instead of the one-size table),
+the transformer block and the GPT-2 training step.
 
     python benchmarks/summarize.py benchmarks/results/<run>/bench-cpu-default.json [--numel 16777216]
 """
@@ -53,17 +56,8 @@ def _targets(rows, numel, impls):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("json")
-    ap.add_argument("--numel", type=int, default=None, help="the size to tabulate (default: the largest)")
-    args = ap.parse_args()
-    with open(args.json) as f:
-        data = json.load(f)
-    env, rows = data["environment"], data["rows"]
-    numel = args.numel or max(r["numel"] for r in rows)
-    print(f"{env['device_name']}, {env['cpu_threads']} threads, torch {env['torch']}, {env['date']}")
-    print(f"command: `{env['command']}`\n")
+def _cases(rows, numel):
+    """The targets, then every op, direction and dtype at ``numel``."""
     impls = sorted({r["impl"] for r in rows if r["impl"].startswith("dropout_ext")})
     targets = _targets(rows, numel, impls)
     if targets:
@@ -90,6 +84,48 @@ def main():
                   f"{_fmt(eager and eager['time_s'] * 1e3, '.1f')} | {_fmt(comp and comp['time_s'] * 1e3, '.1f')} | "
                   f"{_fmt(r.get('speedup_vs_eager'), '.2f', 'x')} | {_fmt(r.get('speedup_vs_compile'), '.2f', 'x')} | "
                   f"{_fmt(r.get('time_over_copy'), '.2f', 'x')} | {saved} |")
+
+
+def _per_call(rows):
+    """Every size of the cases that timed nn.Dropout's module: microseconds
+    per call, the speedup over nn.Dropout, the device ops of a call."""
+    keys = sorted({(r["op"], r["direction"], r["dtype"]) for r in rows if r["impl"] == "nn.Dropout"})
+    print("| op | direction | dtype | elements | impl | us per call | x nn.Dropout | launches |")
+    print("| --- | --- | --- | ---: | --- | ---: | ---: | ---: |")
+    for op, direction, dtype in keys:
+        for r in sorted((r for r in rows if (r["op"], r["direction"], r["dtype"]) == (op, direction, dtype)
+                         and r["impl"] != "copy"), key=lambda r: (r["numel"], r["impl"])):
+            print(f"| {op} | {direction} | {dtype} | {r['numel']:,} | {r['impl']} | {r['time_s'] * 1e6:.1f} | "
+                  f"{_fmt(r.get('speedup_vs_nn'), '.2f', 'x')} | {_fmt(r.get('launches_per_call'), 'd')} |")
+
+
+def _gpt2(rows):
+    if not rows:
+        return
+    print("\n| GPT-2 training step | median | x nn.Dropout | launches per step | dropouts swapped | fused |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if r["step_time_s"] is None:
+            print(f"| {r['variant']} | not run: {r['note']} | | | | |")
+            continue
+        print(f"| {r['variant']} | {r['step_time_s'] * 1e3:.1f} ms | {r['speedup_vs_nn']:.2f}x | "
+              f"{r['launches_per_step']} | {r['dropouts_swapped']} | {r['fused_modules']} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json")
+    ap.add_argument("--numel", type=int, default=None, help="the size to tabulate (default: the largest)")
+    args = ap.parse_args()
+    with open(args.json) as f:
+        data = json.load(f)
+    env, rows = data["environment"], data["rows"]
+    print(f"{env['device_name']}, {env['cpu_threads']} threads, torch {env['torch']}, {env['date']}")
+    print(f"command: `{env['command']}`\n")
+    if any(r["impl"] == "nn.Dropout" for r in rows):
+        _per_call(rows)  # the per-call cost, at every size
+    elif rows:
+        _cases(rows, args.numel or max(r["numel"] for r in rows))
     block = data.get("transformer_block") or []
     if block:
         print("\n| variant | step time | x nn | peak memory | x nn | saved for backward |")
@@ -98,6 +134,7 @@ def main():
             print(f"| {r['variant']} | {r['step_time_s'] * 1e3:.1f} ms | {r['speedup_vs_nn']:.2f}x | "
                   f"{r['peak_bytes'] / 2**20:.1f} MiB | {_fmt(r.get('peak_vs_nn'), '.2f', 'x')} | "
                   f"{r['saved_for_backward_bytes'] / 2**20:.1f} MiB |")
+    _gpt2(data.get("gpt2_step") or [])
 
 
 if __name__ == "__main__":

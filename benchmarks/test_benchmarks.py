@@ -3,6 +3,8 @@ nn.Dropout / the eager composition and torch.compile of it, side by side.
 
     pytest benchmarks --benchmark-only                # a handful of sizes
     pytest benchmarks --benchmark-only --bench-mode=full
+    pytest benchmarks --benchmark-only --bench-mode=small --bench-threads=1   # per-call cost
+    pytest benchmarks --benchmark-only -k test_gpt2_training_step             # the GPT-2 row alone
 
 Each case (op, direction, dtype, size) is measured twice over:
 
@@ -12,6 +14,9 @@ Each case (op, direction, dtype, size) is measured twice over:
 - test_paired[<case>]: all implementations and clone() in alternation, round
   by round, whose per-implementation medians feed the report's table, the
   JSON and the plots (the ratios hold on a machine whose speed drifts).
+
+Each implementation's device ops per call (dropout_ext.launches, on the
+bench device) are counted once per case, after its timing.
 
 Before an implementation is first timed at an (op, dtype, size), its output
 and gradients are checked against eager given the same mask
@@ -27,8 +32,10 @@ import pytest
 import torch
 
 import cases
+import gpt2_step
 import transformer_block
-from conftest import MEMORY_ROWS, ROWS, bench_device, bench_rounds
+from conftest import GPT2_ROWS, MEMORY_ROWS, ROWS, bench_device, bench_rounds
+from dropout_ext.launches import count_launches
 
 PAIRED_GROUP = "paired rounds (every implementation and clone() in alternation)"
 
@@ -45,7 +52,7 @@ def pytest_generate_tests(metafunc):
     for op, direction, dtype, numel in cases.bench_cases(device, mode):
         cid = cases.case_id(op, direction, dtype, numel)
         if "impl" in metafunc.fixturenames:
-            for impl in cases.impl_names(op, device):
+            for impl in cases.impl_names(op, device, mode):
                 params.append(pytest.param(op, direction, dtype, numel, impl, id=f"{cid}-{impl}",
                                            marks=pytest.mark.benchmark(group=cid, **timer)))
         else:
@@ -77,7 +84,7 @@ def _case_state(op, direction, dtype, numel, device):
         torch._dynamo.reset()
         sets = cases.make_inputs(op, numel, cases.DTYPES[dtype], device, direction != "forward", cases.COPIES)
         grads = cases.make_grads(sets) if direction != "forward" else None
-        _case.update(key=key, sets=sets, grads=grads, fns={}, calls={}, solo={}, warm=set())
+        _case.update(key=key, sets=sets, grads=grads, fns={}, calls={}, solo={}, warm=set(), launches={})
     return _case
 
 
@@ -116,6 +123,19 @@ def _saved_bytes(state, op, dtype, impl, device):
     return _saved[key]
 
 
+def _launches(state, impl, device):
+    """Device ops of one call of the implementation (dropout_ext.launches),
+    counted once per case; None for torch.compile, which runs eagerly under
+    the counting mode, so the count would be eager's."""
+    if impl == "torch.compile":
+        return None
+    if impl not in state["launches"]:
+        with count_launches(device.type) as launches:
+            state["calls"][impl](0)
+        state["launches"][impl] = launches.count
+    return state["launches"][impl]
+
+
 def _rotation():
     """pytest-benchmark setup: hands each round the next input set."""
     k = itertools.cycle(range(cases.COPIES))
@@ -144,6 +164,7 @@ def test_impl(benchmark, request, op, direction, dtype, numel, impl):
     info["saved_bytes_per_elem"], note = _saved_bytes(state, op, dtype, impl, device)
     if note:
         info["saved_bytes_note"] = note
+    info["launches_per_call"] = _launches(state, impl, device)
     benchmark.extra_info.update(info)
 
 
@@ -157,7 +178,7 @@ def test_paired(benchmark, request, op, direction, dtype, numel):
     device = bench_device(request.config)
     rounds, warmup = bench_rounds(request.config, numel, device)
     state = _case_state(op, direction, dtype, numel, device)
-    names = cases.impl_names(op, device)
+    names = cases.impl_names(op, device, request.config.getoption("--bench-mode"))
     calls = [_call(state, op, direction, name) for name in names]
     if state["warm"].issuperset(names):
         # Warmed by this case's test_impl runs; one round still brings every
@@ -165,7 +186,8 @@ def test_paired(benchmark, request, op, direction, dtype, numel):
         warmup = min(warmup, 1)
     timer = cases.timer_for(device)
     samples = [[] for _ in names]
-    benchmark.pedantic(lambda k: cases.paired_round(calls, timer, k, samples), setup=_rotation(),
+    orders = cases.round_orders(len(calls))
+    benchmark.pedantic(lambda k: cases.paired_round(calls, timer, k, samples, next(orders)), setup=_rotation(),
                        rounds=rounds, warmup_rounds=warmup)
     # The warm-up rounds came first; keep the timed ones (all there is under --benchmark-disable).
     samples = [s[-rounds:] for s in samples]
@@ -177,7 +199,8 @@ def test_paired(benchmark, request, op, direction, dtype, numel):
         nbytes = cases.impl_bytes(op, direction, name, numel, elem)
         row = dict(_case_info(op, direction, dtype, numel, device), impl=name, bytes=nbytes, time_s=med,
                    gbps=nbytes / med / 1e9, rounds=len(impl_samples),
-                   solo_time_s=state["solo"].get(name))  # test_impl's median, when it ran
+                   solo_time_s=state["solo"].get(name),  # test_impl's median, when it ran
+                   launches_per_call=_launches(state, name, device))
         if name != "copy":
             row.update(copy_time_s=cases.median(copy_samples), copy_bytes=2 * numel * elem)
             row["saved_bytes_per_elem"], note = _saved_bytes(state, op, dtype, name, device)
@@ -205,3 +228,17 @@ def test_transformer_block_memory(benchmark, request):
         r["speedup_vs_nn"] = base["step_time_s"] / r["step_time_s"]
     benchmark.extra_info["rows"] = rows
     MEMORY_ROWS.extend(rows)
+
+
+@pytest.mark.benchmark(group="gpt2 training step")
+def test_gpt2_training_step(benchmark, request):
+    """One training step of a small Hugging Face GPT-2 with nn.Dropout, with
+    replace_dropout and with fuse_dropout, paired round by round in this
+    process (see gpt2_step.py). One round: the figures are in extra_info,
+    the time is the whole paired run's."""
+    device = bench_device(request.config)
+    tiny = cases.tiny(device, request.config.getoption("--bench-mode"))
+    rounds, warmup = gpt2_step.rounds_for(device, tiny)
+    rows = benchmark.pedantic(gpt2_step.run, args=(device, rounds, warmup, tiny), rounds=1, iterations=1)
+    benchmark.extra_info["rows"] = rows
+    GPT2_ROWS.extend(rows)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import dropout_ext
 from conftest import ROOT, run_child
 
 
@@ -29,6 +30,19 @@ def test_benchmark_suite_smoke():
                 assert row is not None, f"no report row for {op} {direction} {impl}:\n{out.stdout[-4000:]}"
                 assert row.group(1) != "-", f"no saved bytes for {op} {impl}:\n{row.group(0)}"
             assert re.search(rf"^{op} +{direction} +float32 .* copy ", out.stdout, re.M)
+    # The modules a model calls, against nn.Dropout's: a speedup over it and
+    # the device ops of a call (the columns before the saved bytes).
+    for direction in ("forward", "forward_backward"):
+        for impl in ("dropout_ext.Dropout", "nn.Dropout"):
+            row = re.search(rf"^dropout +{direction} +float32 .* {re.escape(impl)} .* (\S+) +(\S+) +\S+$",
+                            out.stdout, re.M)
+            assert row is not None, f"no report row for dropout {direction} {impl}:\n{out.stdout[-4000:]}"
+            assert re.fullmatch(r"\d+\.\d+x", row.group(1)) and row.group(2).isdigit(), row.group(0)
+    # The GPT-2 training step: nn.Dropout and replace_dropout timed, and a
+    # row for fuse_dropout, timed or with the reason it did not run.
+    for variant in ("nn.Dropout", "replace_dropout"):
+        assert re.search(rf"^{re.escape(variant)} +\d+\.\dms +\d+\.\d\dx +\d+ ", out.stdout, re.M), out.stdout[-4000:]
+    assert re.search(r"^fuse_dropout +(\d+\.\dms|not run: )", out.stdout, re.M), out.stdout[-4000:]
 
 
 def _bench_cases():
@@ -71,3 +85,26 @@ def test_benchmark_check_rejects_a_wrong_result(op, wrong, monkeypatch):
     monkeypatch.setattr(cases, "ext_fn", broken)
     with pytest.raises(AssertionError, match="does not compute"):
         cases.check_against_eager(op, name, inputs, grad)
+
+
+@pytest.mark.parametrize("wrong", ["another p", "no scale", "drops nothing"])
+def test_benchmark_check_rejects_a_wrong_module(wrong, monkeypatch):
+    """dropout_ext's Dropout module, which draws its own mask, passes the
+    check; a module dropping at another p, one without the 1/(1 - p)
+    scale, and one that scales but drops nothing fail it."""
+    cases = _bench_cases()
+    inputs = cases.make_inputs("dropout", 4096, torch.float32, torch.device("cpu"), False, 1)[0]
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(0))
+    cases.check_against_eager("dropout", "dropout_ext.Dropout", inputs, grad)
+
+    def broken(p):
+        if wrong == "another p":
+            return dropout_ext.Dropout(2 * p)
+        if wrong == "drops nothing":
+            return lambda x: x / (1 - p)
+        module = dropout_ext.Dropout(p)
+        return lambda x: module(x) * (1 - p)
+
+    monkeypatch.setitem(cases.MODULES, "dropout_ext.Dropout", broken)
+    with pytest.raises(AssertionError, match="does not compute"):
+        cases.check_against_eager("dropout", "dropout_ext.Dropout", inputs, grad)

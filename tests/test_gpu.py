@@ -10,7 +10,8 @@ test_conformance.py's gpu_cuda and gpu_triton cases.
 The tests marked ``gpu_quick`` are the first minutes on a new GPU
 (tools/gpu_check.sh runs them before anything else): a few shapes and dtypes
 against the reference, CUDA-graph replays, no host synchronisation, and the
-device operations per call, recorded as figures."""
+device operations per call (recorded as figures for the fused ops, asserted
+as one per direction for the eager Dropout)."""
 
 import os
 import re
@@ -109,6 +110,23 @@ def test_quick_equals_the_reference(backend, dtype, shape, monkeypatch):
 _OWN_KERNEL = re.compile(r"kernel_entry|^_\w+_kernel$")
 
 
+def _device_ops(call, reps):
+    """The names of the device operations (kernels, copies, fills) the
+    profiler records over ``call(k)`` for k in range(reps)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for k in range(reps):
+            call(k)
+        torch.cuda.synchronize()
+    ops = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not ops:
+        pytest.skip("the profiler recorded no device activity here (no CUPTI?)")
+    return ops
+
+
 @quick
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_quick_device_ops_per_call(backend, request):
@@ -118,9 +136,6 @@ def test_quick_device_ops_per_call(backend, request):
     [seed, offset, p bits] on the device with a few small ops (docs/DESIGN.md).
     Asserted: each call runs the op's own kernel exactly once."""
     _need(backend)
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     g = torch.Generator(device="cuda").manual_seed(0)
     x, r = (torch.randn(64, 1024, device="cuda", generator=g) for _ in range(2))
     w, b = (torch.randn(1024, device="cuda", generator=g) for _ in range(2))
@@ -134,18 +149,33 @@ def test_quick_device_ops_per_call(backend, request):
     reps = 5
     for name, call in calls.items():
         call()  # Triton compiles on the first call
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                call()
-            torch.cuda.synchronize()
-        device_ops = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-        if not device_ops:
-            pytest.skip("the profiler recorded no device activity here (no CUPTI?)")
+        device_ops = _device_ops(lambda k: call(), reps)
         own = [op for op in device_ops if _OWN_KERNEL.search(op)]
         assert len(own) == reps, f"{name}: {len(own)} own kernels in {reps} calls; device ops: {device_ops}"
         request.node.user_properties.append((f"device ops per call, {name} [{backend}]",
                                              f"{len(device_ops) / reps:g}"))
+
+
+@quick
+def test_eager_dropout_one_device_op_per_direction():
+    """The eager path's target: dropout_ext.Dropout's forward on a CUDA
+    tensor is one device operation, its kernel (no state built on the
+    device beside it), and its backward one, as nn.Dropout's are
+    (native_dropout, and its backward's masked scale). nn.Dropout is
+    counted the same way first: the check of the count itself."""
+    x = torch.randn(64, 1024, device="cuda", requires_grad=True)
+    g = torch.randn(64, 1024, device="cuda")
+    reps = 5
+    for module in (torch.nn.Dropout(0.1), dropout_ext.Dropout(0.1)):
+        name = f"{type(module).__module__}.{type(module).__name__}"
+        if isinstance(module, dropout_ext.Dropout):
+            name += f" [{dropout_ext.available_backends('cuda')[0]}]"
+        torch.autograd.grad(module(x), x, g)  # first call: lazy set-up, Triton compiles
+        forward = _device_ops(lambda k: module(x), reps)
+        outs = [module(x) for _ in range(reps)]
+        backward = _device_ops(lambda k: torch.autograd.grad(outs[k], x, g), reps)
+        for direction, ops in (("forward", forward), ("backward", backward)):
+            assert len(ops) == reps, f"{name} {direction}: {len(ops) / reps:g} device ops per call, not 1: {ops}"
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
