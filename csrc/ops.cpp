@@ -58,8 +58,10 @@ TORCH_LIBRARY(dropout_ext, m) {
   }
   // The state a forward op given p draws, drawn alone (the same words for the
   // same generator state): for kernels that cannot draw it themselves
-  // (Triton, the reference).
-  m.def("draw_state(Tensor input, float p, Generator? generator=None) -> Tensor");
+  // (Triton, the reference) and for compiled graphs. A random op to the
+  // compiler: never recomputed with a fresh draw.
+  m.def("draw_state(Tensor input, float p, Generator? generator=None) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
 }
 
 }  // namespace dropout_ext

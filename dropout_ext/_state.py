@@ -87,18 +87,22 @@ def make_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset
 
 def graph_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset: int = 0,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The state built from tensor ops, for a compiled graph. With ``seed``:
-    (seed, offset) as given. Otherwise both words are drawn with
-    ``torch.randint`` from ``generator`` or the device's default generator:
-    a random op the compiler knows as one (it neither repeats nor reorders
-    it), and under CUDA-graph capture a device op replayed afresh."""
+    """The state built from ops a compiled graph holds. With ``seed``:
+    (seed, offset) as given. Otherwise the words of the ``draw_state`` op,
+    the very words an eager forward draws from the same generator state; the
+    op is tagged random, so the compiler neither repeats nor reorders it, and
+    under activation checkpointing replays it with the generator state it
+    first saw."""
     if seed is not None:
         words = [_signed(as_u64(seed, "seed")), _signed(as_u64(offset, "offset"))]
         if isinstance(p, torch.Tensor):
             return torch.cat([_words(words, device), _p_word(p, device)])
         return _words(words + [p_bits(p)], device)
-    rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
-    return torch.cat([rng, _p_word(p, device)])
+    like = torch.empty(0, device=device)
+    if not isinstance(p, torch.Tensor):
+        return torch.ops.dropout_ext.draw_state(like, p, generator)
+    # p is data: the draw's seed and offset words, then p's bits from the graph.
+    return torch.cat([torch.ops.dropout_ext.draw_state(like, 0.0, generator)[:2], _p_word(p, device)])
 
 
 def _p_word(p: Rate, device: torch.device) -> torch.Tensor:

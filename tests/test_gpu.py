@@ -76,7 +76,7 @@ def test_over_2_31_elements(backend):
     del dx
     # The packed mask mode: the bits packed past 2**31 and 2**32 elements are
     # the contract's, and the backward reads them there (0.5 GiB of bits).
-    y, bits = _ops_of(backend).forward(x, None, None, state, "identity", [], None, True)
+    y, bits, _ = _ops_of(backend).forward(x, None, None, state, "identity", [], None, True)
     del y
     for centre in (2**31, 2**32):
         idx = torch.arange(centre - 4096, min(n, centre + 4096), device="cuda")
@@ -414,7 +414,7 @@ def test_dropout_add_norm_over_2_31_elements(backend):
         pytest.skip(f"needs {4 * 2 * n / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
     x = torch.ones(rows, H, dtype=torch.bfloat16, device="cuda")
     state = _state_on_gpu(0.5, 31, 7)
-    y, h, mean, rstd = _ops_of(backend).norm(x, None, None, None, state, "layer", 1e-5, False)
+    y, h, mean, rstd, _ = _ops_of(backend).norm(x, None, None, None, state, "layer", 1e-5, False)
     flat = h.view(-1)
     for centre in (2**31, 2**32):
         idx = torch.arange(centre - 4100, centre + 4100, device="cuda")

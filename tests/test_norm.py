@@ -480,7 +480,7 @@ def test_opcheck(b, norm):
     xl, rl, wl, _, _, _ = _inputs((3, 8), torch.bfloat16, b.device, rfp32=True, f32_params=True)
     torch.library.opcheck(fwd, (xl.clone().requires_grad_(), rl, wl.clone().requires_grad_(), None, state, norm,
                                 EPS, True), **kw)
-    _, h, mean, rstd = fwd(x, r, w, bb, state, norm, EPS, False)
+    _, h, mean, rstd, _ = fwd(x, r, w, bb, state, norm, EPS, False)
     torch.library.opcheck(bwd, (gy, None, h, w, mean, rstd, state, norm, [True, True, True, True]), **kw)
     torch.library.opcheck(bwd, (gy, gh, h, None, mean, rstd, None, norm, [True, False, False, True]), **kw)
 
@@ -500,7 +500,7 @@ def _bad_op_cases():
     calls, which bypass the public API's checks."""
     def bwd(change):
         def call(o, x, r, w, b, g, st):
-            _, h, mean, rstd = o.norm(x, r, w, b, st, "layer", EPS, False)
+            _, h, mean, rstd, _ = o.norm(x, r, w, b, st, "layer", EPS, False)
             args = dict(grad=g, grad_h=None, h=h, weight=w, mean=mean, rstd=rstd, state=st, norm="layer",
                         mask=[True, True, True, True])
             args.update(change(x, h, mean, rstd))
