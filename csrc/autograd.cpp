@@ -134,11 +134,23 @@ struct FusedDropoutFn : torch::autograd::Function<FusedDropoutFn<F>> {
   }
 };
 
+// A call that records no graph skips the autograd node: nothing to save.
+template <typename... Opt>
+bool records_graph(const at::Tensor& input, const Opt&... others) {
+  return at::GradMode::is_enabled() &&
+         (input.requires_grad() || ... || (others.has_value() && others->requires_grad()));
+}
+
 template <int F>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_autograd(
     const at::Tensor& input, const OptTensor& bias, const OptTensor& residual, const OptTensor& state,
     c10::string_view activation, at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask,
     std::optional<double> p, const OptGenerator& generator) {
+  if (!records_graph(input, bias, residual)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return family<F>().forward.call(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask, p,
+                                    generator);
+  }
   const variable_list out = FusedDropoutFn<F>::apply(input, bias, residual, state, activation, mask_shape, mask_bits,
                                                      pack_mask, p, generator);
   return {out[0], out[1], out[2]};
@@ -246,6 +258,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& state, c10::string_view norm, double eps, bool residual_in_fp32, std::optional<double> p,
     const OptGenerator& generator) {
+  if (!records_graph(input, residual, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
+  }
   const variable_list out =
       DropoutAddNormFn<F>::apply(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
   return {out[0], out[1], out[2], out[3], out[4]};
