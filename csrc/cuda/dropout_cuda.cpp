@@ -43,7 +43,7 @@ struct CudaExec {
     if (!ps.captured_) {
       int64_t seed, offset;
       drawn_words(ps.seed_.val, ps.offset_.val, seed, offset);
-      return drawn_by_value(seed, offset, p, out);
+      return cuda::drawn_by_value(seed, offset, p, out);
     }
     GraphDraw d;
     d.gen_seed = ps.seed_.ptr;
