@@ -9,13 +9,15 @@
 // the input and bias only where the activation's derivative needs them.
 // dropout_add_norm saves the state, h, the weight and the per-row mean and
 // rstd: its backward reads h's row again instead of a normalised copy.
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <array>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -28,7 +30,6 @@
 namespace dropout_ext {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
@@ -71,91 +72,6 @@ const FamilyOps& family() {
 
 OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-template <int F>
-struct FusedDropoutFn : torch::autograd::Function<FusedDropoutFn<F>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& bias,
-                               const OptTensor& residual, const OptTensor& state, c10::string_view activation,
-                               at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask,
-                               std::optional<double> p, const OptGenerator& generator) {
-    at::Tensor out, bits, drawn;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, bits, drawn) = family<F>().forward.call(input, bias, residual, state, activation, mask_shape,
-                                                            mask_bits, pack_mask, p, generator);
-    }
-    const bool smooth = activation != "identity";
-    // The mask the backward reads: bits given to this call or packed by it,
-    // else none (drawn again from the state). sym_numel: a traced call with
-    // dynamic shapes has no concrete size.
-    const at::Tensor saved_bits =
-        mask_bits.has_value() ? *mask_bits : bits.sym_numel() != 0 ? bits : at::Tensor();
-    // The state the backward draws the mask from: the one given, or the one the op drew.
-    const at::Tensor saved_state = p.has_value() ? drawn : state.value_or(at::Tensor());
-    ctx->save_for_backward({saved_state, smooth ? input : at::Tensor(),
-                            smooth ? bias.value_or(at::Tensor()) : at::Tensor(), saved_bits});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["mask_shape"] = mask_shape.vec();
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["has_residual"] = residual.has_value();
-    ctx->mark_non_differentiable({bits, drawn});
-    return {out, bits, drawn};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const OptTensor state = opt(saved[0]), input = opt(saved[1]), bias = opt(saved[2]), bits = opt(saved[3]);
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    const std::vector<int64_t> mask_shape = ctx->saved_data["mask_shape"].toIntVector();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    // needs_input_grad counts tensor arguments only: an absent bias has no slot.
-    const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(1);
-    const bool need_r = ctx->saved_data["has_residual"].toBool() && ctx->needs_input_grad(has_bias ? 2 : 1);
-    const at::Tensor& grad = grads[0];
-    at::Tensor gx, gb;
-    if (activation == "identity" && !need_b) {
-      // The backward of dropout is dropout with the same mask: the forward
-      // op, through this autograd when a double backward records a graph.
-      std::optional<at::AutoDispatchBelowADInplaceOrView> below;
-      if (!at::GradMode::is_enabled()) below.emplace();
-      if (need_x) {
-        gx = std::get<0>(family<F>().forward.call(grad, {}, {}, state, "identity", mask_shape, bits, false,
-                                                  std::nullopt, std::nullopt));
-      }
-    } else if (need_x || need_b) {
-      std::tie(gx, gb) = family<F>().backward.call(grad, input, bias, state, activation, mask_shape, need_b, bits);
-      if (!need_b) gb = at::Tensor();
-    }
-    const at::Tensor gr = need_r ? grad : at::Tensor();
-    variable_list out(10);
-    out[0] = gx;
-    out[1] = gb;
-    out[2] = gr;
-    return out;
-  }
-};
-
-// A call that records no graph skips the autograd node: nothing to save.
-template <typename... Opt>
-bool records_graph(const at::Tensor& input, const Opt&... others) {
-  return at::GradMode::is_enabled() &&
-         (input.requires_grad() || ... || (others.has_value() && others->requires_grad()));
-}
-
-template <int F>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_autograd(
-    const at::Tensor& input, const OptTensor& bias, const OptTensor& residual, const OptTensor& state,
-    c10::string_view activation, at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask,
-    std::optional<double> p, const OptGenerator& generator) {
-  if (!records_graph(input, bias, residual)) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return family<F>().forward.call(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask, p,
-                                    generator);
-  }
-  const variable_list out = FusedDropoutFn<F>::apply(input, bias, residual, state, activation, mask_shape, mask_bits,
-                                                     pack_mask, p, generator);
-  return {out[0], out[1], out[2]};
-}
-
 // The smart pointer that owns autograd nodes: std::shared_ptr up to torch
 // 2.12, c10::intrusive_ptr from 2.13 on. Read off Tensor::grad_fn() rather
 // than a version number, so the build follows the headers it compiles with.
@@ -170,6 +86,97 @@ NodePtr make_node(Args&&... args) {
   } else {
     return c10::make_intrusive<N>(std::forward<Args>(args)...);
   }
+}
+
+// A call that records no graph skips the autograd node: nothing to save.
+template <typename... Opt>
+bool records_graph(const at::Tensor& input, const Opt&... others) {
+  return at::GradMode::is_enabled() &&
+         (input.requires_grad() || ... || (others.has_value() && others->requires_grad()));
+}
+
+// A tensor saved for the backward; an absent optional saves an undefined one.
+torch::autograd::SavedVariable saved(const OptTensor& t) {
+  return torch::autograd::SavedVariable(t.value_or(at::Tensor()), /*is_output=*/false);
+}
+
+// The backward of fused_dropout, a Node rather than a
+// torch::autograd::Function: the Function's saved_data map, output wrapping
+// and per-call checks cost more host time than the whole CPU kernel at a few
+// hundred elements. Its edges are (input, bias, residual), an absent one
+// empty, so task_should_compute_output names each gradient.
+template <int F>
+struct FusedDropoutBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable state, input, bias, bits;
+  std::string activation;
+  std::vector<int64_t> mask_shape;
+
+  std::string name() const override { return "FusedDropoutBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    state.reset_data();
+    input.reset_data();
+    bias.reset_data();
+    bits.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool need_x = task_should_compute_output(0), need_b = task_should_compute_output(1);
+    const at::Tensor& grad = grads[0];
+    // An undefined gradient stands for zeros (the engine's convention): so are all three.
+    if (!grad.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const OptTensor s = opt(state.unpack()), k = opt(bits.unpack());
+    at::Tensor gx, gb;
+    if (activation == "identity" && !need_b) {
+      // The backward of dropout is dropout with the same mask: the forward
+      // op, through the autograd kernel when a double backward records a graph.
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+      if (!at::GradMode::is_enabled()) below.emplace();
+      if (need_x) {
+        gx = std::get<0>(family<F>().forward.call(grad, {}, {}, s, "identity", mask_shape, k, false, std::nullopt,
+                                                  std::nullopt));
+      }
+    } else if (need_x || need_b) {
+      std::tie(gx, gb) = family<F>().backward.call(grad, opt(input.unpack()), opt(bias.unpack()), s, activation,
+                                                   mask_shape, need_b, k);
+      if (!need_b) gb = at::Tensor();
+    }
+    return {gx, gb, task_should_compute_output(2) ? grad : at::Tensor()};
+  }
+};
+
+template <int F>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_autograd(
+    const at::Tensor& input, const OptTensor& bias, const OptTensor& residual, const OptTensor& state,
+    c10::string_view activation, at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask,
+    std::optional<double> p, const OptGenerator& generator) {
+  at::Tensor out, bits, drawn;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(out, bits, drawn) = family<F>().forward.call(input, bias, residual, state, activation, mask_shape,
+                                                          mask_bits, pack_mask, p, generator);
+  }
+  if (!records_graph(input, bias, residual)) return {out, bits, drawn};
+  const NodePtr node = make_node<FusedDropoutBackward<F>>();
+  auto& n = static_cast<FusedDropoutBackward<F>&>(*node);
+  node->set_next_edges(torch::autograd::collect_next_edges(input, bias, residual));
+  // The state the backward draws the mask from: the one given, or the one
+  // the op drew. The mask it reads instead: bits given to this call or
+  // packed by it (sym_numel: a traced call with dynamic shapes has no
+  // concrete size). The input and bias only where the activation's
+  // derivative reads them.
+  n.state = saved(p.has_value() ? OptTensor(drawn) : state);
+  n.bits = saved(mask_bits.has_value() ? mask_bits : bits.sym_numel() != 0 ? OptTensor(bits) : std::nullopt);
+  if (activation != "identity") {
+    n.input = saved(input);
+    n.bias = saved(bias);
+  }
+  n.activation = std::string(activation);
+  n.mask_shape = mask_shape.vec();
+  torch::autograd::set_history(out, node);
+  return {out, bits, drawn};
 }
 
 // Gradients computed without recording a graph, as Python's
@@ -189,67 +196,50 @@ variable_list once_differentiable(variable_list grads, const variable_list& inpu
 
 // h = residual + dropout(input), y = norm(h) * weight + bias. y and h are
 // differentiable (h is a pre-norm block's residual stream); mean and rstd are
-// saved statistics. The backward is differentiable once.
+// saved statistics. The backward is differentiable once. A Node as
+// FusedDropoutBackward is; its edges are (input, residual, weight, bias),
+// an absent one empty.
 template <int F>
-struct DropoutAddNormFn : torch::autograd::Function<DropoutAddNormFn<F>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& residual,
-                               const OptTensor& weight, const OptTensor& bias, const OptTensor& state,
-                               c10::string_view norm, double eps, bool residual_in_fp32, std::optional<double> p,
-                               const OptGenerator& generator) {
-    at::Tensor y, h, mean, rstd, drawn;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(y, h, mean, rstd, drawn) =
-          family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
-    }
-    const at::Tensor saved_state = p.has_value() ? drawn : state.value_or(at::Tensor());
-    ctx->save_for_backward({saved_state, h, weight.value_or(at::Tensor()), mean, rstd});
-    ctx->saved_data["norm"] = std::string(norm);
-    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
-    ctx->saved_data["has_residual"] = residual.has_value();
-    ctx->saved_data["has_weight"] = weight.has_value();
-    // The bias is not saved (its gradient needs only grad); its dtype is.
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
-    ctx->mark_non_differentiable({mean, rstd, drawn});
-    // An unused h (or y) gets no gradient tensor of zeros to read.
-    ctx->set_materialize_grads(false);
-    return {y, h, mean, rstd, drawn};
+struct DropoutAddNormBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable state, h, weight, mean, rstd;
+  std::string norm;
+  at::ScalarType y_dtype = at::kFloat;
+  // The bias is not saved (its gradient needs only grad); its dtype is.
+  at::ScalarType bias_dtype = at::kFloat;
+
+  std::string name() const override { return "DropoutAddNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    state.reset_data();
+    h.reset_data();
+    weight.reset_data();
+    mean.reset_data();
+    rstd.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const OptTensor state = opt(saved[0]), weight = opt(saved[2]);
-    const at::Tensor &h = saved[1], &mean = saved[3], &rstd = saved[4];
-    const bool has_r = ctx->saved_data["has_residual"].toBool(), has_w = ctx->saved_data["has_weight"].toBool();
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    const bool has_b = bias_dtype >= 0;
-    // needs_input_grad counts tensor arguments only: absent optionals have no slot.
-    int64_t slot = 0;
-    const bool need_x = ctx->needs_input_grad(slot++);
-    const bool need_r = has_r && ctx->needs_input_grad(slot++);
-    const bool need_w = has_w && ctx->needs_input_grad(slot++);
-    const bool need_b = has_b && ctx->needs_input_grad(slot++);
-    const variable_list none(10);
-    if (!(need_x || need_r || need_w || need_b) || (!grads[0].defined() && !grads[1].defined())) return none;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::array<bool, 4> need{task_should_compute_output(0), task_should_compute_output(1),
+                                   task_should_compute_output(2), task_should_compute_output(3)};
+    variable_list out(4);
+    // An unused y and h get undefined gradients (zeros), not tensors of zeros to read.
+    if (!(need[0] || need[1] || need[2] || need[3]) || (!grads[0].defined() && !grads[1].defined())) return out;
+    const at::Tensor hv = h.unpack(getptr()), w = weight.unpack();
     // Only h was used: y's gradient is zero.
-    const at::Tensor grad = grads[0].defined()
-                                ? grads[0]
-                                : at::zeros(h.sizes(), h.options().dtype(static_cast<at::ScalarType>(
-                                                           ctx->saved_data["y_dtype"].toInt())));
-    at::Tensor gx, gr, gw, gb;
-    variable_list out = none;
+    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros(hv.sizes(), hv.options().dtype(y_dtype));
     {
       at::AutoGradMode no_grad(false);
-      std::tie(gx, gr, gw, gb) = family<F>().norm_backward.call(grad, opt(grads[1]), h, weight, mean, rstd, state,
-                                                                 ctx->saved_data["norm"].toStringRef(),
-                                                                 {need_x, need_r, need_w, need_b});
+      at::Tensor gx, gr, gw, gb;
+      std::tie(gx, gr, gw, gb) = family<F>().norm_backward.call(grad, opt(grads[1]), hv, opt(w), mean.unpack(),
+                                                                 rstd.unpack(), opt(state.unpack()), norm, need);
       // The parameter gradients come in the statistics' dtype.
-      if (need_x) out[0] = gx;
-      if (need_r) out[1] = gr;
-      if (need_w) out[2] = gw.to(weight->scalar_type());
-      if (need_b) out[3] = gb.to(static_cast<at::ScalarType>(bias_dtype));
+      if (need[0]) out[0] = gx;
+      if (need[1]) out[1] = gr;
+      if (need[2]) out[2] = gw.to(w.scalar_type());
+      if (need[3]) out[3] = gb.to(bias_dtype);
     }
-    return once_differentiable(std::move(out), {grads[0], grads[1], h, saved[2]}, "dropout_add_norm");
+    return once_differentiable(std::move(out), {grads[0], grads[1], hv, w}, "dropout_add_norm");
   }
 };
 
@@ -258,13 +248,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& state, c10::string_view norm, double eps, bool residual_in_fp32, std::optional<double> p,
     const OptGenerator& generator) {
-  if (!records_graph(input, residual, weight, bias)) {
+  at::Tensor y, h, mean, rstd, drawn;
+  {
     at::AutoDispatchBelowADInplaceOrView below;
-    return family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
+    std::tie(y, h, mean, rstd, drawn) =
+        family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
   }
-  const variable_list out =
-      DropoutAddNormFn<F>::apply(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
-  return {out[0], out[1], out[2], out[3], out[4]};
+  if (!records_graph(input, residual, weight, bias)) return {y, h, mean, rstd, drawn};
+  const NodePtr node = make_node<DropoutAddNormBackward<F>>();
+  auto& n = static_cast<DropoutAddNormBackward<F>&>(*node);
+  node->set_next_edges(torch::autograd::collect_next_edges(input, residual, weight, bias));
+  torch::autograd::set_history(y, node);
+  torch::autograd::set_history(h, node);
+  n.state = saved(p.has_value() ? OptTensor(drawn) : state);
+  // h is this node's output: saved as one, so it holds no reference back to the node.
+  n.h = torch::autograd::SavedVariable(h, /*is_output=*/true);
+  n.weight = saved(weight);
+  n.mean = saved(mean);
+  n.rstd = saved(rstd);
+  n.norm = std::string(norm);
+  n.y_dtype = y.scalar_type();
+  if (bias.has_value()) n.bias_dtype = bias->scalar_type();
+  return {y, h, mean, rstd, drawn};
 }
 
 template <int F>

@@ -28,6 +28,8 @@ DEVICE_TYPES = ("cpu", "cuda")
 # few nanoseconds (torch.device.type builds a new string on every read); a
 # tensor on a higher index is found by its device type, a little slower.
 _CUDA_INDICES = 64
+_DEVICES = {"cpu": [torch.device("cpu")],
+            "cuda": [torch.device("cuda")] + [torch.device("cuda", i) for i in range(_CUDA_INDICES)]}
 _Families = Dict[Optional[str], Dict[torch.device, Tuple[_ops.OpSet, _ops.OpSet]]]
 
 
@@ -65,9 +67,7 @@ def _families(cuda_interpret: bool) -> _Families:
     for device_type in DEVICE_TYPES:
         fastest = next(name for name in BACKENDS if (name, device_type) in table)
         by_type.setdefault(None, {})[device_type] = by_type[fastest][device_type]
-    devices = {"cpu": [torch.device("cpu")],
-               "cuda": [torch.device("cuda")] + [torch.device("cuda", i) for i in range(_CUDA_INDICES)]}
-    return {name: {device: pair for device_type, pair in per_type.items() for device in devices[device_type]}
+    return {name: {device: pair for device_type, pair in per_type.items() for device in _DEVICES[device_type]}
             for name, per_type in by_type.items()}
 
 
@@ -122,5 +122,11 @@ def _unavailable(name, device: torch.device) -> ValueError:
 DEFAULT_MASK_MODE = {"cpu": "regenerate", "cuda": "regenerate"}
 
 
+# Keyed by device as ops_for's table is: read on every call that records a graph.
+_MASK_MODE_BY_DEVICE = {device: mode for device_type, mode in DEFAULT_MASK_MODE.items()
+                        for device in _DEVICES[device_type]}
+
+
 def default_mask_mode(device: torch.device) -> str:
-    return DEFAULT_MASK_MODE.get(device.type, "regenerate")
+    mode = _MASK_MODE_BY_DEVICE.get(device)
+    return mode if mode is not None else DEFAULT_MASK_MODE.get(device.type, "regenerate")

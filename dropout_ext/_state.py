@@ -25,10 +25,6 @@ def p_bits(p: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(p)))[0]
 
 
-def p_from_bits(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", int(bits)))[0]
-
-
 def _signed(u: int) -> int:
     return u - 2**64 if u >= 2**63 else u
 
@@ -110,12 +106,3 @@ def _p_word(p: Rate, device: torch.device) -> torch.Tensor:
         return p.reshape(1).to(device)
     return _words([p_bits(p)], device)
 
-
-def state_values(state: Optional[torch.Tensor]):
-    """(seed, offset, p) of a state read on the host, p sanitised as the
-    kernels do (NaN and negatives mean 0, 1 and above drop everything)."""
-    if state is None:
-        return 0, 0, 0.0
-    seed, offset, bits = state.tolist()
-    p = p_from_bits(bits)
-    return seed, offset, (min(p, 1.0) if p >= 0.0 else 0.0)

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .modules import Dropout, DropoutAddLayerNorm, DropoutAddRMSNorm, FusedDropout
+from .modules import Dropout, DropoutAddLayerNorm, DropoutAddRMSNorm, FusedDropout, _device_of
 
 __all__ = ["LinearDropout", "fuse_dropout"]
 
@@ -152,19 +152,6 @@ def _norm_module(norm: nn.Module, p: float) -> nn.Module:
         if getattr(fused, name) is not None:
             setattr(fused, name, getattr(norm, name))
     return fused
-
-
-def _device_of(modules, model: nn.Module) -> Optional[torch.device]:
-    """Where a fused module belongs: with the first parameter of the modules
-    it replaces, else of the model, else its first buffer (nn.Dropout holds
-    no tensor, and a dropout_ext Dropout's p buffer may have been left
-    behind); None for a model without tensors."""
-    for m in list(modules) + [model]:
-        for t in m.parameters():
-            return t.device
-    for t in model.buffers():
-        return t.device
-    return None
 
 
 def _rewrite(gm, m: _Match, name: str) -> None:

@@ -269,6 +269,19 @@ _SWAPS = {nn.Dropout: Dropout, nn.Dropout1d: Dropout1d, nn.Dropout2d: Dropout2d,
           nn.AlphaDropout: AlphaDropout, nn.FeatureAlphaDropout: FeatureAlphaDropout}
 
 
+def _device_of(modules, model: nn.Module) -> Optional[torch.device]:
+    """Where a module made to replace others belongs: with the first
+    parameter of ``modules``, else of the model, else its first buffer (nn.Dropout holds
+    no tensor, and a dropout_ext Dropout's p buffer may have been left
+    behind); None for a model without tensors."""
+    for m in list(modules) + [model]:
+        for t in m.parameters():
+            return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
 def replace_dropout(model: nn.Module) -> int:
     """Swap every ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout`` and
     ``FeatureAlphaDropout`` in ``model`` for its dropout_ext twin in place,
@@ -282,6 +295,11 @@ def replace_dropout(model: nn.Module) -> int:
             twin = _SWAPS.get(type(child))
             if twin is not None:
                 new = twin(child.p, child.inplace)
+                # Beside its neighbours: its p buffer meets the input there,
+                # or under torch.compile p is a number, one graph per value.
+                device = _device_of([parent], model)
+                if device is not None:
+                    new.to(device)
                 new.train(child.training)
                 setattr(parent, name, new)
                 swapped += 1

@@ -87,6 +87,16 @@ def test_replace_dropout_counts_and_keeps_settings():
     assert dropout_ext.replace_dropout(model) == 0
 
 
+def test_replace_dropout_makes_twins_beside_the_model():
+    """A twin's p buffer on the model's device: on another, torch.compile
+    gets p as a number (one graph per value). The meta device stands for a
+    GPU."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Sequential(nn.Dropout1d(0.2)))
+    assert dropout_ext.replace_dropout(model) == 2
+    assert model[1]._p_bits.device.type == "meta" and model[2][0]._p_bits.device.type == "meta"
+
+
 def test_inplace_modifies_input_like_nn_dropout():
     x = torch.randn(100)
     expected = F.dropout(x.clone(), 0.5, seed=9)
