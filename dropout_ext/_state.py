@@ -73,8 +73,13 @@ def call_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset
 
 def make_state(device: torch.device, p: Rate, seed: Optional[int] = None, offset: int = 0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The state as a tensor, for the ops that take one (``dropout_mask``):
-    ``call_state``'s, or the state a forward op would draw, drawn alone."""
+    """The state as a tensor on ``device``, for the ops that take one
+    (``dropout_mask``, whose output takes the state's device): with ``seed``
+    ``graph_state``'s words, since a host state would make the mask on the
+    CPU; otherwise ``call_state``'s, or the state a forward op would draw,
+    drawn alone."""
+    if seed is not None:
+        return graph_state(device, p, seed, offset)
     state, p_draw = call_state(device, p, seed, offset, generator)
     if state is not None:
         return state

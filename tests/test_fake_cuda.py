@@ -12,7 +12,11 @@ function and module and each GPU backend (auto, cuda, triton):
 - a make_fx trace of forward and backward, in training and eval mode, with
   and without seed=, holds no CPU tensor and no device-to-host read: either
   would be a host synchronisation (or a host copy) on every call, and breaks
-  CUDA-graph capture.
+  CUDA-graph capture. The one CPU tensor allowed is seed='s host state,
+  which only our ops read: their kernels take its words by value;
+- one eager call of each public entry point issues the device work of one
+  kernel launch per direction (its ops counted by dropout_ext.launches, each
+  of ours as the kernels of its CUDA launch plan).
 
 Without a GPU, torch's autograd engine cannot run a backward over CUDA
 tensors, fake or not: it asks the driver about the device's streams first
@@ -41,6 +45,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import dropout_ext
 from dropout_ext import functional as F
+from dropout_ext.launches import LaunchCounter
 
 pytestmark = pytest.mark.skipif(
     torch.version.cuda is None,
@@ -256,12 +261,14 @@ def test_compile_fullgraph(case, seed, training, backend, monkeypatch):
 
 # --- make_fx ---------------------------------------------------------------------
 
-def _grads_without_engine(out, inputs):
-    """The gradients of out.sum() for ``inputs``, by calling each autograd
-    node's backward directly, producers before consumers (see the module
-    docstring for why not the engine)."""
+def _grads_without_engine(out, inputs, grad=None):
+    """The gradients of out.sum() (or of ``out`` given its gradient
+    ``grad``) for ``inputs``, by calling each autograd node's backward
+    directly, producers before consumers (see the module docstring for why
+    not the engine)."""
+    grad = torch.ones_like(out) if grad is None else grad
     if out.grad_fn is None:
-        return [torch.ones_like(out) if t is out else None for t in inputs]
+        return [grad if t is out else None for t in inputs]
     order, seen, stack = [], set(), [(out.grad_fn, False)]
     while stack:  # reverse post-order of a depth-first walk: a topological order
         node, expanded = stack.pop()
@@ -271,7 +278,7 @@ def _grads_without_engine(out, inputs):
             seen.add(node)
             stack.append((node, True))
             stack.extend((nxt, False) for nxt, _ in node.next_functions if nxt is not None and nxt not in seen)
-    pending = {out.grad_fn: {0: torch.ones_like(out)}}
+    pending = {out.grad_fn: {0: grad}}
     grads = [None] * len(inputs)
     for node in reversed(order):
         received = pending.pop(node, {})
@@ -296,9 +303,31 @@ def _forward_backward(fn):
     return traced
 
 
+def _host_states(gm):
+    """The nodes holding seed='s host state (dropout_ext._state.host_state):
+    three int64 words on the CPU whose only readers are our ops (through
+    make_fx's lift_fresh_copy of a constant), which take them by value into
+    the launch: no copy, no sync, a graph replay's launch holds them."""
+    def value(node):
+        return getattr(gm, node.target) if node.op == "get_attr" else node.meta.get("val")
+
+    def only_ours_read(node):
+        return bool(node.users) and all(
+            user.op == "call_function" and (getattr(user.target, "namespace", None) == "dropout_ext" or (
+                user.target is aten.lift_fresh_copy.default and only_ours_read(user)))
+            for user in node.users)
+
+    return {node for node in gm.graph.nodes
+            if isinstance(value(node), torch.Tensor) and value(node).device.type == "cpu"
+            and value(node).dtype == torch.int64 and tuple(value(node).shape) == (3,) and only_ours_read(node)}
+
+
 def _problems(gm):
     problems = []
+    host_states = _host_states(gm)
     for node in gm.graph.nodes:
+        if node in host_states:
+            continue
         if node.op == "call_function" and node.target in HOST_READS:
             problems.append(f"device-to-host read: {node.format_node()}")
         values = _tensors(node.meta.get("val"))
@@ -359,3 +388,131 @@ def test_fused_modules_of_a_gpu_model_keep_p_as_data():
                 assert compiled(x).device.type == "cuda"
                 sched.step()
     assert aot.frame_count == 1, f"{aot.frame_count} graphs for 3 values of p"
+
+
+# --- launches per eager call --------------------------------------------------
+
+def _launch_plan(op, t, activation="identity", bias_grad=False):
+    """The number of launches in the CUDA launch plan of ``op`` over ``t``
+    (as the host driver plans it; the SM count moves grids, not launches)."""
+    plan = torch.ops.dropout_ext_testing.cuda_launch_plan(op, t.numel(), t.shape[-1] if t.dim() else 1, t.dtype,
+                                                          activation, bias_grad, 132)
+    return len(plan) // 3
+
+
+def _cuda_kernels(func, args, kwargs, out) -> int:
+    """How many kernels the CUDA implementation of one of our ops launches
+    (csrc/cuda/ops_impl.h) for this call."""
+    name = func._schema.name.split("::", 1)[1]
+    a = dict(zip((arg.name for arg in func._schema.arguments), args), **kwargs)
+    if name == "draw_state":
+        return 1  # the one-thread store of the drawn state, outside any plan
+    if name == "dropout_mask":
+        return _launch_plan("mask", out) if out.numel() else 0
+    if name in ("dropout_add_norm", "dropout_add_norm_backward"):
+        if a.get("grad", a.get("input")).numel() == 0:
+            return 0
+        if name == "dropout_add_norm":
+            return _launch_plan("norm_forward", a["input"])
+        # The plan hook plans both parameter gradients' reductions or
+        # neither; the launcher runs one reduction per gradient asked.
+        kernel = _launch_plan("norm_backward", a["grad"])
+        assert _launch_plan("norm_backward", a["grad"], bias_grad=True) == kernel + 2
+        return kernel + int(a["output_mask"][2]) + int(a["output_mask"][3])
+    forward = name == "fused_dropout"
+    t = a["input"] if forward else a["grad"]
+    if t.numel() == 0:
+        return 0
+    # A structured mask (structured_mask): the mask kernel draws the small
+    # keep mask first, where there is dropout to do.
+    drawn = a.get("state") is not None or a.get("p") is not None
+    structured = drawn and list(a["mask_shape"]) not in ([], list(t.shape))
+    mask = _launch_plan("mask", t) if structured else 0
+    if forward:
+        return mask + _launch_plan("forward_packed" if out[1].numel() else "forward", t, a["activation"])
+    bits = a.get("mask_bits") is not None and a["mask_bits"].numel() > 0
+    return mask + _launch_plan("backward_read" if bits else "backward", t, a["activation"], a["bias_grad"])
+
+
+# The CUDA backend's ops (no prefix: csrc/cuda registers them).
+CUDA_OPS = {"fused_dropout", "fused_dropout_backward", "dropout_mask", "dropout_add_norm",
+            "dropout_add_norm_backward", "draw_state"}
+
+
+class _KernelCounter(LaunchCounter):
+    """A LaunchCounter of the CUDA device, each of our ops counted as the
+    kernels its CUDA implementation launches: ``kernels``, an op's name per
+    launch."""
+
+    def __init__(self):
+        super().__init__("cuda")
+        self.kernels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.count
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if func.namespace == "dropout_ext":
+            assert func._schema.name.split("::", 1)[1] in CUDA_OPS, f"{func} is not the CUDA backend's op"
+            self.kernels.extend([str(func)] * _cuda_kernels(func, args, kwargs or {}, out))
+        elif self.count > before:
+            self.kernels.append(str(func))
+        return out
+
+
+# A GPT-2-small hidden activation; fake tensors allocate nothing.
+B, T, H = 8, 1024, 768
+
+
+def _bf16(*shape):
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+
+# (name, build: () -> (callable, inputs), kernels per forward, per backward).
+# One launch per direction, as nn.Dropout: the forward draws (seed, offset)
+# from the generator's host-side Philox state and passes it by value; seed=
+# passes the host's words the same way; the backward draws the mask again
+# from the state the forward returned, or reads the keep bits it packed.
+# nn.Dropout's count is the reference. More only where the math asks for it:
+# - a bias gradient (FusedDropout with a bias) is a reduction over rows:
+#   the backward kernel writes per-block partial sums, a second kernel sums
+#   them in a fixed order (deterministic, no atomics);
+# - dropout_add_norm's backward: its kernel, then one such reduction for
+#   each of the weight and bias gradients (at most 3);
+# - a structured (channel) mask: the mask kernel draws the small keep mask,
+#   one draw per channel, before the kernel that streams the tensor reads it,
+#   in both directions (the backward draws it again from the saved state).
+LAUNCH_CASES = [
+    ("nn.Dropout(0.1)", lambda: (nn.Dropout(0.1), (_bf16(B, T, H),)), 1, 1),
+    ("Dropout(0.1)", lambda: (dropout_ext.Dropout(0.1), (_bf16(B, T, H),)), 1, 1),
+    ("F.dropout(seed=5)", lambda: (lambda x: F.dropout(x, 0.1, seed=5), (_bf16(B, T, H),)), 1, 1),
+    ("F.dropout(packed)", lambda: (lambda x: F.dropout(x, 0.1, mask_mode="packed"), (_bf16(B, T, H),)), 1, 1),
+    ("FusedDropout(gelu)(x, b, r)", lambda: (dropout_ext.FusedDropout(0.1, activation="gelu"),
+                                             (_bf16(B, T, H), _bf16(H), _bf16(B, T, H))), 1, 2),
+    ("F.dropout_add_norm(x, r, w, None)", lambda: (lambda x, r, w: F.dropout_add_norm(x, r, w, None, p=0.1),
+                                                   (_bf16(B, T, H), _bf16(B, T, H), _bf16(H))), 1, 2),
+    ("F.dropout_add_norm(x, r, w, b)", lambda: (lambda x, r, w, b: F.dropout_add_norm(x, r, w, b, p=0.1),
+                                                (_bf16(B, T, H), _bf16(B, T, H), _bf16(H), _bf16(H))), 1, 3),
+    # float32 parameters beside bfloat16 activations (autocast's way)
+    ("F.dropout_add_norm(x, r, w32, b32)", lambda: (lambda x, r, w, b: F.dropout_add_norm(x, r, w, b, p=0.1),
+                                                    (_bf16(B, T, H), _bf16(B, T, H), _x(H), _x(H))), 1, 3),
+    ("Dropout2d(0.1)", lambda: (dropout_ext.Dropout2d(0.1), (_bf16(B, 16, 32, 32),)), 2, 2),
+]
+
+
+@pytest.mark.parametrize("name,build,forward,backward", LAUNCH_CASES, ids=[c[0] for c in LAUNCH_CASES])
+def test_launches_per_eager_call(name, build, forward, backward):
+    """Over fake CUDA tensors: the device ops of one eager call (views and
+    empty outputs not counted), each of ours as its CUDA kernels, forward
+    and then backward (the autograd nodes called as the engine calls them:
+    under no_grad, given the output's gradient)."""
+    _need("cuda")
+    with _fake_mode():
+        fn, inputs = build()
+        with _KernelCounter() as fwd:
+            out = fn(*inputs)
+        grad = torch.ones_like(out)
+        with _KernelCounter() as bwd, torch.no_grad():
+            grads = _grads_without_engine(out, inputs, grad)
+    assert all(g is not None for g in grads), grads
+    assert (len(fwd.kernels), len(bwd.kernels)) == (forward, backward), \
+        f"forward: {fwd.kernels}\nbackward: {bwd.kernels}"
