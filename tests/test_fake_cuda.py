@@ -478,6 +478,10 @@ def _bf16(*shape):
 #   them in a fixed order (deterministic, no atomics);
 # - dropout_add_norm's backward: its kernel, then one such reduction for
 #   each of the weight and bias gradients (at most 3);
+# - a 16-bit weight or bias: the op sums its gradient in float32 (the
+#   statistics' dtype, on every backend) and the autograd casts it, one
+#   launch per such gradient; a reduction that stored the parameter's dtype
+#   would save it (float32 parameters, autocast's way, have no cast);
 # - a structured (channel) mask: the mask kernel draws the small keep mask,
 #   one draw per channel, before the kernel that streams the tensor reads it,
 #   in both directions (the backward draws it again from the saved state).
@@ -489,9 +493,9 @@ LAUNCH_CASES = [
     ("FusedDropout(gelu)(x, b, r)", lambda: (dropout_ext.FusedDropout(0.1, activation="gelu"),
                                              (_bf16(B, T, H), _bf16(H), _bf16(B, T, H))), 1, 2),
     ("F.dropout_add_norm(x, r, w, None)", lambda: (lambda x, r, w: F.dropout_add_norm(x, r, w, None, p=0.1),
-                                                   (_bf16(B, T, H), _bf16(B, T, H), _bf16(H))), 1, 2),
+                                                   (_bf16(B, T, H), _bf16(B, T, H), _bf16(H))), 1, 3),
     ("F.dropout_add_norm(x, r, w, b)", lambda: (lambda x, r, w, b: F.dropout_add_norm(x, r, w, b, p=0.1),
-                                                (_bf16(B, T, H), _bf16(B, T, H), _bf16(H), _bf16(H))), 1, 3),
+                                                (_bf16(B, T, H), _bf16(B, T, H), _bf16(H), _bf16(H))), 1, 5),
     # float32 parameters beside bfloat16 activations (autocast's way)
     ("F.dropout_add_norm(x, r, w32, b32)", lambda: (lambda x, r, w, b: F.dropout_add_norm(x, r, w, b, p=0.1),
                                                     (_bf16(B, T, H), _bf16(B, T, H), _x(H), _x(H))), 1, 3),
