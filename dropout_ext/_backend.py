@@ -91,16 +91,19 @@ def ops_for(backend: Optional[str], device: torch.device, dtype: Optional[torch.
     ``device`` for ``dtype``: one lookup in a table that no call changes."""
     name = DEFAULT_BACKEND if backend is None else backend
     try:
-        return _FAMILIES[name][device][dtype is _F64]
+        pair = _FAMILIES[name][device]
     except (KeyError, TypeError):
-        return _ops_by_type(name, device, dtype)
+        pair = _pair_by_type(name, device)
+    # A branch, not pair[dtype is _F64]: torch 2.11's Dynamo takes no bool as
+    # a tuple index, and every compiled call traces this lookup.
+    return pair[1] if dtype is _F64 else pair[0]
 
 
-def _ops_by_type(name, device: torch.device, dtype: Optional[torch.dtype]) -> _ops.OpSet:
-    """``ops_for`` for a device that is not a key of the table: found by its
-    type, or the error that says why none runs it."""
+def _pair_by_type(name, device: torch.device) -> Tuple[_ops.OpSet, _ops.OpSet]:
+    """``ops_for``'s pair for a device that is not a key of the table: found
+    by its type, or the error that says why none runs it."""
     try:
-        return _FAMILIES[name][torch.device(device.type)][dtype is _F64]
+        return _FAMILIES[name][torch.device(device.type)]
     except (KeyError, TypeError):
         raise _unavailable(name, device) from None
 
