@@ -38,6 +38,9 @@ def _worker(rank, init_file, same_seed, out_dir):
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
         torch.save({"masks": torch.stack(masks), "tp": tp_mask, "weights": weights},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Neither rank tears down its connections while the other may still
+        # read them: gloo aborts a process whose peer closed mid-operation.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
