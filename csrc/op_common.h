@@ -117,8 +117,10 @@ inline void check_draw(const std::optional<at::Tensor>& state, const std::option
   TORCH_CHECK_VALUE(p.has_value() || !generator.has_value(), "generator needs p: it is what a drawn state comes from");
   if (p.has_value()) check_p_value(*p);
   if (generator.has_value()) {
-    TORCH_CHECK_VALUE(generator->device().type() == device.type(), "generator is for ", generator->device(),
-                      ", but input is on ", device);
+    // Another CUDA device's generator would be read under graph capture from that device's memory.
+    const at::Device g = generator->device();
+    TORCH_CHECK_VALUE(g.type() == device.type() && (!g.has_index() || !device.has_index() || g.index() == device.index()),
+                      "generator is for ", g, ", but input is on ", device);
   }
 }
 

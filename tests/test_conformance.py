@@ -397,6 +397,31 @@ def test_draws_from_the_generator(b, monkeypatch):
     assert 0.4 < (plain == 0).float().mean().item() < 0.6
 
 
+@pytest.mark.parametrize(*cases())
+def test_an_empty_forward_returns_the_state_it_drew(b):
+    """A forward given p draws its state and returns it even with no element
+    to launch for (the CUDA kernels store a drawn state from their first
+    thread): the words of ``draw_state`` for the same generator state, and
+    the generator moves on as for any call."""
+    def drawn(call):
+        gen = torch.Generator(device=b.device).manual_seed(11)
+        state = call(gen)
+        return state, torch.ops.dropout_ext.draw_state(torch.empty(0, device=b.device), 0.5, gen)
+
+    def expected():
+        gen = torch.Generator(device=b.device).manual_seed(11)
+        like = torch.empty(0, device=b.device)
+        return [torch.ops.dropout_ext.draw_state(like, 0.5, gen) for _ in range(2)]
+
+    for shape in [(0,), (0, 8)]:
+        x = torch.empty(shape, device=b.device)
+        forward = drawn(lambda gen: b.ops.forward(x, None, None, None, "identity", [], None, False, 0.5, gen)[2])
+        assert_bitwise_equal(torch.stack(forward), torch.stack(expected()))
+    norm = drawn(lambda gen: b.ops.norm(torch.empty(0, 8, device=b.device), None, None, None, None, "layer", 1e-5,
+                                        False, 0.5, gen)[4])
+    assert_bitwise_equal(torch.stack(norm), torch.stack(expected()))
+
+
 # --- p == 0 and no state ----------------------------------------------------------
 
 def _special_values(dtype, device, repeat=16):

@@ -188,6 +188,19 @@ def test_structured_masks(dtype, shape, mask_shape):
     assert_bitwise_equal(got[1], want[1])
 
 
+def test_a_structured_mask_too_fragmented_is_refused_before_the_draw():
+    """Nine alternating runs of broadcast and kept dimensions exceed the
+    kernels' index map: the call is refused with nothing drawn, so the
+    generator is where it was (and under capture no draw is recorded)."""
+    x = torch.ones([2] * 9)
+    gen = torch.Generator().manual_seed(5)
+    before = gen.get_state()
+    with pytest.raises(ValueError, match="alternating runs"):
+        ops.cuda_host_fused_dropout(x, None, None, None, "identity", [2, 1, 2, 1, 2, 1, 2, 1, 2], None, False,
+                                    0.5, gen)
+    assert torch.equal(gen.get_state(), before)
+
+
 def _kernel_order_dbias(d, plan, dtype):
     """The bias gradient in the kernels' summation order: per row block, each
     row lane sums its rows (r0 + lane, r0 + lane + row_lanes, ...), the lanes

@@ -409,9 +409,11 @@ def _cuda_kernels(func, args, kwargs, out) -> int:
         return 1  # the one-thread store of the drawn state, outside any plan
     if name == "dropout_mask":
         return _launch_plan("mask", out) if out.numel() else 0
+    # With no element to launch for, a forward that drew its state stores it alone.
+    store_alone = int(a.get("p") is not None)
     if name in ("dropout_add_norm", "dropout_add_norm_backward"):
         if a.get("grad", a.get("input")).numel() == 0:
-            return 0
+            return store_alone if name == "dropout_add_norm" else 0
         if name == "dropout_add_norm":
             return _launch_plan("norm_forward", a["input"])
         # The plan hook plans both parameter gradients' reductions or
@@ -422,7 +424,7 @@ def _cuda_kernels(func, args, kwargs, out) -> int:
     forward = name == "fused_dropout"
     t = a["input"] if forward else a["grad"]
     if t.numel() == 0:
-        return 0
+        return store_alone if forward else 0
     # A structured mask (structured_mask): the mask kernel draws the small
     # keep mask first, where there is dropout to do.
     drawn = a.get("state") is not None or a.get("p") is not None

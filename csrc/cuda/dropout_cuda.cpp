@@ -57,9 +57,10 @@ struct CudaExec {
     s.words = out;
     return s;
   }
-  // A state drawn by value reaches memory with the first kernel; alone, it needs a launch of its own.
+  // A state drawn by value reaches memory with the first kernel; alone, it
+  // needs a launch of its own (a state given by value has nowhere to go).
   void store_state(const StateRef& s) const {
-    if (s.kind == StateRef::kValue) C10_CUDA_CHECK(cuda::launch_store_state(s, stream()));
+    if (s.kind == StateRef::kValue && s.out != nullptr) C10_CUDA_CHECK(cuda::launch_store_state(s, stream()));
   }
   // Read under the guard: the current device's.
   int sm_count() const { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }

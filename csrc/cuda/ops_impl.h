@@ -152,15 +152,22 @@ Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, a
   Structured s;
   const std::vector<int64_t> mshape = resolve_mask_shape(input, mask_shape);
   if (is_full_mask(input, mshape) || state.kind == StateRef::kNone) return s;
+  s.view = collapse_mask(input, mshape);  // refused before any launch
   s.keep = at::empty(mshape, input.options().dtype(at::kBool));
   MaskArgs m;
   m.out = s.keep.data_ptr<bool>();
   m.n = s.keep.numel();
   m.state = state;
   exec.mask(m, sms);
-  s.view = collapse_mask(input, mshape);
   s.view.keep = s.keep.const_data_ptr<bool>();
   return s;
+}
+
+// A structured mask shape the kernels cannot index is refused before the
+// forward draws: a refused call leaves the generator as it was.
+inline void check_structured(const at::Tensor& input, at::IntArrayRef mask_shape) {
+  const std::vector<int64_t> mshape = resolve_mask_shape(input, mask_shape);
+  if (!is_full_mask(input, mshape)) collapse_mask(input, mshape);
 }
 
 // What both directions' kernels take of the tensor they stream (the input,
@@ -202,13 +209,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_op(
     const std::optional<double>& p_draw, const std::optional<at::Generator>& generator, int64_t base = 0) {
   const Act act = check_forward(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
   check_draw(state, p_draw, generator, input.device());
+  check_structured(input, mask_shape);
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(input.device());
   const CallState cs = call_state(exec, input, state, p_draw, generator);
   at::Tensor bits = mask_bits_output(input, cs.present, mask_shape, pack_mask);
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return {like_input(input, out), bits, cs.output(input)};
+  if (x.numel() == 0) {
+    exec.store_state(cs.ref);  // the state drawn is returned even with no element to launch for
+    return {like_input(input, out), bits, cs.output(input)};
+  }
   const int sms = exec.sm_count();
   Prepared p = prepare(exec, sms, x, act, cs.ref, mask_shape, mask_bits, base);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -310,7 +321,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   at::Tensor y, h, mean, rstd;
   std::tie(y, h, mean, rstd) = norm_outputs(input, kind, residual_in_fp32);
   const int64_t rows = norm_rows(input);
-  if (rows == 0) return {y, h, mean, rstd, cs.output(input)};
+  if (rows == 0) {
+    exec.store_state(cs.ref);  // as in fused_dropout_op
+    return {y, h, mean, rstd, cs.output(input)};
+  }
   const at::Tensor x = input.contiguous();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
