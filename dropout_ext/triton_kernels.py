@@ -54,6 +54,7 @@ import triton.language as tl
 
 from ._contract import ACTIVATIONS, F32
 from ._ops import mask_bits_like
+from ._state import _words
 from ._validate import norm_dtypes
 
 AVAILABLE = True
@@ -1055,9 +1056,12 @@ def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
 
 
 def _state_on(state: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """The state where the kernels read it. One the host holds (``seed=``) is
+    written on the device by fills that carry its words as kernel
+    arguments: a copy from pageable host memory would synchronise."""
     if state is None or state.device == device:
         return state
-    return state.to(device)
+    return _words(state.tolist(), device)
 
 
 def _structured_keep(state, shape, mask_shape) -> Optional[torch.Tensor]:

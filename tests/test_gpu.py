@@ -178,6 +178,32 @@ def test_eager_dropout_one_device_op_per_direction():
             assert len(ops) == reps, f"{name} {direction}: {len(ops) / reps:g} device ops per call, not 1: {ops}"
 
 
+@quick
+def test_cuda_draw_is_the_generators_philox_words():
+    """The CUDA draw (docs/RNG.md, "Where (seed, offset) come from"): after
+    torch.cuda.manual_seed(s) a state's seed and offset are Philox4x32-10 at
+    counter (offset / 4, 0, 0, 0) under key s, the generator moves on by 4
+    per draw, and an eager forward draws the words draw_state draws."""
+    _need("cuda")
+    seed = 0x1234_5678_9ABC_DEF0
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    torch.cuda.manual_seed(seed)
+    like = torch.empty(0, device="cuda")
+    start = gen.get_offset()
+    states = [torch.ops.dropout_ext.draw_state(like, 0.5) for _ in range(2)]
+    assert gen.get_offset() == start + 8
+    for k, state in enumerate(states):
+        c = start // 4 + k
+        w = [int(t) for t in ref.philox4x32_10(torch.tensor(c & 0xFFFFFFFF), torch.tensor(c >> 32), torch.tensor(0),
+                                               torch.tensor(0), seed & 0xFFFFFFFF, seed >> 32)]
+        expected = [_state._signed(w[0] | w[1] << 32), _state._signed(w[2] | w[3] << 32), _state.p_bits(0.5)]
+        assert state.tolist() == expected, k
+    x = torch.randn(100, device="cuda")
+    torch.cuda.manual_seed(seed)
+    drawn = torch.ops.dropout_ext.fused_dropout(x, None, None, None, "identity", [], None, False, 0.5, None)[2]
+    assert torch.equal(drawn, states[0])
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.001, 0.5, 0.999])
 def test_drop_rate_within_5_sigma(backend, p):

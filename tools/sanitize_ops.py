@@ -1,7 +1,9 @@
 """A small run of every dropout_ext op on the GPU, for compute-sanitizer
 (memcheck, racecheck, initcheck): each GPU backend, forward and backward
 (with the bias gradient) in both mask modes, the mask, structured masks,
-eval mode, dropout_add_norm (LayerNorm and RMSNorm, with h's gradient), and
+eval mode, states given by seed= and drawn by the forward (its first thread
+stores them; under graph capture a one-thread kernel draws), a captured
+replay, dropout_add_norm (LayerNorm and RMSNorm, with h's gradient), and
 the layouts that take the kernels' edge paths (sizes that are not a
 multiple of the vector width, a misaligned view, a strided input,
 channels_last). The full run takes every dtype and activation and p = 0,
@@ -58,19 +60,22 @@ def run(backend: str, plan: Plan) -> int:
                     for mode in MASK_MODES:
                         x, res = _randn(shape, dtype, gen), _randn(shape, dtype, gen)
                         bias = _randn(shape[-1], dtype, gen)
-                        y = F.fused_dropout(x, p, bias=bias, activation=act, residual=res, seed=123, backend=backend,
+                        # The packed mode's call draws its state, the other's takes seed=.
+                        seed = 123 if mode == "regenerate" else None
+                        y = F.fused_dropout(x, p, bias=bias, activation=act, residual=res, seed=seed, backend=backend,
                                             mask_mode=mode)
                         y.backward(_randn(shape, dtype, gen, grad=False))
                         calls += 1
             x = _randn(shape, dtype, gen)
             F.dropout(x, 0.5, seed=7, backend=backend).sum().backward()
+            F.dropout(x, 0.5, backend=backend).sum().backward()
             F.fused_dropout(x.detach(), 0.5, activation="gelu", training=False, backend=backend)
             dropout_ext.dropout_mask(shape, 0.5, seed=9, device="cuda", backend=backend)
-            calls += 3
-            for norm in ("layer", "rms"):
+            calls += 4
+            for norm, seed in (("layer", 5), ("rms", None)):
                 x, res = _randn(shape, dtype, gen), _randn(shape, dtype, gen)
                 w, b = _randn(shape[-1], dtype, gen), _randn(shape[-1], dtype, gen)
-                y, h = F.dropout_add_norm(x, res, w, b, 0.3, norm=norm, prenorm=True, seed=5, backend=backend)
+                y, h = F.dropout_add_norm(x, res, w, b, 0.3, norm=norm, prenorm=True, seed=seed, backend=backend)
                 torch.autograd.backward([y, h], [_randn(shape, dtype, gen, grad=False)] * 2)
                 calls += 1
         base = torch.randn(4 * 64 * 9 * 9 + 1, generator=gen, device="cuda").to(dtype)
@@ -80,9 +85,32 @@ def run(backend: str, plan: Plan) -> int:
         for t in (misaligned, channels_last, strided):
             F.dropout(t, 0.25, seed=11, backend=backend)
             F.dropout2d(t, 0.25, seed=12, backend=backend)
+            F.dropout2d(t, 0.25, backend=backend)
             F.dropout(t, 0.25, seed=13, backend=backend, broadcast_dims=(0,))
-            calls += 3
-    return calls
+            calls += 4
+    return calls + _captured(backend, gen)
+
+
+def _captured(backend: str, gen) -> int:
+    """A drawing forward and its backward captured in a CUDA graph, replayed
+    twice: the draw kernel reads the generator's replayed counters."""
+    x = _randn((33, 65), torch.float32, gen)
+    g = _randn((33, 65), torch.float32, gen, grad=False)
+
+    def step():
+        return torch.autograd.grad(F.dropout(x, 0.3, backend=backend), x, g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up before capture (Triton compiles)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        graph.replay()
+    return 2
 
 
 def main(argv=None) -> int:
