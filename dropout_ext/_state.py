@@ -30,9 +30,9 @@ def _signed(u: int) -> int:
 
 
 def _words(values, device: torch.device) -> torch.Tensor:
-    """Host integers as an int64 tensor on ``device`` inside a compiled
-    graph: fills that carry the values as kernel arguments, since a copy from
-    a host tensor cannot be captured in a CUDA graph."""
+    """Host integers as an int64 tensor on ``device``, written there by fills
+    that carry the values as kernel arguments: a copy from pageable host
+    memory would synchronise, and cannot be captured in a CUDA graph."""
     if device.type == "cpu":
         return torch.tensor(values, dtype=torch.int64)
     out = torch.empty(len(values), dtype=torch.int64, device=device)
