@@ -164,8 +164,10 @@ Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, a
 }
 
 // A structured mask shape the kernels cannot index is refused before the
-// forward draws: a refused call leaves the generator as it was.
+// forward draws: a refused call leaves the generator as it was. (A call
+// given its state is refused by structured_mask, before any launch.)
 inline void check_structured(const at::Tensor& input, at::IntArrayRef mask_shape) {
+  if (mask_shape.empty()) return;  // the full mask
   const std::vector<int64_t> mshape = resolve_mask_shape(input, mask_shape);
   if (!is_full_mask(input, mshape)) collapse_mask(input, mshape);
 }
@@ -209,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_op(
     const std::optional<double>& p_draw, const std::optional<at::Generator>& generator, int64_t base = 0) {
   const Act act = check_forward(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
   check_draw(state, p_draw, generator, input.device());
-  check_structured(input, mask_shape);
+  if (p_draw.has_value()) check_structured(input, mask_shape);
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(input.device());
   const CallState cs = call_state(exec, input, state, p_draw, generator);
