@@ -37,17 +37,18 @@ using OptGenerator = std::optional<at::Generator>;
 using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&,
                                                                   const OptTensor&, const OptTensor&,
                                                                   c10::string_view, at::IntArrayRef, const OptTensor&,
-                                                                  bool, std::optional<double>, const OptGenerator&);
+                                                                  bool, std::optional<double>, const OptGenerator&,
+                                                                  at::OptionalIntArrayRef);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, const OptTensor&,
                                                        const OptTensor&, c10::string_view, at::IntArrayRef, bool,
-                                                       const OptTensor&);
+                                                       const OptTensor&, at::OptionalIntArrayRef);
 
 using NormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, c10::string_view,
-    double, bool, std::optional<double>, const OptGenerator&);
+    double, bool, std::optional<double>, const OptGenerator&, at::OptionalIntArrayRef);
 using NormBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-    const OptTensor&, c10::string_view, std::array<bool, 4>);
+    const OptTensor&, c10::string_view, std::array<bool, 4>, at::OptionalIntArrayRef);
 
 struct FamilyOps {
   c10::TypedOperatorHandle<ForwardSig> forward;
@@ -71,6 +72,12 @@ const FamilyOps& family() {
 }
 
 OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// A saved place (the forward's, copied: the backward outlives its argument).
+using SavedPlace = std::optional<std::vector<int64_t>>;
+at::OptionalIntArrayRef place_ref(const SavedPlace& place) {
+  return place.has_value() ? at::OptionalIntArrayRef(*place) : std::nullopt;
+}
 
 // The smart pointer that owns autograd nodes: std::shared_ptr up to torch
 // 2.12, c10::intrusive_ptr from 2.13 on. Read off Tensor::grad_fn() rather
@@ -110,6 +117,7 @@ struct FusedDropoutBackward : torch::autograd::Node {
   torch::autograd::SavedVariable state, input, bias, bits;
   std::string activation;
   std::vector<int64_t> mask_shape;
+  SavedPlace place;  // the mask is the global tensor's
 
   std::string name() const override { return "FusedDropoutBackward"; }
 
@@ -136,11 +144,11 @@ struct FusedDropoutBackward : torch::autograd::Node {
       if (!at::GradMode::is_enabled()) below.emplace();
       if (need_x) {
         gx = std::get<0>(family<F>().forward.call(grad, {}, {}, s, "identity", mask_shape, k, false, std::nullopt,
-                                                  std::nullopt));
+                                                  std::nullopt, place_ref(place)));
       }
     } else if (need_x || need_b) {
       std::tie(gx, gb) = family<F>().backward.call(grad, opt(input.unpack()), opt(bias.unpack()), s, activation,
-                                                   mask_shape, need_b, k);
+                                                   mask_shape, need_b, k, place_ref(place));
       if (!need_b) gb = at::Tensor();
     }
     return {gx, gb, task_should_compute_output(2) ? grad : at::Tensor()};
@@ -151,12 +159,12 @@ template <int F>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_autograd(
     const at::Tensor& input, const OptTensor& bias, const OptTensor& residual, const OptTensor& state,
     c10::string_view activation, at::IntArrayRef mask_shape, const OptTensor& mask_bits, bool pack_mask,
-    std::optional<double> p, const OptGenerator& generator) {
+    std::optional<double> p, const OptGenerator& generator, at::OptionalIntArrayRef place) {
   at::Tensor out, bits, drawn;
   {
     at::AutoDispatchBelowADInplaceOrView below;
     std::tie(out, bits, drawn) = family<F>().forward.call(input, bias, residual, state, activation, mask_shape,
-                                                          mask_bits, pack_mask, p, generator);
+                                                          mask_bits, pack_mask, p, generator, place);
   }
   if (!records_graph(input, bias, residual)) return {out, bits, drawn};
   const NodePtr node = make_node<FusedDropoutBackward<F>>();
@@ -175,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_autograd(
   }
   n.activation = std::string(activation);
   n.mask_shape = mask_shape.vec();
+  if (place.has_value()) n.place = place->vec();
   torch::autograd::set_history(out, node);
   return {out, bits, drawn};
 }
@@ -203,6 +212,7 @@ template <int F>
 struct DropoutAddNormBackward : torch::autograd::Node {
   torch::autograd::SavedVariable state, h, weight, mean, rstd;
   std::string norm;
+  SavedPlace place;
   at::ScalarType y_dtype = at::kFloat;
   // The bias is not saved (its gradient needs only grad); its dtype is.
   at::ScalarType bias_dtype = at::kFloat;
@@ -232,7 +242,8 @@ struct DropoutAddNormBackward : torch::autograd::Node {
       at::AutoGradMode no_grad(false);
       at::Tensor gx, gr, gw, gb;
       std::tie(gx, gr, gw, gb) = family<F>().norm_backward.call(grad, opt(grads[1]), hv, opt(w), mean.unpack(),
-                                                                 rstd.unpack(), opt(state.unpack()), norm, need);
+                                                                 rstd.unpack(), opt(state.unpack()), norm, need,
+                                                                 place_ref(place));
       // The parameter gradients come in the statistics' dtype.
       if (need[0]) out[0] = gx;
       if (need[1]) out[1] = gr;
@@ -247,12 +258,13 @@ template <int F>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_autograd(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& state, c10::string_view norm, double eps, bool residual_in_fp32, std::optional<double> p,
-    const OptGenerator& generator) {
+    const OptGenerator& generator, at::OptionalIntArrayRef place) {
   at::Tensor y, h, mean, rstd, drawn;
   {
     at::AutoDispatchBelowADInplaceOrView below;
     std::tie(y, h, mean, rstd, drawn) =
-        family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator);
+        family<F>().norm.call(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p, generator,
+                              place);
   }
   if (!records_graph(input, residual, weight, bias)) return {y, h, mean, rstd, drawn};
   const NodePtr node = make_node<DropoutAddNormBackward<F>>();
@@ -267,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   n.mean = saved(mean);
   n.rstd = saved(rstd);
   n.norm = std::string(norm);
+  if (place.has_value()) n.place = place->vec();
   n.y_dtype = y.scalar_type();
   if (bias.has_value()) n.bias_dtype = bias->scalar_type();
   return {y, h, mean, rstd, drawn};

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "activations.h"
+#include "index_map.h"
 #include "philox.h"
 
 namespace dropout_ext {
@@ -164,19 +165,113 @@ inline MaskParams host_mask_params(const std::optional<at::Tensor>& state) {
   return mask_params_from_state(w);
 }
 
-// mask_shape is [] or has the input's rank with every dimension either the
-// input's size or 1; returns the full mask shape.
-inline std::vector<int64_t> resolve_mask_shape(const at::Tensor& input, at::IntArrayRef mask_shape) {
-  if (mask_shape.empty()) return input.sizes().vec();
-  bool ok = static_cast<int64_t>(mask_shape.size()) == input.dim();
-  for (int64_t d = 0; ok && d < input.dim(); ++d) ok = mask_shape[d] == input.size(d) || mask_shape[d] == 1;
-  TORCH_CHECK_VALUE(ok, "mask_shape must have input's rank with each size equal to input's ",
-                    py_shape(input.sizes()), " or 1, got ", py_shape(mask_shape));
-  return mask_shape.vec();
+// --- sharded tensors (index_map.h) -------------------------------------------
+
+// place: where a local tensor sits in a global one, [global sizes...,
+// starts...] (docs/RNG.md, "Sharded tensors"), or none for an unsharded one.
+// Its checks, worded as _validate.check_place words them.
+inline void check_place(at::IntArrayRef local, at::OptionalIntArrayRef place) {
+  if (!place.has_value()) return;
+  const int64_t n = static_cast<int64_t>(local.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(place->size()) == 2 * n, "place must be [global shape..., start...] with ",
+                    2 * n, " entries for a local tensor of shape ", py_shape(local), ", got ", place->size());
+  int64_t numel = 1;
+  for (int64_t d = 0; d < n; ++d) {
+    const int64_t g = (*place)[d], s = (*place)[n + d];
+    TORCH_CHECK_VALUE(g >= 0 && s >= 0 && s <= g - local[d], "place puts dimension ", d, " (size ", local[d],
+                      ") at start ", s, " of a global size ", g, ": it must lie inside");
+    TORCH_CHECK_VALUE(g == 0 || numel <= std::numeric_limits<int64_t>::max() / g,
+                      "place: the global tensor must have fewer than 2**63 elements");
+    numel *= g;
+  }
 }
 
-inline bool is_full_mask(const at::Tensor& input, const std::vector<int64_t>& mshape) {
-  return input.sizes().equals(mshape);
+// The index map of a local tensor of shape `local` at `place` in a global
+// tensor of shape `global`: dimensions of local size 1 dropped (their
+// coordinate is always 0), neighbours merged where the global index stays
+// linear across them, the innermost run kept apart when its global stride is 1.
+inline IndexMap index_map(at::IntArrayRef local, at::IntArrayRef global, at::IntArrayRef start) {
+  const int64_t n = static_cast<int64_t>(local.size());
+  IndexMap m;
+  std::vector<int64_t> sizes, strides;  // innermost first
+  int64_t stride = 1;
+  for (int64_t d = n - 1; d >= 0; --d) {
+    m.base += start[d] * stride;
+    if (local[d] != 1) {
+      if (!sizes.empty() && strides.back() * sizes.back() == stride) {
+        sizes.back() *= local[d];
+      } else {
+        sizes.push_back(local[d]);
+        strides.push_back(stride);
+      }
+    }
+    stride *= global[d];
+  }
+  size_t k = 0;
+  if (!sizes.empty() && strides[0] == 1) m.run = sizes[k++];
+  if (sizes.size() == k) return m;  // one run: base + i
+  TORCH_CHECK_VALUE(sizes.size() - k <= static_cast<size_t>(kMaxMapDims), "place: a shard may be strided in the ",
+                    "global tensor along at most ", kMaxMapDims, " dimensions (merged where consecutive), got ",
+                    sizes.size() - k, " for local shape ", py_shape(local), " in global shape ", py_shape(global));
+  m.ndims = static_cast<int>(sizes.size() - k);
+  for (int j = 0; j < m.ndims; ++j) {
+    m.size[j] = sizes[k + j];
+    m.stride[j] = strides[k + j];
+  }
+  return m;
+}
+
+// The map of a tensor of shape `local` at `place` (checked), or the identity.
+inline IndexMap place_map(at::IntArrayRef local, at::OptionalIntArrayRef place) {
+  check_place(local, place);
+  if (!place.has_value()) return IndexMap{};
+  const size_t n = local.size();
+  return index_map(local, place->slice(0, n), place->slice(n, n));
+}
+
+// The global shape of a tensor at `place` (its own shape when unsharded).
+inline std::vector<int64_t> global_shape(at::IntArrayRef local, at::OptionalIntArrayRef place) {
+  return place.has_value() ? place->slice(0, local.size()).vec() : local.vec();
+}
+
+// --- the mask's shape --------------------------------------------------------
+
+// mask_shape is [] (one draw per element) or has the input's rank with every
+// size equal to the global tensor's (the input's, unsharded) or 1. It speaks
+// of the global tensor, so a dimension of one global size whose shard is
+// one element long is still told apart from a broadcast one.
+struct MaskPlan {
+  bool full = true;               // one draw per element
+  std::vector<int64_t> shape;     // the local keep mask's shape (the input's, when full)
+  IndexMap map;                   // of the input's elements (full), else of the small mask's
+};
+
+inline MaskPlan mask_plan(const at::Tensor& input, at::IntArrayRef mask_shape, at::OptionalIntArrayRef place) {
+  check_place(input.sizes(), place);
+  const std::vector<int64_t> global = global_shape(input.sizes(), place);
+  const int64_t n = input.dim();
+  MaskPlan plan;
+  plan.shape = input.sizes().vec();
+  if (!mask_shape.empty()) {
+    bool ok = static_cast<int64_t>(mask_shape.size()) == n;
+    for (int64_t d = 0; ok && d < n; ++d) ok = mask_shape[d] == global[d] || mask_shape[d] == 1;
+    TORCH_CHECK_VALUE(ok, "mask_shape must have input's rank with each size equal to ",
+                      place.has_value() ? "the global shape's " : "input's ", py_shape(global), " or 1, got ",
+                      py_shape(mask_shape));
+    plan.full = mask_shape.equals(global);
+  }
+  if (plan.full) {
+    plan.map = place_map(input.sizes(), place);
+    return plan;
+  }
+  std::vector<int64_t> start(n, 0);
+  for (int64_t d = 0; d < n; ++d) {
+    const bool broadcast = mask_shape[d] != global[d];
+    plan.shape[d] = broadcast ? 1 : input.size(d);
+    if (place.has_value() && !broadcast) start[d] = (*place)[n + d];
+  }
+  if (place.has_value()) plan.map = index_map(plan.shape, mask_shape, start);
+  return plan;
 }
 
 // Element strides into the row-major mask: 0 along broadcast dimensions.
@@ -197,14 +292,14 @@ inline int64_t mask_bits_size(int64_t n) { return (n + 7) / 8; }
 
 // A full mask can be packed; a structured one is already small and is drawn
 // again, and no state means nothing to pack.
-inline bool packable(const at::Tensor& input, const std::optional<at::Tensor>& state, at::IntArrayRef mask_shape) {
-  return state.has_value() && is_full_mask(input, resolve_mask_shape(input, mask_shape));
+inline bool packable(const MaskPlan& plan, const std::optional<at::Tensor>& state) {
+  return state.has_value() && plan.full;
 }
 
-inline void check_mask_bits(const at::Tensor& input, const std::optional<at::Tensor>& state,
-                            at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits) {
+inline void check_mask_bits(const at::Tensor& input, const std::optional<at::Tensor>& state, const MaskPlan& plan,
+                            const std::optional<at::Tensor>& mask_bits) {
   if (!mask_bits.has_value()) return;
-  TORCH_CHECK_VALUE(packable(input, state, mask_shape),
+  TORCH_CHECK_VALUE(packable(plan, state),
                     "mask_bits needs a state (its p gives the scale) and a full mask (mask_shape [])");
   TORCH_CHECK_VALUE(mask_bits->scalar_type() == at::kByte && mask_bits->dim() == 1 &&
                         mask_bits->size(0) == mask_bits_size(input.numel()),
@@ -217,31 +312,39 @@ inline void check_mask_bits(const at::Tensor& input, const std::optional<at::Ten
 // The forward's second output: the packed keep mask when asked for and
 // packable, else an empty uint8 tensor.
 inline at::Tensor mask_bits_output(const at::Tensor& input, const std::optional<at::Tensor>& state,
-                                   at::IntArrayRef mask_shape, bool pack_mask) {
-  const bool pack = pack_mask && packable(input, state, mask_shape);
+                                   const MaskPlan& plan, bool pack_mask) {
+  const bool pack = pack_mask && packable(plan, state);
   return at::empty({pack ? mask_bits_size(input.numel()) : 0}, input.options().dtype(at::kByte));
 }
 
-// The forward's arguments, checked; returns the activation.
-inline Act check_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
-                         c10::string_view activation, at::IntArrayRef mask_shape,
-                         const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
+// What the checks of an elementwise op return: its activation, and where
+// its keep bits come from.
+struct Checked {
+  Act act;
+  MaskPlan mask;
+};
+
+// The forward's arguments, checked.
+inline Checked check_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state,
+                             c10::string_view activation, at::IntArrayRef mask_shape,
+                             const std::optional<at::Tensor>& mask_bits, bool pack_mask,
+                             at::OptionalIntArrayRef place) {
   check_float_tensor(input, "input");
   check_bias(input, bias);
   check_residual(input, residual);
   check_state(state, input.device());
-  resolve_mask_shape(input, mask_shape);
-  check_mask_bits(input, state, mask_shape, mask_bits);
+  Checked c{parse_activation(activation), mask_plan(input, mask_shape, place)};
+  check_mask_bits(input, state, c.mask, mask_bits);
   TORCH_CHECK_VALUE(!(pack_mask && mask_bits.has_value()), "pack_mask and mask_bits exclude each other");
-  return parse_activation(activation);
+  return c;
 }
 
-// The backward's arguments, checked; returns the activation.
-inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor>& input,
-                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state,
-                          c10::string_view activation, at::IntArrayRef mask_shape, bool bias_grad,
-                          const std::optional<at::Tensor>& mask_bits) {
+// The backward's arguments, checked.
+inline Checked check_backward(const at::Tensor& grad, const std::optional<at::Tensor>& input,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state,
+                              c10::string_view activation, at::IntArrayRef mask_shape, bool bias_grad,
+                              const std::optional<at::Tensor>& mask_bits, at::OptionalIntArrayRef place) {
   check_float_tensor(grad, "grad");
   const Act act = parse_activation(activation);
   TORCH_CHECK_VALUE(act == Act::kIdentity || input.has_value(), "the backward of activation '",
@@ -253,15 +356,17 @@ inline Act check_backward(const at::Tensor& grad, const std::optional<at::Tensor
   }
   check_bias(grad, bias);
   check_state(state, grad.device());
-  resolve_mask_shape(grad, mask_shape);
-  check_mask_bits(grad, state, mask_shape, mask_bits);
+  Checked c{act, mask_plan(grad, mask_shape, place)};
+  check_mask_bits(grad, state, c.mask, mask_bits);
   TORCH_CHECK_VALUE(!bias_grad || grad.dim() >= 1, "bias_grad needs an input of rank >= 1");
-  return act;
+  return c;
 }
 
-inline void check_mask_args(const at::Tensor& state, at::IntArrayRef shape) {
+// dropout_mask's arguments, checked; returns the map of its elements.
+inline IndexMap check_mask_args(const at::Tensor& state, at::IntArrayRef shape, at::OptionalIntArrayRef place) {
   check_state(state, state.device());
   for (const int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "shape must be non-negative, got ", py_shape(shape));
+  return place_map(shape, place);
 }
 
 // --- dropout_add_norm -----------------------------------------------------
@@ -332,6 +437,20 @@ inline Norm check_norm_forward(const at::Tensor& input, const std::optional<at::
                    py_dtype(bias->scalar_type()));
   check_state(state, input.device());
   return kind;
+}
+
+// A norm shard holds whole rows: the statistics are of the last dimension,
+// so it lies whole on every rank (sequence parallelism splits another one).
+inline IndexMap norm_map(at::IntArrayRef local, at::OptionalIntArrayRef place) {
+  const IndexMap m = place_map(local, place);
+  if (place.has_value() && !local.empty()) {
+    const size_t n = local.size();
+    TORCH_CHECK_VALUE((*place)[n - 1] == local[n - 1],
+                      "dropout_add_norm normalises the last dimension, so each shard must hold it whole: global size ",
+                      (*place)[n - 1], ", this shard's ", local[n - 1], " (shard another dimension, as sequence "
+                      "parallelism does)");
+  }
+  return m;
 }
 
 // The forward's outputs (y, h, mean, rstd): y and h row-major; mean (empty

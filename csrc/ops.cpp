@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "op_common.h"
 
@@ -31,17 +32,21 @@ TORCH_LIBRARY(dropout_ext, m) {
   // element, or the input's shape with some sizes 1 (structured dropout).
   // mask_bits: the keep mask of a full mask packed 8 elements per byte
   // (docs/RNG.md), read instead of drawing it again; pack_mask: also return
-  // it (else an empty uint8 tensor).
+  // it (else an empty uint8 tensor). place: where the input sits in a global
+  // tensor, [global shape..., start...]; every element draws its keep bit
+  // at its global index, so a shard gets the global tensor's mask, and
+  // mask_shape then speaks of the global shape (docs/RNG.md, "Sharded
+  // tensors"). None: the input is the whole tensor.
   for (const char* prefix : kOpPrefixes) {
     const std::string p(prefix);
     m.def((p + "fused_dropout(Tensor input, Tensor? bias, Tensor? residual, Tensor? state, str activation, "
                 "int[] mask_shape, Tensor? mask_bits=None, bool pack_mask=False, float? p=None, "
-                "Generator? generator=None) -> (Tensor, Tensor, Tensor)")
+                "Generator? generator=None, int[]? place=None) -> (Tensor, Tensor, Tensor)")
               .c_str());
     m.def((p + "fused_dropout_backward(Tensor grad, Tensor? input, Tensor? bias, Tensor? state, str activation, "
-                "int[] mask_shape, bool bias_grad, Tensor? mask_bits=None) -> (Tensor, Tensor)")
+                "int[] mask_shape, bool bias_grad, Tensor? mask_bits=None, int[]? place=None) -> (Tensor, Tensor)")
               .c_str());
-    m.def((p + "dropout_mask(Tensor state, int[] shape) -> Tensor").c_str());
+    m.def((p + "dropout_mask(Tensor state, int[] shape, int[]? place=None) -> Tensor").c_str());
     // h = residual + dropout(input), y = norm(h) * weight + bias over the
     // last dimension; norm: "layer" or "rms". h is stored in float32 with
     // residual_in_fp32, else in input's dtype; mean (layer only, else empty)
@@ -49,11 +54,12 @@ TORCH_LIBRARY(dropout_ext, m) {
     // and draws the mask again from the state; grad_h is the gradient of
     // the h output (a pre-norm block's residual stream), None where unused.
     m.def((p + "dropout_add_norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? state, "
-                "str norm, float eps, bool residual_in_fp32, float? p=None, Generator? generator=None) "
-                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+                "str norm, float eps, bool residual_in_fp32, float? p=None, Generator? generator=None, "
+                "int[]? place=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
               .c_str());
     m.def((p + "dropout_add_norm_backward(Tensor grad, Tensor? grad_h, Tensor h, Tensor? weight, Tensor mean, "
-                "Tensor rstd, Tensor? state, str norm, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
+                "Tensor rstd, Tensor? state, str norm, bool[4] output_mask, int[]? place=None) "
+                "-> (Tensor, Tensor, Tensor, Tensor)")
               .c_str());
   }
   // The state a forward op given p draws, drawn alone (the same words for the
@@ -62,6 +68,16 @@ TORCH_LIBRARY(dropout_ext, m) {
   // compiler: never recomputed with a fresh draw.
   m.def("draw_state(Tensor input, float p, Generator? generator=None) -> Tensor",
         {at::Tag::nondeterministic_seeded});
+  // The index map of a tensor of `shape` at `place` (index_map.h), for the
+  // kernels written in Python: [base, run, ndims, size * kMaxMapDims,
+  // stride * kMaxMapDims]. One derivation for every backend.
+  m.def("index_map(int[] shape, int[]? place) -> int[]", [](at::IntArrayRef shape, at::OptionalIntArrayRef place) {
+    const IndexMap map = place_map(shape, place);
+    std::vector<int64_t> words{map.base, map.run, map.ndims};
+    words.insert(words.end(), map.size, map.size + kMaxMapDims);
+    words.insert(words.end(), map.stride, map.stride + kMaxMapDims);
+    return words;
+  });
 }
 
 }  // namespace dropout_ext

@@ -56,10 +56,10 @@ def op_set(prefix: str) -> OpSet:
     return OpSet(*(getattr(ns, prefix + name).default for name in NAMES))
 
 
-def mask_bits_like(input, state, mask_shape, pack_mask):
+def mask_bits_like(input, state, mask_shape, pack_mask, place=None):
     """The forward's second output: the packed keep mask when asked for and
     packable, else an empty uint8 tensor (as csrc/op_common.h allocates it)."""
-    pack = pack_mask and _validate.packable(input, state, mask_shape)
+    pack = pack_mask and _validate.packable(input, state, mask_shape, place)
     return input.new_empty((_validate.mask_bits_size(input.numel()) if pack else 0,), dtype=torch.uint8)
 
 
@@ -69,21 +69,22 @@ def drawn_state_like(input, p):
 
 
 def _fake_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False, p=None,
-                  generator=None):
+                  generator=None, place=None):
     present = state if p is None else drawn_state_like(input, p)
-    return (torch.empty_like(input), mask_bits_like(input, present, mask_shape, pack_mask),
+    return (torch.empty_like(input), mask_bits_like(input, present, mask_shape, pack_mask, place),
             drawn_state_like(input, p))
 
 
-def _fake_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
+def _fake_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None, place=None):
     return torch.empty_like(grad), grad.new_empty((grad.shape[-1],) if bias_grad else (0,))
 
 
-def _fake_mask(state, shape):
+def _fake_mask(state, shape, place=None):
     return state.new_empty(shape, dtype=torch.bool)
 
 
-def _fake_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p=None, generator=None):
+def _fake_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p=None, generator=None,
+               place=None):
     h_dtype, stat_dtype = _validate.norm_dtypes(input.dtype, residual_in_fp32)
     rows = math.prod(input.shape[:-1])
     return (input.new_empty(input.shape), input.new_empty(input.shape, dtype=h_dtype),
@@ -95,7 +96,7 @@ def _fake_draw_state(input, p, generator=None):
     return drawn_state_like(input, p)
 
 
-def _fake_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
+def _fake_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask, place=None):
     shapes = (grad.shape, h.shape, (h.shape[-1],), (h.shape[-1],))
     dtypes = (grad.dtype, h.dtype, rstd.dtype, rstd.dtype)
     return tuple(grad.new_empty(shape if need else (0,), dtype=dtype)
@@ -114,10 +115,10 @@ torch.library.register_fake("dropout_ext::draw_state", _fake_draw_state, lib=_li
 # --- the Python kernels --------------------------------------------------------
 
 def _check_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False, p=None,
-                   generator=None):
-    _validate.check_fused_args(input, bias, residual, activation, mask_shape)
+                   generator=None, place=None):
+    _validate.check_fused_args(input, bias, residual, activation, mask_shape, place)
     _validate.check_state(state, input.device)
-    _validate.check_mask_bits(input, state, mask_shape, mask_bits)
+    _validate.check_mask_bits(input, state, mask_shape, mask_bits, place)
     if pack_mask and mask_bits is not None:
         raise ValueError("pack_mask and mask_bits exclude each other")
     _check_draw(state, p, generator)
@@ -132,30 +133,34 @@ def _check_draw(state, p, generator):
         _validate.check_p(p)
 
 
-def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
+def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None, place=None):
     _validate.check_tensor(grad, "grad")
     _validate.check_activation(activation)
     if input is None and activation != "identity":
         raise ValueError(f"the backward of activation {activation!r} needs the saved input")
     if input is not None:
         _validate.check_fused_args(input, bias, None, activation, mask_shape)
+    _validate.check_mask_shape(grad, mask_shape, _validate.check_place(grad.shape, place))
     _validate.check_state(state, grad.device)
-    _validate.check_mask_bits(grad, state, mask_shape, mask_bits)
+    _validate.check_mask_bits(grad, state, mask_shape, mask_bits, place)
 
 
-def _check_mask(state, shape):
+def _check_mask(state, shape, place=None):
     _validate.check_state(state, state.device)
-    _validate.check_shape(shape)
+    _validate.check_place(_validate.check_shape(shape), place)
 
 
-def _check_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p=None, generator=None):
+def _check_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p=None, generator=None,
+                place=None):
     _validate.check_norm_args(input, residual, weight, bias, norm, eps, residual_in_fp32)
+    _validate.check_norm_place(input.shape, _validate.check_place(input.shape, place))
     _validate.check_state(state, input.device)
     _check_draw(state, p, generator)
 
 
-def _check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
+def _check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask, place=None):
     _validate.check_norm_backward_args(grad, grad_h, h, weight, mean, rstd, norm, output_mask)
+    _validate.check_norm_place(grad.shape, _validate.check_place(grad.shape, place))
     _validate.check_state(state, grad.device)
 
 
@@ -163,8 +168,8 @@ _CHECKS = {"fused_dropout": _check_forward, "fused_dropout_backward": _check_bac
            "dropout_add_norm": _check_norm, "dropout_add_norm_backward": _check_norm_backward}
 
 
-# The forward ops whose schema ends in (p, generator): given p they draw their
-# state, and return it last.
+# The forward ops that take (p, generator): given p they draw their state,
+# and return it last.
 _DRAWING = {"fused_dropout": 3, "dropout_add_norm": 4}  # the state's position
 
 
@@ -177,15 +182,17 @@ def _python_kernel(module: str, name: str):
     the C++ kernels draw for the same generator state, and returns it."""
     check = _CHECKS[name]
     at = _DRAWING.get(name)
+    names = _schema_args[name]
 
     def kernel(*args):
         check(*args)
         run = importlib.import_module(f"{__package__}.{module}").KERNELS[name]
         if at is None:
             return run(*args)
-        args = list(args) + [None] * (len(_schema_args[name]) - len(args))
-        p, generator = args[-2:]
-        args = args[:-2]
+        args = list(args) + [None] * (len(names) - len(args))
+        i = names.index("p")
+        p, generator = args[i], args[i + 1]
+        args = args[:i] + args[i + 2:]  # the kernel's own arguments: (p, generator) become its state
         if p is not None:
             args[at] = torch.ops.dropout_ext.draw_state(args[0], p, generator)
         return (*run(*args), args[at] if p is not None else drawn_state_like(args[0], None))

@@ -70,16 +70,53 @@ def check_activation(activation) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def check_mask_shape(input, mask_shape) -> tuple:
+def check_place(shape, place) -> Optional[tuple]:
+    """Where a local tensor of ``shape`` sits in a global one, as the ops take
+    it: ``(global shape..., start...)``, or None for a whole tensor
+    (docs/RNG.md, "Sharded tensors"). Worded as csrc/op_common.h's check."""
+    if place is None:
+        return None
+    shape = tuple(shape)
+    place = tuple(int(v) for v in place)
+    n = len(shape)
+    if len(place) != 2 * n:
+        raise ValueError(f"place must be [global shape..., start...] with {2 * n} entries for a local tensor "
+                         f"of shape {shape}, got {len(place)}")
+    for d in range(n):
+        g, s = place[d], place[n + d]
+        if not (g >= 0 and 0 <= s <= g - shape[d]):
+            raise ValueError(f"place puts dimension {d} (size {shape[d]}) at start {s} of a global size {g}: "
+                             "it must lie inside")
+    if math.prod(place[:n]) >= 2**63:
+        raise ValueError("place: the global tensor must have fewer than 2**63 elements")
+    return place
+
+
+def global_shape(shape, place) -> tuple:
+    """The shape of the global tensor a local one of ``shape`` sits in."""
+    return tuple(shape) if place is None else tuple(place[:len(shape)])
+
+
+def check_mask_shape(input, mask_shape, place=None) -> tuple:
     """The structured mask shape, () for one draw per element (also what an
-    empty ``mask_shape`` means)."""
+    empty ``mask_shape`` means). With a place it speaks of the global shape."""
     if mask_shape is None or len(mask_shape) == 0:
         return ()
     shape = tuple(int(s) for s in mask_shape)
-    if len(shape) != input.dim() or any(m not in (s, 1) for m, s in zip(shape, input.shape)):
-        raise ValueError(f"mask_shape must have input's rank with each size equal to input's "
-                         f"{tuple(input.shape)} or 1, got {shape}")
-    return () if shape == tuple(input.shape) else shape
+    full = global_shape(input.shape, place)
+    if len(shape) != input.dim() or any(m not in (s, 1) for m, s in zip(shape, full)):
+        whose = "the global shape's" if place is not None else "input's"
+        raise ValueError(f"mask_shape must have input's rank with each size equal to {whose} "
+                         f"{full} or 1, got {shape}")
+    return () if shape == full else shape
+
+
+def check_norm_place(shape, place) -> None:
+    """A dropout_add_norm shard holds whole rows (csrc/op_common.h, norm_map)."""
+    if place is not None and len(shape) >= 1 and place[len(shape) - 1] != shape[-1]:
+        raise ValueError("dropout_add_norm normalises the last dimension, so each shard must hold it whole: "
+                         f"global size {place[len(shape) - 1]}, this shard's {shape[-1]} (shard another "
+                         "dimension, as sequence parallelism does)")
 
 
 def check_shape(shape) -> tuple:
@@ -134,13 +171,13 @@ def check_state(state, device) -> None:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
-def check_fused_args(input, bias, residual, activation, mask_shape: Optional[Sequence[int]]) -> tuple:
+def check_fused_args(input, bias, residual, activation, mask_shape: Optional[Sequence[int]], place=None) -> tuple:
     """Everything the fused op takes besides p and the RNG; returns the mask shape."""
     check_tensor(input, "input")
     check_bias(input, bias)
     check_residual(input, residual)
     check_activation(activation)
-    return check_mask_shape(input, mask_shape)
+    return check_mask_shape(input, mask_shape, check_place(input.shape, place))
 
 
 MASK_MODES = ("regenerate", "packed")
@@ -158,17 +195,17 @@ def mask_bits_size(n: int) -> int:
     return (n + 7) // 8
 
 
-def packable(input, state, mask_shape) -> bool:
+def packable(input, state, mask_shape, place=None) -> bool:
     """A full mask with a state can be packed (structured masks are small
     and drawn again; no state, no mask)."""
-    return state is not None and (not mask_shape or tuple(mask_shape) == tuple(input.shape))
+    return state is not None and (not mask_shape or tuple(mask_shape) == global_shape(input.shape, place))
 
 
-def check_mask_bits(input, state, mask_shape, mask_bits) -> None:
+def check_mask_bits(input, state, mask_shape, mask_bits, place=None) -> None:
     """The packed keep mask an op reads instead of drawing it again."""
     if mask_bits is None:
         return
-    if not packable(input, state, mask_shape):
+    if not packable(input, state, mask_shape, place):
         raise ValueError("mask_bits needs a state (its p gives the scale) and a full mask (mask_shape [])")
     size = mask_bits_size(input.numel())
     if (not isinstance(mask_bits, torch.Tensor) or mask_bits.dtype != torch.uint8

@@ -124,13 +124,29 @@ def keep_for_indices(indices: torch.Tensor, p: Rate, seed: Word, offset: Word = 
     return philox_words(indices, seed, offset) >= threshold(p)
 
 
-def dropout_mask(shape: Sequence[int], p: Rate, seed: Word, offset: Word = 0, device="cpu") -> torch.Tensor:
-    """The contract's boolean keep mask of ``shape``: element i (row-major) is kept
-    iff Philox word i & 3 of counter (i >> 2, offset) under key seed is >= t."""
+def global_indices(shape: Sequence[int], place: Optional[Sequence[int]] = None, device="cpu") -> torch.Tensor:
+    """The contract's index of each element of a tensor of ``shape``: its
+    row-major index, or with ``place`` (global shape..., start...) its
+    row-major index in the global tensor (docs/RNG.md, "Sharded tensors")."""
     shape = tuple(int(s) for s in shape)
-    n = math.prod(shape)
-    idx = torch.arange(n, dtype=torch.int64, device=device)
-    return keep_for_indices(idx, p, seed, offset).reshape(shape)
+    if place is None:
+        return torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape)
+    n = len(shape)
+    idx = torch.zeros((1,) * n, dtype=torch.int64, device=device)
+    stride = 1
+    for d in reversed(range(n)):
+        coord = torch.arange(shape[d], dtype=torch.int64, device=device) + int(place[n + d])
+        idx = idx + (coord * stride).reshape((1,) * d + (-1,) + (1,) * (n - 1 - d))
+        stride *= int(place[d])
+    return idx.expand(shape).contiguous()
+
+
+def dropout_mask(shape: Sequence[int], p: Rate, seed: Word, offset: Word = 0, device="cpu",
+                 place: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The contract's boolean keep mask of ``shape``: element i (row-major,
+    or its global index under ``place``) is kept iff Philox word i & 3 of
+    counter (i >> 2, offset) under key seed is >= t."""
+    return keep_for_indices(global_indices(shape, place, device), p, seed, offset)
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
@@ -267,25 +283,36 @@ def _drop(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, value, torch.copysign(torch.zeros_like(value), value))
 
 
-def _keep(shape, p, seed, offset, mask_shape, device, keep=None):
+def _keep(shape, p, seed, offset, mask_shape, device, keep=None, place=None):
+    """The mask applied: the full one, or the structured one of ``mask_shape``
+    (the global tensor's shape with broadcast sizes 1) broadcast to ``shape``."""
     if keep is not None:
         return keep
-    mshape = tuple(shape) if not mask_shape else tuple(mask_shape)
-    return dropout_mask(mshape, p, seed, offset, device=device).expand(tuple(shape))
+    shape = tuple(shape)
+    n = len(shape)
+    full = shape if place is None else tuple(place[:n])
+    if not mask_shape or tuple(mask_shape) == full:
+        return dropout_mask(shape, p, seed, offset, device=device, place=place)
+    local = tuple(s if m == g else 1 for s, m, g in zip(shape, mask_shape, full))
+    mplace = None if place is None else \
+        tuple(mask_shape) + tuple(place[n + d] if mask_shape[d] == full[d] else 0 for d in range(n))
+    return dropout_mask(local, p, seed, offset, device=device, place=mplace).expand(shape)
 
 
 def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   seed: Word, offset: Word, p: Rate, activation: str = "identity",
-                  mask_shape: Sequence[int] = (), *, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  mask_shape: Sequence[int] = (), *, keep: Optional[torch.Tensor] = None,
+                  place: Optional[Sequence[int]] = None) -> torch.Tensor:
     """residual + dropout(act(x + bias)), computed in float32 (float64 for
     float64) and rounded once to x's dtype; ``keep`` (x's shape) replaces
-    the contract's mask, as in the packed mask mode's backward."""
+    the contract's mask, as in the packed mask mode's backward; ``place``:
+    x is a shard of a global tensor."""
     acc = _acc_dtype(x.dtype)
     v = x.to(acc)
     if bias is not None:
         v = v + bias.to(acc)
     kept = _scaled(activation_forward(v, activation), p)
-    keep = _keep(x.shape, p, seed, offset, mask_shape, x.device, keep)
+    keep = _keep(x.shape, p, seed, offset, mask_shape, x.device, keep, place)
     out = _drop(keep, kept)
     if residual is not None:
         out = residual.to(acc) + out
@@ -295,7 +322,7 @@ def fused_dropout(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optio
 def fused_dropout_backward(grad: torch.Tensor, x: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            seed: Word, offset: Word, p: Rate, activation: str = "identity",
                            mask_shape: Sequence[int] = (), bias_grad: bool = False, *,
-                           keep: Optional[torch.Tensor] = None):
+                           keep: Optional[torch.Tensor] = None, place: Optional[Sequence[int]] = None):
     """(grad_input, grad_bias or None): dx = grad * keep * scale * act'(x + bias).
     The bias gradient sums the unrounded dx (float64 here; kernels use their
     accumulation type in a fixed order, so it matches to rounding, not bits)."""
@@ -311,7 +338,7 @@ def fused_dropout_backward(grad: torch.Tensor, x: Optional[torch.Tensor], bias: 
             d = torch.where(v > 0, gs, torch.zeros_like(gs))
         else:
             d = gs * activation_grad(v, activation)
-    keep = _keep(grad.shape, p, seed, offset, mask_shape, grad.device, keep)
+    keep = _keep(grad.shape, p, seed, offset, mask_shape, grad.device, keep, place)
     dx = _drop(keep, d)
     db = None
     if bias_grad:
@@ -336,46 +363,47 @@ def state_params(state: Optional[torch.Tensor]):
     return state[0], state[1], state[2:3].view(torch.float64)[0]
 
 
-def _op_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False):
+def _op_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False,
+                place=None):
     from ._ops import mask_bits_like
 
     seed, offset, p = state_params(state)
-    bits = mask_bits_like(input, state, mask_shape, pack_mask)
+    bits = mask_bits_like(input, state, mask_shape, pack_mask, place)
     if mask_bits is not None:
         keep = unpack_bits(mask_bits, input.shape)
     elif bits.numel() > 0:  # packable: one draw per element, so the mask to pack is the one applied
-        keep = dropout_mask(input.shape, p, seed, offset, device=input.device)
+        keep = dropout_mask(input.shape, p, seed, offset, device=input.device, place=place)
         bits.copy_(pack_bits(keep))
     else:
         keep = None
-    out = fused_dropout(input, bias, residual, seed, offset, p, activation, mask_shape, keep=keep)
+    out = fused_dropout(input, bias, residual, seed, offset, p, activation, mask_shape, keep=keep, place=place)
     return _like_input(input, out), bits
 
 
-def _op_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None):
+def _op_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits=None, place=None):
     seed, offset, p = state_params(state)
     keep = unpack_bits(mask_bits, grad.shape) if mask_bits is not None else None
     dx, db = fused_dropout_backward(grad, input, bias, seed, offset, p, activation, mask_shape, bias_grad,
-                                    keep=keep)
+                                    keep=keep, place=place)
     return _like_input(grad, dx), (db if bias_grad else grad.new_empty((0,)))
 
 
-def _op_mask(state, shape):
+def _op_mask(state, shape, place=None):
     seed, offset, p = state_params(state)
-    return dropout_mask(shape, p, seed, offset, device=state.device)
+    return dropout_mask(shape, p, seed, offset, device=state.device, place=place)
 
 
 # --- dropout + residual + LayerNorm / RMSNorm ----------------------------------
 
 def dropout_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], seed: Word, offset: Word, p: Rate, norm: str = "layer",
-                     eps: float = 1e-5, residual_in_fp32: bool = False):
+                     eps: float = 1e-5, residual_in_fp32: bool = False, place: Optional[Sequence[int]] = None):
     """(y, h, mean, rstd): h = residual + dropout(x), rounded once to h's
     dtype; y = norm(h) * weight + bias over the last dimension, from h as
     stored, rounded once to x's dtype. mean (empty for ``"rms"``) and rstd
-    are per row, in the statistics' dtype."""
+    are per row, in the statistics' dtype. ``place``: x is a shard of whole rows."""
     h_dtype, acc = norm_dtypes(x.dtype, residual_in_fp32)
-    keep = dropout_mask(x.shape, p, seed, offset, device=x.device)
+    keep = dropout_mask(x.shape, p, seed, offset, device=x.device, place=place)
     v = _drop(keep, _scaled(x.to(acc), p))
     if residual is not None:
         v = residual.to(acc) + v
@@ -400,7 +428,8 @@ def dropout_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: 
 
 def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor,
                               weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                              seed: Word, offset: Word, p: Rate, norm: str = "layer"):
+                              seed: Word, offset: Word, p: Rate, norm: str = "layer",
+                              place: Optional[Sequence[int]] = None):
     """(grad_input, grad_residual, grad_weight, grad_bias) of
     ``dropout_add_norm``: the norm's backward from h, mean and rstd, plus
     ``grad_h``, is dh = grad_residual (h's dtype); grad_input = dropout of
@@ -422,17 +451,17 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
     if grad_h is not None:
         dh = dh + grad_h.to(acc).reshape(rows, H)
     dh = dh.reshape(h.shape)
-    keep = dropout_mask(h.shape, p, seed, offset, device=h.device)
+    keep = dropout_mask(h.shape, p, seed, offset, device=h.device, place=place)
     dx = _drop(keep, _scaled(dh, p))
     return dx.to(grad.dtype), dh.to(h.dtype), (g * xhat).sum(0), g.sum(0)
 
 
-def _op_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32):
+def _op_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32, place=None):
     seed, offset, p = state_params(state)
     # Every backend returns y and h row-major, and the same bits whatever
     # the inputs' strides (a row's sums in one order).
     input, residual = _dense(input), _dense(residual)
-    outs = dropout_add_norm(input, residual, weight, bias, seed, offset, p, norm, eps, residual_in_fp32)
+    outs = dropout_add_norm(input, residual, weight, bias, seed, offset, p, norm, eps, residual_in_fp32, place)
     return tuple(t.contiguous() for t in outs)
 
 
@@ -440,10 +469,10 @@ def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous() if t is not None else None
 
 
-def _op_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask):
+def _op_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask, place=None):
     seed, offset, p = state_params(state)
     grad, grad_h, h = _dense(grad), _dense(grad_h), _dense(h)
-    grads = dropout_add_norm_backward(grad, grad_h, h, weight, mean, rstd, seed, offset, p, norm)
+    grads = dropout_add_norm_backward(grad, grad_h, h, weight, mean, rstd, seed, offset, p, norm, place)
     return tuple(g.contiguous() if need else g.new_empty((0,)) for g, need in zip(grads, output_mask))
 
 

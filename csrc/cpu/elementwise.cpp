@@ -17,16 +17,17 @@ namespace dropout_ext {
 namespace cpu {
 namespace {
 
-// The keep mask of a (small) structured mask shape, materialised once.
-at::Tensor keep_mask_cpu(const MaskParams& mp, at::IntArrayRef shape) {
+// The keep mask of a shape at its elements' indices under map (a
+// structured mask's small one, or dropout_mask's), materialised once.
+at::Tensor keep_mask_cpu(const MaskParams& mp, const IndexMap& map, at::IntArrayRef shape) {
   at::Tensor m = at::empty(shape, at::TensorOptions().dtype(at::kBool));
   bool* out = m.data_ptr<bool>();
-  at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) { mask_fill(mp, out + b, b, e); });
+  at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) { mask_fill(mp, map, out + b, b, e); });
   return m;
 }
 
 struct Layout {
-  std::vector<int64_t> mshape;
+  IndexMap map;  // of the elements, when the mask is full
   std::vector<int64_t> sizes;
   std::vector<int64_t> mstride;
   at::Tensor mask;  // defined for structured masks only
@@ -39,6 +40,7 @@ void fill_common(KernelArgs<scalar_t>& a, Layout& lay, const at::Tensor& input, 
   if (bias.defined()) a.bias = bias.const_data_ptr<scalar_t>();
   if (mask_bits.defined()) a.bits_in = mask_bits.const_data_ptr<uint8_t>();
   a.mp = mp;
+  a.map = lay.map;
   a.scale = static_cast<acc_t>(mp.scale);
   a.H = input.dim() >= 1 ? std::max<int64_t>(input.size(-1), 1) : 1;
   if (lay.mask.defined()) {
@@ -51,13 +53,14 @@ void fill_common(KernelArgs<scalar_t>& a, Layout& lay, const at::Tensor& input, 
 
 // A structured mask is drawn once at its own small shape and read through
 // strides; no state means nothing is dropped, so no mask is drawn at all.
-Layout make_layout(const at::Tensor& input, at::IntArrayRef mask_shape, const MaskParams& mp) {
+Layout make_layout(const at::Tensor& input, const MaskPlan& plan, const MaskParams& mp) {
   Layout lay;
-  lay.mshape = resolve_mask_shape(input, mask_shape);
-  if (!is_full_mask(input, lay.mshape) && !mp.keep_all) {
+  if (plan.full) {
+    lay.map = plan.map;
+  } else if (!mp.keep_all) {
     lay.sizes = input.sizes().vec();
-    lay.mstride = mask_strides(input, lay.mshape);
-    lay.mask = keep_mask_cpu(mp, lay.mshape);
+    lay.mstride = mask_strides(input, plan.shape);
+    lay.mask = keep_mask_cpu(mp, plan.map, plan.shape);
   }
   return lay;
 }
@@ -73,14 +76,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& given_state, c10::string_view activation, at::IntArrayRef mask_shape,
     const std::optional<at::Tensor>& mask_bits, bool pack_mask, std::optional<double> p,
-    const std::optional<at::Generator>& generator) {
-  const Act act = check_forward(input, bias, residual, given_state, activation, mask_shape, mask_bits, pack_mask);
+    const std::optional<at::Generator>& generator, at::OptionalIntArrayRef place) {
+  const Checked c = check_forward(input, bias, residual, given_state, activation, mask_shape, mask_bits, pack_mask,
+                                  place);
+  const Act act = c.act;
   check_draw(given_state, p, generator, input.device());
   at::Tensor drawn;
   const std::optional<at::Tensor> state = cpu_call_state(input, given_state, p, generator, drawn);
-  at::Tensor bits = mask_bits_output(input, state, mask_shape, pack_mask);
+  at::Tensor bits = mask_bits_output(input, state, c.mask, pack_mask);
   const MaskParams mp = host_mask_params(state);
-  Layout lay = make_layout(input, mask_shape, mp);
+  Layout lay = make_layout(input, c.mask, mp);
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
@@ -112,10 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_cpu(
 std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    bool bias_grad, const std::optional<at::Tensor>& mask_bits) {
-  const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits);
+    bool bias_grad, const std::optional<at::Tensor>& mask_bits, at::OptionalIntArrayRef place) {
+  const Checked c = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits, place);
+  const Act act = c.act;
   const MaskParams mp = host_mask_params(state);
-  Layout lay = make_layout(grad, mask_shape, mp);
+  Layout lay = make_layout(grad, c.mask, mp);
   const at::Tensor g = grad.contiguous();
   const at::Tensor x = input.has_value() ? input->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -171,23 +177,22 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cpu(
   return {like_input(grad, dx), dbias};
 }
 
-at::Tensor dropout_mask_cpu(const at::Tensor& state, at::IntArrayRef shape) {
-  check_mask_args(state, shape);
-  return keep_mask_cpu(host_mask_params(state), shape);
+at::Tensor dropout_mask_cpu(const at::Tensor& state, at::IntArrayRef shape, at::OptionalIntArrayRef place) {
+  const IndexMap map = check_mask_args(state, shape, place);
+  return keep_mask_cpu(host_mask_params(state), map, shape);
 }
 
 // Keep bits of logical elements [start, start + length) of an unbounded
 // tensor: group numbers past 2**32 (and up to 2**61) that no real tensor
 // reaches, and a start at any element of a group.
 at::Tensor test_cpu_mask_range(const at::Tensor& state, int64_t start, int64_t length) {
-  check_mask_args(state, {length});
+  check_mask_args(state, {length}, std::nullopt);
   TORCH_CHECK_VALUE(start >= 0 && start <= std::numeric_limits<int64_t>::max() - length,
                     "cpu_mask_range: [start, start + length) must lie in [0, 2**63)");
   const MaskParams mp = host_mask_params(state);
-  at::Tensor m = at::empty({length}, at::TensorOptions().dtype(at::kBool));
-  bool* out = m.data_ptr<bool>();
-  at::parallel_for(0, length, kGrain, [&](int64_t b, int64_t e) { mask_fill(mp, out + b, start + b, start + e); });
-  return m;
+  IndexMap map;
+  map.base = start;
+  return keep_mask_cpu(mp, map, {length});
 }
 
 at::Tensor draw_state_cpu(const at::Tensor& input, double p, const std::optional<at::Generator>& generator) {

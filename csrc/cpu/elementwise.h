@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "../activations.h"
+#include "../index_map.h"
 #include "../philox.h"
 #include "isa.h"
 #include "philox_cpu.h"
@@ -33,6 +34,9 @@ struct KernelArgs {
   scalar_t* out = nullptr;
   int64_t H = 1;                   // last dimension (bias length)
   MaskParams mp{};
+  // Where each element draws its keep bit: its global index (a shard), or
+  // its own index (the identity map).
+  IndexMap map{};
   acc_t scale = acc_t(1);
   // structured masks: a precomputed keep mask indexed through mstride
   const bool* mask = nullptr;
@@ -184,6 +188,16 @@ DX_INLINE void prefetch_ahead(const scalar_t* p, int64_t pos, int64_t len, int64
   for (int64_t b = from * size; b < to * size; b += 64) __builtin_prefetch(bytes + b);
 }
 
+// The elements of a chunk from local element pos: at most `most`, starting
+// where pos sits in its Philox group (so the next chunk starts a group), and
+// consecutive in the global index (a shard's chunk ends with its run).
+// Returns pos's global index.
+DX_INLINE int64_t chunk_at(const IndexMap& map, int64_t pos, int64_t& most) {
+  const int64_t g = map.global(pos);
+  most = map.run_from(pos, std::min<int64_t>(most, kChunk - (g & 3)));
+  return g;
+}
+
 // Walks logical elements [begin, end) in chunks that never cross a row when
 // the chunk needs a row position (bias, structured mask).
 template <typename scalar_t, Act A, bool BIAS, bool BWD, Isa I>
@@ -194,7 +208,8 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
   uint32_t keep[kChunk];
   int64_t pos = begin;
   while (pos < end) {
-    int64_t len = std::min<int64_t>(end - pos, kChunk - (pos & 3));
+    int64_t len = end - pos;
+    const int64_t g = chunk_at(a.map, pos, len);
     int64_t h = 0;
     if (rowwise) {
       h = pos % a.H;
@@ -212,7 +227,7 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
     } else if (structured) {
       struct_keep(a, mask_row_base(pos, a.ndim, a.sizes, a.mstride), len, keep);
     } else {
-      philox_keep<I>(a.mp, pos, len, keep);
+      philox_keep<I>(a.mp, g, len, keep);
     }
     if (a.bits_out != nullptr) pack_keep(keep, pos, len, a.bits_out);
     scalar_t* dst = a.out + pos;
@@ -227,12 +242,13 @@ DX_INLINE void walk_range(const KernelArgs<scalar_t>& a, int64_t begin, int64_t 
 
 // Keep bits of logical elements [begin, end) into out[0, end - begin).
 template <Isa I>
-DX_INLINE void mask_range(const MaskParams& mp, bool* out, int64_t begin, int64_t end) {
+DX_INLINE void mask_range(const MaskParams& mp, const IndexMap& map, bool* out, int64_t begin, int64_t end) {
   uint32_t keep[kChunk];
   int64_t pos = begin;
   while (pos < end) {
-    const int64_t len = std::min<int64_t>(end - pos, kChunk - (pos & 3));
-    philox_keep<I>(mp, pos, len, keep);
+    int64_t len = end - pos;
+    const int64_t g = chunk_at(map, pos, len);
+    philox_keep<I>(mp, g, len, keep);
     bool* o = out + (pos - begin);
     for (int64_t j = 0; j < len; ++j) o[j] = keep[j] == ~0u;
     pos += len;
@@ -249,8 +265,8 @@ struct Walk {
 
 struct MaskFill {
   template <Isa I>
-  static DX_INLINE void run(const MaskParams* mp, bool* out, int64_t b, int64_t e) {
-    mask_range<I>(*mp, out, b, e);
+  static DX_INLINE void run(const MaskParams* mp, const IndexMap* map, bool* out, int64_t b, int64_t e) {
+    mask_range<I>(*mp, *map, out, b, e);
   }
 };
 
@@ -276,7 +292,9 @@ void walk(const KernelArgs<scalar_t>& a, int64_t b, int64_t e, at::opmath_type<s
   run_isa<Walk<scalar_t, A, BIAS, BWD>>(&a, b, e, part);
 }
 
-inline void mask_fill(const MaskParams& mp, bool* out, int64_t b, int64_t e) { run_isa<MaskFill>(&mp, out, b, e); }
+inline void mask_fill(const MaskParams& mp, const IndexMap& map, bool* out, int64_t b, int64_t e) {
+  run_isa<MaskFill>(&mp, &map, out, b, e);
+}
 
 }  // namespace cpu
 }  // namespace dropout_ext

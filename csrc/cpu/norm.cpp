@@ -41,11 +41,13 @@ at::Tensor norm_param_as(const std::optional<at::Tensor>& t, int64_t H, at::Scal
 // The arguments both directions share: the row length, the mask and the
 // weight (in the statistics' dtype).
 template <typename scalar_t, typename h_t>
-NormArgs<scalar_t, h_t> norm_args(int64_t H, const MaskParams& mp, Norm kind, const at::Tensor& w) {
+NormArgs<scalar_t, h_t> norm_args(int64_t H, const MaskParams& mp, const IndexMap& map, Norm kind,
+                                  const at::Tensor& w) {
   using acc_t = at::opmath_type<scalar_t>;
   NormArgs<scalar_t, h_t> a;
   a.H = H;
   a.mp = mp;
+  a.map = map;
   a.scale = static_cast<acc_t>(mp.scale);
   a.layer = kind == Norm::kLayer;
   a.w = w.const_data_ptr<acc_t>();
@@ -68,8 +70,10 @@ int64_t norm_param_block_rows(int64_t rows, int64_t H) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& given_state, c10::string_view norm,
-    double eps, bool residual_in_fp32, std::optional<double> p, const std::optional<at::Generator>& generator) {
+    double eps, bool residual_in_fp32, std::optional<double> p, const std::optional<at::Generator>& generator,
+    at::OptionalIntArrayRef place) {
   const Norm kind = check_norm_forward(input, residual, weight, bias, given_state, norm, eps, residual_in_fp32);
+  const IndexMap map = norm_map(input.sizes(), place);
   check_draw(given_state, p, generator, input.device());
   at::Tensor drawn;
   const MaskParams mp = host_mask_params(cpu_call_state(input, given_state, p, generator, drawn));
@@ -87,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_h<scalar_t>(h.scalar_type(), [&](auto tag) {
       using h_t = typename decltype(tag)::type;
-      NormArgs<scalar_t, h_t> a = norm_args<scalar_t, h_t>(H, mp, kind, w);
+      NormArgs<scalar_t, h_t> a = norm_args<scalar_t, h_t>(H, mp, map, kind, w);
       a.b = b.const_data_ptr<acc_t>();
       a.eps = static_cast<acc_t>(eps);
       a.x = x.const_data_ptr<scalar_t>();
@@ -111,8 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_backward_cpu(
     const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask) {
+    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask,
+    at::OptionalIntArrayRef place) {
   const Norm kind = check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask);
+  const IndexMap map = norm_map(grad.sizes(), place);
   const MaskParams mp = host_mask_params(state);
   at::Tensor dx, dres, dw, db;
   std::tie(dx, dres, dw, db) = norm_backward_outputs(grad, h, output_mask);
@@ -130,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_back
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_h<scalar_t>(hc.scalar_type(), [&](auto tag) {
       using h_t = typename decltype(tag)::type;
-      NormArgs<scalar_t, h_t> a = norm_args<scalar_t, h_t>(H, mp, kind, w);
+      NormArgs<scalar_t, h_t> a = norm_args<scalar_t, h_t>(H, mp, map, kind, w);
       a.g = g.const_data_ptr<scalar_t>();
       if (gh.defined()) a.gh = gh.const_data_ptr<h_t>();
       a.h = hc.const_data_ptr<h_t>();

@@ -72,6 +72,7 @@ struct NormArgs {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t H = 0;
   MaskParams mp{};
+  IndexMap map{};  // where each row draws its keep bits (a shard's global rows)
   acc_t scale = acc_t(1);
   bool layer = true;
   const acc_t* w = nullptr;
@@ -94,8 +95,9 @@ struct NormArgs {
   h_t* dres = nullptr;       // grad_residual, where asked for
 };
 
-// Rows [r0, r1). Element j of row r is the contract's element r * H + j, so
-// h is fused_dropout(x, residual)'s output bit for bit.
+// Rows [r0, r1). Element j of row r is the contract's element r * H + j (of
+// the global tensor, for a shard), so h is fused_dropout(x, residual)'s
+// output bit for bit.
 template <typename scalar_t, typename h_t, bool RES>
 struct NormForward {
   template <Isa I>
@@ -109,6 +111,7 @@ struct NormForward {
     alignas(64) acc_t t[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * H;
+      const int64_t grow = a.map.global(base);  // a row is consecutive in the global index too
       h_t* __restrict__ hr = a.h_out + base;
       LaneSum<acc_t> sum;
       for (int64_t j0 = 0; j0 < H; j0 += kChunk) {
@@ -116,7 +119,7 @@ struct NormForward {
         const int64_t pos = base + j0;
         prefetch_ahead(a.x, pos, len, end);
         if constexpr (RES) prefetch_ahead(a.res, pos, len, end);
-        philox_keep<I>(a.mp, pos, len, keep);
+        philox_keep<I>(a.mp, grow + j0, len, keep);
         const scalar_t* __restrict__ x = a.x + pos;
         for (int64_t j = 0; j < len; ++j) {
           acc_t v = select_kept(static_cast<acc_t>(x[j]) * scale, keep[j]);
@@ -175,6 +178,7 @@ struct NormBackward {
     alignas(64) acc_t t2[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * H;
+      const int64_t grow = a.map.global(base);  // a row is consecutive in the global index too
       const scalar_t* __restrict__ g = a.g + base;
       const h_t* __restrict__ h = a.h + base;
       const acc_t mean = a.layer ? a.mean[r] : acc_t(0);
@@ -222,7 +226,7 @@ struct NormBackward {
           for (int64_t j = 0; j < len; ++j) dres[j] = static_cast<h_t>(t1[j]);
         }
         if (a.dx != nullptr) {
-          philox_keep<I>(a.mp, pos, len, keep);
+          philox_keep<I>(a.mp, grow + j0, len, keep);
           scalar_t* __restrict__ dx = a.dx + pos;
           for (int64_t j = 0; j < len; ++j) dx[j] = static_cast<scalar_t>(select_kept(t1[j] * scale, keep[j]));
         }

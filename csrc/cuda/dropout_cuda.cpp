@@ -82,29 +82,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
     const std::optional<at::Tensor>& mask_bits, bool pack_mask, std::optional<double> p,
-    const std::optional<at::Generator>& generator) {
+    const std::optional<at::Generator>& generator, at::OptionalIntArrayRef place) {
   return cuda::fused_dropout_op(CudaExec{}, input, bias, residual, state, activation, mask_shape, mask_bits,
-                                pack_mask, p, generator);
+                                pack_mask, p, generator, place);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_cuda(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    bool bias_grad, const std::optional<at::Tensor>& mask_bits) {
+    bool bias_grad, const std::optional<at::Tensor>& mask_bits, at::OptionalIntArrayRef place) {
   return cuda::fused_dropout_backward_op(CudaExec{}, grad, input, bias, state, activation, mask_shape, bias_grad,
-                                         mask_bits);
+                                         mask_bits, place);
 }
 
-at::Tensor dropout_mask_cuda(const at::Tensor& state, at::IntArrayRef shape) {
-  return cuda::dropout_mask_op(CudaExec{}, state, shape);
+at::Tensor dropout_mask_cuda(const at::Tensor& state, at::IntArrayRef shape,
+                             at::OptionalIntArrayRef place) {
+  return cuda::dropout_mask_op(CudaExec{}, state, shape, place);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
-    bool residual_in_fp32, std::optional<double> p, const std::optional<at::Generator>& generator) {
+    bool residual_in_fp32, std::optional<double> p, const std::optional<at::Generator>& generator,
+    at::OptionalIntArrayRef place) {
   return cuda::dropout_add_norm_op(CudaExec{}, input, residual, weight, bias, state, norm, eps, residual_in_fp32, p,
-                                   generator);
+                                   generator, place);
 }
 
 at::Tensor draw_state_cuda(const at::Tensor& input, double p, const std::optional<at::Generator>& generator) {
@@ -114,9 +116,10 @@ at::Tensor draw_state_cuda(const at::Tensor& input, double p, const std::optiona
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_backward_cuda(
     const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask) {
+    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask,
+    at::OptionalIntArrayRef place) {
   return cuda::dropout_add_norm_backward_op(CudaExec{}, grad, grad_h, h, weight, mean, rstd, state, norm,
-                                            output_mask);
+                                            output_mask, place);
 }
 
 }  // namespace

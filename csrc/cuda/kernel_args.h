@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../activation_constants.h"
+#include "../index_map.h"
 #include "../philox.h"
 
 namespace dropout_ext {
@@ -91,13 +92,14 @@ struct DropoutArgs {
   // The dropout state, wherever it lives (philox.h, StateRef); none for no
   // dropout.
   StateRef state;
-  // Logical index of element 0: 0 in every real call. Tests set it (a
-  // multiple of 16) to run the index arithmetic of elements past 2**31 and
-  // 2**32 without allocating them.
-  int64_t base = 0;
+  // Where each element draws its keep bit (index_map.h): the identity for
+  // an unsharded tensor, a shard's global indices under `place`. The host
+  // driver's tests also shift its base (a multiple of 16) to run the index
+  // arithmetic of elements past 2**31 and 2**32 without allocating them.
+  IndexMap map;
   StructuredMask mask;
-  // The packed keep mask of a full mask: element e (counted from element 0,
-  // whatever base is) at bit e % 8 of byte e / 8. bits_in: read instead of
+  // The packed keep mask of a full mask: element e (the local element,
+  // whatever the map) at bit e % 8 of byte e / 8. bits_in: read instead of
   // drawing the mask (either direction); bits_out: the forward stores the
   // bits it draws, the ones past n zero. At most one is set.
   const uint8_t* bits_in = nullptr;
@@ -112,7 +114,7 @@ struct MaskArgs {
   bool* out = nullptr;
   int64_t n = 0;
   StateRef state;
-  int64_t base = 0;  // as DropoutArgs::base
+  IndexMap map;      // as DropoutArgs::map
 };
 
 // 64-bit, so a plan past a launch limit reaches launch_refusal intact
@@ -232,7 +234,7 @@ struct NormArgs {
   int64_t H = 0;
   double eps = 0.0;
   StateRef state;                  // as DropoutArgs::state
-  int64_t base = 0;                // as DropoutArgs::base
+  IndexMap map;                    // as DropoutArgs::map; a row is one run of it
   const void* weight = nullptr;
   // forward
   const void* x = nullptr;

@@ -366,14 +366,34 @@ DX_HD uint32_t philox_keep(const MaskParams& mp, int64_t i0, int len) {
   return bits;
 }
 
-// Keep bits of the unit at local element e0, logical index i0 = base + e0:
-// from the structured mask when there is one (it was drawn with these
-// MaskParams, so keep_all still means every bit set).
+// Keep bits of len elements from local element e0, each drawn at its index
+// under the map: one range for an unsharded tensor (the identity) and for a
+// shard that is one run of the global tensor; else one range per run the
+// elements cross (a shard's run ends where its slice of a row does).
 template <int E>
-DX_HD uint32_t unit_keep(const MaskParams& mp, const StructuredMask& sm, int64_t e0, int64_t i0, int len) {
+DX_HD uint32_t mapped_keep(const MaskParams& mp, const IndexMap& map, int64_t e0, int len) {
+  if (map.contiguous()) return philox_keep<E>(mp, map.base + e0, len);
+  if (mp.keep_all) return (1u << E) - 1u;
+  uint32_t bits = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+  for (int j = 0; j < len;) {
+    const int run = static_cast<int>(map.run_from(e0 + j, len - j));
+    bits |= ungrouped_keep<E>(mp, map.global(e0 + j), run) << j;
+    j += run;
+  }
+  return bits;
+}
+
+// Keep bits of the unit at local element e0: from the structured mask when
+// there is one (it was drawn with these MaskParams, so keep_all still means
+// every bit set).
+template <int E>
+DX_HD uint32_t unit_keep(const MaskParams& mp, const StructuredMask& sm, const IndexMap& map, int64_t e0, int len) {
   if (mp.keep_all) return (1u << E) - 1u;
   if (sm.keep != nullptr) return structured_keep<E>(sm, e0, len);
-  return philox_keep<E>(mp, i0, len);
+  return mapped_keep<E>(mp, map, e0, len);
 }
 
 // One byte of the packed mask: a read-only load on the device.
@@ -397,18 +417,17 @@ DX_HD uint32_t packed_keep(const uint8_t* bits, int64_t e0, int len) {
   return v >> shift;
 }
 
-// Keep bits of len elements from local element e0 (logical index i0) in
-// mask mode M. A packed mask is a full one, so packing draws from Philox
-// with no structured path; reading draws nothing and ignores p's keep-all
+// Keep bits of len elements from local element e0 in mask mode M. A packed
+// mask is a full one, so packing draws from Philox with no structured path; reading draws nothing and ignores p's keep-all
 // and drop-all: the bits say what is kept, p only gives the scale.
 template <int E, MaskBits M>
-DX_HD uint32_t mode_keep(const MaskParams& mp, const DropoutArgs& a, int64_t e0, int64_t i0, int len) {
+DX_HD uint32_t mode_keep(const MaskParams& mp, const DropoutArgs& a, int64_t e0, int len) {
   if constexpr (M == MaskBits::kRead) {
     return packed_keep(a.bits_in, e0, len);
   } else if constexpr (M == MaskBits::kPack) {
-    return philox_keep<E>(mp, i0, len);
+    return mapped_keep<E>(mp, a.map, e0, len);
   } else {
-    return unit_keep<E>(mp, a.mask, e0, i0, len);
+    return unit_keep<E>(mp, a.mask, a.map, e0, len);
   }
 }
 
@@ -553,9 +572,8 @@ struct ElementwiseKernel {
 #endif
     for (; u < steps_n; u += stride) {
       const int64_t e0 = u * S;
-      const int64_t i0 = a.base + e0;
       const int len = a.n - e0 < S ? static_cast<int>(a.n - e0) : S;
-      const uint32_t keep = mode_keep<S, M>(c.mp, a, e0, i0, len);
+      const uint32_t keep = mode_keep<S, M>(c.mp, a, e0, len);
       // The step's units in turn. Not unrolled: a pack step's second unit
       // runs the first one's code in the same registers (unrolled, float64
       // gelu spilled at 4 blocks' 64); a step of one unit is one pass that
@@ -566,7 +584,7 @@ struct ElementwiseKernel {
       for (int s = 0; s < S; s += E) {
         const int sub = S == E ? len : (len - s < E ? len - s : E);
         if (s != 0 && sub <= 0) break;  // a last pack step of at most one unit
-        const int64_t col = bias_cols ? fast_mod(i0 + s, a.H) : 0;
+        const int64_t col = bias_cols ? fast_mod(e0 + s, a.H) : 0;
         typename Num<T>::acc d[E];
         unit_step<T, A, D>(c, e0 + s, sub, p.vec && sub == E, keep >> s, col, a.H, d);
       }
@@ -622,7 +640,7 @@ struct BiasGradKernel {
         const int64_t r1 = r0 + g.rows_per_block < g.rows ? r0 + g.rows_per_block : g.rows;
         for (int64_t r = r0 + lane_r; r < r1; r += g.row_lanes) {
           const int64_t e0 = r * H + c0;
-          const uint32_t keep = mode_keep<E, M>(c.mp, a, e0, a.base + e0, len);
+          const uint32_t keep = mode_keep<E, M>(c.mp, a, e0, len);
           acc_t d[E];
           unit_step<T, A, Dir::kBackward>(c, e0, len, vec, keep, c0, a.H, d);
 #if defined(__CUDA_ARCH__)
@@ -703,7 +721,7 @@ struct MaskKernel {
     for (; grp < groups; grp += stride) {
       const int64_t e0 = grp * 4;
       const int len = a.n - e0 < 4 ? static_cast<int>(a.n - e0) : 4;
-      const uint32_t bits = philox_keep<4>(mp, a.base + e0, len);
+      const uint32_t bits = mapped_keep<4>(mp, a.map, e0, len);
       if (p.aligned && len == 4) {
         // Byte k of the word is element e0 + k (little-endian, as the GPU).
         const uint32_t word = (bits & 1u) | ((bits & 2u) << 7) | ((bits & 4u) << 14) | ((bits & 8u) << 21);

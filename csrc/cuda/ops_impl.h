@@ -147,17 +147,17 @@ struct Structured {
 };
 
 template <class Exec>
-Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, at::IntArrayRef mask_shape,
+Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, const MaskPlan& plan,
                            const StateRef& state) {
   Structured s;
-  const std::vector<int64_t> mshape = resolve_mask_shape(input, mask_shape);
-  if (is_full_mask(input, mshape) || state.kind == StateRef::kNone) return s;
-  s.view = collapse_mask(input, mshape);  // refused before any launch
-  s.keep = at::empty(mshape, input.options().dtype(at::kBool));
+  if (plan.full || state.kind == StateRef::kNone) return s;
+  s.view = collapse_mask(input, plan.shape);  // refused before any launch
+  s.keep = at::empty(plan.shape, input.options().dtype(at::kBool));
   MaskArgs m;
   m.out = s.keep.data_ptr<bool>();
   m.n = s.keep.numel();
   m.state = state;
+  m.map = plan.map;
   exec.mask(m, sms);
   s.view.keep = s.keep.const_data_ptr<bool>();
   return s;
@@ -166,10 +166,8 @@ Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, a
 // A structured mask shape the kernels cannot index is refused before the
 // forward draws: a refused call leaves the generator as it was. (A call
 // given its state is refused by structured_mask, before any launch.)
-inline void check_structured(const at::Tensor& input, at::IntArrayRef mask_shape) {
-  if (mask_shape.empty()) return;  // the full mask
-  const std::vector<int64_t> mshape = resolve_mask_shape(input, mask_shape);
-  if (!is_full_mask(input, mshape)) collapse_mask(input, mshape);
+inline void check_structured(const at::Tensor& input, const MaskPlan& plan) {
+  if (!plan.full) collapse_mask(input, plan.shape);
 }
 
 // What both directions' kernels take of the tensor they stream (the input,
@@ -183,39 +181,42 @@ struct Prepared {
 
 template <class Exec>
 Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const StateRef& state,
-                 at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits, int64_t base) {
+                 const MaskPlan& plan, const std::optional<at::Tensor>& mask_bits, int64_t base) {
   Prepared p;
   // check_mask_bits let only a full mask with a state have bits: no
   // structured mask is drawn beside them.
   p.bits_in = mask_bits.has_value() ? mask_bits->contiguous() : at::Tensor();
-  p.mask = structured_mask(exec, sms, t, mask_shape, state);
+  p.mask = structured_mask(exec, sms, t, plan, state);
   DropoutArgs& a = p.args;
   a.dtype = kernel_dtype(t.scalar_type());
   a.act = static_cast<int>(act);
   a.n = t.numel();
   a.H = make_fast_div(static_cast<uint64_t>(last_dim(t)));
   a.state = state;
-  a.base = base;
+  if (plan.full) a.map = plan.map;
+  a.map.base += base;
   a.mask = p.mask.view;
   a.bits_in = p.bits_in.defined() ? p.bits_in.const_data_ptr<uint8_t>() : nullptr;
   return p;
 }
 
-// base: the logical index of element 0, nonzero only from the host driver's
-// test entry points.
+// place: where the input sits in a global tensor (op_common.h, mask_plan),
+// or none. base: a shift of the map's global indices, nonzero only from the
+// host driver's test entry points.
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_op(
     const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& state, c10::string_view activation,
     at::IntArrayRef mask_shape, const std::optional<at::Tensor>& mask_bits, bool pack_mask,
-    const std::optional<double>& p_draw, const std::optional<at::Generator>& generator, int64_t base = 0) {
-  const Act act = check_forward(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask);
+    const std::optional<double>& p_draw, const std::optional<at::Generator>& generator,
+    at::OptionalIntArrayRef place, int64_t base = 0) {
+  const Checked c = check_forward(input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask, place);
   check_draw(state, p_draw, generator, input.device());
-  if (p_draw.has_value()) check_structured(input, mask_shape);
+  if (p_draw.has_value()) check_structured(input, c.mask);
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(input.device());
   const CallState cs = call_state(exec, input, state, p_draw, generator);
-  at::Tensor bits = mask_bits_output(input, cs.present, mask_shape, pack_mask);
+  at::Tensor bits = mask_bits_output(input, cs.present, c.mask, pack_mask);
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) {
@@ -223,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_op(
     return {like_input(input, out), bits, cs.output(input)};
   }
   const int sms = exec.sm_count();
-  Prepared p = prepare(exec, sms, x, act, cs.ref, mask_shape, mask_bits, base);
+  Prepared p = prepare(exec, sms, x, c.act, cs.ref, c.mask, mask_bits, base);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   DropoutArgs& a = p.args;
@@ -241,8 +242,10 @@ template <class Exec>
 std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
     const Exec& exec, const at::Tensor& grad, const std::optional<at::Tensor>& input,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view activation,
-    at::IntArrayRef mask_shape, bool bias_grad, const std::optional<at::Tensor>& mask_bits, int64_t base = 0) {
-  const Act act = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits);
+    at::IntArrayRef mask_shape, bool bias_grad, const std::optional<at::Tensor>& mask_bits,
+    at::OptionalIntArrayRef place, int64_t base = 0) {
+  const Checked c = check_backward(grad, input, bias, state, activation, mask_shape, bias_grad, mask_bits, place);
+  const Act act = c.act;
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(grad.device());
   const at::Tensor g = grad.contiguous();
@@ -256,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
   if (n == 0) return {like_input(grad, dx), dbias};
   const int sms = exec.sm_count();
   const CallState cs = call_state(exec, g, state, std::nullopt, std::nullopt);
-  Prepared p = prepare(exec, sms, g, act, cs.ref, mask_shape, mask_bits, base);
+  Prepared p = prepare(exec, sms, g, act, cs.ref, c.mask, mask_bits, base);
   DropoutArgs& a = p.args;
   a.grad = g.const_data_ptr();
   a.x = ptr_or_null(x);
@@ -276,8 +279,9 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
 }
 
 template <class Exec>
-at::Tensor dropout_mask_op(const Exec& exec, const at::Tensor& state, at::IntArrayRef shape, int64_t base = 0) {
-  check_mask_args(state, shape);
+at::Tensor dropout_mask_op(const Exec& exec, const at::Tensor& state, at::IntArrayRef shape,
+                           at::OptionalIntArrayRef place, int64_t base = 0) {
+  const IndexMap map = check_mask_args(state, shape, place);
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(state.device());
   at::Tensor out = at::empty(shape, state.options().dtype(at::kBool));
@@ -287,7 +291,8 @@ at::Tensor dropout_mask_op(const Exec& exec, const at::Tensor& state, at::IntArr
   m.out = out.data_ptr<bool>();
   m.n = out.numel();
   m.state = cs.ref;
-  m.base = base;
+  m.map = map;
+  m.map.base += base;
   exec.mask(m, exec.sm_count());
   return out;
 }
@@ -314,8 +319,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
     const Exec& exec, const at::Tensor& input, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view norm, double eps, bool residual_in_fp32,
-    const std::optional<double>& p_draw, const std::optional<at::Generator>& generator, int64_t base = 0) {
+    const std::optional<double>& p_draw, const std::optional<at::Generator>& generator,
+    at::OptionalIntArrayRef place, int64_t base = 0) {
   const Norm kind = check_norm_forward(input, residual, weight, bias, state, norm, eps, residual_in_fp32);
+  const IndexMap map = norm_map(input.sizes(), place);
   check_draw(state, p_draw, generator, input.device());
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(input.device());
@@ -340,7 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   a.H = x.size(-1);
   a.eps = eps;
   a.state = cs.ref;
-  a.base = base;
+  a.map = map;
+  a.map.base += base;
   a.x = x.const_data_ptr();
   a.residual = ptr_or_null(r);
   a.weight = ptr_or_null(w);
@@ -358,8 +366,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_back
     const Exec& exec, const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask,
-    int64_t base = 0) {
+    at::OptionalIntArrayRef place, int64_t base = 0) {
   const Norm kind = check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask);
+  const IndexMap map = norm_map(grad.sizes(), place);
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(grad.device());
   at::Tensor gi, gr, gw, gb;
@@ -383,7 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_back
   a.rows = norm_rows(g);
   a.H = g.size(-1);
   a.state = cs.ref;
-  a.base = base;
+  a.map = map;
+  a.map.base += base;
   a.weight = ptr_or_null(w);
   a.grad = g.const_data_ptr();
   a.grad_h = ptr_or_null(gh);

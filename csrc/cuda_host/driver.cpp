@@ -74,36 +74,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_host_fused_dropout(
     const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
     const std::optional<at::Tensor>& mask_bits, bool pack_mask, std::optional<double> p,
-    const std::optional<at::Generator>& generator) {
+    const std::optional<at::Generator>& generator, at::OptionalIntArrayRef place) {
   return fused_dropout_op(HostExec{}, input, bias, residual, state, activation, mask_shape, mask_bits, pack_mask, p,
-                          generator);
+                          generator, place);
 }
 
 std::tuple<at::Tensor, at::Tensor> cuda_host_fused_dropout_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    bool bias_grad, const std::optional<at::Tensor>& mask_bits) {
+    bool bias_grad, const std::optional<at::Tensor>& mask_bits, at::OptionalIntArrayRef place) {
   return fused_dropout_backward_op(HostExec{}, grad, input, bias, state, activation, mask_shape, bias_grad,
-                                   mask_bits);
+                                   mask_bits, place);
 }
 
-at::Tensor cuda_host_dropout_mask(const at::Tensor& state, at::IntArrayRef shape) {
-  return dropout_mask_op(HostExec{}, state, shape);
+at::Tensor cuda_host_dropout_mask(const at::Tensor& state, at::IntArrayRef shape,
+                                 at::OptionalIntArrayRef place) {
+  return dropout_mask_op(HostExec{}, state, shape, place);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_host_dropout_add_norm(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
-    bool residual_in_fp32, std::optional<double> p, const std::optional<at::Generator>& generator) {
+    bool residual_in_fp32, std::optional<double> p, const std::optional<at::Generator>& generator,
+    at::OptionalIntArrayRef place) {
   return dropout_add_norm_op(HostExec{}, input, residual, weight, bias, state, norm, eps, residual_in_fp32, p,
-                             generator);
+                             generator, place);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_host_dropout_add_norm_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask) {
-  return dropout_add_norm_backward_op(HostExec{}, grad, grad_h, h, weight, mean, rstd, state, norm, output_mask);
+    const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask,
+    at::OptionalIntArrayRef place) {
+  return dropout_add_norm_backward_op(HostExec{}, grad, grad_h, h, weight, mean, rstd, state, norm, output_mask,
+                                      place);
 }
 
 // --- test entry points ---------------------------------------------------------
@@ -136,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor> test_fused_dropout(
   check_base(base, input.numel(), is_structured(input, mask_shape));
   at::Tensor y, bits, drawn;
   std::tie(y, bits, drawn) = fused_dropout_op(test_exec(sm_count), input, bias, residual, state, activation,
-                                              mask_shape, mask_bits, pack_mask, std::nullopt, std::nullopt, base);
+                                              mask_shape, mask_bits, pack_mask, std::nullopt, std::nullopt,
+                                              std::nullopt, base);
   return {y, bits};
 }
 
@@ -149,12 +154,12 @@ std::tuple<at::Tensor, at::Tensor> test_fused_dropout_backward(
   TORCH_CHECK_VALUE(!bias_grad || base % last_dim(grad) == 0, "with bias_grad, base must be a multiple of the "
                     "last dimension");
   return fused_dropout_backward_op(test_exec(sm_count), grad, input, bias, state, activation, mask_shape, bias_grad,
-                                   mask_bits, base);
+                                   mask_bits, std::nullopt, base);
 }
 
 at::Tensor test_dropout_mask(const at::Tensor& state, at::IntArrayRef shape, int64_t base, int64_t sm_count) {
   check_base(base, c10::multiply_integers(shape), false);
-  return dropout_mask_op(test_exec(sm_count), state, shape, base);
+  return dropout_mask_op(test_exec(sm_count), state, shape, std::nullopt, base);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm(
@@ -165,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm
   at::Tensor y, h, mean, rstd, drawn;
   std::tie(y, h, mean, rstd, drawn) = dropout_add_norm_op(test_exec(sm_count), input, residual, weight, bias, state,
                                                           norm, eps, residual_in_fp32, std::nullopt, std::nullopt,
-                                                          base);
+                                                          std::nullopt, base);
   return {y, h, mean, rstd};
 }
 
@@ -176,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm
     int64_t sm_count) {
   check_base(base, grad.numel(), false);
   return dropout_add_norm_backward_op(test_exec(sm_count), grad, grad_h, h, weight, mean, rstd, state, norm,
-                                      output_mask, base);
+                                      output_mask, std::nullopt, base);
 }
 
 // [col_units, row_lanes, rows_per_block, row_blocks, grid.x, grid.y] of the
