@@ -8,10 +8,12 @@ arithmetic, masks, index math, vector/scalar paths and launch layout on any
 machine, GPU or not, and never skips.
 
 The test-only ops of the dropout_ext_testing namespace take the launch's SM
-count (small grids: several units per thread) and the logical index of
-element 0 (index arithmetic past 2**31 and 2**32 without allocating).
+count (small grids: several units per thread) and a shift of every
+element's global index (index arithmetic past 2**31 and 2**32 without
+allocating), besides the ops' own place.
 """
 
+import itertools
 import math
 import struct
 
@@ -341,15 +343,14 @@ def test_launch_layout_changes_no_bit_of_the_outputs():
 
 def _expected_at(x, bias, res, grad, p, activation, base, keep=None):
     """(forward, dx, keep, dx before its rounding) of the elements
-    base .. base + n - 1 of a huge tensor whose last dimension is x's: keep
-    bits (unless given) and bias columns from the logical index
-    (reference.keep_for_indices), math as the reference's."""
+    base .. base + n - 1 of a huge tensor: keep bits (unless given) from the
+    logical index (reference.keep_for_indices), bias columns x's own (a
+    shard's bias is its slice), math as the reference's."""
     acc = math_dtype(x.dtype)
-    H = x.shape[-1]
     idx = base + torch.arange(x.numel(), dtype=torch.int64)
     if keep is None:
         keep = ref.keep_for_indices(idx, p, SEED, OFFSET).reshape(x.shape)
-    v = x.to(acc) + bias.to(acc)[idx % H].reshape(x.shape)
+    v = x.to(acc) + bias.to(acc)
     scale = 1.0 / (1.0 - p)
     kept = ref.activation_forward(v, activation) * scale
     y = res.to(acc) + torch.where(keep, kept, torch.copysign(torch.zeros_like(kept), kept))
@@ -373,8 +374,7 @@ def _base_before(boundary, H=48):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_index_arithmetic_past_2_31_and_2_32(boundary, dtype):
     """Elements whose logical index crosses 2**31, 2**32 and 2**34 (where the
-    Philox counter's second word becomes nonzero): keep bits, bias columns
-    (base % H by the kernels' multiply-shift division) and the bias
+    Philox counter's second word becomes nonzero): keep bits and the bias
     gradient's rows, against keep_for_indices."""
     shape = (40, 48)
     base = _base_before(boundary)
@@ -420,8 +420,7 @@ def _random_bits(shape, seed):
 def test_packed_mode_past_2_31_and_2_32(boundary, dtype):
     """Packing at logical indices across 2**31, 2**32 and 2**34: the bits are
     those of the logical indices, stored from byte 0; reading: the given bits
-    of element 0 on, bias columns still from the logical index, the bias
-    gradient's rows kernel included."""
+    of element 0 on, the bias gradient's rows kernel included."""
     shape = (40, 48)
     base = _base_before(boundary)
     x, bias, res, grad = make_inputs(shape, dtype, seed=6)
@@ -801,3 +800,211 @@ def test_norm_launch_plans():
     plans = _launches("norm_backward", 2**20 * 1024, 1024, torch.bfloat16, "identity", bias_grad=True)
     assert plans == [(H100_SMS * want_b, 1, want_b)] + [(1024 // 256, 1, reduce)] * 2
     assert _launches("norm_backward", 3 * 7, 7, torch.float32, "identity") == [(3, 1, want_b)]
+
+
+# --- sharded calls (place) --------------------------------------------------------------
+# A shard given its place draws each element at its index in the global
+# tensor (csrc/index_map.h, the kernels' ShardMap). The conformance suite
+# checks a shard against the unsharded call on every backend; here the
+# kernels' own paths of a strided map: runs shorter than a unit and than a
+# Philox group, pack bytes across runs, the bias-gradient kernel's rows of a
+# split column range, several units per thread, keep-all and drop-all,
+# indices past 2**32. Each case also shows that the place decides: the same
+# local call without it draws other bits.
+
+def _block(t, start, local):
+    return t[tuple(slice(s, s + n) for s, n in zip(start, local))]
+
+
+def _tiles(cuts):
+    """(start, local) of the blocks of a tiling: cuts[d] the boundaries along dimension d."""
+    per_dim = [list(zip(c[:-1], (b - a for a, b in zip(c[:-1], c[1:])))) for c in cuts]
+    for combo in itertools.product(*per_dim):
+        yield tuple(s for s, _ in combo), tuple(n for _, n in combo)
+
+
+@pytest.mark.parametrize("p", [0.4, 0.0, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_place_tiles_of_runs_shorter_than_a_unit(dtype, p):
+    """The last dimension cut into pieces of 1 to 3 elements at odd starts and
+    the first one at row 1: every shard's y, packed bits and dx (drawn, and
+    read from its bits) are the unsharded call's block; a pack byte spans
+    up to eight runs, a unit several."""
+    global_shape = (6, 5, 11)
+    cuts = [(0, 1, 6), (0, 5), (0, 1, 4, 6, 9, 11)]
+    x, bias, res, grad = make_inputs(global_shape, dtype, seed=21)
+    st = state(p)
+    y, _ = testing.cuda_host_fused_dropout(x, bias, res, st, "gelu", [], 0, H100_SMS)
+    dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, "gelu", [], False, 0, H100_SMS)
+    keep = ops.cuda_host_dropout_mask(st, list(global_shape))
+    unplaced = torch.empty_like(y)
+    for start, local in _tiles(cuts):
+        place = list(global_shape) + list(start)
+        xl, rl, gl = (_block(t, start, local).contiguous() for t in (x, res, grad))
+        bl = bias[start[-1]:start[-1] + local[-1]].contiguous()
+        yl, packed = testing.cuda_host_fused_dropout(xl, bl, rl, st, "gelu", [], 0, H100_SMS, None, True, place)
+        assert_bitwise_equal(yl, _block(y, start, local))
+        assert torch.equal(packed, ref.pack_bits(_block(keep, start, local)))
+        dxl, _ = testing.cuda_host_fused_dropout_backward(gl, xl, bl, st, "gelu", [], False, 0, H100_SMS, None,
+                                                          place)
+        assert_bitwise_equal(dxl, _block(dx, start, local))
+        read, _ = testing.cuda_host_fused_dropout_backward(gl, xl, bl, st, "gelu", [], False, 0, H100_SMS, packed)
+        assert_bitwise_equal(read, dxl)
+        _block(unplaced, start, local).copy_(testing.cuda_host_fused_dropout(xl, bl, rl, st, "gelu", [], 0,
+                                                                             H100_SMS)[0])
+    assert torch.equal(bits(unplaced), bits(y)) == (p != 0.4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sm_count", [1, H100_SMS])
+def test_place_bias_gradient_of_a_column_range(dtype, sm_count):
+    """A column-parallel shard: columns 5..17 of 29 (rows start mid Philox
+    group and mid byte, units cross no run) and rows 3..36 of 37. The
+    bias-gradient kernel's dx is the unsharded block, its bias gradient the
+    sum of the shard's terms in the kernel's order, and reading the shard's
+    bits gives both again."""
+    activation = "gelu_tanh" if dtype != torch.float64 else "relu"
+    global_shape, start, local = (37, 29), (3, 5), (34, 13)
+    place = list(global_shape) + list(start)
+    x, bias, _, grad = make_inputs(global_shape, dtype, seed=22)
+    st = state(0.35)
+    dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, activation, [], False, 0, sm_count)
+    keep = _block(ops.cuda_host_dropout_mask(st, list(global_shape)), start, local)
+    xl, gl = _block(x, start, local).contiguous(), _block(grad, start, local).contiguous()
+    bl = bias[start[1]:start[1] + local[1]].contiguous()
+    dxl, dbl = testing.cuda_host_fused_dropout_backward(gl, xl, bl, st, activation, [], True, 0, sm_count, None,
+                                                        place)
+    assert_bitwise_equal(dxl, _block(dx, start, local))
+    plan = testing.cuda_bias_grad_plan(local[0], local[1], dtype, activation, sm_count)
+    terms = bias_grad_terms(gl, xl, bl, SEED, OFFSET, 0.35, activation, keep=keep)
+    assert_bitwise_equal(dbl, _kernel_order_dbias(terms, plan, dtype))
+    read = testing.cuda_host_fused_dropout_backward(gl, xl, bl, st, activation, [], True, 0, sm_count,
+                                                    ref.pack_bits(keep))
+    assert_bitwise_equal(read[0], dxl)
+    assert_bitwise_equal(read[1], dbl)
+    unplaced = testing.cuda_host_fused_dropout_backward(gl, xl, bl, st, activation, [], True, 0, sm_count)[0]
+    assert not torch.equal(bits(unplaced), bits(dxl))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_place_grid_stride_loop(dtype):
+    """One SM's grid over a shard of runs of 3 (columns 2..4 of 7): each
+    thread walks several units (forward), pack bytes and mask groups, and
+    every one draws at its own global index."""
+    rows = 2 * 256 * 8 * unit_elems(dtype) // 3 + 5  # above two steps per thread of any planned grid
+    global_shape, start, local = (rows, 7), (0, 2), (rows, 3)
+    place = list(global_shape) + list(start)
+    for op, steps in (("forward", rows * 3 // unit_elems(dtype)), ("forward_packed", rows * 3 // 8),
+                      ("mask", rows * 3 // 4)):
+        grid_x, _, _ = _launches(op, rows * 3, 3, dtype, "silu", sm_count=1)[0]
+        assert steps >= 2 * grid_x * 256, op
+    x, bias, res, _ = make_inputs(global_shape, dtype, seed=23)
+    st = state(0.25)
+    y = testing.cuda_host_fused_dropout(x, bias, res, st, "silu", [], 0, H100_SMS)[0]
+    keep = _block(testing.cuda_host_dropout_mask(st, list(global_shape), 0, H100_SMS), start, local)
+    xl, rl = _block(x, start, local).contiguous(), _block(res, start, local).contiguous()
+    bl = bias[2:5].contiguous()
+    assert_bitwise_equal(testing.cuda_host_fused_dropout(xl, bl, rl, st, "silu", [], 0, 1, None, False, place)[0],
+                         _block(y, start, local))
+    yl, packed = testing.cuda_host_fused_dropout(xl, bl, rl, st, "silu", [], 0, 1, None, True, place)
+    assert_bitwise_equal(yl, _block(y, start, local))
+    assert torch.equal(packed, ref.pack_bits(keep))
+    m = testing.cuda_host_dropout_mask(st, list(local), 0, 1, place)
+    assert torch.equal(m, keep)
+    assert not torch.equal(m, testing.cuda_host_dropout_mask(st, list(local), 0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_place_past_2_32(dtype):
+    """A shard of a (3, 2**33, 5) tensor, runs of 3 with strides 5 and
+    5 * 2**33, rows across index 2**32 of their dimension: keep bits,
+    packed bits, y and dx are the reference's at the global indices (no
+    such tensor is allocated), at one SM and at an H100's."""
+    global_shape, start, local = (3, 2**33, 5), (1, 2**32 - 2, 1), (2, 4, 3)
+    place = list(global_shape) + list(start)
+    x, bias, res, grad = make_inputs(local, dtype, seed=24)
+    p = 0.5
+    keep = ref.dropout_mask(local, p, SEED, OFFSET, place=place)
+    assert not torch.equal(keep, ref.dropout_mask(local, p, SEED, OFFSET))
+    y_want = ref.fused_dropout(x, bias, res, SEED, OFFSET, p, "relu", keep=keep)
+    dx_want = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, p, "relu", keep=keep)[0]
+    for sm_count in (1, H100_SMS):
+        assert torch.equal(testing.cuda_host_dropout_mask(state(p), list(local), 0, sm_count, place), keep)
+        y, packed = testing.cuda_host_fused_dropout(x, bias, res, state(p), "relu", [], 0, sm_count, None, True,
+                                                    place)
+        assert_bitwise_equal(y, y_want)
+        assert torch.equal(packed, ref.pack_bits(keep))
+        for bias_grad in (False, True):
+            dx, _ = testing.cuda_host_fused_dropout_backward(grad, x, bias, state(p), "relu", [], bias_grad, 0,
+                                                             sm_count, None, place)
+            assert_bitwise_equal(dx, dx_want)
+
+
+# (global shape, global mask shape, cuts): channels cut into 1, 3 and 2 with
+# the batch cut too (the small mask's map strided), and a mask over (C, H)
+# whose shards' masks are single runs at odd starts.
+PLACE_STRUCTURED = [
+    ((4, 6, 5, 7), (4, 6, 1, 1), [(0, 3, 4), (0, 1, 4, 6), (0, 5), (0, 7)]),
+    ((4, 6, 5, 7), (1, 6, 5, 1), [(0, 4), (0, 1, 4, 6), (0, 2, 5), (0, 7)]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("global_shape,mask_shape,cuts", PLACE_STRUCTURED)
+def test_place_structured_mask_tiles(dtype, global_shape, mask_shape, cuts):
+    """Every shard of a structured mask applies the block of the global small
+    mask, drawn by the mask kernel at the small mask's global indices: y and
+    dx (of the bias-gradient kernel) are the unsharded call's blocks, at one
+    SM."""
+    x, bias, res, grad = make_inputs(global_shape, dtype, seed=25)
+    st = state(0.5)
+    ms = list(mask_shape)
+    y = testing.cuda_host_fused_dropout(x, bias, res, st, "relu", ms, 0, H100_SMS)[0]
+    dx = testing.cuda_host_fused_dropout_backward(grad, x, bias, st, "relu", ms, False, 0, H100_SMS)[0]
+    unplaced = torch.empty_like(y)
+    for start, local in _tiles(cuts):
+        place = list(global_shape) + list(start)
+        xl, rl, gl = (_block(t, start, local).contiguous() for t in (x, res, grad))
+        bl = bias[start[-1]:start[-1] + local[-1]].contiguous()
+        yl = testing.cuda_host_fused_dropout(xl, bl, rl, st, "relu", ms, 0, 1, None, False, place)[0]
+        assert_bitwise_equal(yl, _block(y, start, local))
+        dxl = testing.cuda_host_fused_dropout_backward(gl, xl, bl, st, "relu", ms, True, 0, 1, None, place)[0]
+        assert_bitwise_equal(dxl, _block(dx, start, local))
+        local_ms = [m if m == 1 else n for m, n in zip(mask_shape, local)]
+        _block(unplaced, start, local).copy_(testing.cuda_host_fused_dropout(xl, bl, rl, st, "relu", local_ms, 0,
+                                                                             1)[0])
+    assert not torch.equal(bits(unplaced), bits(y))
+
+
+@pytest.mark.parametrize("H", [77, 4097])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_place_norm_of_split_rows(norm, H):
+    """A sequence-parallel shard of whole rows (rows 2..4 of 6 and 1..3 of 5:
+    a strided map whose rows start off Philox groups), in registers and
+    read again from memory, at one SM (rounds of rows per block) and an
+    H100's: y, h, the statistics and dx, dh are the unsharded call's
+    blocks; the weight and bias gradients the sums of the shard's terms."""
+    dtype = torch.bfloat16
+    global_shape, start, local = (6, 5, H), (2, 1, 0), (3, 3, H)
+    place = list(global_shape) + list(start)
+    x, res, w, b, grad, grad_h = _norm_inputs(global_shape, dtype, False, dtype, seed=H)
+    st = state(0.3)
+    full = testing.cuda_host_dropout_add_norm(x, res, w, b, st, norm, 1e-5, False, 0, H100_SMS)
+    mask = [True] * 4
+    full_grads = testing.cuda_host_dropout_add_norm_backward(grad, grad_h, full[1], w, full[2], full[3], st, norm,
+                                                             mask, 0, H100_SMS)
+    rows = lambda t: _block(t.reshape(global_shape[:-1]), start, local[:-1]).reshape(-1)  # noqa: E731
+    xl, rl, gl, ghl = (_block(t, start, local).contiguous() for t in (x, res, grad, grad_h))
+    for sm_count in (1, H100_SMS):
+        part = testing.cuda_host_dropout_add_norm(xl, rl, w, b, st, norm, 1e-5, False, 0, sm_count, place)
+        for got, want in zip(part[:2], full[:2]):
+            assert_bitwise_equal(got, _block(want, start, local))
+        for got, want in zip(part[2:], full[2:]):
+            assert_bitwise_equal(got, rows(want) if want.numel() else want)
+        grads = testing.cuda_host_dropout_add_norm_backward(gl, ghl, part[1], w, part[2], part[3], st, norm, mask, 0,
+                                                            sm_count, place)
+        for got, want in zip(grads[:2], full_grads[:2]):
+            assert_bitwise_equal(got, _block(want, start, local))
+        check_norm_param_grads(grads[2], grads[3], gl, part[1], part[2], part[3], norm)
+    unplaced = testing.cuda_host_dropout_add_norm(xl, rl, w, b, st, norm, 1e-5, False, 0, H100_SMS)
+    assert not torch.equal(bits(unplaced[1]), bits(part[1]))

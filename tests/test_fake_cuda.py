@@ -358,6 +358,49 @@ def test_make_fx_trace_stays_on_gpu(case, seed, training, backend, monkeypatch):
     assert grads[0] is not None, "the trace computes no gradient for the input"
 
 
+# --- sharded calls -------------------------------------------------------------
+
+def _sharded_calls(x, bias, res, grad, x4, w):
+    """Every op given a place: x a (6, 5, 3) shard at (1, 0, 4) of (7, 5, 11)
+    (its packed bits the shard's size), x4 a (4, 3, 5, 7) shard at
+    (0, 2, 0, 0) of (4, 6, 5, 7) under a channel mask of the global shape,
+    and x's rows normalised whole at (1, 0, 0) of (7, 5, 3)."""
+    ops = torch.ops.dropout_ext
+    place = [7, 5, 11, 1, 0, 4]
+    y, bits, st = ops.fused_dropout(x, bias, res, None, "gelu", [], None, True, 0.1, None, place)
+    assert bits.shape == ((x.numel() + 7) // 8,)
+    dx, db = ops.fused_dropout_backward(grad, x, bias, st, "gelu", [], True, None, place)
+    keep = ops.dropout_mask(st, list(x.shape), place)
+    y4 = ops.fused_dropout(x4, None, None, None, "relu", [4, 6, 1, 1], None, False, 0.2, None,
+                           [4, 6, 5, 7, 0, 2, 0, 0])[0]
+    rows = [7, 5, 3, 1, 0, 0]
+    out, h, mean, rstd, nst = ops.dropout_add_norm(x, res, w, None, None, "layer", 1e-5, False, 0.1, None, rows)
+    gi = ops.dropout_add_norm_backward(grad, None, h, w, mean, rstd, nst, "layer", [True, False, True, False],
+                                       rows)[0]
+    return y + dx + keep + out + gi, db, y4
+
+
+def test_sharded_ops_stay_on_gpu():
+    """The ops given a place compile into one graph and trace with make_fx on
+    the GPU alone: the place is a list of ints in the graph, checked and
+    shaped by the fake kernels with no device value read."""
+    def inputs():
+        return (_x(6, 5, 3), _x(3), _x(6, 5, 3), _x(6, 5, 3), _x(4, 3, 5, 7), _x(3))
+
+    aot = CompileCounterWithBackend("aot_eager")
+    with _fake_mode():
+        with torch.no_grad():
+            outs = torch.compile(_sharded_calls, fullgraph=True, backend=aot)(*inputs())
+        assert [tuple(o.shape) for o in outs] == [(6, 5, 3), (3,), (4, 3, 5, 7)]
+    assert aot.frame_count == 1, f"{aot.frame_count} graphs"
+    off_gpu = _off_gpu(aot.graphs, "example_value")
+    assert not off_gpu, "tensors off the GPU in the compiled graph:\n" + "\n".join(off_gpu)
+    with _fake_mode():
+        gm = make_fx(_sharded_calls, tracing_mode="fake")(*inputs())
+    problems = _problems(gm)
+    assert not problems, "\n".join(problems) + "\n\n" + gm.print_readable(print_output=False)
+
+
 # backend lookup and fused modules
 
 def test_fused_modules_of_a_gpu_model_keep_p_as_data():

@@ -65,6 +65,31 @@ inline FastDiv make_fast_div(uint64_t d) {
   return f;
 }
 
+// A shard's index map (index_map.h's IndexMap) as the kernels take it: its
+// divisors as FastDiv, so a strided map costs no 64-bit division routine.
+// ndims == 0 is the identity shifted by base, every unsharded call's map.
+struct ShardMap {
+  int64_t base = 0;
+  FastDiv run;
+  int ndims = 0;
+  FastDiv size[kMaxMapDims] = {};
+  int64_t stride[kMaxMapDims] = {};
+};
+
+// The kernels' form of map, its global indices shifted by `shift` (the host
+// driver's tests).
+inline ShardMap shard_map(const IndexMap& map, int64_t shift = 0) {
+  ShardMap m;
+  m.base = map.base + shift;
+  m.run = make_fast_div(static_cast<uint64_t>(map.run));
+  m.ndims = map.ndims;
+  for (int k = 0; k < map.ndims; ++k) {
+    m.size[k] = make_fast_div(static_cast<uint64_t>(map.size[k]));
+    m.stride[k] = map.stride[k];
+  }
+  return m;
+}
+
 // A structured (broadcast) mask: the small keep mask, read through the
 // input's dimensions collapsed on the host (size-1 dimensions dropped,
 // neighbours merged where the mask index is linear across them), innermost
@@ -96,7 +121,7 @@ struct DropoutArgs {
   // an unsharded tensor, a shard's global indices under `place`. The host
   // driver's tests also shift its base (a multiple of 16) to run the index
   // arithmetic of elements past 2**31 and 2**32 without allocating them.
-  IndexMap map;
+  ShardMap map;
   StructuredMask mask;
   // The packed keep mask of a full mask: element e (the local element,
   // whatever the map) at bit e % 8 of byte e / 8. bits_in: read instead of
@@ -114,7 +139,7 @@ struct MaskArgs {
   bool* out = nullptr;
   int64_t n = 0;
   StateRef state;
-  IndexMap map;      // as DropoutArgs::map
+  ShardMap map;      // as DropoutArgs::map
 };
 
 // 64-bit, so a plan past a launch limit reaches launch_refusal intact
@@ -234,7 +259,7 @@ struct NormArgs {
   int64_t H = 0;
   double eps = 0.0;
   StateRef state;                  // as DropoutArgs::state
-  IndexMap map;                    // as DropoutArgs::map; a row is one run of it
+  ShardMap map;                    // as DropoutArgs::map; a row is one run of it
   const void* weight = nullptr;
   // forward
   const void* x = nullptr;

@@ -263,6 +263,38 @@ DX_HD int64_t fast_mod(int64_t n, const FastDiv& d) {
   return static_cast<int64_t>(static_cast<uint64_t>(n) - q * d.divisor);
 }
 
+// Global index of local element i under a strided map (ndims >= 1), and in
+// left how many elements from i on are consecutive there too (to its run's
+// end). Unrolled over kMaxMapDims as structured_index is; the outermost
+// dimension's digit is the quotient left, with no division.
+DX_HD int64_t strided_global(const ShardMap& m, int64_t i, int64_t& left) {
+  uint64_t q = fast_div(static_cast<uint64_t>(i), m.run);
+  const int64_t in_run = static_cast<int64_t>(static_cast<uint64_t>(i) - q * m.run.divisor);
+  left = static_cast<int64_t>(m.run.divisor) - in_run;
+  int64_t g = m.base + in_run;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < kMaxMapDims; ++k) {
+    if (k == m.ndims - 1) {
+      g += static_cast<int64_t>(q) * m.stride[k];
+    } else if (k < m.ndims) {
+      const uint64_t next = fast_div(q, m.size[k]);
+      g += static_cast<int64_t>(q - next * m.size[k].divisor) * m.stride[k];
+      q = next;
+    }
+  }
+  return g;
+}
+
+// Global index of local element i: base + i for the identity (one uniform
+// branch, no division), else strided_global's.
+DX_HD int64_t map_global(const ShardMap& m, int64_t i) {
+  if (m.ndims == 0) return m.base + i;
+  int64_t unused;
+  return strided_global(m, i, unused);
+}
+
 // --- keep bits --------------------------------------------------------------------
 
 // Mask index of element e (local row-major index) of a structured mask, and
@@ -370,17 +402,21 @@ DX_HD uint32_t philox_keep(const MaskParams& mp, int64_t i0, int len) {
 // under the map: one range for an unsharded tensor (the identity) and for a
 // shard that is one run of the global tensor; else one range per run the
 // elements cross (a shard's run ends where its slice of a row does).
+// keep_all and drop_all are uniform branches, as in philox_keep.
 template <int E>
-DX_HD uint32_t mapped_keep(const MaskParams& mp, const IndexMap& map, int64_t e0, int len) {
-  if (map.contiguous()) return philox_keep<E>(mp, map.base + e0, len);
+DX_HD uint32_t mapped_keep(const MaskParams& mp, const ShardMap& map, int64_t e0, int len) {
+  if (map.ndims == 0) return philox_keep<E>(mp, map.base + e0, len);
   if (mp.keep_all) return (1u << E) - 1u;
+  if (mp.drop_all) return 0u;
   uint32_t bits = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll 1
 #endif
   for (int j = 0; j < len;) {
-    const int run = static_cast<int>(map.run_from(e0 + j, len - j));
-    bits |= ungrouped_keep<E>(mp, map.global(e0 + j), run) << j;
+    int64_t left;
+    const int64_t g = strided_global(map, e0 + j, left);
+    const int run = left < len - j ? static_cast<int>(left) : len - j;
+    bits |= ungrouped_keep<E>(mp, g, run) << j;
     j += run;
   }
   return bits;
@@ -390,7 +426,7 @@ DX_HD uint32_t mapped_keep(const MaskParams& mp, const IndexMap& map, int64_t e0
 // there is one (it was drawn with these MaskParams, so keep_all still means
 // every bit set).
 template <int E>
-DX_HD uint32_t unit_keep(const MaskParams& mp, const StructuredMask& sm, const IndexMap& map, int64_t e0, int len) {
+DX_HD uint32_t unit_keep(const MaskParams& mp, const StructuredMask& sm, const ShardMap& map, int64_t e0, int len) {
   if (mp.keep_all) return (1u << E) - 1u;
   if (sm.keep != nullptr) return structured_keep<E>(sm, e0, len);
   return mapped_keep<E>(mp, map, e0, len);
@@ -418,8 +454,9 @@ DX_HD uint32_t packed_keep(const uint8_t* bits, int64_t e0, int len) {
 }
 
 // Keep bits of len elements from local element e0 in mask mode M. A packed
-// mask is a full one, so packing draws from Philox with no structured path; reading draws nothing and ignores p's keep-all
-// and drop-all: the bits say what is kept, p only gives the scale.
+// mask is a full one, so packing draws from Philox with no structured path;
+// reading draws nothing and ignores p's keep-all and drop-all: the bits say
+// what is kept, p only gives the scale.
 template <int E, MaskBits M>
 DX_HD uint32_t mode_keep(const MaskParams& mp, const DropoutArgs& a, int64_t e0, int len) {
   if constexpr (M == MaskBits::kRead) {

@@ -7,12 +7,13 @@
 // a round each, see has_local). Thread t owns the row's runs of N
 // elements (a unit: 8 half/bfloat16, 4 float/double) at run indices t,
 // t + 256, ...; a run starting at local element e draws its keep bits
-// with philox_keep from the map's global(e), so element (r, j) has the
-// contract's bit of flat index r * H + j (of the global tensor, for a
-// shard: its rows are whole, so a row is consecutive there too). While a row has at most R runs per thread they stay
-// in the thread's registers between the passes over the row; a longer row
-// is read again from global memory (the forward re-reads the h it wrote,
-// each thread its own elements, so no barrier is needed for that).
+// with philox_keep from e's global index (map_global), so element (r, j)
+// has the contract's bit of flat index r * H + j (of the global tensor, for
+// a shard: its rows are whole, so a row is consecutive there too). While a
+// row has at most R runs per thread they stay in the thread's registers
+// between the passes over the row; a longer row is read again from global
+// memory (the forward re-reads the h it wrote, each thread its own
+// elements, so no barrier is needed for that).
 //
 // Row sums go through shared memory in a fixed order (fold_partials), so
 // the host driver reproduces the GPU's statistics bit for bit: no warp
@@ -214,7 +215,7 @@ struct NormForwardKernel {
     load_wide(static_cast<const T*>(a.x), e0, len, vec, x);
     acc_t r[N] = {};
     if (a.residual != nullptr) load_wide(static_cast<const Hd*>(a.residual), e0, len, vec, r);
-    const uint32_t keep = philox_keep<N>(mp, a.map.global(e0), len);
+    const uint32_t keep = philox_keep<N>(mp, map_global(a.map, e0), len);
     Hd out[N];
     DX_UNROLL
     for (int j = 0; j < N; ++j) {
@@ -463,7 +464,7 @@ struct NormBackwardKernel {
       }
       if (a.grad_residual != nullptr) store_narrow<Hd>(a.grad_residual, r.e_row + c0, len, vec, dh);
       if (a.grad_input != nullptr) {
-        const uint32_t keep = philox_keep<N>(s.mp, a.map.global(r.e_row + c0), len);
+        const uint32_t keep = philox_keep<N>(s.mp, map_global(a.map, r.e_row + c0), len);
         acc_t gi[N];
         DX_UNROLL
         for (int j = 0; j < N; ++j) gi[j] = drop_value(dh[j] * s.scale, (keep >> j) & 1u);

@@ -157,7 +157,7 @@ Structured structured_mask(const Exec& exec, int sms, const at::Tensor& input, c
   m.out = s.keep.data_ptr<bool>();
   m.n = s.keep.numel();
   m.state = state;
-  m.map = plan.map;
+  m.map = shard_map(plan.map);
   exec.mask(m, sms);
   s.view.keep = s.keep.const_data_ptr<bool>();
   return s;
@@ -193,8 +193,7 @@ Prepared prepare(const Exec& exec, int sms, const at::Tensor& t, Act act, const 
   a.n = t.numel();
   a.H = make_fast_div(static_cast<uint64_t>(last_dim(t)));
   a.state = state;
-  if (plan.full) a.map = plan.map;
-  a.map.base += base;
+  a.map = shard_map(plan.full ? plan.map : IndexMap{}, base);
   a.mask = p.mask.view;
   a.bits_in = p.bits_in.defined() ? p.bits_in.const_data_ptr<uint8_t>() : nullptr;
   return p;
@@ -291,8 +290,7 @@ at::Tensor dropout_mask_op(const Exec& exec, const at::Tensor& state, at::IntArr
   m.out = out.data_ptr<bool>();
   m.n = out.numel();
   m.state = cs.ref;
-  m.map = map;
-  m.map.base += base;
+  m.map = shard_map(map, base);
   exec.mask(m, exec.sm_count());
   return out;
 }
@@ -347,8 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   a.H = x.size(-1);
   a.eps = eps;
   a.state = cs.ref;
-  a.map = map;
-  a.map.base += base;
+  a.map = shard_map(map, base);
   a.x = x.const_data_ptr();
   a.residual = ptr_or_null(r);
   a.weight = ptr_or_null(w);
@@ -392,8 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_back
   a.rows = norm_rows(g);
   a.H = g.size(-1);
   a.state = cs.ref;
-  a.map = map;
-  a.map.base += base;
+  a.map = shard_map(map, base);
   a.weight = ptr_or_null(w);
   a.grad = g.const_data_ptr();
   a.grad_h = ptr_or_null(gh);

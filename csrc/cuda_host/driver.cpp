@@ -111,12 +111,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_host_dropout_add
 }
 
 // --- test entry points ---------------------------------------------------------
-// The same ops with the launch's SM count and the logical index of element 0
-// as arguments: tests run small grids (several units per thread) and index
-// arithmetic past 2**31 and 2**32 without allocating such tensors. Like the
-// GPU's, they leave p unread on the host, so the kernels' sanitising of a p
-// outside [0, 1] is what runs. mask_bits and pack_mask are the ops' own:
-// the packed mask counts from element 0, whatever base is.
+// The same ops with the launch's SM count and a shift of the global index
+// of every element (base) as arguments: tests run small grids (several
+// units per thread) and index arithmetic past 2**31 and 2**32 without
+// allocating such tensors; place is the ops' own. Like the GPU's, they
+// leave p unread on the host, so the kernels' sanitising of a p outside
+// [0, 1] is what runs. mask_bits and pack_mask are the ops' own: the packed
+// mask counts from element 0, whatever base and place are.
 
 HostExec test_exec(int64_t sm_count) {
   TORCH_CHECK_VALUE(sm_count >= 1 && sm_count <= 1024, "sm_count must be in [1, 1024], got ", sm_count);
@@ -129,48 +130,47 @@ void check_base(int64_t base, int64_t n, bool structured) {
   TORCH_CHECK_VALUE(base == 0 || !structured, "base applies to per-element masks only");
 }
 
-bool is_structured(const at::Tensor& t, at::IntArrayRef mask_shape) {
-  return !mask_shape.empty() && !t.sizes().equals(mask_shape);
+bool is_structured(const at::Tensor& t, at::IntArrayRef mask_shape, at::OptionalIntArrayRef place) {
+  return !mask_plan(t, mask_shape, place).full;
 }
 
 std::tuple<at::Tensor, at::Tensor> test_fused_dropout(
     const at::Tensor& input, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape, int64_t base,
-    int64_t sm_count, const std::optional<at::Tensor>& mask_bits, bool pack_mask) {
-  check_base(base, input.numel(), is_structured(input, mask_shape));
+    int64_t sm_count, const std::optional<at::Tensor>& mask_bits, bool pack_mask, at::OptionalIntArrayRef place) {
+  check_base(base, input.numel(), is_structured(input, mask_shape, place));
   at::Tensor y, bits, drawn;
   std::tie(y, bits, drawn) = fused_dropout_op(test_exec(sm_count), input, bias, residual, state, activation,
-                                              mask_shape, mask_bits, pack_mask, std::nullopt, std::nullopt,
-                                              std::nullopt, base);
+                                              mask_shape, mask_bits, pack_mask, std::nullopt, std::nullopt, place,
+                                              base);
   return {y, bits};
 }
 
 std::tuple<at::Tensor, at::Tensor> test_fused_dropout_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& state, c10::string_view activation, at::IntArrayRef mask_shape,
-    bool bias_grad, int64_t base, int64_t sm_count, const std::optional<at::Tensor>& mask_bits) {
-  check_base(base, grad.numel(), is_structured(grad, mask_shape));
-  // The bias-gradient kernel takes a row's first column to be column 0.
-  TORCH_CHECK_VALUE(!bias_grad || base % last_dim(grad) == 0, "with bias_grad, base must be a multiple of the "
-                    "last dimension");
+    bool bias_grad, int64_t base, int64_t sm_count, const std::optional<at::Tensor>& mask_bits,
+    at::OptionalIntArrayRef place) {
+  check_base(base, grad.numel(), is_structured(grad, mask_shape, place));
   return fused_dropout_backward_op(test_exec(sm_count), grad, input, bias, state, activation, mask_shape, bias_grad,
-                                   mask_bits, std::nullopt, base);
+                                   mask_bits, place, base);
 }
 
-at::Tensor test_dropout_mask(const at::Tensor& state, at::IntArrayRef shape, int64_t base, int64_t sm_count) {
+at::Tensor test_dropout_mask(const at::Tensor& state, at::IntArrayRef shape, int64_t base, int64_t sm_count,
+                             at::OptionalIntArrayRef place) {
   check_base(base, c10::multiply_integers(shape), false);
-  return dropout_mask_op(test_exec(sm_count), state, shape, std::nullopt, base);
+  return dropout_mask_op(test_exec(sm_count), state, shape, place, base);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& state, c10::string_view norm, double eps,
-    bool residual_in_fp32, int64_t base, int64_t sm_count) {
+    bool residual_in_fp32, int64_t base, int64_t sm_count, at::OptionalIntArrayRef place) {
   check_base(base, input.numel(), false);
   at::Tensor y, h, mean, rstd, drawn;
   std::tie(y, h, mean, rstd, drawn) = dropout_add_norm_op(test_exec(sm_count), input, residual, weight, bias, state,
                                                           norm, eps, residual_in_fp32, std::nullopt, std::nullopt,
-                                                          std::nullopt, base);
+                                                          place, base);
   return {y, h, mean, rstd};
 }
 
@@ -178,10 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> test_dropout_add_norm
     const at::Tensor& grad, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& state, c10::string_view norm, std::array<bool, 4> output_mask, int64_t base,
-    int64_t sm_count) {
+    int64_t sm_count, at::OptionalIntArrayRef place) {
   check_base(base, grad.numel(), false);
   return dropout_add_norm_backward_op(test_exec(sm_count), grad, grad_h, h, weight, mean, rstd, state, norm,
-                                      output_mask, std::nullopt, base);
+                                      output_mask, place, base);
 }
 
 // [col_units, row_lanes, rows_per_block, row_blocks, grid.x, grid.y] of the
@@ -351,16 +351,17 @@ TORCH_LIBRARY_IMPL(dropout_ext, CPU, m) {
 // schemas of _ops.py.
 TORCH_LIBRARY_FRAGMENT(dropout_ext_testing, m) {
   m.def("cuda_host_fused_dropout(Tensor input, Tensor? bias, Tensor? residual, Tensor? state, str activation, "
-        "int[] mask_shape, int base, int sm_count, Tensor? mask_bits=None, bool pack_mask=False) "
-        "-> (Tensor, Tensor)");
+        "int[] mask_shape, int base, int sm_count, Tensor? mask_bits=None, bool pack_mask=False, "
+        "int[]? place=None) -> (Tensor, Tensor)");
   m.def("cuda_host_fused_dropout_backward(Tensor grad, Tensor? input, Tensor? bias, Tensor? state, "
-        "str activation, int[] mask_shape, bool bias_grad, int base, int sm_count, Tensor? mask_bits=None) "
-        "-> (Tensor, Tensor)");
-  m.def("cuda_host_dropout_mask(Tensor state, int[] shape, int base, int sm_count) -> Tensor");
+        "str activation, int[] mask_shape, bool bias_grad, int base, int sm_count, Tensor? mask_bits=None, "
+        "int[]? place=None) -> (Tensor, Tensor)");
+  m.def("cuda_host_dropout_mask(Tensor state, int[] shape, int base, int sm_count, int[]? place=None) -> Tensor");
   m.def("cuda_host_dropout_add_norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? state, "
-        "str norm, float eps, bool residual_in_fp32, int base, int sm_count) -> (Tensor, Tensor, Tensor, Tensor)");
+        "str norm, float eps, bool residual_in_fp32, int base, int sm_count, int[]? place=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_host_dropout_add_norm_backward(Tensor grad, Tensor? grad_h, Tensor h, Tensor? weight, Tensor mean, "
-        "Tensor rstd, Tensor? state, str norm, bool[4] output_mask, int base, int sm_count) "
+        "Tensor rstd, Tensor? state, str norm, bool[4] output_mask, int base, int sm_count, int[]? place=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_bias_grad_plan(int rows, int H, ScalarType dtype, str activation, int sm_count) -> int[]");
   m.def("cuda_launch_plan(str op, int n, int H, ScalarType dtype, str activation, bool bias_grad, int sm_count) "
