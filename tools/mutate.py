@@ -179,7 +179,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "cuda_shard_runs_unmapped",
         "the CUDA kernels (run on the host) draw a strided shard's runs at their local indices",
         _one("csrc/cuda/kernel_body.h",
-             "bits |= ungrouped_keep<E>(mp, map.global(e0 + j), run) << j;",
+             "bits |= ungrouped_keep<E>(mp, g, run) << j;",
              "bits |= ungrouped_keep<E>(mp, e0 + j, run) << j;"),
         ("tests/test_conformance.py", "-k", "place and cuda_host"),
     ),
