@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = []
 MEMORY_ROWS = []
 GPT2_ROWS = []
+SHARD_ROWS = []
 
 
 def pytest_addoption(parser):
@@ -196,8 +197,18 @@ def _gpt2_table(rows) -> str:
     return "\n".join(lines)
 
 
+def _shard_table(rows) -> str:
+    head = f"{'sharded call':20} {'dir':17} {'numel':>6} {'layout':9} {'impl':10} {'time':>10} {'x unsharded':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['op']:20} {r['direction']:17} 2^{int(r['numel']).bit_length() - 1:<4} {r['layout']:9} "
+                     f"{r['impl']:10} {r['time_s'] * 1e3:8.3f}ms {r['over_unsharded']:10.3f}x")
+    lines.append("the same local tensor with place= (sharded), without (unsharded), and its clone(), paired rounds")
+    return "\n".join(lines)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not ROWS and not MEMORY_ROWS and not GPT2_ROWS:
+    if not ROWS and not MEMORY_ROWS and not GPT2_ROWS and not SHARD_ROWS:
         return
     device = bench_device(config)
     _add_ratios(ROWS)
@@ -219,6 +230,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if GPT2_ROWS:
         terminalreporter.write_line("")
         terminalreporter.write_line(_gpt2_table(GPT2_ROWS))
+    if SHARD_ROWS:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(_shard_table(SHARD_ROWS))
     if cases.tiny(device, mode):
         return
     out = config.getoption("--bench-out")
@@ -226,8 +240,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tag = f"{device.type}-{mode}"
     path = os.path.join(out, f"bench-{tag}.json")
     with open(path, "w") as f:
-        json.dump({"environment": env, "rows": ROWS, "transformer_block": MEMORY_ROWS, "gpt2_step": GPT2_ROWS}, f,
-                  indent=1)
+        json.dump({"environment": env, "rows": ROWS, "transformer_block": MEMORY_ROWS, "gpt2_step": GPT2_ROWS,
+                   "sharded": SHARD_ROWS}, f, indent=1)
     terminalreporter.write_line(f"results: {path}")
     if not ROWS:
         return

@@ -7,12 +7,13 @@ reference; the mask is a pure function of
 """
 
 from . import _ops
-from . import functional, reference, schedules
+from . import functional, reference, schedules, sharding
 from ._backend import BACKENDS, available_backends
 from .functional import dropout_mask
 from .fusion import LinearDropout, fuse_dropout
 from .modules import (AlphaDropout, DropPath, Dropout, Dropout1d, Dropout2d, Dropout3d, DropoutAddLayerNorm,
                       DropoutAddRMSNorm, FeatureAlphaDropout, FusedDropout, LockedDropout, replace_dropout)
+from .sharding import Place, Split, data_parallel
 
 __all__ = [
     "BACKENDS",
@@ -28,13 +29,17 @@ __all__ = [
     "FusedDropout",
     "LinearDropout",
     "LockedDropout",
+    "Place",
+    "Split",
     "available_backends",
+    "data_parallel",
     "dropout_mask",
     "functional",
     "fuse_dropout",
     "reference",
     "replace_dropout",
     "schedules",
+    "sharding",
 ]
 
 __version__ = "0.1.0"

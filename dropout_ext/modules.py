@@ -9,14 +9,34 @@ from torch import nn
 
 from . import functional as F
 from ._state import p_bits
-from ._validate import check_activation, check_fused_args, check_mask_mode, check_norm_args, check_p, check_tensor
+from .sharding import check_rule
+from ._validate import (check_activation, check_fused_args, check_mask_mode, check_norm_args, check_norm_place, check_p,
+                        check_tensor)
 
 __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
            "LockedDropout", "DropPath", "FusedDropout", "DropoutAddLayerNorm", "DropoutAddRMSNorm",
            "replace_dropout"]
 
 
-class _RuntimeP:
+class _Placed:
+    """A module's ``place``: where its (plain, local) inputs sit in the global
+    tensor (``sharding``: a Place, a Split or a tuple of Splits), or None.
+    Set it by assignment, or for a whole model with
+    ``sharding.data_parallel``."""
+
+    place = None
+
+    def __setattr__(self, name, value):
+        if name == "place":
+            value = check_rule(value)
+        super().__setattr__(name, value)
+
+    def _words(self, input) -> Optional[list]:
+        """The ops' place words for this input (a DTensor says its own)."""
+        return F._words(self.place, input)
+
+
+class _RuntimeP(_Placed):
     """p as the number users read and assign, and as the tensor of its
     binary64 bits that becomes the dropout state's third word (an int64
     buffer: ``.half()`` leaves it alone, ``state_dict`` omits it, ``.to()``
@@ -65,7 +85,7 @@ class Dropout(_RuntimeP, nn.Dropout):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_tensor(input, "input")
         return F._broadcast_dropout(input, self._rate(input), self.training, self.inplace, self.broadcast_dims,
-                                    mask_mode=self.mask_mode)
+                                    mask_mode=self.mask_mode, place=self._words(input))
 
     def extra_repr(self) -> str:
         extra = f", broadcast_dims={self.broadcast_dims}" if self.broadcast_dims is not None else ""
@@ -87,7 +107,8 @@ class _ChannelTwin(_RuntimeP):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_tensor(input, "input")
         batched = type(self)._batched(input)
-        return F._channel_dropout(batched, input, self._rate(input), self.training, self.inplace)
+        return F._channel_dropout(batched, input, self._rate(input), self.training, self.inplace,
+                                  place=self._words(input))
 
 
 class Dropout1d(_ChannelTwin, nn.Dropout1d):
@@ -109,7 +130,7 @@ class Dropout3d(_ChannelTwin, nn.Dropout3d):
     _batched = staticmethod(F._batched_3d)
 
 
-class _AlphaTwin:
+class _AlphaTwin(_Placed):
     """AlphaDropout/FeatureAlphaDropout: nn's twin's constructor with p
     checked first, and the matching functional (``_fn``). p stays a number:
     the affine constants are computed from it in Python."""
@@ -121,7 +142,7 @@ class _AlphaTwin:
         super().__init__(p, inplace)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return type(self)._fn(input, self.p, self.training, self.inplace)
+        return type(self)._fn(input, self.p, self.training, self.inplace, place=self.place)
 
 
 class AlphaDropout(_AlphaTwin, nn.AlphaDropout):
@@ -160,7 +181,8 @@ class DropPath(_RuntimeP, nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_tensor(input, "input")
         dims = tuple(range(1, input.dim()))
-        return F._broadcast_dropout(input, self._rate(input), self.training, False, dims or None)
+        return F._broadcast_dropout(input, self._rate(input), self.training, False, dims or None,
+                                    place=self._words(input))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -180,9 +202,10 @@ class FusedDropout(_RuntimeP, nn.Module):
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         bias, residual = F._follow_autocast(x, bias, residual)
-        mshape = check_fused_args(x, bias, residual, self.activation, None)
+        words = self._words(x)
+        mshape = check_fused_args(x, bias, residual, self.activation, None, words)
         return F._fused(x, self._rate(x), bias, residual, self.activation, mshape, self.training,
-                        mask_mode=self.mask_mode)
+                        mask_mode=self.mask_mode, place=words)
 
     def extra_repr(self) -> str:
         extra = f", mask_mode={self.mask_mode!r}" if self.mask_mode is not None else ""
@@ -228,8 +251,10 @@ class _DropoutAddNorm(_RuntimeP, nn.Module):
         """y, or (y, h) with prenorm (h = residual + dropout(x))."""
         residual, weight, bias = F._follow_autocast_norm(x, residual, self.weight, self.bias, self.residual_in_fp32)
         check_norm_args(x, residual, weight, bias, self._norm, self.eps, self.residual_in_fp32)
+        words = self._words(x)
+        check_norm_place(x.shape, words)
         return F._norm(x, self._rate(x), residual, weight, bias, self.eps, self._norm, self.prenorm,
-                       self.residual_in_fp32, self.training)
+                       self.residual_in_fp32, self.training, place=words)
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, p={self.p}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

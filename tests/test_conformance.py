@@ -1097,3 +1097,135 @@ if not TRITON_MODE:
         x, bias, res, _ = make_inputs((3, 12), torch.float32, device=b.device)
         torch.library.opcheck(b.ops.forward, (x, bias, res, b.state(0.5), "gelu", [], None, True),
                               test_utils=("test_aot_dispatch_dynamic",))
+
+
+# --- sharded calls (place) -------------------------------------------------------
+# A shard given its place draws every element at its index in the global tensor
+# (docs/RNG.md, "Sharded tensors"): its result is the block of the unsharded
+# call, bit for bit, for any run structure of the map (csrc/index_map.h).
+
+# (global shape, start, local shape)
+PLACES = {
+    "rows": ((7, 5, 6), (3, 0, 0), (2, 5, 6)),        # one run, base % 4 == 2
+    "cols": ((7, 5, 13), (0, 0, 5), (7, 5, 4)),       # the last dimension split: runs of 4 at odd starts
+    "short": ((6, 4, 11), (1, 0, 7), (4, 4, 3)),      # runs shorter than a vector unit
+    "middle": ((4, 9, 6), (1, 3, 0), (2, 4, 6)),      # runs of whole rows, one strided dimension
+    "two": ((4, 6, 10), (2, 1, 3), (2, 3, 5)),        # two strided dimensions above runs of 5
+    "ones": ((5, 8, 3), (0, 4, 2), (5, 1, 1)),        # runs of one element
+}
+PLACE_IDS = list(PLACES)
+
+
+def _block(t, start, local):
+    return t[tuple(slice(s, s + n) for s, n in zip(start, local))]
+
+
+def _place(global_shape, start):
+    return list(global_shape) + list(start)
+
+
+@pytest.mark.parametrize(*cases(case=PLACE_IDS + ["past_2_32"], small=dict(case=["cols", "two", "past_2_32"])))
+def test_place_mask(b, case):
+    """dropout_mask at a place is the global mask's block; past 2**32 the
+    oracle's global indices decide (no such tensor is allocated)."""
+    if case == "past_2_32":
+        global_shape, start, local = (2**20, 2**13, 8), (2**19 + 3, 5, 0), (2, 3, 8)
+    else:
+        global_shape, start, local = PLACES[case]
+    place = _place(global_shape, start)
+    got = b.ops.mask(b.state(0.5), list(local), place)
+    assert torch.equal(got, ref.dropout_mask(local, 0.5, SEED, OFFSET, device=b.device, place=place))
+    if case != "past_2_32":
+        assert torch.equal(got, _block(b.ops.mask(b.state(0.5), list(global_shape)), start, local))
+    assert not torch.equal(got, b.ops.mask(b.state(0.5), list(local)))  # the place decides
+
+
+@pytest.mark.parametrize(*cases(case=PLACE_IDS, dtype=[torch.float32, torch.bfloat16], reference_row=False,
+                                small=dict(case=["cols", "short", "two"], dtype=[torch.bfloat16])))
+def test_place_forward_backward(b, case, dtype):
+    """y and dx of a shard are the blocks of the unsharded call's; the packed
+    bits are the shard's keep bits in its own element order; the bias
+    gradient is the one the same keep bits give when read."""
+    global_shape, start, local = PLACES[case]
+    place = _place(global_shape, start)
+    x, bias, res, grad = make_inputs(global_shape, dtype, seed=11, device=b.device)
+    cols = slice(start[-1], start[-1] + local[-1])
+    xl, rl, gl = (_block(t, start, local).contiguous() for t in (x, res, grad))
+    bl = bias[cols].contiguous()
+    state = b.state(0.5)
+    y = b.ops.forward(x, bias, res, state, "gelu", [])[0]
+    yl, bits, _ = b.ops.forward(xl, bl, rl, state, "gelu", [], None, True, None, None, place)
+    assert_bitwise_equal(yl, _block(y, start, local))
+    keep = ref.dropout_mask(local, 0.5, SEED, OFFSET, device=b.device, place=place)
+    assert torch.equal(bits, ref.pack_bits(keep))
+    dx = b.ops.backward(grad, x, bias, state, "gelu", [], False)[0]
+    dxl, dbl = b.ops.backward(gl, xl, bl, state, "gelu", [], True, None, place)
+    assert_bitwise_equal(dxl, _block(dx, start, local))
+    dx_read, db_read = b.ops.backward(gl, xl, bl, state, "gelu", [], True, bits)
+    assert_bitwise_equal(dbl, db_read)
+    assert_bitwise_equal(b.ops.forward(xl, bl, rl, state, "gelu", [], bits)[0], yl)
+
+
+# (global shape, start, local shape, global mask shape): a channel mask with the
+# channels split, and a mask shared over rows with the columns split.
+STRUCTURED_PLACES = {
+    "channels": ((4, 6, 5, 7), (1, 2, 0, 3), (2, 3, 5, 4), (4, 6, 1, 1)),
+    "one_channel": ((4, 6, 5, 7), (0, 5, 2, 0), (4, 1, 3, 7), (4, 6, 1, 1)),
+    "shared_rows": ((4, 6, 5, 7), (2, 1, 1, 2), (2, 5, 4, 5), (1, 1, 5, 7)),
+}
+
+
+@pytest.mark.parametrize(*cases(case=list(STRUCTURED_PLACES), reference_row=False,
+                                small=dict(case=["channels", "one_channel"])))
+def test_place_structured(b, case):
+    """A structured mask speaks of the global shape: the shard applies the
+    block of the global small mask (a channel split down to one channel is
+    still a channel, not a broadcast dimension)."""
+    global_shape, start, local, mask_shape = STRUCTURED_PLACES[case]
+    place = _place(global_shape, start)
+    x, _, _, grad = make_inputs(global_shape, torch.float32, seed=12, device=b.device)
+    state = b.state(0.4)
+    y = b.ops.forward(x, None, None, state, "relu", list(mask_shape))[0]
+    yl = b.ops.forward(_block(x, start, local).contiguous(), None, None, state, "relu", list(mask_shape), None,
+                       False, None, None, place)[0]
+    assert_bitwise_equal(yl, _block(y, start, local))
+    dx = b.ops.backward(grad, x, None, state, "relu", list(mask_shape), False)[0]
+    dxl = b.ops.backward(_block(grad, start, local).contiguous(), _block(x, start, local).contiguous(), None,
+                         state, "relu", list(mask_shape), False, None, place)[0]
+    assert_bitwise_equal(dxl, _block(dx, start, local))
+
+
+@pytest.mark.parametrize(*cases(norm=["layer", "rms"], reference_row=False, small=dict(norm=["layer"])))
+def test_place_norm(b, norm):
+    """dropout_add_norm of a shard of whole rows: y, h and dx are the
+    unsharded call's blocks (every row's statistics are its own)."""
+    global_shape, start, local = (5, 7, 40), (1, 2, 0), (3, 4, 40)
+    place = _place(global_shape, start)
+    x, _, res, grad = make_inputs(global_shape, torch.float32, seed=13, device=b.device)
+    w = torch.randn(40, device=b.device)
+    state = b.state(0.3)
+    full = b.ops.norm(x, res, w, None, state, norm, 1e-5, False)
+    xl, rl, gl = (_block(t, start, local).contiguous() for t in (x, res, grad))
+    part = b.ops.norm(xl, rl, w, None, state, norm, 1e-5, False, None, None, place)
+    for got, want in zip(part[:2], full[:2]):
+        assert_bitwise_equal(got, _block(want, start, local))
+    mask = [True, True, False, False]
+    dx = b.ops.norm_backward(grad, None, full[1], w, full[2], full[3], state, norm, mask)[0]
+    dxl = b.ops.norm_backward(gl, None, part[1], w, part[2], part[3], state, norm, mask, place)[0]
+    assert_bitwise_equal(dxl, _block(dx, start, local))
+
+
+@pytest.mark.parametrize(*cases())
+def test_place_refusals(b):
+    """A place that does not fit, a mask shape of the local instead of the
+    global shape, and a norm shard that splits rows are refused, by name."""
+    x = torch.randn(4, 6, device=b.device)
+    state = b.state(0.5)
+    with pytest.raises(ValueError, match="place must be"):
+        b.ops.forward(x, None, None, state, "identity", [], None, False, None, None, [8, 6])
+    with pytest.raises(ValueError, match="must lie inside"):
+        b.ops.forward(x, None, None, state, "identity", [], None, False, None, None, [8, 6, 5, 0])
+    with pytest.raises(ValueError, match="global shape"):
+        b.ops.forward(x, None, None, state, "identity", [4, 1], None, False, None, None, [8, 6, 4, 0])
+    with pytest.raises(ValueError, match="whole"):
+        b.ops.norm(x, None, None, None, state, "layer", 1e-5, False, None, None, [4, 12, 0, 6])

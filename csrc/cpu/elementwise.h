@@ -188,14 +188,15 @@ DX_INLINE void prefetch_ahead(const scalar_t* p, int64_t pos, int64_t len, int64
   for (int64_t b = from * size; b < to * size; b += 64) __builtin_prefetch(bytes + b);
 }
 
-// The elements of a chunk from local element pos: at most `most`, starting
-// where pos sits in its Philox group (so the next chunk starts a group), and
-// consecutive in the global index (a shard's chunk ends with its run).
-// Returns pos's global index.
+// The elements of a chunk from local element pos: at most `most`, ending on
+// a local group boundary (chunks of a flat walk are whole groups, and start
+// on a byte of the packed mask), and consecutive in the global index (a
+// shard's chunk ends with its run). A shard whose run starts inside a
+// Philox group draws one group more per chunk (philox_keep takes any start)
+// rather than cutting its chunks short. Returns pos's global index.
 DX_INLINE int64_t chunk_at(const IndexMap& map, int64_t pos, int64_t& most) {
-  const int64_t g = map.global(pos);
-  most = map.run_from(pos, std::min<int64_t>(most, kChunk - (g & 3)));
-  return g;
+  most = map.run_from(pos, std::min<int64_t>(most, kChunk - (pos & 3)));
+  return map.global(pos);
 }
 
 // Walks logical elements [begin, end) in chunks that never cross a row when
