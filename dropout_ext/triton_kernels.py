@@ -66,6 +66,7 @@ from ._contract import ACTIVATIONS, F32
 from ._ops import mask_bits_like
 from ._state import _words
 from ._validate import global_shape, norm_dtypes
+from .sharding import mask_place
 
 AVAILABLE = True
 
@@ -1172,18 +1173,12 @@ def _keeps_groups(imap: tuple, dims: int) -> bool:
 
 def _structured_keep(state, shape, mask_shape, place) -> Optional[torch.Tensor]:
     """For a structured mask: its small keep mask broadcast to the full shape
-    (a 1-byte temporary, never saved for backward). mask_shape speaks of the
-    global shape, so a shard's small mask is the block of the global small
-    mask at its place: its extent and start along the dimensions the mask
-    keeps, size 1 at 0 along the broadcast ones."""
-    full = global_shape(shape, place)
-    if state is None or not mask_shape or tuple(mask_shape) == full:
+    (a 1-byte temporary, never saved for backward); a shard's is the block
+    of the global small mask at its place (sharding.mask_place)."""
+    if state is None or not mask_shape or tuple(mask_shape) == global_shape(shape, place):
         return None
-    n = len(shape)
-    kept = [mask_shape[d] == full[d] for d in range(n)]
-    small = [shape[d] if kept[d] else 1 for d in range(n)]
-    small_place = None if place is None else [*mask_shape, *(place[n + d] if kept[d] else 0 for d in range(n))]
-    return dropout_mask(state, small, small_place).expand(tuple(shape)).contiguous()
+    small, small_place = mask_place(shape, mask_shape, place)
+    return dropout_mask(state, list(small), small_place).expand(tuple(shape)).contiguous()
 
 
 def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -1282,8 +1277,8 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
         d32 = g.new_empty(g.shape, dtype=torch.float32) if bias_grad else dx
         R, block, warps = flat_config(n, g.element_size())
         _launch(_flat_kernel, (triton.cdiv(n, block),), g,
-                g, x, b, g, kp, dx, d32, st, bp, n, H, imap, HAS_RES=False, BITS_OUT=False, STORE_F32=bias_grad, BWD=True,
-                R=R, BLOCK=block, num_warps=warps, **common)
+                g, x, b, g, kp, dx, d32, st, bp, n, H, imap, HAS_RES=False, BITS_OUT=False, STORE_F32=bias_grad,
+                BWD=True, R=R, BLOCK=block, num_warps=warps, **common)
         if bias_grad:
             db = d32.reshape(-1, H).sum(0).to(g.dtype)
     return _like_input(grad, dx), db
