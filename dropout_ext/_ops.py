@@ -139,7 +139,7 @@ def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad,
     if input is None and activation != "identity":
         raise ValueError(f"the backward of activation {activation!r} needs the saved input")
     if input is not None:
-        _validate.check_fused_args(input, bias, None, activation, mask_shape)
+        _validate.check_fused_args(input, bias, None, activation, mask_shape, place)
     _validate.check_mask_shape(grad, mask_shape, _validate.check_place(grad.shape, place))
     _validate.check_state(state, grad.device)
     _validate.check_mask_bits(grad, state, mask_shape, mask_bits, place)

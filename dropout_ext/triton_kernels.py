@@ -36,6 +36,16 @@ i // 8): the flat kernel's forward also stores the keep bits it draws
 such bits instead of drawing them (``BITS_IN``: no Philox at all). Both are
 constexpr flags, so a call without them compiles to the code it had before.
 
+A shard (an op's ``place``) draws each element at its index in the global
+tensor, by the index map of the op ``index_map`` (csrc/index_map.h), passed
+as the tuple ``imap`` with its strided dimensions as the constexpr
+``MAP_DIMS``; an unsharded call has ``NO_MAP`` and compiles to the code it
+had before shards existed. A map that keeps groups of four whole draws a
+group at a time, any other element by element; memory, the structured
+mask's expansion and the packed bits stay in local order, only the draws
+move. A norm shard holds whole rows, so each row is a shift of the global
+index, one scalar per row.
+
 dropout_add_norm computes h with that same body, a row per program; a row
 whose length is not a multiple of 4 starts inside a Philox group, so its
 tiles draw element by element (``ALIGNED`` off). float64 has no Triton
@@ -55,7 +65,8 @@ import triton.language as tl
 from ._contract import ACTIVATIONS, F32
 from ._ops import mask_bits_like
 from ._state import _words
-from ._validate import norm_dtypes
+from ._validate import global_shape, norm_dtypes
+from .sharding import mask_place
 
 AVAILABLE = True
 
@@ -94,6 +105,15 @@ INV_SQRT_2PI = tl.constexpr(F32["INV_SQRT_2PI"])
 SQRT_2_OVER_PI = tl.constexpr(F32["SQRT_2_OVER_PI"])
 GELU_TANH_C = tl.constexpr(F32["GELU_TANH_C"])
 GELU_TANH_3C = tl.constexpr(F32["GELU_TANH_3C"])
+
+# A shard's index map (csrc/index_map.h), as the op index_map gives it to
+# the kernels: imap = (base, run, size * MAX_MAP_DIMS, stride *
+# MAX_MAP_DIMS), and MAP_DIMS, a constexpr: its strided dimensions, SHIFT
+# (0) for a map that only adds base, or NO_MAP for the identity of an
+# unsharded call, which compiles to the code it had before maps existed.
+NO_MAP = tl.constexpr(-1)
+SHIFT = tl.constexpr(0)
+MAX_MAP_DIMS = tl.constexpr((len(torch.ops.dropout_ext.index_map([], None)) - 3) // 2)
 
 
 # --- float32 arithmetic that is never contracted ---------------------------------
@@ -281,14 +301,38 @@ def _philox_words(state_ptr, group):
 
 
 @triton.jit
-def _philox_keep(state_ptr, group0, thr, ROWS: tl.constexpr, R: tl.constexpr):
-    """Keep bits of the [ROWS, R] tile of consecutive elements 4 * group0 + j.
+def _global(i, imap, MAP_DIMS: tl.constexpr):
+    """The contract's index of local row-major elements i (int64): i itself
+    without a map (NO_MAP), else their row-major index in the global tensor,
+    by IndexMap::global's walk (csrc/index_map.h) over the map imap with
+    MAP_DIMS strided dimensions; SHIFT (none): base + i, no division."""
+    if MAP_DIMS == NO_MAP:
+        return i
+    g = i + tl.cast(imap[0], tl.int64)
+    if MAP_DIMS > 0:
+        run = tl.cast(imap[1], tl.int64)
+        q = i // run
+        g -= q * run
+        for k in tl.static_range(MAP_DIMS - 1):
+            size = tl.cast(imap[2 + k], tl.int64)
+            next_q = q // size
+            g += (q - next_q * size) * tl.cast(imap[2 + MAX_MAP_DIMS + k], tl.int64)
+            q = next_q
+        # The outermost coordinate is what is left: a local index lies in
+        # the tensor, so one 64-bit division (a long emulated sequence) less.
+        g += q * tl.cast(imap[1 + MAX_MAP_DIMS + MAP_DIMS], tl.int64)
+    return g
+
+
+@triton.jit
+def _philox_keep(state_ptr, groups, thr, ROWS: tl.constexpr, R: tl.constexpr):
+    """Keep bits of the [ROWS, R] tile whose groups of four consecutive
+    elements are the contract's groups `groups` ([ROWS * R // 4] int64).
 
     One Philox call per group of four. The four words are interleaved by
     joins, so a row of R elements needs no select chain.
     """
-    NG: tl.constexpr = ROWS * R // 4
-    w0, w1, w2, w3 = _philox_words(state_ptr, group0 + tl.arange(0, NG).to(tl.int64))
+    w0, w1, w2, w3 = _philox_words(state_ptr, groups)
     w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROWS, R])
     return w >= thr
 
@@ -297,9 +341,10 @@ def _philox_keep(state_ptr, group0, thr, ROWS: tl.constexpr, R: tl.constexpr):
 def _philox_keep_at(state_ptr, offs, thr):
     """Keep bits of elements at any int64 indices offs: for a tile that does
     not start on a group of four (a row of dropout_add_norm whose length is
-    not a multiple of 4), each element draws its own group's words and takes
-    word offs & 3, four times the Philox work of _philox_keep, where the
-    words of a group would have to cross between threads."""
+    not a multiple of 4, a shard whose map splits groups), each element
+    draws its own group's words and takes word offs & 3, four times the
+    Philox work of _philox_keep, where the words of a group would have to
+    cross between threads."""
     w0, w1, w2, w3 = _philox_words(state_ptr, offs >> 2)
     k = offs & 3
     w = tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, w3)))
@@ -307,13 +352,14 @@ def _philox_keep_at(state_ptr, offs, thr):
 
 
 @triton.jit
-def _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS: tl.constexpr,
+def _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, imap, ROWS: tl.constexpr,
           R: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, MASKED: tl.constexpr,
-          ALIGNED: tl.constexpr):
-    """The keep bits of a tile: from an expanded structured mask, from the
-    packed keep bits of the forward (BITS_IN), or drawn: a group of four at
-    a time when the tile starts on a group (ALIGNED, at element
-    4 * group0), else element by element."""
+          ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
+    """The keep bits of a tile at local elements offs: from an expanded
+    structured mask, from the packed keep bits of the forward (BITS_IN), or
+    drawn at the elements' contract indices (_global over imap): a group of
+    four at a time when the tile starts on a group (ALIGNED, at element
+    4 * group0) and the map keeps groups whole, else element by element."""
     if MASK_FROM_PTR:
         keep = _load(keep_ptr, offs, m, MASKED) != 0
     elif BITS_IN:
@@ -321,16 +367,22 @@ def _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_al
         # tile row of the bias-gradient kernel may start in the middle of a
         # byte (H % 8 == 4): the elements of a byte load it again, from the
         # same cache line, and the bits are 1/16 of a 16-bit tensor's bytes.
-        # No Philox and no test of p: the bits decide alone.
+        # No Philox and no test of p: the bits decide alone. The bits are in
+        # local order, so a shard reads them without its map.
         byte = _load(bits_ptr, offs >> 3, m, MASKED)
         keep = ((byte >> (offs & 7).to(tl.uint8)) & 1) != 0
     elif keep_all | drop_all:
         # p == 0 or p >= 1: no Philox (the common eval-like and p == 0 calls)
         keep = tl.full([ROWS, R], 0, tl.int1) | keep_all
     elif ALIGNED:
-        keep = _philox_keep(state_ptr, group0, thr, ROWS, R)
+        groups = group0 + tl.arange(0, ROWS * R // 4).to(tl.int64)
+        if MAP_DIMS != NO_MAP:
+            # The map sends each local group to a whole global one (the
+            # host's _keeps_groups): its first element tells which.
+            groups = _global(groups * 4, imap, MAP_DIMS) >> 2
+        keep = _philox_keep(state_ptr, groups, thr, ROWS, R)
     else:
-        keep = _philox_keep_at(state_ptr, offs, thr)
+        keep = _philox_keep_at(state_ptr, _global(offs, imap, MAP_DIMS), thr)
     return keep
 
 
@@ -449,13 +501,14 @@ def _bias_tile(bias_ptr, pid, local, m, H, BLOCK: tl.constexpr, MASKED: tl.const
 
 @triton.jit
 def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, group0,
-          thr, drop_all, keep_all, scale, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+          thr, drop_all, keep_all, scale, imap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
           HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
           STORE_F32: tl.constexpr, BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr,
-          ALIGNED: tl.constexpr):
+          ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
     """One [ROWS, R] tile at element offsets offs (row-major indices), mask m
     when MASKED; b is the tile's bias in float32 (HAS_BIAS). The tile's first
-    element is 4 * group0 when ALIGNED (see _keep).
+    element is 4 * group0 when ALIGNED; imap and MAP_DIMS map the local
+    indices to the contract's (see _keep).
 
     Forward (src = x): out = residual + drop(act(x + b) * scale).
     Backward (src = dy): out = drop(act'(x + b) * (dy * scale)); also the
@@ -479,8 +532,8 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
         if HAS_STATE:
             a = _mul(a, scale)
     if HAS_STATE:
-        keep = _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, ROWS, R,
-                     MASK_FROM_PTR, BITS_IN, MASKED, ALIGNED)
+        keep = _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, imap, ROWS, R,
+                     MASK_FROM_PTR, BITS_IN, MASKED, ALIGNED, MAP_DIMS)
         if BITS_OUT:
             _pack_bits(bits_ptr, keep, group0, m, ROWS, R, MASKED)
         a = _drop(a, keep)
@@ -497,13 +550,16 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
 # kernel, so one binary serves every size.
 
 @triton.jit(do_not_specialize=["n"])
-def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, bits_ptr, n, H,
+def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, bits_ptr, n, H, imap,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
                  MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
-                 STORE_F32: tl.constexpr, BWD: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+                 STORE_F32: tl.constexpr, BWD: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+                 R: tl.constexpr, BLOCK: tl.constexpr):
     """The tensor as a flat array of n elements, BLOCK per program, in
     [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row.
-    BLOCK is a multiple of 8, so with BITS_OUT each program packs whole bytes."""
+    BLOCK is a multiple of 8, so with BITS_OUT each program packs whole bytes.
+    A shard draws at its elements' global indices (imap, MAP_DIMS), by
+    groups of four where its map keeps them whole (ALIGNED)."""
     ROWS: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     pid = tl.program_id(0)
@@ -516,31 +572,32 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, None, H, BLOCK, False)
         _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, None, b,
-              start // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-              BITS_OUT, STORE_F32, BWD, ROWS, R, False, True)
+              start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
+              BITS_IN, BITS_OUT, STORE_F32, BWD, ROWS, R, False, ALIGNED, MAP_DIMS)
     else:
         m = offs < n
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, m, H, BLOCK, True)
         _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b,
-              start // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-              BITS_OUT, STORE_F32, BWD, ROWS, R, True, True)
+              start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
+              BITS_IN, BITS_OUT, STORE_F32, BWD, ROWS, R, True, ALIGNED, MAP_DIMS)
 
 
 @triton.jit
 def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, cm, thr, drop_all,
-               keep_all, scale, b, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+               keep_all, scale, b, imap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-               TR: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr):
+               TR: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+               MAP_DIMS: tl.constexpr):
     acc = tl.zeros([TR, R], dtype=tl.float32)
     for i in range(ROWS_PER_PROGRAM):
         row = r0 + i
         if row < rows:
             offs = row * H + cols
             d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, dx_ptr, state_ptr, offs, cm, b,
-                      (row * H + c_start) // 4, thr, drop_all, keep_all, scale, ACT, HAS_BIAS, False, HAS_STATE,
-                      MASK_FROM_PTR, BITS_IN, False, False, True, TR, R, MASKED, True)
+                      (row * H + c_start) // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, False,
+                      HAS_STATE, MASK_FROM_PTR, BITS_IN, False, False, True, TR, R, MASKED, ALIGNED, MAP_DIMS)
             if MASKED:
                 d = tl.where(cm, d, 0.0)
             acc = _add(acc, d)
@@ -548,11 +605,13 @@ def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H,
 
 
 @triton.jit
-def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H,
+def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H, imap,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
-                 BITS_IN: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+                 BITS_IN: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+                 ROWS_PER_PROGRAM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The backward with the bias gradient, for a last dimension H divisible
-    by 4 (every row then starts on a Philox group); BITS_IN reads the keep
+    by 4 (every row then starts on a Philox group, and a shard's on a
+    global one where ALIGNED, see _flat_kernel); BITS_IN reads the keep
     bits of the packed mask mode.
 
     Program (c, r) walks ROWS_PER_PROGRAM rows over columns
@@ -573,8 +632,8 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols))
         acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, None, thr,
-                         drop_all, keep_all, scale, b, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-                         ROWS_PER_PROGRAM, TR, R, False)
+                         drop_all, keep_all, scale, b, imap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
+                         ROWS_PER_PROGRAM, TR, R, False, ALIGNED, MAP_DIMS)
         tl.store(part_ptr + pid_r * H + cols, acc)
     else:
         cm = cols < H
@@ -582,19 +641,20 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
         acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, cm, thr,
-                         drop_all, keep_all, scale, b, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-                         ROWS_PER_PROGRAM, TR, R, True)
+                         drop_all, keep_all, scale, b, imap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
+                         ROWS_PER_PROGRAM, TR, R, True, ALIGNED, MAP_DIMS)
         tl.store(part_ptr + pid_r * H + cols, acc, mask=cm)
 
 
 @triton.jit(do_not_specialize=["n"])
-def _mask_kernel(out_ptr, state_ptr, n, R: tl.constexpr, BLOCK: tl.constexpr):
+def _mask_kernel(out_ptr, state_ptr, n, imap, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr, R: tl.constexpr,
+                 BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, _scale = _mask_params(state_ptr, True)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
-    keep = _keep(state_ptr, out_ptr, out_ptr, offs, None, start // 4, thr, drop_all, keep_all, ROWS, R, False, False,
-                 False, True)
+    keep = _keep(state_ptr, out_ptr, out_ptr, offs, None, start // 4, thr, drop_all, keep_all, imap, ROWS, R, False,
+                 False, False, ALIGNED, MAP_DIMS)
     if start + BLOCK <= n:
         tl.store(out_ptr + offs, keep)
     else:
@@ -618,14 +678,24 @@ def _row_sum(v):
 
 
 @triton.jit
-def _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale,
+def _row_map(start, imap, MAP_DIMS: tl.constexpr):
+    """The map of the row at element `start`, for ROW_MAP = SHIFT: a shard
+    holds the last dimension whole, so a row is consecutive in the global
+    index too, a shift by one scalar per row where the whole map would take
+    divisions per element. A multiple of 4 when H is (every global row
+    starts at a multiple of H), so ALIGNED tiles stay aligned."""
+    return (_global(start, imap, MAP_DIMS) - start,)
+
+
+@triton.jit
+def _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale, rmap,
             HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, TR: tl.constexpr,
-            R: tl.constexpr, MASKED: tl.constexpr):
+            R: tl.constexpr, MASKED: tl.constexpr, ROW_MAP: tl.constexpr):
     """h of the tile at row-major elements start + local, computed and stored
     by fused_dropout's body; returned as stored, in float32, 0 where masked."""
     a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, h_ptr, state_ptr, start + local, m, 0.0, start // 4, thr,
-              drop_all, keep_all, scale, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, False, TR, R,
-              MASKED, ALIGNED)
+              drop_all, keep_all, scale, rmap, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, False,
+              TR, R, MASKED, ALIGNED, ROW_MAP)
     hv = _f32(_rounded(a, h_ptr.dtype.element_ty))
     if MASKED:
         hv = tl.where(m, hv, 0.0)
@@ -672,16 +742,17 @@ def _norm_y(y_ptr, w_ptr, b_ptr, hv, offs, cols, m, mean, rstd, RMS: tl.constexp
 
 
 @triton.jit
-def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, rows, H, eps,
+def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, rows, H, eps, imap,
                  STEPS: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-                 HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr,
-                 EVEN: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+                 LOOP: tl.constexpr, EVEN: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The forward, a row per program (and, for more rows than a grid holds,
     every grid-size-th row after it, STEPS in all): the whole row in one
     [BLOCK // R, R] tile in registers (BLOCK >= H; unmasked when EVEN, BLOCK
     == H), or (LOOP) over column tiles of BLOCK: one pass computes and stores
     h and merges the tiles' statistics, a second reads h back for y.
-    ALIGNED: H is a multiple of 4, so every tile starts on a Philox group."""
+    ALIGNED: H is a multiple of 4, so every tile starts on a Philox group.
+    A shard (imap, MAP_DIMS) draws each row at its global start (_row_map)."""
     TR: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     local = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
@@ -691,17 +762,19 @@ def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
         row = pid + tl.num_programs(0).to(tl.int64) * i
         if row < rows:
             _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
-                      thr, drop_all, keep_all, scale, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, LOOP, EVEN, TR,
-                      R, BLOCK)
+                      thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, MAP_DIMS,
+                      LOOP, EVEN, TR, R, BLOCK)
 
 
 @triton.jit
 def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local, thr,
-              drop_all, keep_all, scale, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-              HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr,
-              EVEN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+              drop_all, keep_all, scale, imap, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+              HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+              LOOP: tl.constexpr, EVEN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """One row of the forward (see _norm_kernel)."""
+    ROW_MAP: tl.constexpr = NO_MAP if MAP_DIMS == NO_MAP else SHIFT
     start = row * H
+    rmap = _row_map(start, imap, MAP_DIMS)
     mean = tl.zeros([], tl.float32)
     m2 = tl.zeros([], tl.float32)
     seen = tl.zeros([], tl.float32)
@@ -717,18 +790,18 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
             c0 = t * BLOCK
             if c0 < tail:
                 hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + c0, local, None, thr, drop_all, keep_all,
-                             scale, HAS_RES, HAS_STATE, ALIGNED, TR, R, False)
+                             scale, rmap, HAS_RES, HAS_STATE, ALIGNED, TR, R, False, ROW_MAP)
                 mean, m2, seen = _norm_merge(hv, None, BLOCK, mean, m2, seen, RMS, False)
             else:
                 m = c0 + local < H
                 hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + c0, local, m, thr, drop_all, keep_all,
-                             scale, HAS_RES, HAS_STATE, ALIGNED, TR, R, True)
+                             scale, rmap, HAS_RES, HAS_STATE, ALIGNED, TR, R, True, ROW_MAP)
                 mean, m2, seen = _norm_merge(hv, m, H - c0, mean, m2, seen, RMS, True)
             t += 1
     else:
         m = local < H
-        hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale,
-                     HAS_RES, HAS_STATE, ALIGNED, TR, R, not EVEN)
+        hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale, rmap,
+                     HAS_RES, HAS_STATE, ALIGNED, TR, R, not EVEN, ROW_MAP)
         mean, m2, seen = _norm_merge(hv, m, H, mean, m2, seen, RMS, not EVEN)
     rstd = _div(tl.full([], 1.0, tl.float32), tl.sqrt_rn(_div(m2, seen) + eps))
     if LOOP:
@@ -775,9 +848,9 @@ def _norm_grad_tile(g_ptr, h_ptr, w_ptr, offs, cols, m, mean, rstd, RMS: tl.cons
 
 @triton.jit
 def _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat, c1, c2, rstd, thr, drop_all,
-                  keep_all, scale, RMS: tl.constexpr, HAS_GH: tl.constexpr, HAS_STATE: tl.constexpr,
+                  keep_all, scale, rmap, RMS: tl.constexpr, HAS_GH: tl.constexpr, HAS_STATE: tl.constexpr,
                   ALIGNED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr, TR: tl.constexpr,
-                  R: tl.constexpr, MASKED: tl.constexpr):
+                  R: tl.constexpr, MASKED: tl.constexpr, ROW_MAP: tl.constexpr):
     """dh = (g w - xhat c1 - c2) rstd + grad_h, stored as grad_residual (h's
     dtype), and dropout of dh with the forward's mask as grad_input (grad's
     dtype), a dropped element a zero with dh's sign."""
@@ -792,18 +865,19 @@ def _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat
         _store(dres_ptr, offs, _rounded(dh, dres_ptr.dtype.element_ty), m, MASKED)
     if NEED_DX:
         if HAS_STATE:
-            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, m, start // 4, thr, drop_all, keep_all, TR, R, False,
-                         False, MASKED, ALIGNED)
+            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, m, start // 4, thr, drop_all, keep_all, rmap, TR, R, False,
+                         False, MASKED, ALIGNED, ROW_MAP)
             dh = _drop(_mul(dh, scale), keep)
         _store(dx_ptr, offs, _rounded(dh, dx_ptr.dtype.element_ty), m, MASKED)
 
 
 @triton.jit
 def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr,
-                             start, part, first, H, n, local, thr, drop_all, keep_all, scale, RMS: tl.constexpr,
-                             HAS_GH: tl.constexpr, HAS_W: tl.constexpr, HAS_STATE: tl.constexpr,
+                             start, part, first, H, n, local, thr, drop_all, keep_all, scale, rmap,
+                             RMS: tl.constexpr, HAS_GH: tl.constexpr, HAS_W: tl.constexpr, HAS_STATE: tl.constexpr,
                              ALIGNED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
-                             NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+                             NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+                             ROW_MAP: tl.constexpr):
     """One row of the backward over column tiles: the row sums, then dh and
     the partial sums, kept in the program's rows of the partial buffers (at
     part), which the first row writes and later rows read back."""
@@ -841,8 +915,8 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
                                           False)
             if NEED_DX | NEED_DRES:
                 _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + c0, local, None, gw, xhat, c1, c2, rstd,
-                              thr, drop_all, keep_all, scale, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES,
-                              TR, R, False)
+                              thr, drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX,
+                              NEED_DRES, TR, R, False, ROW_MAP)
             if NEED_DW:
                 prev = tl.where(first, 0.0, tl.load(dw_ptr + part + cols))
                 tl.store(dw_ptr + part + cols, prev + g * xhat)
@@ -853,8 +927,8 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
             g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, mt, mean, rstd, RMS, HAS_W, True)
             if NEED_DX | NEED_DRES:
                 _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + c0, local, mt, gw, xhat, c1, c2, rstd,
-                              thr, drop_all, keep_all, scale, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES,
-                              TR, R, True)
+                              thr, drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX,
+                              NEED_DRES, TR, R, True, ROW_MAP)
             if NEED_DW:
                 prev = tl.where(first, 0.0, tl.load(dw_ptr + part + cols, mask=mt, other=0.0))
                 tl.store(dw_ptr + part + cols, prev + g * xhat, mask=mt)
@@ -866,17 +940,20 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
 
 @triton.jit
 def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state_ptr, dx_ptr, dres_ptr, dw_ptr,
-                          db_ptr, rows, H, PER: tl.constexpr, RMS: tl.constexpr, HAS_GH: tl.constexpr,
-                          HAS_W: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, NEED_DX: tl.constexpr,
-                          NEED_DRES: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                          LOOP: tl.constexpr, EVEN: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+                          db_ptr, rows, H, imap, PER: tl.constexpr, RMS: tl.constexpr, HAS_GH: tl.constexpr,
+                          HAS_W: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr,
+                          MAP_DIMS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+                          NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, LOOP: tl.constexpr, EVEN: tl.constexpr,
+                          R: tl.constexpr, BLOCK: tl.constexpr):
     """The backward, rows [pid * PER, (pid + 1) * PER) per program, each in
     one pass when the row fits a tile (else two over column tiles, see
     _norm_backward_row_tiled). The program sums g * xhat and g over its rows
     in float32 and writes them to its row of the [programs, H] partial
     buffers (dw_ptr, db_ptr); summing those over their rows in order finishes
-    the parameter gradients, the same bits every run (no atomics)."""
+    the parameter gradients, the same bits every run (no atomics). A shard
+    draws each row at its global start, as the forward (_row_map)."""
     TR: tl.constexpr = BLOCK // R
+    ROW_MAP: tl.constexpr = NO_MAP if MAP_DIMS == NO_MAP else SHIFT
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     local = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
     m = local < H
@@ -889,6 +966,7 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
         row = pid * PER + i
         if row < rows:
             start = row * H
+            rmap = _row_map(start, imap, MAP_DIMS)
             rstd = tl.load(rstd_ptr + row)
             mean = 0.0
             if not RMS:
@@ -896,8 +974,8 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
             if LOOP:
                 _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr, dx_ptr, dres_ptr, dw_ptr,
                                          db_ptr, start, part, i == 0, H, n, local, thr, drop_all, keep_all, scale,
-                                         RMS, HAS_GH, HAS_W, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, NEED_DW,
-                                         NEED_DB, R, BLOCK)
+                                         rmap, RMS, HAS_GH, HAS_W, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, NEED_DW,
+                                         NEED_DB, R, BLOCK, ROW_MAP)
             else:
                 g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + local, local, m, mean, rstd, RMS, HAS_W,
                                               not EVEN)
@@ -911,8 +989,8 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
                     if not RMS:
                         c2 = _div(_row_sum(gw), n)
                     _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat, c1, c2, rstd, thr,
-                                  drop_all, keep_all, scale, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, TR,
-                                  R, not EVEN)
+                                  drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES,
+                                  TR, R, not EVEN, ROW_MAP)
     if not LOOP:
         if NEED_DW:
             _store(dw_ptr, part + local, acc_w, m, not EVEN)
@@ -1064,13 +1142,43 @@ def _state_on(state: Optional[torch.Tensor], device: torch.device) -> Optional[t
     return _words(state.tolist(), device)
 
 
-def _structured_keep(state, shape, mask_shape) -> Optional[torch.Tensor]:
+# The identity map's launch arguments (imap, MAP_DIMS): an unsharded call.
+_IDENTITY = ((0, 1) + (1,) * MAX_MAP_DIMS.value + (0,) * MAX_MAP_DIMS.value, NO_MAP.value)
+
+
+def _index_map(shape: Sequence[int], place: Optional[Sequence[int]]) -> Tuple[tuple, int]:
+    """(imap, MAP_DIMS) of a tensor of `shape` at `place`, from the C++
+    derivation (one for every backend); the identity for no place, and for
+    a place whose map is one (a shard that starts the global tensor and is
+    consecutive in it), which then costs nothing."""
+    if place is None:
+        return _IDENTITY
+    words = torch.ops.dropout_ext.index_map(list(shape), list(place))
+    base, run, dims = words[:3]
+    if dims == 0 and base == 0:
+        return _IDENTITY
+    return (base, run, *words[3:]), dims
+
+
+def _keeps_groups(imap: tuple, dims: int) -> bool:
+    """Whether the map sends every group of four local elements (4j to 4j + 3)
+    to a whole group of the contract: base a multiple of 4, and with strided
+    dimensions the run and their strides too. The kernels then draw a group
+    at a time (ALIGNED), else element by element."""
+    if dims == NO_MAP.value:
+        return True
+    strides = imap[2 + MAX_MAP_DIMS.value:2 + MAX_MAP_DIMS.value + dims]
+    return imap[0] % 4 == 0 and (dims == 0 or imap[1] % 4 == 0 and all(t % 4 == 0 for t in strides))
+
+
+def _structured_keep(state, shape, mask_shape, place) -> Optional[torch.Tensor]:
     """For a structured mask: its small keep mask broadcast to the full shape
-    (a 1-byte temporary, never saved for backward)."""
-    if state is None or not mask_shape or tuple(mask_shape) == tuple(shape):
+    (a 1-byte temporary, never saved for backward); a shard's is the block
+    of the global small mask at its place (sharding.mask_place)."""
+    if state is None or not mask_shape or tuple(mask_shape) == global_shape(shape, place):
         return None
-    small = dropout_mask(state, list(mask_shape))
-    return small.expand(tuple(shape)).contiguous()
+    small, small_place = mask_place(shape, mask_shape, place)
+    return dropout_mask(state, list(small), small_place).expand(tuple(shape)).contiguous()
 
 
 def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -1095,38 +1203,42 @@ def _last_dim(t: torch.Tensor) -> int:
 
 def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int],
-                  mask_bits: Optional[torch.Tensor] = None, pack_mask: bool = False
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+                  mask_bits: Optional[torch.Tensor] = None, pack_mask: bool = False,
+                  place: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, bits): bits is the packed keep mask when pack_mask asks for it
     and the mask is packable, else empty; with mask_bits the keep bits are
-    read from there instead of drawn (state still gives the scale)."""
+    read from there instead of drawn (state still gives the scale). place:
+    the input is that block of a global tensor, whose mask it draws."""
     _check_dtype(input, "input")
     x = input.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    bits = mask_bits_like(x, state, mask_shape, pack_mask)
+    bits = mask_bits_like(x, state, mask_shape, pack_mask, place)
     n = x.numel()
     if n == 0:
         return _like_input(input, out), bits
     state = _state_on(state, x.device)
-    keep = _structured_keep(state, x.shape, mask_shape)
+    keep = _structured_keep(state, x.shape, mask_shape, place)
     b = bias.contiguous() if bias is not None else x
     r = residual.contiguous() if residual is not None else x
     pack = bits.numel() > 0
     bits_in = mask_bits.contiguous() if mask_bits is not None else None
     bp = bits if pack else bits_in if bits_in is not None else x
+    draws = state is not None and keep is None and bits_in is None
+    imap, dims = _index_map(x.shape, place if draws else None)
     R, block, warps = flat_config(n, x.element_size())
     _launch(_flat_kernel, (triton.cdiv(n, block),), x,
             x, x, b, r, keep if keep is not None else x, out, out, state if state is not None else x, bp, n,
-            _last_dim(x), ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            _last_dim(x), imap, ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
             HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None, BITS_IN=bits_in is not None,
-            BITS_OUT=pack, STORE_F32=False, BWD=False, R=R, BLOCK=block, num_warps=warps)
+            BITS_OUT=pack, STORE_F32=False, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims, R=R,
+            BLOCK=block, num_warps=warps)
     return _like_input(input, out), bits
 
 
 def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            state: Optional[torch.Tensor], activation: str, mask_shape: Sequence[int],
-                           bias_grad: bool, mask_bits: Optional[torch.Tensor] = None
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+                           bias_grad: bool, mask_bits: Optional[torch.Tensor] = None,
+                           place: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_dtype(grad, "grad")
     _check_dtype(input, "input")
     g = grad.contiguous()
@@ -1140,7 +1252,7 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     if n == 0:
         return _like_input(grad, dx), db
     state = _state_on(state, g.device)
-    keep = _structured_keep(state, g.shape, mask_shape)
+    keep = _structured_keep(state, g.shape, mask_shape, place)
     act = ACTS[activation]
     x = input.contiguous() if (input is not None and act != ACTS["identity"]) else g
     has_bias = bias is not None and act != ACTS["identity"]
@@ -1148,35 +1260,39 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     kp = keep if keep is not None else g
     st = state if state is not None else g
     bp = mask_bits.contiguous() if mask_bits is not None else g
+    draws = state is not None and keep is None and mask_bits is None
+    imap, dims = _index_map(g.shape, place if draws else None)
     common = dict(ACT=act, HAS_BIAS=has_bias, HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None,
-                  BITS_IN=mask_bits is not None)
+                  BITS_IN=mask_bits is not None, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims)
     if bias_grad and H % 4 == 0:
         rows = n // H
         R, block, warps, per = rows_config(rows, H, g.element_size())
         grid = rows_grid(rows, H, block, per)
         part = g.new_empty((grid[1], H), dtype=torch.float32)
         _launch(_rows_kernel, grid, g,
-                g, x, b, kp, dx, part, st, bp, rows, H, ROWS_PER_PROGRAM=per, R=R, BLOCK=block, num_warps=warps,
+                g, x, b, kp, dx, part, st, bp, rows, H, imap, ROWS_PER_PROGRAM=per, R=R, BLOCK=block, num_warps=warps,
                 **common)
         db = part.sum(0).to(g.dtype)
     else:
         d32 = g.new_empty(g.shape, dtype=torch.float32) if bias_grad else dx
         R, block, warps = flat_config(n, g.element_size())
         _launch(_flat_kernel, (triton.cdiv(n, block),), g,
-                g, x, b, g, kp, dx, d32, st, bp, n, H, HAS_RES=False, BITS_OUT=False, STORE_F32=bias_grad, BWD=True,
-                R=R, BLOCK=block, num_warps=warps, **common)
+                g, x, b, g, kp, dx, d32, st, bp, n, H, imap, HAS_RES=False, BITS_OUT=False, STORE_F32=bias_grad,
+                BWD=True, R=R, BLOCK=block, num_warps=warps, **common)
         if bias_grad:
             db = d32.reshape(-1, H).sum(0).to(g.dtype)
     return _like_input(grad, dx), db
 
 
-def dropout_mask(state: torch.Tensor, shape: List[int]) -> torch.Tensor:
+def dropout_mask(state: torch.Tensor, shape: List[int], place: Optional[List[int]] = None) -> torch.Tensor:
     out = state.new_empty(tuple(shape), dtype=torch.bool)
     n = out.numel()
     if n == 0:
         return out
+    imap, dims = _index_map(shape, place)
     R, block, warps = flat_config(n, 1)
-    _launch(_mask_kernel, (triton.cdiv(n, block),), out, out, state, n, R=R, BLOCK=block, num_warps=warps)
+    _launch(_mask_kernel, (triton.cdiv(n, block),), out, out, state, n, imap, ALIGNED=_keeps_groups(imap, dims),
+            MAP_DIMS=dims, R=R, BLOCK=block, num_warps=warps)
     return out
 
 
@@ -1189,8 +1305,10 @@ def _sm_count(device: torch.device) -> int:
 
 def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], state: Optional[torch.Tensor], norm: str, eps: float,
-                     residual_in_fp32: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, mean, rstd), as reference.dropout_add_norm; y and h row-major."""
+                     residual_in_fp32: bool, place: Optional[List[int]] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd), as reference.dropout_add_norm; y and h row-major.
+    place: the input is that block of a global tensor, whose rows it holds whole."""
     _check_dtype(input, "input")
     x = input.contiguous()
     h_dtype, stat_dtype = norm_dtypes(x.dtype, residual_in_fp32)
@@ -1206,19 +1324,21 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     r = residual.contiguous() if residual is not None else x
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
+    imap, dims = _index_map(x.shape, place if state is not None else None)
     R, block, warps, loop = norm_config(H, x.element_size())
     grid = min(rows, GRID_X_MAX)
     _launch(_norm_kernel, (grid,), x,
             x, r, w, b, y, h, mean if norm == "layer" else rstd, rstd, state if state is not None else x, rows, H,
-            float(eps), STEPS=triton.cdiv(rows, grid), RMS=norm == "rms", HAS_RES=residual is not None,
+            float(eps), imap, STEPS=triton.cdiv(rows, grid), RMS=norm == "rms", HAS_RES=residual is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_STATE=state is not None, ALIGNED=H % 4 == 0,
-            LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
+            MAP_DIMS=dims, LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
     return y, h, mean, rstd
 
 
 def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor,
                               weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                              state: Optional[torch.Tensor], norm: str, output_mask: Sequence[bool]
+                              state: Optional[torch.Tensor], norm: str, output_mask: Sequence[bool],
+                              place: Optional[List[int]] = None
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_residual, grad_weight, grad_bias), as
     reference.dropout_add_norm_backward; [0] where output_mask leaves one out."""
@@ -1246,11 +1366,12 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
     w = weight.contiguous() if weight is not None else g
     drop = need_dx and state is not None
     rstd = rstd.contiguous()
+    imap, dims = _index_map(g.shape, place if drop else None)
     _launch(_norm_backward_kernel, (programs,), g,
             g, gh, hc, w, mean.contiguous() if norm == "layer" else rstd, rstd, state if drop else g,
-            dx if need_dx else g, dres if need_dres else hc, dw_part, db_part, rows, H, PER=per,
+            dx if need_dx else g, dres if need_dres else hc, dw_part, db_part, rows, H, imap, PER=per,
             RMS=norm == "rms", HAS_GH=grad_h is not None, HAS_W=weight is not None, HAS_STATE=drop,
-            ALIGNED=H % 4 == 0, NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db,
+            ALIGNED=H % 4 == 0, MAP_DIMS=dims, NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db,
             LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
     dw = dw_part.sum(0) if need_dw else param(False)
     db = db_part.sum(0) if need_db else param(False)

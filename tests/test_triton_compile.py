@@ -25,6 +25,10 @@ from dropout_ext import triton_kernels as K
 
 ALIGNED = [["tt.divisibility", 16]]
 DTYPES = [("fp32", 4), ("bf16", 2), ("fp16", 2)]
+# An unsharded call's map arguments (triton_kernels._index_map), which every
+# build gets unless it names a shard's: no map, its tuple never read.
+UNSHARDED = {"ALIGNED": True, "MAP_DIMS": K.NO_MAP.value}
+MAP_TYPES = {"imap": ("i64",) * len(K._IDENTITY[0])}
 
 
 def _build(fn, types, constexprs, arch, num_warps=8, divisible=()):
@@ -34,9 +38,11 @@ def _build(fn, types, constexprs, arch, num_warps=8, divisible=()):
     included) but those named in ``divisible``, known to be multiples of 16
     as Triton specialises such a launch argument."""
     names = [p.name for p in fn.params]
+    constexprs = {**{k: v for k, v in UNSHARDED.items() if k in names}, **constexprs}
+    types = {**MAP_TYPES, **types}
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in names}
     attrs = {(i,): ALIGNED for i, name in enumerate(names)
-             if signature[name].startswith("*") or name in divisible}
+             if signature[name][0] == "*" or name in divisible}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     # Triton's defaults but the warps and FP fusion (see the module's doc).
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -257,6 +263,46 @@ def test_bits_reading_kernels_draw_no_words(arch, dtype, size):
     assert _count(rows, _PHILOX) == 0 and _count(rows, _BYTE_LOAD) >= 1
 
 
+
+# --- shards ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,size", DTYPES)
+@pytest.mark.parametrize("map_dims", [K.SHIFT.value, 1, K.MAX_MAP_DIMS.value])
+@pytest.mark.parametrize("aligned", [True, False], ids=["groups", "elements"])
+@pytest.mark.parametrize("direction", ["forward_pack", "backward"])
+def test_shard_kernels(dtype, size, map_dims, aligned, direction):
+    """A shard's flat kernels on sm_90 (the heaviest bodies, as in
+    test_large_tensor_registers), drawing at the global indices of a map
+    with map_dims strided dimensions, a group at a time (aligned) or element
+    by element: the contract's arithmetic still; the tensors still moved 16
+    bytes a thread, as the map moves only the draws; the unsharded kernel's
+    Philox calls a group at a time, four times as many element by element;
+    a shift (SHIFT) costs no 64-bit division
+    beyond the bias column's, as unsharded. Registers within the unsharded
+    kernels' bound, and no spill up to one strided dimension; past it the
+    64-bit divisions of the index walk (a subroutine of ptxas) may keep a
+    value or two on the stack, by ptxas release."""
+    R, block, warps = _large_config(size)
+    bwd = direction == "backward"
+    consts = _flat_consts(R, block, "gelu", HAS_RES=not bwd, STORE_F32=bwd, BWD=bwd, BITS_OUT=not bwd,
+                          ALIGNED=aligned, MAP_DIMS=map_dims)
+    kernel = _build(K._flat_kernel, _flat_types(dtype, f32_out=bwd), consts, 90, warps)
+    ptx = kernel.asm["ptx"]
+    _no_contraction_ieee_division(ptx)
+    assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 2
+    assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
+    unsharded = _build(K._flat_kernel, _flat_types(dtype, f32_out=bwd), dict(consts, **UNSHARDED), 90, warps)
+    philox, plain = _count(ptx, _PHILOX), _count(unsharded.asm["ptx"], _PHILOX)
+    # (LLVM may fold one or two of them differently in either kernel)
+    assert abs(philox - plain) <= 2 if aligned else philox >= 3 * plain
+    if map_dims == K.SHIFT.value:
+        _bias_index_in_32_bits(ptx)
+    usage = _resource_usage(kernel)
+    assert usage["REG"] <= MAX_REGISTERS and usage.get("LOCAL", 0) == 0, (usage, (R, block, warps))
+    if map_dims < 2:
+        assert usage.get("STACK", 0) == 0, usage
+
+
 # --- dropout_add_norm ----------------------------------------------------------------
 
 NORM_H = [7, 1024, 4097, 65536]  # a short row, rows in registers (even and odd), the column-tile loop
@@ -272,12 +318,12 @@ def _norm_types(dtype, h_dtype):
     return fwd, bwd
 
 
-def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None):
+def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None, map_dims=K.NO_MAP.value):
     """The norm kernel a launch with rows of H elements compiles, with every
     input and output present, H specialised as a launch would (a multiple
-    of 16 or not)."""
+    of 16 or not); a shard's with map_dims strided dimensions."""
     R, block, warps, loop = K.norm_config(H, size, backward)
-    flags = {"RMS": norm == "rms", "HAS_STATE": True, "ALIGNED": H % 4 == 0, "LOOP": loop,
+    flags = {"RMS": norm == "rms", "HAS_STATE": True, "ALIGNED": H % 4 == 0, "MAP_DIMS": map_dims, "LOOP": loop,
              "EVEN": not loop and block == H, "R": R, "BLOCK": block}
     fwd, bwd = _norm_types(dtype, h_dtype or dtype)
     if backward:
@@ -331,6 +377,23 @@ def test_norm_registers(dtype, size, h_dtype, H, backward):
     ptxas): the check is meant to hold under every Triton that
     requirements-test.txt allows."""
     usage = _resource_usage(_norm_build(H, dtype, size, 90, backward, h_dtype=h_dtype))
+    assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, (usage, K.norm_config(H, size, backward))
+
+
+@pytest.mark.parametrize("dtype,size", [("fp32", 4), ("bf16", 2)])
+@pytest.mark.parametrize("H", [2047, 4096, 65536])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_norm_shard_kernels(dtype, size, H, backward):
+    """A shard's norm kernels (a strided map of the most dimensions) draw
+    each row at its global start, one 64-bit index walk a row: the same
+    Philox calls as unsharded, and no spills (rows in registers, aligned
+    and not, and column tiles; the backward's unaligned column tiles sit at
+    the register cap unsharded already, see test_norm_registers, where a
+    shard's shift spills a few bytes under some ptxas releases)."""
+    kernel = _norm_build(H, dtype, size, 90, backward, map_dims=K.MAX_MAP_DIMS.value)
+    plain = _norm_build(H, dtype, size, 90, backward)
+    assert abs(_count(kernel.asm["ptx"], _PHILOX) - _count(plain.asm["ptx"], _PHILOX)) <= 2
+    usage = _resource_usage(kernel)
     assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, (usage, K.norm_config(H, size, backward))
 
 

@@ -326,3 +326,80 @@ def test_norm_no_philox_without_dropout(tk, monkeypatch):
         tk.dropout_add_norm_backward(grad, None, h, bias, mean, rstd, state, "layer", [True] * 4)
     with pytest.raises(Exception):
         tk.dropout_add_norm(x, res, bias, bias, _state(0.5), "layer", 1e-5, False)
+
+
+# --- shards ------------------------------------------------------------------------------
+# The conformance suite holds every backend's sharded calls to the blocks of
+# the unsharded calls; here what is Triton's own: which draw a map takes (a
+# group at a time where it keeps groups of four whole, else element by
+# element), the bias-gradient row kernel and the norm's column tiles under a
+# map, and a place whose map is the identity taking the unsharded kernels.
+
+# (global shape, start, local shape, drawn a group at a time)
+SHARD_CASES = {
+    "rows": ((6, 5, 12), (2, 0, 0), (3, 5, 12), True),      # a shift by 120
+    "cols": ((5, 3, 24), (0, 0, 8), (5, 3, 12), True),      # runs of 12 at 8 + 24k
+    "two": ((4, 6, 16), (1, 2, 4), (2, 3, 8), True),        # two strided dimensions
+    "cols_odd": ((5, 22), (0, 5), (5, 12), False),          # runs of 12 at odd starts
+}
+
+
+def _block(start, local):
+    return tuple(slice(s, s + n) for s, n in zip(start, local))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(SHARD_CASES))
+def test_shard_draws(tk, case, dtype):
+    """A shard's forward (packing its bits), its backward with the bias
+    gradient (the row kernel: H % 4 == 0) and its mask are the blocks of
+    the unsharded calls, a group at a time where the map keeps groups
+    whole; the bias gradient is the one its packed bits give."""
+    global_shape, start, local, groups = SHARD_CASES[case]
+    place = [*global_shape, *start]
+    assert tk._keeps_groups(*tk._index_map(local, place)) == groups
+    x, bias, res, grad = make_inputs(global_shape, dtype)
+    block = _block(start, local)
+    xl, rl, gl = (t[block].contiguous() for t in (x, res, grad))
+    bl = bias[block[-1]].contiguous()
+    state = _state(0.5)
+    keep = tk.dropout_mask(state, list(local), place)
+    assert torch.equal(keep, tk.dropout_mask(state, list(global_shape))[block])
+    yl, bits = tk.fused_dropout(xl, bl, rl, state, "gelu", [], None, True, place)
+    assert_bitwise_equal(yl, tk.fused_dropout(x, bias, res, state, "gelu", [])[0][block])
+    assert torch.equal(bits, ref.pack_bits(keep))
+    dxl, dbl = tk.fused_dropout_backward(gl, xl, bl, state, "gelu", [], True, None, place)
+    assert_bitwise_equal(dxl, tk.fused_dropout_backward(grad, x, bias, state, "gelu", [], False)[0][block])
+    assert_bitwise_equal(dbl, tk.fused_dropout_backward(gl, xl, bl, state, "gelu", [], True, bits)[1])
+
+
+@pytest.mark.parametrize("H", [13, 77, 64])
+def test_shard_norm_rows(tk, monkeypatch, H):
+    """A norm shard draws each row at its global start: rows in registers
+    with H % 4 != 0 (element by element) and over column tiles (77, 64:
+    NORM_MAX_BLOCK made 32) give the unsharded call's y, h and dx blocks."""
+    monkeypatch.setattr(tk, "NORM_MAX_BLOCK", 32)
+    global_shape, start, local = (4, 5, H), (1, 2, 0), (2, 3, H)
+    place = [*global_shape, *start]
+    x, w, res, grad = make_inputs(global_shape, torch.float32)
+    block = _block(start, local)
+    state = _state(0.3)
+    full = tk.dropout_add_norm(x, res, w, None, state, "layer", 1e-5, False)
+    part = tk.dropout_add_norm(x[block].contiguous(), res[block].contiguous(), w, None, state, "layer", 1e-5, False,
+                               place)
+    for got, want in zip(part[:2], full[:2]):
+        assert_bitwise_equal(got, want[block])
+    mask = [True, False, False, False]
+    dx = tk.dropout_add_norm_backward(grad, None, full[1], w, full[2], full[3], state, "layer", mask)[0]
+    dxl = tk.dropout_add_norm_backward(grad[block].contiguous(), None, part[1], w, part[2], part[3], state, "layer",
+                                       mask, place)[0]
+    assert_bitwise_equal(dxl, dx[block])
+
+
+def test_identity_place_takes_unsharded_kernels(tk):
+    """A place whose map is the identity (the shard starts the global tensor
+    and is consecutive in it, or is all of it) launches the unsharded
+    kernels; one further on is a shift."""
+    assert tk._index_map((2, 5, 6), [4, 5, 6, 0, 0, 0]) == tk._IDENTITY
+    assert tk._index_map((4, 5, 6), [4, 5, 6, 0, 0, 0]) == tk._IDENTITY
+    assert tk._index_map((2, 5, 6), [4, 5, 6, 1, 0, 0])[1] == tk.SHIFT.value
