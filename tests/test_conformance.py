@@ -1101,8 +1101,10 @@ if not TRITON_MODE:
 
 # --- sharded calls (place) -------------------------------------------------------
 # A shard given its place draws every element at its index in the global tensor
-# (docs/RNG.md, "Sharded tensors"): its result is the block of the unsharded
-# call, bit for bit, for any run structure of the map (csrc/index_map.h).
+# (docs/RNG.md, "Sharded tensors"): its result is the block of the same
+# backend's unsharded call, bit for bit, for any run structure of the map
+# (csrc/index_map.h); the reference row too (its sharded call computes
+# global indices its own way, not by slicing).
 
 # (global shape, start, local shape)
 PLACES = {
@@ -1140,7 +1142,7 @@ def test_place_mask(b, case):
     assert not torch.equal(got, b.ops.mask(b.state(0.5), list(local)))  # the place decides
 
 
-@pytest.mark.parametrize(*cases(case=PLACE_IDS, dtype=[torch.float32, torch.bfloat16], reference_row=False,
+@pytest.mark.parametrize(*cases(case=PLACE_IDS, dtype=[torch.float32, torch.bfloat16],
                                 small=dict(case=["cols", "short", "two"], dtype=[torch.bfloat16])))
 def test_place_forward_backward(b, case, dtype):
     """y and dx of a shard are the blocks of the unsharded call's; the packed
@@ -1175,7 +1177,7 @@ STRUCTURED_PLACES = {
 }
 
 
-@pytest.mark.parametrize(*cases(case=list(STRUCTURED_PLACES), reference_row=False,
+@pytest.mark.parametrize(*cases(case=list(STRUCTURED_PLACES),
                                 small=dict(case=["channels", "one_channel"])))
 def test_place_structured(b, case):
     """A structured mask speaks of the global shape: the shard applies the
@@ -1195,7 +1197,7 @@ def test_place_structured(b, case):
     assert_bitwise_equal(dxl, _block(dx, start, local))
 
 
-@pytest.mark.parametrize(*cases(norm=["layer", "rms"], reference_row=False, small=dict(norm=["layer"])))
+@pytest.mark.parametrize(*cases(norm=["layer", "rms"], small=dict(norm=["layer"])))
 def test_place_norm(b, norm):
     """dropout_add_norm of a shard of whole rows: y, h and dx are the
     unsharded call's blocks (every row's statistics are its own)."""
