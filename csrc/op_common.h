@@ -242,11 +242,13 @@ inline std::vector<int64_t> global_shape(at::IntArrayRef local, at::OptionalIntA
 // one element long is still told apart from a broadcast one.
 struct MaskPlan {
   bool full = true;               // one draw per element
-  std::vector<int64_t> shape;     // the local keep mask's shape (the input's, when full)
+  std::vector<int64_t> shape;     // a structured mask's local shape (read only when not full)
   IndexMap map;                   // of the input's elements (full), else of the small mask's
 };
 
 inline MaskPlan mask_plan(const at::Tensor& input, at::IntArrayRef mask_shape, at::OptionalIntArrayRef place) {
+  // The common call: one draw per element at its own index, nothing to build.
+  if (mask_shape.empty() && !place.has_value()) return MaskPlan{};
   check_place(input.sizes(), place);
   const std::vector<int64_t> global = global_shape(input.sizes(), place);
   const int64_t n = input.dim();

@@ -34,7 +34,7 @@ def _fused(input, p: Rate, bias, residual, activation, mask_shape, training, see
     in the packed mask mode, and only when a backward will read it.
     ``place``: the ops' words (``sharding.place_words``), or None; a
     DTensor input runs here once more on its shard, at its place."""
-    if is_dtensor(input):
+    if type(input) is not torch.Tensor and is_dtensor(input):  # the test inline: no call on the hot path
         _no_place(place)
         linear = bias is None and residual is None and activation == "identity"
         return on_shards(lambda x, b, r, at: _fused(x, p, b, r, activation, mask_shape, training, seed, offset,
@@ -217,9 +217,11 @@ def _broadcast_dropout(input, p: Rate, training, inplace, broadcast_dims, seed=N
                        backend=None, mask_mode=None, place=None):
     """``dropout`` of a validated input; ``place``: the ops' words. A mask
     shape speaks of the global tensor (a DTensor's shape is global)."""
-    full = global_shape(input.shape, place)
-    mshape = shared_mask_shape(full, broadcast_dims) if broadcast_dims is not None else ()
-    mshape = () if mshape == full else mshape
+    mshape = ()
+    if broadcast_dims is not None:
+        full = global_shape(input.shape, place)
+        mshape = shared_mask_shape(full, broadcast_dims)
+        mshape = () if mshape == full else mshape
     return _dropout(input, p, training, inplace, mshape, seed, offset, generator, backend, mask_mode, place)
 
 

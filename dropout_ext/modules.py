@@ -32,7 +32,8 @@ class _Placed:
         super().__setattr__(name, value)
 
     def _words(self, input) -> Optional[list]:
-        """The ops' place words for this input (a DTensor says its own)."""
+        """The ops' place words for this input (a DTensor says its own). The
+        hot forwards test ``self.place is None`` inline: no call without one."""
         return F._words(self.place, input)
 
 
@@ -84,8 +85,9 @@ class Dropout(_RuntimeP, nn.Dropout):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_tensor(input, "input")
+        place = None if self.place is None else self._words(input)
         return F._broadcast_dropout(input, self._rate(input), self.training, self.inplace, self.broadcast_dims,
-                                    mask_mode=self.mask_mode, place=self._words(input))
+                                    mask_mode=self.mask_mode, place=place)
 
     def extra_repr(self) -> str:
         extra = f", broadcast_dims={self.broadcast_dims}" if self.broadcast_dims is not None else ""
@@ -108,7 +110,7 @@ class _ChannelTwin(_RuntimeP):
         check_tensor(input, "input")
         batched = type(self)._batched(input)
         return F._channel_dropout(batched, input, self._rate(input), self.training, self.inplace,
-                                  place=self._words(input))
+                                  place=None if self.place is None else self._words(input))
 
 
 class Dropout1d(_ChannelTwin, nn.Dropout1d):
@@ -182,7 +184,7 @@ class DropPath(_RuntimeP, nn.Module):
         check_tensor(input, "input")
         dims = tuple(range(1, input.dim()))
         return F._broadcast_dropout(input, self._rate(input), self.training, False, dims or None,
-                                    place=self._words(input))
+                                    place=None if self.place is None else self._words(input))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
