@@ -142,8 +142,9 @@ def _local_companion(t, kind, input, placements, words):
     """A companion tensor's local piece: ``like`` the input (a residual),
     along its ``last`` dimension (a bias: sharded where the input's last
     dimension is), or ``whole`` (a norm's weight and bias). A plain tensor
-    is taken as the global one; a DTensor is redistributed to the layout."""
-    from torch.distributed.tensor import Replicate, Shard
+    is taken as the global one (its gradient is this rank's part); a
+    DTensor is redistributed to the layout, and its gradient is whole."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
 
     if t is None:
         return None
@@ -156,12 +157,15 @@ def _local_companion(t, kind, input, placements, words):
             return t[starts[-1]:starts[-1] + local[-1]]
         return t[tuple(slice(s, s + size) for s, size in zip(starts, local))]
     if kind == "like":
-        layout = placements
-    elif kind == "last":
+        return t.redistribute(input.device_mesh, placements).to_local()
+    if kind == "last":
         layout = tuple(Shard(0) if p.is_shard() and p.dim % n == n - 1 else Replicate() for p in placements)
     else:
         layout = (Replicate(),) * len(placements)
-    return t.redistribute(input.device_mesh, layout).to_local()
+    # A piece used by every shard of a mesh dimension that splits the input
+    # gets a partial gradient there (its rows' sum): DTensor reduces it.
+    grads = tuple(Partial() if p.is_shard() and q.is_replicate() else q for p, q in zip(placements, layout))
+    return t.redistribute(input.device_mesh, layout).to_local(grad_placements=grads)
 
 
 def _local_shape(input):

@@ -5,7 +5,8 @@ first, a middle and the last dimension, uneven down to an empty shard,
 Replicate, Partial, two mesh dimensions on one tensor dimension), with
 ``seed=`` and with the default generator seeded alike on every rank,
 ``full_tensor()`` of the output and of the input's gradient equal the
-single-process call on the global tensor bit for bit. A Partial output is
+single-process call on the global tensor bit for bit, and a DTensor bias's
+gradient (a reduction across ranks) to rounding. A Partial output is
 the ranks' sum: there a dropped element is the sum of the ranks' signed
 zeros, so it equals the single-process zero in value, not always in sign.
 
@@ -120,17 +121,21 @@ def _keys(mesh_shape):
                 yield name, layout, seed
 
 
-def _run(case, x, b, r, seed):
-    """(outputs..., the input's gradient) of one call, full tensors."""
+def _full(t):
     from torch.distributed.tensor import DTensor
 
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _run(case, x, b, r, seed):
+    """(outputs..., the input's gradient, the bias's gradient or None) of
+    one call, full tensors."""
     torch.manual_seed(1234)  # every rank alike: the default generator's draws agree
     out = case.call(x, b, r, seed)
     outs = out if isinstance(out, tuple) else (out,)
-    full = [o.full_tensor() if isinstance(o, DTensor) else o for o in outs]
+    full = [_full(o) for o in outs]
     sum((f * g).sum() for f, g in zip(full, _grads(full))).backward()
-    grad = x.grad.full_tensor() if isinstance(x.grad, DTensor) else x.grad
-    return [f.detach() for f in full] + [grad]
+    return [f.detach() for f in full] + [_full(x.grad), None if b.grad is None else _full(b.grad)]
 
 
 def _distribute(t, mesh, placements, leaf=True):
@@ -160,7 +165,7 @@ def _worker(rank, world, mesh_shape, init_file, out_dir):
             x, b, r = _inputs(case)
             placements = _placements(layout, len(case.shape))
             xd = _distribute(x, mesh, placements)
-            bd = distribute_tensor(b, mesh, [Replicate()] * mesh.ndim)
+            bd = distribute_tensor(b, mesh, [Replicate()] * mesh.ndim).requires_grad_()
             rd = _distribute(r, mesh, tuple(Replicate() if p.is_partial() else p for p in placements), leaf=False)
             results[(name, layout, seed)] = _run(case, xd, bd, rd, seed)
         if rank == 0:
@@ -186,8 +191,12 @@ def test_dtensor_equals_single_process(tmp_path, world, mesh_shape):
     for (name, layout, seed), got in results.items():
         case = CASES[name]
         x, b, r = _inputs(case)
-        want = _run(case, x.requires_grad_(), b, r, seed)
+        want = _run(case, x.requires_grad_(), b.requires_grad_(), r, seed)
         partial = "P" in layout
-        if len(got) != len(want) or not all(_same(g, w, partial) for g, w in zip(got, want)):
+        # The bias's gradient sums rows in another order across ranks: to rounding.
+        (*got, got_db), (*want, want_db) = got, want
+        same = len(got) == len(want) and all(_same(g, w, partial) for g, w in zip(got, want))
+        if not same or (want_db is None) != (got_db is None) or (
+                want_db is not None and not torch.allclose(got_db, want_db, rtol=1e-5, atol=1e-5)):
             wrong.append((name, layout, "seed=" if seed is not None else "generator"))
     assert not wrong, f"sharded results differ from the single-process call: {wrong}"
