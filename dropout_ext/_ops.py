@@ -114,9 +114,18 @@ torch.library.register_fake("dropout_ext::draw_state", _fake_draw_state, lib=_li
 
 # --- the Python kernels --------------------------------------------------------
 
+def _check_map(shape, place) -> None:
+    """A place's map as the C++ ops build it (csrc/op_common.h, index_map),
+    refused where they refuse it (more strided dimensions than a kernel
+    takes), so every backend takes the same places."""
+    if place is not None:
+        torch.ops.dropout_ext.index_map(list(shape), list(place))
+
+
 def _check_forward(input, bias, residual, state, activation, mask_shape, mask_bits=None, pack_mask=False, p=None,
                    generator=None, place=None):
     _validate.check_fused_args(input, bias, residual, activation, mask_shape, place)
+    _check_map(input.shape, place)
     _validate.check_state(state, input.device)
     _validate.check_mask_bits(input, state, mask_shape, mask_bits, place)
     if pack_mask and mask_bits is not None:
@@ -141,6 +150,7 @@ def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad,
     if input is not None:
         _validate.check_fused_args(input, bias, None, activation, mask_shape, place)
     _validate.check_mask_shape(grad, mask_shape, _validate.check_place(grad.shape, place))
+    _check_map(grad.shape, place)
     _validate.check_state(state, grad.device)
     _validate.check_mask_bits(grad, state, mask_shape, mask_bits, place)
 
@@ -148,12 +158,14 @@ def _check_backward(grad, input, bias, state, activation, mask_shape, bias_grad,
 def _check_mask(state, shape, place=None):
     _validate.check_state(state, state.device)
     _validate.check_place(_validate.check_shape(shape), place)
+    _check_map(shape, place)
 
 
 def _check_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp32, p=None, generator=None,
                 place=None):
     _validate.check_norm_args(input, residual, weight, bias, norm, eps, residual_in_fp32)
     _validate.check_norm_place(input.shape, _validate.check_place(input.shape, place))
+    _check_map(input.shape, place)
     _validate.check_state(state, input.device)
     _check_draw(state, p, generator)
 
@@ -161,6 +173,7 @@ def _check_norm(input, residual, weight, bias, state, norm, eps, residual_in_fp3
 def _check_norm_backward(grad, grad_h, h, weight, mean, rstd, state, norm, output_mask, place=None):
     _validate.check_norm_backward_args(grad, grad_h, h, weight, mean, rstd, norm, output_mask)
     _validate.check_norm_place(grad.shape, _validate.check_place(grad.shape, place))
+    _check_map(grad.shape, place)
     _validate.check_state(state, grad.device)
 
 

@@ -1231,3 +1231,7 @@ def test_place_refusals(b):
         b.ops.forward(x, None, None, state, "identity", [4, 1], None, False, None, None, [8, 6, 4, 0])
     with pytest.raises(ValueError, match="whole"):
         b.ops.norm(x, None, None, None, state, "layer", 1e-5, False, None, None, [4, 12, 0, 6])
+    # five strided dimensions: more than any kernel takes, refused alike by every backend
+    y = torch.randn(2, 2, 2, 2, 2, 2, device=b.device)
+    with pytest.raises(ValueError, match="at most 4"):
+        b.ops.forward(y, None, None, state, "identity", [], None, False, None, None, [3] * 6 + [0] * 6)
