@@ -49,6 +49,28 @@ def run_child(argv, env=None, timeout=300):
     return subprocess.run(list(argv), cwd=folder, env=child_env, capture_output=True, text=True, timeout=timeout)
 
 
+def leave_process_group(rank: int, world: int, folder: str) -> None:
+    """Ends a spawned gloo rank that finished its work, without tearing its
+    process group down: a rank that closes its connections while a peer's
+    gloo threads still use theirs can abort the peer (std::terminate in
+    gloo's threads, a SIGABRT the test would report). Every rank passes a
+    barrier, then waits until all have passed it (files in ``folder``), and
+    leaves with os._exit: no collective is in flight and no destructor runs.
+    Never returns."""
+    import time
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    open(os.path.join(folder, f"left-rank{rank}"), "w").close()
+    deadline = time.monotonic() + 120
+    while not all(os.path.exists(os.path.join(folder, f"left-rank{r}")) for r in range(world)):
+        if time.monotonic() > deadline:
+            os._exit(3)
+        time.sleep(0.01)
+    os._exit(0)
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits of a float tensor, for exact (sign-of-zero-aware) equality.
     Every NaN maps to one pattern: NaN payloads and signs differ between

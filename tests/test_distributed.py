@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from conftest import leave_process_group
 
 WORLD = 2
 
@@ -38,11 +39,9 @@ def _worker(rank, init_file, same_seed, out_dir):
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
         torch.save({"masks": torch.stack(masks), "tp": tp_mask, "weights": weights},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        # Neither rank tears down its connections while the other may still
-        # read them: gloo aborts a process whose peer closed mid-operation.
-        dist.barrier()
+        leave_process_group(rank, WORLD, out_dir)
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # on an error: leave_process_group never returns
 
 
 @pytest.mark.parametrize("same_seed", [False, True])

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 import dropout_ext
 from dropout_ext import functional as F
+from conftest import leave_process_group
 
 P = 0.4
 SEED = 0xF123456789ABCDEF
@@ -170,9 +171,9 @@ def _worker(rank, world, mesh_shape, init_file, out_dir):
             results[(name, layout, seed)] = _run(case, xd, bd, rd, seed)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
-        dist.barrier()
+        leave_process_group(rank, world, out_dir)
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # on an error: leave_process_group never returns
 
 
 def _same(a, b, partial) -> bool:

@@ -13,6 +13,7 @@ from torch import nn
 
 import dropout_ext
 from dropout_ext import functional as F
+from conftest import leave_process_group
 
 WORLD = 2
 STEPS = 3
@@ -25,11 +26,9 @@ def _rank_main(rank, work, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.save(work(rank), os.path.join(out_dir, f"rank{rank}.pt"))
-        # Neither rank tears down its connections while the other may still
-        # read them: gloo aborts a process whose peer closed mid-operation.
-        dist.barrier()
+        leave_process_group(rank, WORLD, out_dir)
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # on an error: leave_process_group never returns
 
 
 def _on_ranks(work, tmp_path):
