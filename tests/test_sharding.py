@@ -6,7 +6,9 @@ Replicate, Partial, two mesh dimensions on one tensor dimension), with
 ``seed=`` and with the default generator seeded alike on every rank,
 ``full_tensor()`` of the output and of the input's gradient equal the
 single-process call on the global tensor bit for bit, and a DTensor bias's
-gradient (a reduction across ranks) to rounding. A Partial output is
+gradient (a reduction across ranks) to rounding. The ranks lay their inputs
+out and save their pieces without a gather (each holds the global tensors),
+so what runs collectives is the code under test. A Partial output is
 the ranks' sum: there a dropped element is the sum of the ranks' signed
 zeros, so it equals the single-process zero in value, not always in sign.
 
@@ -122,42 +124,65 @@ def _keys(mesh_shape):
                 yield name, layout, seed
 
 
-def _full(t):
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def _run(case, x, b, r, seed):
     """(outputs..., the input's gradient, the bias's gradient or None) of
-    one call, full tensors."""
-    torch.manual_seed(1234)  # every rank alike: the default generator's draws agree
+    one call on plain tensors: the single-process side."""
+    torch.manual_seed(1234)
     out = case.call(x, b, r, seed)
     outs = out if isinstance(out, tuple) else (out,)
-    full = [_full(o) for o in outs]
-    sum((f * g).sum() for f, g in zip(full, _grads(full))).backward()
-    return [f.detach() for f in full] + [_full(x.grad), None if b.grad is None else _full(b.grad)]
+    sum((o * g).sum() for o, g in zip(outs, _grads(outs))).backward()
+    return [o.detach() for o in outs] + [x.grad, b.grad]
+
+
+def _block(t, mesh, placements):
+    """This rank's block of the global ``t`` under ``placements`` (a Partial
+    mesh dimension as Replicate) and its offsets, cut here: every rank holds
+    t, so no collective is needed to lay out the inputs or read the results."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    plain = tuple(Replicate() if p.is_partial() else p for p in placements)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, plain)
+    return t[tuple(slice(o, o + n) for o, n in zip(offset, shape))], tuple(offset)
 
 
 def _distribute(t, mesh, placements, leaf=True):
     """t as a DTensor of ``placements``: a Partial mesh dimension holds t at
     coordinate 0 and zeros elsewhere (the sum is t exactly)."""
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
-    plain = tuple(Replicate() if p.is_partial() else p for p in placements)
-    local = distribute_tensor(t, mesh, plain).to_local()
-    coords = mesh.get_coordinate()
-    if any(p.is_partial() and c != 0 for p, c in zip(placements, coords)):
+    local = _block(t, mesh, placements)[0].clone()
+    if any(p.is_partial() and c != 0 for p, c in zip(placements, mesh.get_coordinate())):
         local = torch.zeros_like(local)
     d = DTensor.from_local(local, mesh, placements, run_check=False, shape=t.shape, stride=t.stride())
     return d.detach().requires_grad_(leaf)
+
+
+def _piece(d, mesh):
+    """A DTensor's local piece as the parent assembles it: (local tensor,
+    offsets, each mesh dimension's kind, this rank's coordinates)."""
+    kinds = tuple("P" if p.is_partial() else "R" if p.is_replicate() else "S" for p in d.placements)
+    offset = _block(torch.empty(d.shape), mesh, d.placements)[1]
+    return d.to_local().detach().clone(), offset, kinds, tuple(mesh.get_coordinate())
+
+
+def _run_sharded(case, x, b, r, seed, mesh):
+    """The pieces of the outputs and of the input's gradient on this rank,
+    and the bias's (reduced, whole) gradient: the loss is each rank's own
+    outputs against their block of the global output gradient, so the
+    backward gives each shard its gradient with no gather."""
+    torch.manual_seed(1234)  # every rank alike: the default generator's draws agree
+    out = case.call(x, b, r, seed)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum((o.to_local() * _block(g, mesh, o.placements)[0]).sum() for o, g in zip(outs, _grads(outs))).backward()
+    return [_piece(o, mesh) for o in outs] + [_piece(x.grad, mesh), None if b.grad is None else b.grad.to_local()]
 
 
 def _worker(rank, world, mesh_shape, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Replicate, distribute_tensor
+        from torch.distributed.tensor import DTensor, Replicate
 
         mesh = init_device_mesh("cpu", mesh_shape)
         results = {}
@@ -166,14 +191,28 @@ def _worker(rank, world, mesh_shape, init_file, out_dir):
             x, b, r = _inputs(case)
             placements = _placements(layout, len(case.shape))
             xd = _distribute(x, mesh, placements)
-            bd = distribute_tensor(b, mesh, [Replicate()] * mesh.ndim).requires_grad_()
+            bd = DTensor.from_local(b.clone(), mesh, [Replicate()] * mesh.ndim, run_check=False).requires_grad_()
             rd = _distribute(r, mesh, tuple(Replicate() if p.is_partial() else p for p in placements), leaf=False)
-            results[(name, layout, seed)] = _run(case, xd, bd, rd, seed)
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "results.pt"))
+            results[(name, layout, seed)] = _run_sharded(case, xd, bd, rd, seed, mesh)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         leave_process_group(rank, world, out_dir)
     finally:
         dist.destroy_process_group()  # on an error: leave_process_group never returns
+
+
+def _assemble(pieces, like):
+    """The global tensor from every rank's piece: shards at their offsets,
+    one copy of each replicated block, Partial terms summed."""
+    full = torch.zeros_like(like)
+    for local, offset, kinds, coord in pieces:
+        if any(k == "R" and c != 0 for k, c in zip(kinds, coord)):
+            continue
+        block = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
+        if "P" in kinds:
+            full[block] += local
+        else:
+            full[block] = local
+    return full
 
 
 def _same(a, b, partial) -> bool:
@@ -186,18 +225,21 @@ def _same(a, b, partial) -> bool:
 @pytest.mark.parametrize("world, mesh_shape", [(2, (2,)), (4, (4,)), (4, (2, 2))], ids=["2", "4", "2x2"])
 def test_dtensor_equals_single_process(tmp_path, world, mesh_shape):
     mp.spawn(_worker, args=(world, mesh_shape, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    results = torch.load(tmp_path / "results.pt")
-    assert set(results) == set(_keys(mesh_shape))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert set(ranks[0]) == set(_keys(mesh_shape))
     wrong = []
-    for (name, layout, seed), got in results.items():
+    for key in ranks[0]:
+        name, layout, seed = key
         case = CASES[name]
         x, b, r = _inputs(case)
-        want = _run(case, x.requires_grad_(), b.requires_grad_(), r, seed)
+        *want, want_db = _run(case, x.requires_grad_(), b.requires_grad_(), r, seed)
+        *pieces, got_db = zip(*(rank[key] for rank in ranks))
+        got = [_assemble(p, w) for p, w in zip(pieces, want)]
         partial = "P" in layout
-        # The bias's gradient sums rows in another order across ranks: to rounding.
-        (*got, got_db), (*want, want_db) = got, want
         same = len(got) == len(want) and all(_same(g, w, partial) for g, w in zip(got, want))
-        if not same or (want_db is None) != (got_db is None) or (
-                want_db is not None and not torch.allclose(got_db, want_db, rtol=1e-5, atol=1e-5)):
+        # The bias's gradient sums rows in another order across ranks: to rounding.
+        db = got_db[0]
+        if not same or (want_db is None) != (db is None) or (
+                want_db is not None and not torch.allclose(db, want_db, rtol=1e-5, atol=1e-5)):
             wrong.append((name, layout, "seed=" if seed is not None else "generator"))
     assert not wrong, f"sharded results differ from the single-process call: {wrong}"
