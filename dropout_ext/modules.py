@@ -204,7 +204,7 @@ class FusedDropout(_RuntimeP, nn.Module):
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         bias, residual = F._follow_autocast(x, bias, residual)
-        words = self._words(x)
+        words = None if self.place is None else self._words(x)
         mshape = check_fused_args(x, bias, residual, self.activation, None, words)
         return F._fused(x, self._rate(x), bias, residual, self.activation, mshape, self.training,
                         mask_mode=self.mask_mode, place=words)
@@ -253,7 +253,7 @@ class _DropoutAddNorm(_RuntimeP, nn.Module):
         """y, or (y, h) with prenorm (h = residual + dropout(x))."""
         residual, weight, bias = F._follow_autocast_norm(x, residual, self.weight, self.bias, self.residual_in_fp32)
         check_norm_args(x, residual, weight, bias, self._norm, self.eps, self.residual_in_fp32)
-        words = self._words(x)
+        words = None if self.place is None else self._words(x)
         check_norm_place(x.shape, words)
         return F._norm(x, self._rate(x), residual, weight, bias, self.eps, self._norm, self.prenorm,
                        self.residual_in_fp32, self.training, place=words)
