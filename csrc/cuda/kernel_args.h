@@ -142,6 +142,41 @@ struct MaskArgs {
   ShardMap map;      // as DropoutArgs::map
 };
 
+// What one launch costs, as the static performance model (tools/gpu_model.py)
+// reads it: each kernel states its own (K::facts(params, grid), beside its
+// code), and the host driver's planner records them without running
+// anything. Bytes are global memory traffic as DRAM sees it: every byte a
+// launch must read or write, once (a kernel's own re-read of what it just
+// wrote within a block counts again only where the block cannot keep it).
+struct LaunchFacts {
+  int64_t bytes_read = 0;
+  int64_t bytes_written = 0;
+  // Global bytes one thread has asked for before it first waits on a load:
+  // with the resident threads, what covers the memory latency.
+  int64_t inflight_bytes_per_thread = 0;
+  // Thread-steps the launch issues in its main loop (threads x steps), and
+  // those that hold work: their ratio is the fraction of lanes with work.
+  int64_t lane_slots = 0;
+  int64_t busy_slots = 0;
+  // The longest serial walk of global loads one thread makes whose values
+  // feed one reduction result, each waiting on the previous (a reduction's
+  // tail); a streaming step counts 1, its latency covered by the other
+  // resident threads.
+  int64_t dependent_loads = 1;
+};
+
+// The lanes of a walk of `items` work items by `threads` threads, each
+// taking items t, t + threads, ...: every thread steps until the last item.
+inline void walk_lanes(LaunchFacts& f, int64_t items, int64_t threads) {
+  const int64_t steps = threads > 0 ? (items + threads - 1) / threads : 0;
+  f.lane_slots += steps * threads;
+  f.busy_slots += items;
+}
+
+inline int64_t dtype_bytes(DType t) {
+  return t == DType::kDouble ? 8 : (t == DType::kFloat ? 4 : 2);
+}
+
 // 64-bit, so a plan past a launch limit reaches launch_refusal intact
 // instead of wrapping to a grid that looks valid.
 struct Grid2 {

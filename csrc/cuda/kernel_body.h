@@ -553,6 +553,18 @@ DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint3
 
 // --- the kernels --------------------------------------------------------------------
 
+// The bytes of a structured mask's small keep mask (none for a full mask):
+// the product of its kept dimensions, read once from DRAM whatever the
+// threads that share its entries.
+inline int64_t structured_mask_bytes(const StructuredMask& sm) {
+  if (sm.keep == nullptr) return 0;
+  int64_t bytes = 1;
+  for (int d = 0; d < sm.ndim; ++d) {
+    if (sm.stride[d] != 0) bytes *= static_cast<int64_t>(sm.size[d].divisor);
+  }
+  return bytes;
+}
+
 struct NoShared {};
 
 // The static shared memory of K's blocks: none for NoShared, which the GPU
@@ -593,6 +605,22 @@ struct ElementwiseKernel {
 
   // The steps of n elements: the kernel's loop and the launch plan's work items.
   DX_HD static int64_t steps(int64_t n) { return (n + S - 1) / S; }
+
+  // Each tensor streamed once; a thread has one unit of each in flight.
+  static LaunchFacts facts(const Params& p, Grid2 grid) {
+    const DropoutArgs& a = p.a;
+    const bool aux = D == Dir::kForward ? a.residual != nullptr : A != Act::kIdentity;
+    const int64_t streams = 1 + (aux ? 1 : 0);
+    const bool bias = a.bias != nullptr && (D == Dir::kForward || A != Act::kIdentity);
+    LaunchFacts f;
+    f.bytes_read = a.n * static_cast<int64_t>(sizeof(T)) * streams +
+                   (bias ? static_cast<int64_t>(a.H.divisor * sizeof(T)) : 0) +
+                   (M == MaskBits::kRead ? (a.n + 7) / 8 : 0) + structured_mask_bytes(a.mask);
+    f.bytes_written = a.n * static_cast<int64_t>(sizeof(T)) + (M == MaskBits::kPack ? (a.n + 7) / 8 : 0);
+    f.inflight_bytes_per_thread = E * static_cast<int64_t>(sizeof(T)) * streams;
+    walk_lanes(f, steps(a.n), grid.x * kThreads);
+    return f;
+  }
 
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
@@ -653,6 +681,25 @@ struct BiasGradKernel {
   };
   static constexpr int kPhases = 2;
   static constexpr int kBlocksPerSm = bias_grad_blocks_per_sm(Num<T>::kDType, A);
+
+  // As the elementwise backward, plus the row blocks' partial sums written.
+  static LaunchFacts facts(const Params& p, Grid2 grid) {
+    const DropoutArgs& a = p.a;
+    const BiasGradPlan& g = p.plan;
+    const int64_t H = static_cast<int64_t>(a.H.divisor);
+    const int64_t streams = A != Act::kIdentity ? 2 : 1;
+    LaunchFacts f;
+    f.bytes_read = a.n * static_cast<int64_t>(sizeof(T)) * streams +
+                   (a.bias != nullptr && A != Act::kIdentity ? H * static_cast<int64_t>(sizeof(T)) : 0) +
+                   (M == MaskBits::kRead ? (a.n + 7) / 8 : 0) + structured_mask_bytes(a.mask);
+    f.bytes_written = a.n * static_cast<int64_t>(sizeof(T)) + g.row_blocks * H * static_cast<int64_t>(sizeof(acc_t));
+    f.inflight_bytes_per_thread = E * static_cast<int64_t>(sizeof(T)) * streams;
+    const int64_t units = (H + E - 1) / E;
+    const int64_t steps = (g.rows_per_block + g.row_lanes - 1) / g.row_lanes;
+    f.lane_slots = grid.x * grid.y * kThreads * steps;
+    f.busy_slots = g.rows * units;
+    return f;
+  }
 
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh) {
@@ -718,6 +765,17 @@ struct BiasReduceKernel {
   static constexpr int kPhases = 1;
   static constexpr int kBlocksPerSm = kReduceBlocksPerSm;
 
+  // A thread per column walks the row_blocks partial rows one after another.
+  static LaunchFacts facts(const Params& p, Grid2 grid) {
+    LaunchFacts f;
+    f.bytes_read = p.row_blocks * p.H * static_cast<int64_t>(sizeof(acc_t));
+    f.bytes_written = p.H * static_cast<int64_t>(sizeof(T));
+    f.inflight_bytes_per_thread = sizeof(acc_t);
+    walk_lanes(f, p.H, grid.x * kThreads);
+    f.dependent_loads = p.row_blocks;
+    return f;
+  }
+
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
     const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
@@ -743,6 +801,15 @@ struct MaskKernel {
   using Shared = NoShared;
   static constexpr int kPhases = 1;
   static constexpr int kBlocksPerSm = kMaskBlocksPerSm;
+
+  // Writes only: a byte per element, four per thread step.
+  static LaunchFacts facts(const Params& p, Grid2 grid) {
+    LaunchFacts f;
+    f.bytes_written = p.a.n;
+    walk_lanes(f, (p.a.n + 3) / 4, grid.x * kThreads);
+    f.dependent_loads = 0;
+    return f;
+  }
 
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
@@ -799,6 +866,15 @@ struct StoreStateKernel {
   using Shared = NoShared;
   static constexpr int kPhases = 1;
   static constexpr int kBlocksPerSm = kReduceBlocksPerSm;  // as many blocks as an SM's threads allow
+
+  static LaunchFacts facts(const Params&, Grid2) {
+    LaunchFacts f;
+    f.bytes_written = 3 * sizeof(int64_t);
+    f.lane_slots = kThreads;
+    f.busy_slots = 1;
+    f.dependent_loads = 0;
+    return f;
+  }
 
   template <int kPhase>
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {

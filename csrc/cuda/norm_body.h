@@ -167,6 +167,15 @@ struct NormShape {
   DX_HD static int run_len(int64_t H, int64_t c0) { return H - c0 < N ? static_cast<int>(H - c0) : N; }
 };
 
+// The lanes of a norm launch: each row's runs over a block's threads.
+inline void norm_lanes(LaunchFacts& f, int64_t rows, int64_t runs) {
+  const int64_t steps = (runs + kThreads - 1) / kThreads;
+  f.lane_slots = rows * steps * kThreads;
+  f.busy_slots = rows * runs;
+}
+
+inline int64_t param_bytes(const NormArgs& a) { return a.param_f32 ? 4 : dtype_bytes(a.dtype); }
+
 // Rounds of a block: its rows blockIdx.x, + gridDim.x, ... below rows.
 DX_HD int64_t norm_rounds(const NormArgs& a, const FastDiv& blocks, const Idx& idx) {
   return static_cast<int64_t>(fast_div(static_cast<uint64_t>(a.rows - idx.block_x + blocks.divisor - 1), blocks));
@@ -204,6 +213,22 @@ struct NormForwardKernel {
   static bool vec_ok(const NormArgs& a) {
     return a.H % N == 0 && aligned16(a.x) && aligned16(a.residual) && aligned16(a.weight) && aligned16(a.bias) &&
            aligned16(a.y) && aligned16(a.h);
+  }
+
+  // A row longer than the registers hold reads its h twice more; a thread
+  // has one run of x (and the residual) in flight.
+  static LaunchFacts facts(const Params& p, Grid2) {
+    const NormArgs& a = p.a;
+    const int64_t n = a.rows * a.H;
+    const bool cached = p.runs <= static_cast<int64_t>(R) * kThreads;
+    const int64_t t = sizeof(T), hd = sizeof(Hd), acc = sizeof(acc_t);
+    LaunchFacts f;
+    f.bytes_read = n * t + (a.residual != nullptr ? n * hd : 0) + (cached ? 0 : 2 * n * hd) +
+                   ((a.weight != nullptr) + (a.bias != nullptr)) * a.H * param_bytes(a);
+    f.bytes_written = n * (t + hd) + a.rows * acc * (a.mean != nullptr ? 2 : 1);
+    f.inflight_bytes_per_thread = N * (t + (a.residual != nullptr ? hd : 0));
+    norm_lanes(f, a.rows, p.runs);
+    return f;
   }
 
   DX_HD static int64_t rounds(const Params& p, const Idx& idx) { return norm_rounds(p.a, p.blocks, idx); }
@@ -362,6 +387,27 @@ struct NormBackwardKernel {
   static bool vec_ok(const NormArgs& a) {
     return a.H % N == 0 && aligned16(a.grad) && aligned16(a.grad_h) && aligned16(a.saved_h) &&
            aligned16(a.weight) && aligned16(a.grad_input) && aligned16(a.grad_residual);
+  }
+
+  // A row longer than the registers hold reads grad and h again in its
+  // second pass, and its column sums go to the block's partial rows in
+  // global memory row after row (read and written back each row);
+  // a cached row's sums stay in registers until the block's last row.
+  static LaunchFacts facts(const Params& p, Grid2 grid) {
+    const NormArgs& a = p.a;
+    const int64_t n = a.rows * a.H;
+    const bool cached = p.runs <= static_cast<int64_t>(R) * kThreads;
+    const int64_t t = sizeof(T), hd = sizeof(Hd), acc = sizeof(acc_t);
+    const int64_t sums = (a.partial_w != nullptr) + (a.partial_b != nullptr);
+    LaunchFacts f;
+    f.bytes_read = n * (t + hd) + (a.grad_h != nullptr ? n * hd : 0) + (cached ? 0 : n * (t + hd)) +
+                   (a.weight != nullptr ? a.H * param_bytes(a) : 0) + a.rows * acc * (a.rms ? 1 : 2) +
+                   (cached ? 0 : sums * (a.rows - grid.x) * a.H * acc);
+    f.bytes_written = (a.grad_input != nullptr ? n * t : 0) + (a.grad_residual != nullptr ? n * hd : 0) +
+                      sums * (cached ? grid.x : a.rows) * a.H * acc;
+    f.inflight_bytes_per_thread = N * (t + hd);
+    norm_lanes(f, a.rows, p.runs);
+    return f;
   }
 
   DX_HD static int64_t rounds(const Params& p, const Idx& idx) { return norm_rounds(p.a, p.blocks, idx); }

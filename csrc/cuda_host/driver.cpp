@@ -16,7 +16,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <string>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -248,6 +250,113 @@ std::vector<int64_t> test_launch_plan(c10::string_view op, int64_t n, int64_t H,
   return plan;
 }
 
+// Each launch of op on a contiguous tensor of `shape`, planned for sm_count
+// SMs with the cost each kernel states (LaunchFacts), nothing allocated or
+// run: tools/gpu_model.py's view of the CUDA backend. op as for
+// test_launch_plan; parts names what the call has: "bias", "residual",
+// "bias_grad", "structured" (a channel mask, shape's last two dimensions
+// broadcast, drawn by its own launch first), and for the norm "weight",
+// "norm_bias", "grad_h", "h_f32" (a float32 h), "rms", "grad_input",
+// "grad_residual". Returns the kernels' names and, per launch, grid.x,
+// grid.y, blocks per SM, static shared bytes, then the facts' six fields.
+std::tuple<std::vector<std::string>, std::vector<int64_t>> test_launch_facts(
+    c10::string_view op, at::IntArrayRef shape, at::ScalarType dtype, c10::string_view activation,
+    std::vector<c10::string_view> parts, int64_t sm_count) {
+  auto has = [&](const char* w) { return std::find(parts.begin(), parts.end(), c10::string_view(w)) != parts.end(); };
+  int64_t n = 1;
+  for (const int64_t s : shape) n *= s;
+  TORCH_CHECK_VALUE(!shape.empty() && n >= 1, "shape must have at least one dimension and one element");
+  const int64_t H = shape.back();
+  const int sms = test_exec(sm_count).sms;
+  std::vector<PlannedLaunch> planned;
+  HostRunner r;
+  r.planned = &planned;
+  // Stand-ins for the tensors a call has: 16-byte aligned, never read or
+  // written, as nothing runs.
+  alignas(16) static uint8_t stand_in[16];
+  void* const present = stand_in;
+  StateRef state;
+  state.kind = StateRef::kValue;
+  state.value[2] = p_to_bits(0.1);
+  if (op == "mask") {
+    MaskArgs m;
+    m.out = static_cast<bool*>(present);
+    m.n = n;
+    m.state = state;
+    run_mask(r, m, sms);
+  } else if (op == "norm_forward" || op == "norm_backward") {
+    NormArgs a;
+    a.dtype = kernel_dtype(dtype);
+    a.h_dtype = has("h_f32") ? DType::kFloat : a.dtype;
+    a.rms = has("rms");
+    a.rows = n / H;
+    a.H = H;
+    a.state = state;
+    a.weight = has("weight") ? present : nullptr;
+    if (op == "norm_forward") {
+      a.x = a.y = a.h = a.rstd = present;
+      a.mean = a.rms ? nullptr : present;
+      a.residual = has("residual") ? present : nullptr;
+      a.bias = has("norm_bias") ? present : nullptr;
+      run_norm_forward(r, a, sms);
+    } else {
+      a.grad = a.saved_h = a.saved_rstd = present;
+      a.saved_mean = a.rms ? nullptr : present;
+      a.grad_h = has("grad_h") ? present : nullptr;
+      a.grad_input = has("grad_input") ? present : nullptr;
+      a.grad_residual = has("grad_residual") ? present : nullptr;
+      if (has("weight")) a.partial_w = a.dweight = present;
+      if (has("norm_bias")) a.partial_b = a.dbias = present;
+      run_norm_backward(r, a, sms);
+    }
+  } else {
+    DropoutArgs a;
+    a.dtype = kernel_dtype(dtype);
+    a.act = static_cast<int>(parse_activation(activation));
+    a.n = n;
+    a.H = make_fast_div(static_cast<uint64_t>(H));
+    a.state = state;
+    a.x = a.out = present;
+    a.bias = has("bias") ? present : nullptr;
+    if (has("structured")) {
+      TORCH_CHECK_VALUE(shape.size() >= 3, "a channel mask needs at least 3 dimensions");
+      std::vector<int64_t> mshape(shape.begin(), shape.end());
+      mshape[mshape.size() - 1] = mshape[mshape.size() - 2] = 1;
+      a.mask = collapse_mask(at::empty(shape, at::TensorOptions().device(at::kMeta)), mshape);
+      a.mask.keep = static_cast<const bool*>(present);
+      MaskArgs m;
+      m.out = static_cast<bool*>(present);
+      m.n = n / (H * shape[shape.size() - 2]);
+      m.state = state;
+      run_mask(r, m, sms);
+    }
+    if (op == "forward" || op == "forward_packed") {
+      a.residual = has("residual") ? present : nullptr;
+      if (op == "forward_packed") a.bits_out = static_cast<uint8_t*>(present);
+      run_forward(r, a, sms);
+    } else {
+      TORCH_CHECK_VALUE(op == "backward" || op == "backward_read",
+                        "op must be 'forward', 'forward_packed', 'backward', 'backward_read', 'mask', "
+                        "'norm_forward' or 'norm_backward'");
+      a.grad = present;
+      if (parse_activation(activation) == Act::kIdentity) a.x = nullptr;
+      if (has("bias_grad")) a.partial = a.dbias = present;
+      if (op == "backward_read") a.bits_in = static_cast<const uint8_t*>(present);
+      run_backward(r, a, sms);
+    }
+  }
+  std::vector<std::string> names;
+  std::vector<int64_t> fields;
+  for (const PlannedLaunch& l : planned) {
+    names.push_back(l.kernel);
+    const LaunchFacts& f = l.facts;
+    fields.insert(fields.end(), {l.grid.x, l.grid.y, l.blocks_per_sm, l.shared_bytes, f.bytes_read,
+                                 f.bytes_written, f.inflight_bytes_per_thread, f.lane_slots, f.busy_slots,
+                                 f.dependent_loads});
+  }
+  return {names, fields};
+}
+
 // Each thread ANDs the shared words it owns (t, t + 256, ...) as its block
 // finds them, then overwrites them with the block's number: out[block][t]
 // is all ones only if every block started from poisoned memory.
@@ -366,6 +475,8 @@ TORCH_LIBRARY_FRAGMENT(dropout_ext_testing, m) {
   m.def("cuda_bias_grad_plan(int rows, int H, ScalarType dtype, str activation, int sm_count) -> int[]");
   m.def("cuda_launch_plan(str op, int n, int H, ScalarType dtype, str activation, bool bias_grad, int sm_count) "
         "-> int[]");
+  m.def("cuda_launch_facts(str op, int[] shape, ScalarType dtype, str activation, str[] parts, int sm_count) "
+        "-> (str[], int[])");
   m.def("cuda_host_shared_probe(int grid_x, int grid_y, int words, bool execute) -> Tensor");
   m.def("cuda_fast_divmod(Tensor n, int d) -> (Tensor, Tensor)");
   m.def("cuda_round(Tensor x, ScalarType dtype) -> Tensor");
@@ -384,6 +495,7 @@ TORCH_LIBRARY_IMPL(dropout_ext_testing, CPU, m) {
 TORCH_LIBRARY_IMPL(dropout_ext_testing, CompositeExplicitAutograd, m) {
   m.impl("cuda_bias_grad_plan", &cuda::test_bias_grad_plan);
   m.impl("cuda_launch_plan", &cuda::test_launch_plan);
+  m.impl("cuda_launch_facts", &cuda::test_launch_facts);
   m.impl("cuda_host_shared_probe", &cuda::test_shared_probe);
 }
 

@@ -10,10 +10,12 @@
 #pragma once
 
 #include <c10/util/Exception.h>
+#include <c10/util/Type.h>
 
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -24,10 +26,28 @@
 namespace dropout_ext {
 namespace cuda {
 
+// A kernel that states its cost (LaunchFacts, kernel_args.h).
+template <class K, class = void>
+struct has_facts : std::false_type {};
+template <class K>
+struct has_facts<K, std::void_t<decltype(K::facts(std::declval<const typename K::Params&>(), Grid2{}))>>
+    : std::true_type {};
+
+// One launch as the planner records it.
+struct PlannedLaunch {
+  std::string kernel;  // the kernel struct's name, with its template arguments
+  Grid2 grid;
+  int blocks_per_sm = 0;
+  int64_t shared_bytes = 0;
+  LaunchFacts facts;
+};
+
 struct HostRunner {
   // Set: plan the launches without running them, recording grid.x, grid.y
   // and the blocks per SM of each.
   std::vector<int64_t>* plan = nullptr;
+  // Set: plan them, recording each launch with its stated cost.
+  std::vector<PlannedLaunch>* planned = nullptr;
 
   template <typename K, int kPhase>
   static void run_phase(const typename K::Params& p, const Idx& block, typename K::Shared& shared) {
@@ -46,6 +66,15 @@ struct HostRunner {
     if (plan != nullptr) {
       plan->insert(plan->end(), {grid.x, grid.y, static_cast<int64_t>(K::kBlocksPerSm)});
       return true;
+    }
+    if (planned != nullptr) {
+      if constexpr (has_facts<K>::value) {
+        planned->push_back(PlannedLaunch{std::string(c10::demangle_type<K>()), grid, K::kBlocksPerSm,
+                                         static_cast<int64_t>(shared_bytes<K>()), K::facts(p, grid)});
+        return true;
+      } else {
+        TORCH_CHECK(false, c10::demangle_type<K>(), " states no LaunchFacts");
+      }
     }
     using Shared = typename K::Shared;
     static_assert(std::is_trivially_default_constructible<Shared>::value && std::is_trivially_copyable<Shared>::value,
