@@ -14,7 +14,8 @@
 #             the reference, CUDA-graph replays, no host synchronisation, the
 #             device operations per call (figures, in figures.txt)
 #   memcheck  compute-sanitizer memcheck over tools/sanitize_ops.py --quick
-#   bench     the key benchmark cases (benchmarks, --bench-mode=lease)
+#   bench     the key benchmark cases (benchmarks, --bench-mode=lease), each
+#             beside the static model's time for it (tools/gpu_model.py)
 #   block     the transformer block's step time and memory (the same mode)
 # Then, while the budget lasts: racecheck and initcheck over the same
 # script, the rest of tests/test_gpu.py (--all-tests: of `pytest tests`),
@@ -344,11 +345,19 @@ step_sanitizer() {  # TOOL [--quick]
 }
 
 step_benchmarks() {  # NAME MODE [PYTEST ARGS]: its report, JSON and plots in OUT/NAME/
-    local name="$1" mode="$2"
+    local name="$1" mode="$2" rc json
     shift 2
     mkdir -p "$OUT/$name"
     "$PYTHON" -m pytest benchmarks --benchmark-only --bench-mode="$mode" --bench-device=cuda -p no:cacheprovider \
         --bench-out "$OUT/$name" --benchmark-json "$OUT/$name/pytest-benchmark.json" --junitxml "$OUT/$name.xml" "$@"
+    rc=$?
+    # Each measured case beside the static model's time for it (tools/gpu_model.py,
+    # its committed rows): the first GPU run checks the model too.
+    for json in "$OUT/$name"/bench-*.json; do
+        [[ -f "$json" ]] || continue
+        "$PYTHON" tools/gpu_model.py --predict "$json" | tee "$OUT/$name/model-vs-measured.txt"
+    done
+    return $rc
 }
 
 export -f tool nvcc_path sanitizer_path step_stamp step_build step_quick step_tests step_sanitizer step_benchmarks

@@ -567,6 +567,64 @@ def summary(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
+# --- prediction: the model against a GPU's measurements ---------------------------------------
+
+# Assumptions of the time a launch takes, stated once: a DRAM round trip
+# (the figure of the Little's-law target), and a launch's fixed cost
+# between back-to-back kernels on one stream.
+LATENCY_S = 0.7e-6
+LAUNCH_S = 2e-6
+
+
+def launch_time(row: Dict, bandwidth: float, sms: int = SMS) -> float:
+    """Seconds one launch takes on the model: its bytes at the bandwidth its
+    bytes in flight sustain (Little's law, at most the device's), plus its
+    serial loads' round trips, plus the launch."""
+    busy_sms = min(sms, row["blocks"])
+    sustained = busy_sms * row["bytes_in_flight_per_sm"] / LATENCY_S if row["bytes_in_flight_per_sm"] else bandwidth
+    return row["bytes_moved"] / min(bandwidth, sustained) + row["dependent_loads"] * LATENCY_S + LAUNCH_S
+
+
+def load_rows(paths: Sequence[str]) -> List[Dict]:
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += json.load(f)["rows"]
+    return rows
+
+
+def predict(bench: Dict, rows: Sequence[Dict]) -> List[Dict]:
+    """Each dropout_ext row of a GPU benchmark run beside the model's time for
+    it, at the bandwidth that run's clone() reached (copy_bytes / copy_time_s):
+    so the model's bytes, in-flight and serial-load figures are what is
+    checked, not the device's peak."""
+    from benchmarks import cases
+
+    by_call: Dict[Tuple, List[Dict]] = {}
+    for r in rows:
+        by_call.setdefault((r["backend"], r["op"], r["direction"], r["dtype"], tuple(r["shape"]), r["mask"]),
+                           []).append(r)
+    out = []
+    for b in bench["rows"]:
+        m = re.fullmatch(r"dropout_ext\[(cuda|triton)(?:/(\w+))?\]", b.get("impl", ""))
+        if not m or not b.get("copy_time_s") or b["numel"] % cases.HIDDEN:
+            continue
+        backend, mask = m.group(1), m.group(2) or "regenerate"
+        shape = (b["numel"] // cases.HIDDEN, cases.HIDDEN)
+        directions = ("forward", "backward") if b["direction"] == "forward_backward" else (b["direction"],)
+        launches = []
+        for d in directions:
+            launches += by_call.get((backend, b["op"], d, b["dtype"], shape, mask), [])
+        if not launches:
+            continue
+        bandwidth = b["copy_bytes"] / b["copy_time_s"]
+        t = sum(launch_time(r, bandwidth) for r in launches)
+        out.append({"op": b["op"], "direction": b["direction"], "dtype": b["dtype"], "numel": b["numel"],
+                    "impl": b["impl"], "measured_s": b["time_s"], "model_s": t,
+                    "measured_over_model": b["time_s"] / t, "launches": len(launches)})
+    return out
+
+
 def environment() -> Dict[str, str]:
     import datetime
 
@@ -594,7 +652,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--summary", action="store_true", help="print BENCHMARKS.md's summary table")
     ap.add_argument("--check", action="store_true", help="exit 1 when a row misses a target")
     ap.add_argument("--sms", type=int, default=SMS)
+    ap.add_argument("--predict", metavar="BENCH_JSON", help="a GPU benchmark run's JSON: print each dropout_ext "
+                    "case's time beside the model's")
+    ap.add_argument("--rows", metavar="MODEL_JSON", nargs="+", default=None,
+                    help="model rows written by --json (default: the committed benchmarks/results/gpu-model/*.json)")
     args = ap.parse_args(argv)
+    if args.predict:
+        paths = args.rows or sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "gpu-model", "*.json")))
+        with open(args.predict) as f:
+            bench = json.load(f)
+        print(f"{'case':58} {'impl':32} {'measured us':>12} {'model us':>9} {'ratio':>6}")
+        for p in predict(bench, load_rows(paths)):
+            case = f"{p['op']}-{p['direction']}-{p['dtype']}-{p['numel']}"
+            print(f"{case:58} {p['impl']:32} {p['measured_s'] * 1e6:12.1f} {p['model_s'] * 1e6:9.1f} "
+                  f"{p['measured_over_model']:6.2f}")
+        return 0
     backends = ("cuda", "triton") if args.backend == "all" else (args.backend,)
     rows = []
     for b in backends:
