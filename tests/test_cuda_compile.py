@@ -20,9 +20,18 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+# The occupancy rules, ptxas's report and the toolkit's lookup are the
+# static GPU model's (tools/gpu_model.py): one reading of each.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from gpu_model import demangle as _demangle  # noqa: E402
+from gpu_model import nvcc as _nvcc  # noqa: E402
+from gpu_model import ptxas_figures as _ptxas_figures  # noqa: E402
+from gpu_model import resident_blocks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -32,17 +41,6 @@ ARCHS = ["sm_80", "sm_90"]
 DIV64_ROUTINES = ("__cuda_sm20_div_s64", "__cuda_sm20_div_u64", "__cuda_sm20_rem_s64", "__cuda_sm20_rem_u64")
 ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh", "silu"]  # by Act id
 MASK_BITS = ["draw", "pack", "read"]  # by MaskBits id (kernel_args.h)
-# Per SM, what bounds the blocks resident at once (the CUDA programming
-# guide's table per compute capability, applied as the occupancy calculator
-# cuda_occupancy.h does): registers, allocated per warp in units of 256 from
-# 4 equal sub-partitions; threads, as whole warps; blocks; shared memory,
-# allocated per block in units of 128 bytes with 1 KiB reserved per block.
-GPU_LIMITS = {
-    "sm_80": {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 164 * 1024},  # A100
-    "sm_90": {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 228 * 1024},  # H100
-}
-REGISTER_UNIT, SUB_PARTITIONS = 256, 4
-SHARED_UNIT, SHARED_RESERVED = 128, 1024
 # Kernels per architecture: the elementwise kernels per dtype (4) and
 # activation (5), forward in 3 mask modes and backward in 2 (draw, read);
 # the bias-gradient kernel in 2; the bias reduction per dtype; the mask;
@@ -52,18 +50,6 @@ STREAMING_KERNELS = 4 * 5 * (3 + 2) + 4 * 5 * 2
 # dtypes with h in their own, and float16/bfloat16 with a float32 h.
 NORM_KERNELS = 2 * (4 + 2)
 KERNELS = STREAMING_KERNELS + 4 + 1 + 2 + NORM_KERNELS
-
-
-def resident_blocks(arch, threads, registers, shared_bytes):
-    """Blocks of ``threads`` threads that one SM of ``arch`` holds at once,
-    with ``registers`` per thread and ``shared_bytes`` of static shared
-    memory per block."""
-    limits = GPU_LIMITS[arch]
-    warps = -(-threads // 32)
-    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
-    by_registers = limits["registers"] // SUB_PARTITIONS // per_warp * SUB_PARTITIONS // warps
-    shared = -(-(shared_bytes + SHARED_RESERVED) // SHARED_UNIT) * SHARED_UNIT
-    return min(by_registers, limits["threads"] // 32 // warps, limits["blocks"], limits["shared"] // shared)
 
 
 KERNEL_DTYPES = {"float": "float32", "double": "float64", "Half": "float16", "BFloat16": "bfloat16"}
@@ -101,15 +87,6 @@ def declared_blocks_per_sm(kernel, dtype, activation, backward, mask_bits="draw"
     plan = torch.ops.dropout_ext_testing.cuda_launch_plan(op, 2 ** 30, 1024, dtype, activation or "identity",
                                                           bias_grad, 132)
     return plan[3 * index + 2]
-
-
-def _nvcc():
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    path = os.path.join(home, "bin", "nvcc")
-    return path if os.path.exists(path) else None
 
 
 def _disassembler():
@@ -161,37 +138,9 @@ def builds(tmp_path_factory):
     return dict(zip(jobs, results))
 
 
-def _demangle(names):
-    cxxfilt = shutil.which("c++filt")
-    if not cxxfilt or not names:
-        return list(names)
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return out if len(out) == len(names) else list(names)
-
-
 def _ptxas_report(stderr):
     """{kernel (demangled): (registers, stack bytes, spill stores, spill loads)} from -Xptxas -v."""
     return {name: figures[:4] for name, figures in _ptxas_figures(stderr).items()}
-
-
-def _ptxas_figures(stderr):
-    """{kernel (demangled): (registers, stack bytes, spill stores, spill loads,
-    static shared memory bytes)} from -Xptxas -v."""
-    entries, cur, frame = {}, None, (0, 0, 0)
-    for line in stderr.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)'", line)
-        if m:
-            cur, frame = m.group(1), (0, 0, 0)
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and cur:
-            frame = tuple(int(v) for v in m.groups())
-        m = re.search(r"Used (\d+) registers", line)
-        if m and cur:
-            smem = re.search(r"(\d+) bytes smem", line)
-            entries[cur] = (int(m.group(1)),) + frame + (int(smem.group(1)) if smem else 0,)
-            cur = None
-    return dict(zip(_demangle(list(entries)), entries.values()))
 
 
 def _launch_bounds(ptx):

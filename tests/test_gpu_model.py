@@ -7,7 +7,6 @@ the launch plans of an H100. A change that breaks a target fails here.
 The CUDA rows need nvcc (ptxas's registers), as tests/test_cuda_compile.py
 does: without it they skip, unless CI is set."""
 
-import importlib.util
 import math
 import os
 import sys
@@ -20,15 +19,8 @@ import dropout_ext  # noqa: F401  (registers the testing ops)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_model():
-    spec = importlib.util.spec_from_file_location("gpu_model", os.path.join(ROOT, "tools", "gpu_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gm = _load_model()
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import gpu_model as gm  # noqa: E402
 testing = torch.ops.dropout_ext_testing
 
 
@@ -165,3 +157,19 @@ def test_prediction_sets_each_measured_case_beside_the_model(cuda_rows):
     norm = [r for r in cuda_rows if r["op"] == "dropout_add_norm" and r["dtype"] == "bfloat16" and
             r["shape"] == [n // 1024, 1024]]
     assert out[1]["launches"] == len(norm) >= 2
+
+
+def _without(rows, keys):
+    return [{k: v for k, v in r.items() if k not in keys} for r in rows]
+
+
+def test_committed_rows_are_the_codes(cuda_rows, triton_rows):
+    """tools/gpu_check.sh predicts from the committed rows: they must be what
+    the code gives (regenerate: python tools/gpu_model.py --backend cuda
+    --json benchmarks/results/gpu-model/cuda.json, and the same for triton).
+    The Triton rows' registers depend on the Triton release, so those and
+    what follows from them are compared for the CUDA rows only."""
+    folder = os.path.join(ROOT, "benchmarks", "results", "gpu-model")
+    assert gm.load_rows([os.path.join(folder, "cuda.json")]) == cuda_rows
+    derived = ("registers", "shared_bytes", "threads_per_sm", "bytes_in_flight_per_sm")
+    assert _without(gm.load_rows([os.path.join(folder, "triton.json")]), derived) == _without(triton_rows, derived)
