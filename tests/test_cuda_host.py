@@ -267,6 +267,16 @@ def _launches(op, n, H, dtype, activation, bias_grad=False, sm_count=H100_SMS):
     return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
 
 
+def _steps_per_thread(op, dtype, activation):
+    """Units an elementwise kernel's thread takes at once: its bytes in
+    flight (LaunchFacts) over a unit of each tensor it streams."""
+    fields = testing.cuda_launch_facts(op, [2**20], dtype, activation, [], H100_SMS)[1]
+    streams = 2 if op == "backward" and activation != "identity" else 1
+    unit_bytes = unit_elems(dtype) * torch.empty((), dtype=dtype).element_size() * streams
+    assert fields[6] % unit_bytes == 0
+    return fields[6] // unit_bytes
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 def test_grids_are_one_wave_of_each_kernels_residency(dtype, activation):
@@ -281,8 +291,8 @@ def test_grids_are_one_wave_of_each_kernels_residency(dtype, activation):
         want = declared_blocks_per_sm("ElementwiseKernel", kd, activation, backward)
         got = _launches("backward" if backward else "forward", n, H, dtype, activation)
         assert got == [(H100_SMS * want, 1, want)]
-        # fewer units than a wave's threads: a block per 256 units
-        units = 3 * 256 + 1
+        # fewer units than a wave's threads: a block per 256 threads of K units
+        units = 3 * 256 * _steps_per_thread(dtype, activation, backward, want) + 1
         got = _launches("backward" if backward else "forward", units * unit_elems(dtype), 1, dtype, activation)
         assert got == [(4, 1, want)]
     grad, reduce = _launches("backward", n, H, dtype, activation, bias_grad=True)
@@ -315,7 +325,8 @@ def test_launches_a_gpu_would_refuse_are_refused():
     assert testing.cuda_bias_grad_plan(1, H, torch.float32, "identity", H100_SMS)[4] == 2**33
     with pytest.raises(RuntimeError, match=r"gridDim.x must be in \[1, 2\*\*31 - 1\]; got grid \(8589934592, 1\)"):
         _launches("backward", H, H, torch.float32, "identity", bias_grad=True)
-    assert _launches("forward", H, H, torch.float32, "identity") == [(H100_SMS * 4, 1, 4)]
+    want = declared_blocks_per_sm("ElementwiseKernel", "float", "identity", False)
+    assert _launches("forward", H, H, torch.float32, "identity") == [(H100_SMS * want, 1, want)]
 
 
 def test_shared_memory_is_poisoned_for_every_block():

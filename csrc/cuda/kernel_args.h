@@ -165,15 +165,21 @@ struct LaunchFacts {
   int64_t dependent_loads = 1;
 };
 
-// The lanes of a walk of `items` work items by `threads` threads, each
-// taking items t, t + threads, ...: every thread steps until the last item.
-inline void walk_lanes(LaunchFacts& f, int64_t items, int64_t threads) {
-  const int64_t steps = threads > 0 ? (items + threads - 1) / threads : 0;
-  f.lane_slots += steps * threads;
+// The lanes of a walk of `items` work items in chunks of kThreads x per
+// items, a chunk per block and round (block b's round j: chunk j * blocks
+// + b), thread t taking items t, t + kThreads, ... of its chunk: a warp
+// steps while any of its lanes has an item, so only the last chunk has
+// lanes without one.
+inline void walk_lanes(LaunchFacts& f, int64_t items, int per = 1) {
+  const int64_t chunk = static_cast<int64_t>(kThreads) * per;
+  const int64_t full = items / chunk;
+  const int64_t rest = items - full * chunk;  // the last chunk's items; its first rest threads have some
+  const int64_t rest_threads = rest < kThreads ? rest : kThreads;
+  f.lane_slots += full * chunk + (rest_threads + 31) / 32 * 32 * per;
   f.busy_slots += items;
 }
 
-inline int64_t dtype_bytes(DType t) {
+constexpr int64_t dtype_bytes(DType t) {
   return t == DType::kDouble ? 8 : (t == DType::kFloat ? 4 : 2);
 }
 
@@ -209,21 +215,42 @@ inline const char* launch_refusal(Grid2 grid, int threads, size_t static_shared_
 // number is what the kernel holds in every mask mode on sm_80 and sm_90
 // with the registers ptxas gives it at that bound, unspilled
 // (tests/test_cuda_compile.py checks it against ptxas's figures and prints
-// them): 4 for the elementwise and mask kernels; 3 for the bias gradient,
+// them): 2 for the elementwise kernels, whose K steps in flight
+// (elementwise_steps_per_thread) need up to 2 blocks' 128 registers, but 3
+// for float64's backward of relu, gelu_tanh and silu, one 64-byte step each
+// within 80, and 1 for float64 gelu's, whose C library erf takes more than
+// 128 beside the steps; 4 for the mask kernel; 3 for the bias gradient,
 // whose instances use up to 3 blocks' 80 registers, but 4 for float32
-// identity's, which stays within 64; 1 for float64 gelu's backward and bias
-// gradient, which spill at 2 blocks' 128; a full SM's 2048 threads for the
-// bias reduction.
+// identity's, which stays within 64, and 1 for float64 gelu's; a full SM's
+// 2048 threads for the bias reduction.
 constexpr int kMaskBlocksPerSm = 4;
 constexpr int kReduceBlocksPerSm = 2048 / kThreads;
 
 constexpr int elementwise_blocks_per_sm(DType t, Act a, bool backward) {
-  return t == DType::kDouble && a == Act::kGelu && backward ? 1 : 4;
+  if (t == DType::kDouble && a == Act::kGelu) return 1;
+  return t == DType::kDouble && backward && a != Act::kIdentity ? 3 : 2;
 }
 
 constexpr int bias_grad_blocks_per_sm(DType t, Act a) {
   if (t == DType::kDouble && a == Act::kGelu) return 1;
   return t == DType::kFloat && a == Act::kIdentity ? 4 : 3;
+}
+
+// Global bytes a streaming kernel keeps in flight per SM: with an H100's
+// memory latency, what its bandwidth needs (Little's law, with margin).
+constexpr int64_t kInflightPerSm = 32 * 1024;
+
+// Steps (step_elems) an elementwise kernel's thread takes at once, all of
+// their loads issued before any of their keep bits and math: enough that
+// its resident threads have kInflightPerSm bytes in flight when it streams
+// the fewest tensors it can (one, but for an activation's backward the
+// gradient and the saved input).
+constexpr int elementwise_steps_per_thread(DType t, Act a, bool backward, MaskBits m) {
+  const int64_t streams = backward && a != Act::kIdentity ? 2 : 1;
+  const int64_t step_bytes = step_elems(t, m) * dtype_bytes(t) * streams;
+  const int64_t per_thread = kInflightPerSm / (kThreads * elementwise_blocks_per_sm(t, a, backward));
+  const int64_t k = (per_thread + step_bytes - 1) / step_bytes;
+  return k < 1 ? 1 : static_cast<int>(k);
 }
 
 // Grid-stride kernels: enough blocks to fill the GPU, no more.

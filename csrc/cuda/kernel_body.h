@@ -504,25 +504,46 @@ DX_HD ThreadCtx<T> thread_ctx(const DropoutArgs& a, bool first) {
   return c;
 }
 
-// The unit at local element e0: len elements, keep bits, col = the bias
-// column of element e0. Stores the rounded results and returns the
-// unrounded ones in d (the bias gradient sums those).
+// The loaded tensors of one unit: in (forward: x; backward: grad) and aux
+// (forward: the residual; backward: the saved x), zeros where not read.
+template <typename T>
+struct UnitIn {
+  T in[Unit<T>::kElems];
+  T aux[Unit<T>::kElems];
+};
+
+// Loads the unit at local element e0 (len elements; vec: all of them, 16-byte
+// aligned). Apart from unit_math so a kernel can issue several units' loads
+// before any of their keep bits and math.
+template <typename T, Act A, Dir D>
+DX_HD void unit_load(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, UnitIn<T>& u) {
+  const bool with_aux = D == Dir::kForward ? c.aux != nullptr : A != Act::kIdentity;
+  load_unit(c.in, e0, len, vec, u.in);
+  if (with_aux) {
+    load_unit(c.aux, e0, len, vec, u.aux);
+  } else {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < Unit<T>::kElems; ++j) u.aux[j] = T{};
+  }
+}
+
+// The loaded unit at local element e0: keep bits, col = the bias column of
+// element e0. Stores the rounded results and returns the unrounded ones in
+// d (the bias gradient sums those).
 //   forward:  y  = residual + drop(act(x + bias) * scale)
 //   backward: dx = drop(act'(x + bias) * grad * scale)
 template <typename T, Act A, Dir D>
-DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint32_t keep, int64_t col,
-                     const FastDiv& H, typename Num<T>::acc (&d)[Unit<T>::kElems]) {
+DX_HD void unit_math(const ThreadCtx<T>& c, const UnitIn<T>& u, int64_t e0, int len, bool vec, uint32_t keep,
+                     int64_t col, const FastDiv& H, typename Num<T>::acc (&d)[Unit<T>::kElems]) {
   using acc_t = typename Num<T>::acc;
   constexpr int E = Unit<T>::kElems;
   constexpr bool kNeedsX = D == Dir::kForward || A != Act::kIdentity;
   const bool with_aux = D == Dir::kForward ? c.aux != nullptr : A != Act::kIdentity;
   const bool with_bias = kNeedsX && c.bias != nullptr;
   const int64_t h = static_cast<int64_t>(H.divisor);
-  T in[E];
-  T aux[E] = {};
   T out[E];
-  load_unit(c.in, e0, len, vec, in);
-  if (with_aux) load_unit(c.aux, e0, len, vec, aux);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -530,7 +551,7 @@ DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint3
     const bool kept = (keep >> j) & 1u;
     acc_t v = acc_t(0);
     if constexpr (kNeedsX) {
-      v = Num<T>::load(D == Dir::kForward ? in[j] : aux[j]);
+      v = Num<T>::load(D == Dir::kForward ? u.in[j] : u.aux[j]);
       if (with_bias) {
         v = v + Num<T>::load(c.bias[col]);
         col = col + 1 == h ? 0 : col + 1;
@@ -540,9 +561,9 @@ DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint3
     if constexpr (D == Dir::kForward) {
       y = drop_value(ActOps<A>::fwd(v) * c.scale, kept);
       d[j] = y;
-      if (with_aux) y = Num<T>::load(aux[j]) + y;
+      if (with_aux) y = Num<T>::load(u.aux[j]) + y;
     } else {
-      const acc_t gs = Num<T>::load(in[j]) * c.scale;
+      const acc_t gs = Num<T>::load(u.in[j]) * c.scale;
       y = drop_value(act_backward<A, acc_t>(gs, v), kept);
       d[j] = y;
     }
@@ -586,14 +607,20 @@ template <class K>
 struct has_local<K, std::void_t<typename K::Local>> : std::true_type {};
 
 // Forward, or backward without the bias gradient: a grid-stride walk over
-// the steps of the flat tensor (step_elems): a unit each, or in the pack
+// the steps of the flat tensor (step_elems: a unit each, or in the pack
 // mode the units of one byte of the packed mask, whose thread draws the
-// byte's 8 keep bits, runs its units one after the other and stores it.
+// byte's 8 keep bits and stores it). A thread takes K steps at once, a
+// block's chunk of kThreads x K steps per round (walk_lanes), thread t its
+// steps t, t + kThreads, ...: each load instruction of a warp reads 512
+// consecutive bytes, and a thread has all K steps' loads in flight before
+// its first Philox round.
 template <typename T, Act A, Dir D, MaskBits M>
 struct ElementwiseKernel {
   static_assert(D == Dir::kForward || M != MaskBits::kPack, "only the forward packs the mask");
   static constexpr int E = Unit<T>::kElems;
   static constexpr int S = step_elems(Num<T>::kDType, M);
+  static constexpr int U = S / E;  // units per step
+  static constexpr int K = elementwise_steps_per_thread(Num<T>::kDType, A, D == Dir::kBackward, M);
   static_assert(S % E == 0 && (M != MaskBits::kPack || S == 8), "a step is whole units; a pack step one byte");
   struct Params {
     DropoutArgs a;
@@ -603,11 +630,13 @@ struct ElementwiseKernel {
   static constexpr int kPhases = 1;
   static constexpr int kBlocksPerSm = elementwise_blocks_per_sm(Num<T>::kDType, A, D == Dir::kBackward);
 
-  // The steps of n elements: the kernel's loop and the launch plan's work items.
+  // The steps of n elements, and the launch plan's work items: a thread's K.
   DX_HD static int64_t steps(int64_t n) { return (n + S - 1) / S; }
+  static int64_t thread_items(int64_t n) { return (steps(n) + K - 1) / K; }
 
-  // Each tensor streamed once; a thread has one unit of each in flight.
-  static LaunchFacts facts(const Params& p, Grid2 grid) {
+  // Each tensor streamed once; a thread has K steps of each in flight (and
+  // in the read mode their mask bytes).
+  static LaunchFacts facts(const Params& p, Grid2) {
     const DropoutArgs& a = p.a;
     const bool aux = D == Dir::kForward ? a.residual != nullptr : A != Act::kIdentity;
     const int64_t streams = 1 + (aux ? 1 : 0);
@@ -617,8 +646,9 @@ struct ElementwiseKernel {
                    (bias ? static_cast<int64_t>(a.H.divisor * sizeof(T)) : 0) +
                    (M == MaskBits::kRead ? (a.n + 7) / 8 : 0) + structured_mask_bytes(a.mask);
     f.bytes_written = a.n * static_cast<int64_t>(sizeof(T)) + (M == MaskBits::kPack ? (a.n + 7) / 8 : 0);
-    f.inflight_bytes_per_thread = E * static_cast<int64_t>(sizeof(T)) * streams;
-    walk_lanes(f, steps(a.n), grid.x * kThreads);
+    f.inflight_bytes_per_thread =
+        K * (S * static_cast<int64_t>(sizeof(T)) * streams + (M == MaskBits::kRead ? (S + 7) / 8 : 0));
+    walk_lanes(f, steps(a.n), K);
     return f;
   }
 
@@ -626,36 +656,72 @@ struct ElementwiseKernel {
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
     const DropoutArgs& a = p.a;
     const int64_t steps_n = steps(a.n);
-    int64_t u = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread;
+    constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * K;
+    int64_t u = static_cast<int64_t>(idx.block_x) * kChunk + idx.thread;
     if (u >= steps_n) return;
-    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
+    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kChunk;
     const ThreadCtx<T> c = thread_ctx<T, D>(a, u == 0);
     const bool bias_cols = c.bias != nullptr && (D == Dir::kForward || A != Act::kIdentity);
-    // Two units a step would double the bytes in flight but spill at 4 blocks' 64 registers: to measure on a GPU.
+    const bool plain_draw = M != MaskBits::kRead && !c.mp.keep_all && a.mask.keep == nullptr && a.map.ndims == 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll 1
 #endif
     for (; u < steps_n; u += stride) {
+      // Step k: elements e0 + k * kThreads * S, of which len[k] (<= 0: none).
       const int64_t e0 = u * S;
-      const int len = a.n - e0 < S ? static_cast<int>(a.n - e0) : S;
-      const uint32_t keep = mode_keep<S, M>(c.mp, a, e0, len);
-      // The step's units in turn. Not unrolled: a pack step's second unit
-      // runs the first one's code in the same registers (unrolled, float64
-      // gelu spilled at 4 blocks' 64); a step of one unit is one pass that
-      // compiles to the same code as a plain unit loop.
+      int len[K];
+      uint32_t keep[K];
 #if defined(__CUDA_ARCH__)
-#pragma unroll 1
+#pragma unroll
 #endif
-      for (int s = 0; s < S; s += E) {
-        const int sub = S == E ? len : (len - s < E ? len - s : E);
-        if (s != 0 && sub <= 0) break;  // a last pack step of at most one unit
-        const int64_t col = bias_cols ? fast_mod(e0 + s, a.H) : 0;
-        typename Num<T>::acc d[E];
-        unit_step<T, A, D>(c, e0 + s, sub, p.vec && sub == E, keep >> s, col, a.H, d);
+      for (int k = 0; k < K; ++k) {
+        const int64_t ek = e0 + k * static_cast<int64_t>(kThreads) * S;
+        len[k] = a.n - ek < S ? static_cast<int>(a.n - ek) : S;
+        // The index arithmetic of a structured mask or a strided map runs
+        // before the loads, so their registers are free for it.
+        if (!plain_draw && M != MaskBits::kRead && len[k] > 0) keep[k] = mode_keep<S, M>(c.mp, a, ek, len[k]);
       }
-      if constexpr (M == MaskBits::kPack) {
-        // Byte e0 / 8 is this step's alone; the bits past n are zero.
-        a.bits_out[e0 >> 3] = static_cast<uint8_t>(keep & ((1u << len) - 1u));
+      UnitIn<T> in[K][U];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < K; ++k) {
+        const int64_t ek = e0 + k * static_cast<int64_t>(kThreads) * S;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int v = 0; v < U; ++v) {
+          const int sub = len[k] - v * E < E ? len[k] - v * E : E;
+          if (sub > 0) unit_load<T, A, D>(c, ek + v * E, sub, p.vec && sub == E, in[k][v]);
+        }
+        // The packed bits are a load too: in flight with the units'.
+        if constexpr (M == MaskBits::kRead) {
+          if (len[k] > 0) keep[k] = mode_keep<S, M>(c.mp, a, ek, len[k]);
+        }
+      }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < K; ++k) {
+        if (len[k] <= 0) continue;
+        const int64_t ek = e0 + k * static_cast<int64_t>(kThreads) * S;
+        // Philox alone (mode_keep's path for a full mask under the identity
+        // map) while the loads are in flight.
+        if (plain_draw) keep[k] = philox_keep<S>(c.mp, a.map.base + ek, len[k]);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int v = 0; v < U; ++v) {
+          const int sub = len[k] - v * E < E ? len[k] - v * E : E;
+          if (sub <= 0) break;
+          const int64_t col = bias_cols ? fast_mod(ek + v * E, a.H) : 0;
+          typename Num<T>::acc d[E];
+          unit_math<T, A, D>(c, in[k][v], ek + v * E, sub, p.vec && sub == E, keep[k] >> (v * E), col, a.H, d);
+        }
+        if constexpr (M == MaskBits::kPack) {
+          // Byte ek / 8 is this step's alone; the bits past n are zero.
+          a.bits_out[ek >> 3] = static_cast<uint8_t>(keep[k] & ((1u << len[k]) - 1u));
+        }
       }
     }
   }
@@ -725,8 +791,10 @@ struct BiasGradKernel {
         for (int64_t r = r0 + lane_r; r < r1; r += g.row_lanes) {
           const int64_t e0 = r * H + c0;
           const uint32_t keep = mode_keep<E, M>(c.mp, a, e0, len);
+          UnitIn<T> u;
+          unit_load<T, A, Dir::kBackward>(c, e0, len, vec, u);
           acc_t d[E];
-          unit_step<T, A, Dir::kBackward>(c, e0, len, vec, keep, c0, a.H, d);
+          unit_math<T, A, Dir::kBackward>(c, u, e0, len, vec, keep, c0, a.H, d);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -766,12 +834,12 @@ struct BiasReduceKernel {
   static constexpr int kBlocksPerSm = kReduceBlocksPerSm;
 
   // A thread per column walks the row_blocks partial rows one after another.
-  static LaunchFacts facts(const Params& p, Grid2 grid) {
+  static LaunchFacts facts(const Params& p, Grid2) {
     LaunchFacts f;
     f.bytes_read = p.row_blocks * p.H * static_cast<int64_t>(sizeof(acc_t));
     f.bytes_written = p.H * static_cast<int64_t>(sizeof(T));
     f.inflight_bytes_per_thread = sizeof(acc_t);
-    walk_lanes(f, p.H, grid.x * kThreads);
+    walk_lanes(f, p.H);
     f.dependent_loads = p.row_blocks;
     return f;
   }
@@ -803,10 +871,10 @@ struct MaskKernel {
   static constexpr int kBlocksPerSm = kMaskBlocksPerSm;
 
   // Writes only: a byte per element, four per thread step.
-  static LaunchFacts facts(const Params& p, Grid2 grid) {
+  static LaunchFacts facts(const Params& p, Grid2) {
     LaunchFacts f;
     f.bytes_written = p.a.n;
-    walk_lanes(f, (p.a.n + 3) / 4, grid.x * kThreads);
+    walk_lanes(f, (p.a.n + 3) / 4);
     f.dependent_loads = 0;
     return f;
   }
@@ -894,7 +962,7 @@ bool run_forward(Runner& r, const DropoutArgs& a, int sm_count) {
     return dispatch_act(static_cast<Act>(a.act), [&](auto act) {
       return dispatch_mask_bits<true>(a, [&](auto bits) {
         using K = ElementwiseKernel<T, decltype(act)::value, Dir::kForward, decltype(bits)::value>;
-        const Grid2 grid{flat_blocks(K::steps(a.n), sm_count, K::kBlocksPerSm), 1};
+        const Grid2 grid{flat_blocks(K::thread_items(a.n), sm_count, K::kBlocksPerSm), 1};
         return r.template launch<K>(typename K::Params{a, forward_vec(a)}, grid);
       });
     });
@@ -913,7 +981,7 @@ bool run_backward(Runner& r, const DropoutArgs& a, int sm_count) {
         constexpr MaskBits M = decltype(bits)::value;
         if (a.partial == nullptr) {
           using K = ElementwiseKernel<T, A, Dir::kBackward, M>;
-          const Grid2 grid{flat_blocks(K::steps(a.n), sm_count, K::kBlocksPerSm), 1};
+          const Grid2 grid{flat_blocks(K::thread_items(a.n), sm_count, K::kBlocksPerSm), 1};
           return r.template launch<K>(typename K::Params{a, backward_vec(a)}, grid);
         }
         const int64_t H = static_cast<int64_t>(a.H.divisor);
