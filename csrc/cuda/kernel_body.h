@@ -728,10 +728,10 @@ struct ElementwiseKernel {
 };
 
 // Backward with the bias gradient (see BiasGradPlan). Phase 0: each thread
-// walks its rows in its column unit, stores dx and sums the unrounded dx per
-// column in registers, then parks the sums in shared memory. Phase 1: a
-// thread per column of the tile adds the row lanes' sums in lane order and
-// writes the block's partial sum.
+// walks its rows in its column unit, R at a time, stores dx and sums the
+// unrounded dx per column in registers, row after row, then parks the sums
+// in shared memory. Phase 1: a thread per column of the tile adds the row
+// lanes' sums in lane order and writes the block's partial sum.
 template <typename T, Act A, MaskBits M>
 struct BiasGradKernel {
   static_assert(M != MaskBits::kPack, "only the forward packs the mask");
@@ -747,8 +747,10 @@ struct BiasGradKernel {
   };
   static constexpr int kPhases = 2;
   static constexpr int kBlocksPerSm = bias_grad_blocks_per_sm(Num<T>::kDType, A);
+  static constexpr int R = bias_grad_rows_per_lane(Num<T>::kDType, A);
 
-  // As the elementwise backward, plus the row blocks' partial sums written.
+  // As the elementwise backward, plus the row blocks' partial sums written;
+  // a lane has R rows' units in flight (and in the read mode their bits).
   static LaunchFacts facts(const Params& p, Grid2 grid) {
     const DropoutArgs& a = p.a;
     const BiasGradPlan& g = p.plan;
@@ -759,10 +761,14 @@ struct BiasGradKernel {
                    (a.bias != nullptr && A != Act::kIdentity ? H * static_cast<int64_t>(sizeof(T)) : 0) +
                    (M == MaskBits::kRead ? (a.n + 7) / 8 : 0) + structured_mask_bytes(a.mask);
     f.bytes_written = a.n * static_cast<int64_t>(sizeof(T)) + g.row_blocks * H * static_cast<int64_t>(sizeof(acc_t));
-    f.inflight_bytes_per_thread = E * static_cast<int64_t>(sizeof(T)) * streams;
+    f.inflight_bytes_per_thread = R * (E * static_cast<int64_t>(sizeof(T)) * streams + (M == MaskBits::kRead ? 1 : 0));
+    // The row blocks' row steps, kThreads lanes each: a lane without a row
+    // skips it, so only the last row block's short last step is part idle.
     const int64_t units = (H + E - 1) / E;
-    const int64_t steps = (g.rows_per_block + g.row_lanes - 1) / g.row_lanes;
-    f.lane_slots = grid.x * grid.y * kThreads * steps;
+    const int64_t last = g.rows - (g.row_blocks - 1) * g.rows_per_block;
+    const int64_t steps = (g.row_blocks - 1) * ((g.rows_per_block + g.row_lanes - 1) / g.row_lanes) +
+                          (last + g.row_lanes - 1) / g.row_lanes;
+    f.lane_slots = grid.x * kThreads * steps;
     f.busy_slots = g.rows * units;
     return f;
   }
@@ -788,18 +794,37 @@ struct BiasGradKernel {
         const bool vec = p.vec && len == E;
         const int64_t r0 = static_cast<int64_t>(idx.block_y) * g.rows_per_block;
         const int64_t r1 = r0 + g.rows_per_block < g.rows ? r0 + g.rows_per_block : g.rows;
-        for (int64_t r = r0 + lane_r; r < r1; r += g.row_lanes) {
-          const int64_t e0 = r * H + c0;
-          const uint32_t keep = mode_keep<E, M>(c.mp, a, e0, len);
-          UnitIn<T> u;
-          unit_load<T, A, Dir::kBackward>(c, e0, len, vec, u);
-          acc_t d[E];
-          unit_math<T, A, Dir::kBackward>(c, u, e0, len, vec, keep, c0, a.H, d);
+        // R of the lane's rows at once, all their loads issued before any of
+        // their keep bits and math, then summed in row order.
+        for (int64_t r = r0 + lane_r; r < r1; r += R * g.row_lanes) {
+          UnitIn<T> u[R];
+          uint32_t keep[R] = {};
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-          for (int j = 0; j < E; ++j) {
-            if (j < len) acc[j] += d[j];
+          for (int k = 0; k < R; ++k) {
+            const int64_t e0 = (r + k * g.row_lanes) * H + c0;
+            if (r + k * g.row_lanes < r1) {
+              unit_load<T, A, Dir::kBackward>(c, e0, len, vec, u[k]);
+              // The packed bits are a load too: in flight with the units'.
+              if constexpr (M == MaskBits::kRead) keep[k] = mode_keep<E, M>(c.mp, a, e0, len);
+            }
+          }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int k = 0; k < R; ++k) {
+            if (r + k * g.row_lanes >= r1) break;
+            const int64_t e0 = (r + k * g.row_lanes) * H + c0;
+            if constexpr (M != MaskBits::kRead) keep[k] = mode_keep<E, M>(c.mp, a, e0, len);
+            acc_t d[E];
+            unit_math<T, A, Dir::kBackward>(c, u[k], e0, len, vec, keep[k], c0, a.H, d);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+            for (int j = 0; j < E; ++j) {
+              if (j < len) acc[j] += d[j];
+            }
           }
         }
       }
@@ -819,43 +844,89 @@ struct BiasGradKernel {
   }
 };
 
-// dbias[h] = the row blocks' partial sums added in block order, rounded once.
+// dbias[h] = the sum of the partial rows' column h, rounded once, in a fixed
+// order that depends on their number only. A block per tile of kReduceCols
+// columns (grid-stride over the tiles, a round each): warp w's lane c sums
+// column c of the partial rows b with b % kReduceSlots == j * kRowLanes + w
+// in its accumulator j, all kReduceAcc rows of a slot group in flight at
+// once, so a thread waits on at most ceil(rows / kReduceSlots) loads in a
+// row; then a thread per column adds the kReduceSlots sums in slot order.
 template <typename T>
 struct BiasReduceKernel {
   using acc_t = typename Num<T>::acc;
+  static constexpr int kRowLanes = kThreads / kReduceCols;  // a warp each
+  static_assert(kReduceCols == 32 && kRowLanes * kReduceAcc == kReduceSlots, "a warp per row lane");
   struct Params {
-    const acc_t* partial;
+    const acc_t* partial;  // [rows, H]
     T* dbias;
     int64_t H;
-    int64_t row_blocks;
+    int64_t rows;
   };
-  using Shared = NoShared;
-  static constexpr int kPhases = 1;
+  struct Shared {
+    acc_t sums[kReduceSlots * kReduceCols];  // [slot][column of the tile]
+  };
+  struct Local {};
+  static constexpr int kPhases = 2;
   static constexpr int kBlocksPerSm = kReduceBlocksPerSm;
 
-  // A thread per column walks the row_blocks partial rows one after another.
+  // The tiles of this block: block_x, + grid_x, ... The tile count fits 32
+  // bits (H < 2**36 columns), so this is a 32-bit division, not the 64-bit
+  // routine.
+  DX_HD static int64_t rounds(const Params& p, const Idx& idx) {
+    const uint32_t tiles = static_cast<uint32_t>((p.H + kReduceCols - 1) / kReduceCols);
+    return tiles > idx.block_x ? (tiles - idx.block_x - 1) / idx.grid_x + 1 : 0;
+  }
+
+  // Each partial row read once by one warp: its 32 lanes' columns of the
+  // tile, so only the last tile's lanes past H have none.
   static LaunchFacts facts(const Params& p, Grid2) {
     LaunchFacts f;
-    f.bytes_read = p.row_blocks * p.H * static_cast<int64_t>(sizeof(acc_t));
+    f.bytes_read = p.rows * p.H * static_cast<int64_t>(sizeof(acc_t));
     f.bytes_written = p.H * static_cast<int64_t>(sizeof(T));
-    f.inflight_bytes_per_thread = sizeof(acc_t);
-    walk_lanes(f, p.H);
-    f.dependent_loads = p.row_blocks;
+    f.inflight_bytes_per_thread = kReduceAcc * static_cast<int64_t>(sizeof(acc_t));
+    f.lane_slots = p.rows * ((p.H + kReduceCols - 1) / kReduceCols) * kReduceCols;
+    f.busy_slots = p.rows * p.H;
+    f.dependent_loads = reduce_chain(p.rows);
     return f;
   }
 
   template <int kPhase>
-  DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
-    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
-    // Not unrolled: an unrolled grid-stride loop divides by the stride for
-    // its trip count, a call to the 64-bit division routine.
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh, Local&, int64_t round) {
+    const int c = static_cast<int>(idx.thread) % kReduceCols;
+    const int64_t col = (static_cast<int64_t>(idx.block_x) + round * idx.grid_x) * kReduceCols + c;
+    if constexpr (kPhase == 0) {
+      const int w = static_cast<int>(idx.thread) / kReduceCols;
+      acc_t s[kReduceAcc];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kReduceAcc; ++j) s[j] = acc_t(0);
+      if (col < p.H) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll 1
 #endif
-    for (int64_t h = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread; h < p.H; h += stride) {
+        for (int64_t b0 = w; b0 < p.rows; b0 += kReduceSlots) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int j = 0; j < kReduceAcc; ++j) {
+            const int64_t b = b0 + j * kRowLanes;
+            if (b < p.rows) s[j] += p.partial[b * p.H + col];
+          }
+        }
+      }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kReduceAcc; ++j) sh.sums[(j * kRowLanes + w) * kReduceCols + c] = s[j];
+    } else {
+      if (idx.thread >= static_cast<uint32_t>(kReduceCols) || col >= p.H) return;
       acc_t s = acc_t(0);
-      for (int64_t b = 0; b < p.row_blocks; ++b) s += p.partial[b * p.H + h];
-      p.dbias[h] = Num<T>::store(s);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < kReduceSlots; ++k) s += sh.sums[k * kReduceCols + c];
+      p.dbias[col] = Num<T>::store(s);
     }
   }
 };
