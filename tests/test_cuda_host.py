@@ -33,6 +33,9 @@ testing = torch.ops.dropout_ext_testing
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SEED, OFFSET = 2024, 11
 H100_SMS = 132
+# The bias reduction's slots: partial rows it sums apart, then adds in slot
+# order (kReduceSlots, csrc/cuda/kernel_args.h).
+REDUCE_SLOTS = 32
 # The kernels' element types as nvcc names them.
 KERNEL_DTYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
 
@@ -206,11 +209,12 @@ def test_a_structured_mask_too_fragmented_is_refused_before_the_draw():
 def _kernel_order_dbias(d, plan, dtype):
     """The bias gradient in the kernels' summation order: per row block, each
     row lane sums its rows (r0 + lane, r0 + lane + row_lanes, ...), the lanes
-    are added in lane order, then the row blocks in block order, all in the
-    math type from the unrounded dx `d` [rows, H]."""
+    are added in lane order; then the reduction's slot s sums the row blocks
+    b with b % 32 == s in block order, and the slots are added in slot order,
+    all in the math type from the unrounded dx `d` [rows, H]."""
     _, row_lanes, rows_per_block, row_blocks, _, _ = plan
     rows, H = d.shape
-    total = torch.zeros(H, dtype=d.dtype)
+    slots = [torch.zeros(H, dtype=d.dtype) for _ in range(REDUCE_SLOTS)]
     for b in range(row_blocks):
         r0, r1 = b * rows_per_block, min((b + 1) * rows_per_block, rows)
         block = torch.zeros(H, dtype=d.dtype)
@@ -219,7 +223,10 @@ def _kernel_order_dbias(d, plan, dtype):
             for r in range(r0 + lane, r1, row_lanes):
                 s = s + d[r]
             block = block + s
-        total = total + block
+        slots[b % REDUCE_SLOTS] = slots[b % REDUCE_SLOTS] + block
+    total = torch.zeros(H, dtype=d.dtype)
+    for s in slots:
+        total = total + s
     return total.to(dtype)
 
 
@@ -260,11 +267,52 @@ def test_bias_gradient_keeps_every_thread_busy():
     assert grid_x * col_units * 8 == 768 and rows_per_block >= row_lanes
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["identity", "gelu"])
+@pytest.mark.parametrize("shape,sm_count", [
+    ((1024, 1024), H100_SMS),   # 2**20 elements: few rows per row block
+    ((8192, 8192), H100_SMS),
+    ((2**16, 768), H100_SMS),
+    ((2**17, 256), 1024),       # more SMs than the reduction's chain allows row blocks for
+])
+def test_bias_gradient_launches_stream(dtype, activation, shape, sm_count):
+    """The bias gradient's two launches as the static model reads them
+    (LaunchFacts): the partial rows written and read back cost at most 5% of
+    the op's least traffic, at least 90% of the lanes have a row, each
+    launch keeps 32 KiB in flight per SM, and the reduction's serial chain
+    of loads is at most 32 whatever the number of row blocks."""
+    names, v = testing.cuda_launch_facts("backward", list(shape), dtype, activation, ["bias", "bias_grad"], sm_count)
+    assert len(names) == 2 and "BiasGradKernel" in names[0] and "BiasReduceKernel" in names[1]
+    launches = [v[i:i + 10] for i in range(0, len(v), 10)]
+    rows, H = shape
+    size = torch.empty((), dtype=dtype).element_size()
+    streams = 1 if activation == "identity" else 2
+    least = rows * H * size * (streams + 1) + H * size * (2 if activation != "identity" else 1)
+    moved = sum(f[4] + f[5] for f in launches)
+    assert moved <= 1.05 * least, (moved, least)
+    for _, _, blocks_per_sm, _, _, _, inflight, lane_slots, busy_slots, chain in launches:
+        assert busy_slots >= 0.9 * lane_slots
+        assert blocks_per_sm * 256 * inflight >= 32 * 1024
+    assert launches[0][9] == 1 and launches[1][9] <= 32
+
+
 def _launches(op, n, H, dtype, activation, bias_grad=False, sm_count=H100_SMS):
     """[(grid.x, grid.y, blocks per SM)] of each launch of op, planned and
     checked by the host driver with nothing allocated or run."""
     flat = testing.cuda_launch_plan(op, n, H, dtype, activation, bias_grad, sm_count)
     return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
+def _steps_per_thread(op, dtype, activation):
+    """Steps (a unit, or in the pack mode a byte's 8 elements) an elementwise
+    kernel's thread takes at once: its bytes in flight (LaunchFacts) over a
+    step of each tensor it streams."""
+    fields = testing.cuda_launch_facts(op, [2**20], dtype, activation, [], H100_SMS)[1]
+    streams = 2 if op == "backward" and activation != "identity" else 1
+    elems = 8 if op == "forward_packed" else unit_elems(dtype)
+    step_bytes = elems * torch.empty((), dtype=dtype).element_size() * streams
+    assert fields[6] % step_bytes == 0
+    return fields[6] // step_bytes
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -281,15 +329,16 @@ def test_grids_are_one_wave_of_each_kernels_residency(dtype, activation):
         want = declared_blocks_per_sm("ElementwiseKernel", kd, activation, backward)
         got = _launches("backward" if backward else "forward", n, H, dtype, activation)
         assert got == [(H100_SMS * want, 1, want)]
-        # fewer units than a wave's threads: a block per 256 units
-        units = 3 * 256 + 1
-        got = _launches("backward" if backward else "forward", units * unit_elems(dtype), 1, dtype, activation)
-        assert got == [(4, 1, want)]
+        # fewer units than a wave's threads take: a block per 256 threads' k units
+        op = "backward" if backward else "forward"
+        units = 3 * 256 * _steps_per_thread(op, dtype, activation)
+        assert _launches(op, (units + 1) * unit_elems(dtype), 1, dtype, activation) == [(4, 1, want)]
+        assert _launches(op, units * unit_elems(dtype), 1, dtype, activation) == [(3, 1, want)]
     grad, reduce = _launches("backward", n, H, dtype, activation, bias_grad=True)
     want = declared_blocks_per_sm("BiasGradKernel", kd, activation, True)
     col_tiles = -(-H // (32 * unit_elems(dtype)))
     assert grad == (col_tiles, H100_SMS * want // col_tiles, want)
-    assert reduce == (H // 256, 1, declared_blocks_per_sm("BiasReduceKernel", kd, None, False))
+    assert reduce == (H // 32, 1, declared_blocks_per_sm("BiasReduceKernel", kd, None, False))
     big_h = 2**22
     assert _launches("backward", n, big_h, dtype, activation, True)[1] == (H100_SMS * 8, 1, 8)
     assert _launches("mask", n, 1, dtype, activation) == [(H100_SMS * 4, 1, declared_blocks_per_sm(
@@ -315,7 +364,8 @@ def test_launches_a_gpu_would_refuse_are_refused():
     assert testing.cuda_bias_grad_plan(1, H, torch.float32, "identity", H100_SMS)[4] == 2**33
     with pytest.raises(RuntimeError, match=r"gridDim.x must be in \[1, 2\*\*31 - 1\]; got grid \(8589934592, 1\)"):
         _launches("backward", H, H, torch.float32, "identity", bias_grad=True)
-    assert _launches("forward", H, H, torch.float32, "identity") == [(H100_SMS * 4, 1, 4)]
+    want = declared_blocks_per_sm("ElementwiseKernel", "float", "identity", False)
+    assert _launches("forward", H, H, torch.float32, "identity") == [(H100_SMS * want, 1, want)]
 
 
 def test_shared_memory_is_poisoned_for_every_block():
@@ -535,8 +585,10 @@ def test_packed_mode_launch_plans(dtype):
     kd = KERNEL_DTYPE[dtype]
     want = declared_blocks_per_sm("ElementwiseKernel", kd, "gelu", False, "pack")
     assert _launches("forward_packed", n, H, dtype, "gelu") == [(H100_SMS * want, 1, want)]
-    assert _launches("forward_packed", (3 * 256 + 1) * 8, 1, dtype, "gelu") == [(4, 1, want)]
-    assert _launches("forward_packed", 3 * 256 * 8 + 1, 1, dtype, "gelu") == [(4, 1, want)]
+    steps = 3 * 256 * _steps_per_thread("forward_packed", dtype, "gelu")
+    assert _launches("forward_packed", steps * 8, 1, dtype, "gelu") == [(3, 1, want)]
+    assert _launches("forward_packed", (steps + 1) * 8, 1, dtype, "gelu") == [(4, 1, want)]
+    assert _launches("forward_packed", steps * 8 + 1, 1, dtype, "gelu") == [(4, 1, want)]
     for bias_grad in (False, True):
         assert [g[:2] for g in _launches("backward_read", n, H, dtype, "gelu", bias_grad)] == \
             [g[:2] for g in _launches("backward", n, H, dtype, "gelu", bias_grad)]

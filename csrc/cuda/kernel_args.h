@@ -165,15 +165,21 @@ struct LaunchFacts {
   int64_t dependent_loads = 1;
 };
 
-// The lanes of a walk of `items` work items by `threads` threads, each
-// taking items t, t + threads, ...: every thread steps until the last item.
-inline void walk_lanes(LaunchFacts& f, int64_t items, int64_t threads) {
-  const int64_t steps = threads > 0 ? (items + threads - 1) / threads : 0;
-  f.lane_slots += steps * threads;
+// The lanes of a walk of `items` work items in chunks of kThreads x per
+// items, a chunk per block and round (block b's round j: chunk j * blocks
+// + b), thread t taking items t, t + kThreads, ... of its chunk: a warp
+// steps while any of its lanes has an item, so only the last chunk has
+// lanes without one.
+inline void walk_lanes(LaunchFacts& f, int64_t items, int per = 1) {
+  const int64_t chunk = static_cast<int64_t>(kThreads) * per;
+  const int64_t full = items / chunk;
+  const int64_t rest = items - full * chunk;  // the last chunk's items; its first rest threads have some
+  const int64_t rest_threads = rest < kThreads ? rest : kThreads;
+  f.lane_slots += full * chunk + (rest_threads + 31) / 32 * 32 * per;
   f.busy_slots += items;
 }
 
-inline int64_t dtype_bytes(DType t) {
+constexpr int64_t dtype_bytes(DType t) {
   return t == DType::kDouble ? 8 : (t == DType::kFloat ? 4 : 2);
 }
 
@@ -209,21 +215,71 @@ inline const char* launch_refusal(Grid2 grid, int threads, size_t static_shared_
 // number is what the kernel holds in every mask mode on sm_80 and sm_90
 // with the registers ptxas gives it at that bound, unspilled
 // (tests/test_cuda_compile.py checks it against ptxas's figures and prints
-// them): 4 for the elementwise and mask kernels; 3 for the bias gradient,
-// whose instances use up to 3 blocks' 80 registers, but 4 for float32
-// identity's, which stays within 64; 1 for float64 gelu's backward and bias
-// gradient, which spill at 2 blocks' 128; a full SM's 2048 threads for the
+// them): 2 for the elementwise kernels, whose K steps in flight
+// (elementwise_steps_per_thread) need up to 2 blocks' 128 registers, but 3
+// for float64's backward of relu, gelu_tanh and silu, one 64-byte step each
+// within 80, and 1 for float64 gelu's, whose C library erf takes more than
+// 128 beside the steps; 4 for the mask kernel; 2 for the bias gradient,
+// whose rows in flight (bias_grad_rows_per_lane) spill at 3 blocks' 80
+// registers, but 1 for float64 gelu's; a full SM's 2048 threads for the
 // bias reduction.
 constexpr int kMaskBlocksPerSm = 4;
 constexpr int kReduceBlocksPerSm = 2048 / kThreads;
 
+// The bias reduction (BiasReduceKernel): a block per tile of kReduceCols
+// columns, a warp's lanes on one 128-byte line of each float32 partial row;
+// each thread keeps kReduceAcc rows' loads in flight, so a block has
+// kReduceSlots rows in flight per column and a thread's serial chain of
+// loads is reduce_chain(rows).
+constexpr int kReduceCols = 32;
+constexpr int kReduceAcc = 4;
+constexpr int kReduceSlots = kThreads / kReduceCols * kReduceAcc;
+constexpr int64_t reduce_chain(int64_t rows) { return (rows + kReduceSlots - 1) / kReduceSlots; }
+// The most partial rows a bias-gradient plan makes: a chain of at most 32 loads.
+constexpr int64_t kMaxPartialRows = 32 * kReduceSlots;
+
+// The bias reduction's grid: a block per column tile, up to one wave of
+// resident blocks (more tiles: grid-stride).
+inline int64_t bias_reduce_blocks(int64_t H, int sm_count) {
+  const int64_t tiles = (H + kReduceCols - 1) / kReduceCols;
+  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * kReduceBlocksPerSm;
+  return tiles < 1 ? 1 : (tiles < cap ? tiles : cap);
+}
+
 constexpr int elementwise_blocks_per_sm(DType t, Act a, bool backward) {
-  return t == DType::kDouble && a == Act::kGelu && backward ? 1 : 4;
+  if (t == DType::kDouble && a == Act::kGelu) return 1;
+  return t == DType::kDouble && backward && a != Act::kIdentity ? 3 : 2;
 }
 
 constexpr int bias_grad_blocks_per_sm(DType t, Act a) {
-  if (t == DType::kDouble && a == Act::kGelu) return 1;
-  return t == DType::kFloat && a == Act::kIdentity ? 4 : 3;
+  return t == DType::kDouble && a == Act::kGelu ? 1 : 2;
+}
+
+// Global bytes a streaming kernel keeps in flight per SM: with an H100's
+// memory latency, what its bandwidth needs (Little's law, with margin).
+constexpr int64_t kInflightPerSm = 32 * 1024;
+
+// Steps (step_elems) an elementwise kernel's thread takes at once, all of
+// their loads issued before any of their keep bits and math: enough that
+// its resident threads have kInflightPerSm bytes in flight when it streams
+// the fewest tensors it can (one, but for an activation's backward the
+// gradient and the saved input).
+constexpr int elementwise_steps_per_thread(DType t, Act a, bool backward, MaskBits m) {
+  const int64_t streams = backward && a != Act::kIdentity ? 2 : 1;
+  const int64_t step_bytes = step_elems(t, m) * dtype_bytes(t) * streams;
+  const int64_t per_thread = kInflightPerSm / (kThreads * elementwise_blocks_per_sm(t, a, backward));
+  const int64_t k = (per_thread + step_bytes - 1) / step_bytes;
+  return k < 1 ? 1 : static_cast<int>(k);
+}
+
+// Rows a bias-gradient lane takes at once, all their loads issued before
+// any of their keep bits and math: kInflightPerSm bytes in flight for the
+// resident threads, as elementwise_steps_per_thread.
+constexpr int bias_grad_rows_per_lane(DType t, Act a) {
+  const int64_t row_bytes = unit_elems(t) * dtype_bytes(t) * (a != Act::kIdentity ? 2 : 1);
+  const int64_t per_thread = kInflightPerSm / (kThreads * bias_grad_blocks_per_sm(t, a));
+  const int64_t k = (per_thread + row_bytes - 1) / row_bytes;
+  return k < 1 ? 1 : static_cast<int>(k);
 }
 
 // Grid-stride kernels: enough blocks to fill the GPU, no more.
@@ -238,9 +294,9 @@ inline int64_t flat_blocks(int64_t work_items, int sm_count, int blocks_per_sm) 
 // row_lanes x col_units: lane (r, c) walks rows r, r + row_lanes, ... of the
 // row block in column unit c, so every thread works whenever the row has at
 // least 32 units or the tile is narrower. The lanes' sums are then added in
-// lane order in shared memory, and the row blocks' in block order by a
-// second kernel: the summation order depends on the shape and the SM count
-// only.
+// lane order in shared memory, and the row blocks' by a second kernel in
+// BiasReduceKernel's order: the summation order depends on the shape and the
+// SM count only.
 struct BiasGradPlan {
   int col_units = 1;  // power of two, <= 32
   int col_shift = 0;  // log2(col_units)
@@ -269,16 +325,26 @@ inline BiasGradPlan plan_bias_grad(int64_t rows, int64_t H, DType dtype, Act act
   int64_t row_blocks = want / col_tiles;
   const int64_t lane_limited = (rows + g.row_lanes - 1) / g.row_lanes;  // a row per lane at least
   if (row_blocks > lane_limited) row_blocks = lane_limited;
+  if (row_blocks > kMaxPartialRows) row_blocks = kMaxPartialRows;
+  // A row block's partial row, written in the math type and read back once,
+  // costs at most 1/40 of the bytes the block streams (grad and dx, and x
+  // for an activation).
+  const int64_t streamed = dtype_bytes(dtype) * (act != Act::kIdentity ? 3 : 2);
+  const int64_t min_rows = (80 * (dtype == DType::kDouble ? 8 : 4) + streamed - 1) / streamed;
+  if (row_blocks > rows / min_rows) row_blocks = rows / min_rows;
   if (row_blocks < 1) row_blocks = 1;
   int64_t per = (rows + row_blocks - 1) / row_blocks;
   const int64_t min_per = (rows + 65534) / 65535;  // gridDim.y limit
   if (per < min_per) per = min_per;
   if (per < 1) per = 1;
+  // Whole row steps of the block's lanes: only the last row block has lanes
+  // without a row.
+  per = (per + g.row_lanes - 1) / g.row_lanes * g.row_lanes;
   g.rows_per_block = per;
   g.row_blocks = rows > 0 ? (rows + per - 1) / per : 1;
   g.grid.x = col_tiles;
   g.grid.y = g.row_blocks;
-  g.reduce_blocks = flat_blocks(H, sm_count, kReduceBlocksPerSm);
+  g.reduce_blocks = bias_reduce_blocks(H, sm_count);
   return g;
 }
 

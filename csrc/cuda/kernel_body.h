@@ -504,25 +504,46 @@ DX_HD ThreadCtx<T> thread_ctx(const DropoutArgs& a, bool first) {
   return c;
 }
 
-// The unit at local element e0: len elements, keep bits, col = the bias
-// column of element e0. Stores the rounded results and returns the
-// unrounded ones in d (the bias gradient sums those).
+// The loaded tensors of one unit: in (forward: x; backward: grad) and aux
+// (forward: the residual; backward: the saved x), zeros where not read.
+template <typename T>
+struct UnitIn {
+  T in[Unit<T>::kElems];
+  T aux[Unit<T>::kElems];
+};
+
+// Loads the unit at local element e0 (len elements; vec: all of them, 16-byte
+// aligned). Apart from unit_math so a kernel can issue several units' loads
+// before any of their keep bits and math.
+template <typename T, Act A, Dir D>
+DX_HD void unit_load(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, UnitIn<T>& u) {
+  const bool with_aux = D == Dir::kForward ? c.aux != nullptr : A != Act::kIdentity;
+  load_unit(c.in, e0, len, vec, u.in);
+  if (with_aux) {
+    load_unit(c.aux, e0, len, vec, u.aux);
+  } else {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < Unit<T>::kElems; ++j) u.aux[j] = T{};
+  }
+}
+
+// The loaded unit at local element e0: keep bits, col = the bias column of
+// element e0. Stores the rounded results and returns the unrounded ones in
+// d (the bias gradient sums those).
 //   forward:  y  = residual + drop(act(x + bias) * scale)
 //   backward: dx = drop(act'(x + bias) * grad * scale)
 template <typename T, Act A, Dir D>
-DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint32_t keep, int64_t col,
-                     const FastDiv& H, typename Num<T>::acc (&d)[Unit<T>::kElems]) {
+DX_HD void unit_math(const ThreadCtx<T>& c, const UnitIn<T>& u, int64_t e0, int len, bool vec, uint32_t keep,
+                     int64_t col, const FastDiv& H, typename Num<T>::acc (&d)[Unit<T>::kElems]) {
   using acc_t = typename Num<T>::acc;
   constexpr int E = Unit<T>::kElems;
   constexpr bool kNeedsX = D == Dir::kForward || A != Act::kIdentity;
   const bool with_aux = D == Dir::kForward ? c.aux != nullptr : A != Act::kIdentity;
   const bool with_bias = kNeedsX && c.bias != nullptr;
   const int64_t h = static_cast<int64_t>(H.divisor);
-  T in[E];
-  T aux[E] = {};
   T out[E];
-  load_unit(c.in, e0, len, vec, in);
-  if (with_aux) load_unit(c.aux, e0, len, vec, aux);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -530,7 +551,7 @@ DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint3
     const bool kept = (keep >> j) & 1u;
     acc_t v = acc_t(0);
     if constexpr (kNeedsX) {
-      v = Num<T>::load(D == Dir::kForward ? in[j] : aux[j]);
+      v = Num<T>::load(D == Dir::kForward ? u.in[j] : u.aux[j]);
       if (with_bias) {
         v = v + Num<T>::load(c.bias[col]);
         col = col + 1 == h ? 0 : col + 1;
@@ -540,9 +561,9 @@ DX_HD void unit_step(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, uint3
     if constexpr (D == Dir::kForward) {
       y = drop_value(ActOps<A>::fwd(v) * c.scale, kept);
       d[j] = y;
-      if (with_aux) y = Num<T>::load(aux[j]) + y;
+      if (with_aux) y = Num<T>::load(u.aux[j]) + y;
     } else {
-      const acc_t gs = Num<T>::load(in[j]) * c.scale;
+      const acc_t gs = Num<T>::load(u.in[j]) * c.scale;
       y = drop_value(act_backward<A, acc_t>(gs, v), kept);
       d[j] = y;
     }
@@ -586,14 +607,20 @@ template <class K>
 struct has_local<K, std::void_t<typename K::Local>> : std::true_type {};
 
 // Forward, or backward without the bias gradient: a grid-stride walk over
-// the steps of the flat tensor (step_elems): a unit each, or in the pack
+// the steps of the flat tensor (step_elems: a unit each, or in the pack
 // mode the units of one byte of the packed mask, whose thread draws the
-// byte's 8 keep bits, runs its units one after the other and stores it.
+// byte's 8 keep bits and stores it). A thread takes K steps at once, a
+// block's chunk of kThreads x K steps per round (walk_lanes), thread t its
+// steps t, t + kThreads, ...: each load instruction of a warp reads 512
+// consecutive bytes, and a thread has all K steps' loads in flight before
+// its first Philox round.
 template <typename T, Act A, Dir D, MaskBits M>
 struct ElementwiseKernel {
   static_assert(D == Dir::kForward || M != MaskBits::kPack, "only the forward packs the mask");
   static constexpr int E = Unit<T>::kElems;
   static constexpr int S = step_elems(Num<T>::kDType, M);
+  static constexpr int U = S / E;  // units per step
+  static constexpr int K = elementwise_steps_per_thread(Num<T>::kDType, A, D == Dir::kBackward, M);
   static_assert(S % E == 0 && (M != MaskBits::kPack || S == 8), "a step is whole units; a pack step one byte");
   struct Params {
     DropoutArgs a;
@@ -603,11 +630,13 @@ struct ElementwiseKernel {
   static constexpr int kPhases = 1;
   static constexpr int kBlocksPerSm = elementwise_blocks_per_sm(Num<T>::kDType, A, D == Dir::kBackward);
 
-  // The steps of n elements: the kernel's loop and the launch plan's work items.
+  // The steps of n elements, and the launch plan's work items: a thread's K.
   DX_HD static int64_t steps(int64_t n) { return (n + S - 1) / S; }
+  static int64_t thread_items(int64_t n) { return (steps(n) + K - 1) / K; }
 
-  // Each tensor streamed once; a thread has one unit of each in flight.
-  static LaunchFacts facts(const Params& p, Grid2 grid) {
+  // Each tensor streamed once; a thread has K steps of each in flight (and
+  // in the read mode their mask bytes).
+  static LaunchFacts facts(const Params& p, Grid2) {
     const DropoutArgs& a = p.a;
     const bool aux = D == Dir::kForward ? a.residual != nullptr : A != Act::kIdentity;
     const int64_t streams = 1 + (aux ? 1 : 0);
@@ -617,8 +646,9 @@ struct ElementwiseKernel {
                    (bias ? static_cast<int64_t>(a.H.divisor * sizeof(T)) : 0) +
                    (M == MaskBits::kRead ? (a.n + 7) / 8 : 0) + structured_mask_bytes(a.mask);
     f.bytes_written = a.n * static_cast<int64_t>(sizeof(T)) + (M == MaskBits::kPack ? (a.n + 7) / 8 : 0);
-    f.inflight_bytes_per_thread = E * static_cast<int64_t>(sizeof(T)) * streams;
-    walk_lanes(f, steps(a.n), grid.x * kThreads);
+    f.inflight_bytes_per_thread =
+        K * (S * static_cast<int64_t>(sizeof(T)) * streams + (M == MaskBits::kRead ? (S + 7) / 8 : 0));
+    walk_lanes(f, steps(a.n), K);
     return f;
   }
 
@@ -626,46 +656,82 @@ struct ElementwiseKernel {
   DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
     const DropoutArgs& a = p.a;
     const int64_t steps_n = steps(a.n);
-    int64_t u = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread;
+    constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * K;
+    int64_t u = static_cast<int64_t>(idx.block_x) * kChunk + idx.thread;
     if (u >= steps_n) return;
-    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
+    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kChunk;
     const ThreadCtx<T> c = thread_ctx<T, D>(a, u == 0);
     const bool bias_cols = c.bias != nullptr && (D == Dir::kForward || A != Act::kIdentity);
-    // Two units a step would double the bytes in flight but spill at 4 blocks' 64 registers: to measure on a GPU.
+    const bool plain_draw = M != MaskBits::kRead && !c.mp.keep_all && a.mask.keep == nullptr && a.map.ndims == 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll 1
 #endif
     for (; u < steps_n; u += stride) {
+      // Step k: elements e0 + k * kThreads * S, of which len[k] (<= 0: none).
       const int64_t e0 = u * S;
-      const int len = a.n - e0 < S ? static_cast<int>(a.n - e0) : S;
-      const uint32_t keep = mode_keep<S, M>(c.mp, a, e0, len);
-      // The step's units in turn. Not unrolled: a pack step's second unit
-      // runs the first one's code in the same registers (unrolled, float64
-      // gelu spilled at 4 blocks' 64); a step of one unit is one pass that
-      // compiles to the same code as a plain unit loop.
+      int len[K];
+      uint32_t keep[K];
 #if defined(__CUDA_ARCH__)
-#pragma unroll 1
+#pragma unroll
 #endif
-      for (int s = 0; s < S; s += E) {
-        const int sub = S == E ? len : (len - s < E ? len - s : E);
-        if (s != 0 && sub <= 0) break;  // a last pack step of at most one unit
-        const int64_t col = bias_cols ? fast_mod(e0 + s, a.H) : 0;
-        typename Num<T>::acc d[E];
-        unit_step<T, A, D>(c, e0 + s, sub, p.vec && sub == E, keep >> s, col, a.H, d);
+      for (int k = 0; k < K; ++k) {
+        const int64_t ek = e0 + k * static_cast<int64_t>(kThreads) * S;
+        len[k] = a.n - ek < S ? static_cast<int>(a.n - ek) : S;
+        // The index arithmetic of a structured mask or a strided map runs
+        // before the loads, so their registers are free for it.
+        if (!plain_draw && M != MaskBits::kRead && len[k] > 0) keep[k] = mode_keep<S, M>(c.mp, a, ek, len[k]);
       }
-      if constexpr (M == MaskBits::kPack) {
-        // Byte e0 / 8 is this step's alone; the bits past n are zero.
-        a.bits_out[e0 >> 3] = static_cast<uint8_t>(keep & ((1u << len) - 1u));
+      UnitIn<T> in[K][U];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < K; ++k) {
+        const int64_t ek = e0 + k * static_cast<int64_t>(kThreads) * S;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int v = 0; v < U; ++v) {
+          const int sub = len[k] - v * E < E ? len[k] - v * E : E;
+          if (sub > 0) unit_load<T, A, D>(c, ek + v * E, sub, p.vec && sub == E, in[k][v]);
+        }
+        // The packed bits are a load too: in flight with the units'.
+        if constexpr (M == MaskBits::kRead) {
+          if (len[k] > 0) keep[k] = mode_keep<S, M>(c.mp, a, ek, len[k]);
+        }
+      }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < K; ++k) {
+        if (len[k] <= 0) continue;
+        const int64_t ek = e0 + k * static_cast<int64_t>(kThreads) * S;
+        // Philox alone (mode_keep's path for a full mask under the identity
+        // map) while the loads are in flight.
+        if (plain_draw) keep[k] = philox_keep<S>(c.mp, a.map.base + ek, len[k]);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int v = 0; v < U; ++v) {
+          const int sub = len[k] - v * E < E ? len[k] - v * E : E;
+          if (sub <= 0) break;
+          const int64_t col = bias_cols ? fast_mod(ek + v * E, a.H) : 0;
+          typename Num<T>::acc d[E];
+          unit_math<T, A, D>(c, in[k][v], ek + v * E, sub, p.vec && sub == E, keep[k] >> (v * E), col, a.H, d);
+        }
+        if constexpr (M == MaskBits::kPack) {
+          // Byte ek / 8 is this step's alone; the bits past n are zero.
+          a.bits_out[ek >> 3] = static_cast<uint8_t>(keep[k] & ((1u << len[k]) - 1u));
+        }
       }
     }
   }
 };
 
 // Backward with the bias gradient (see BiasGradPlan). Phase 0: each thread
-// walks its rows in its column unit, stores dx and sums the unrounded dx per
-// column in registers, then parks the sums in shared memory. Phase 1: a
-// thread per column of the tile adds the row lanes' sums in lane order and
-// writes the block's partial sum.
+// walks its rows in its column unit, R at a time, stores dx and sums the
+// unrounded dx per column in registers, row after row, then parks the sums
+// in shared memory. Phase 1: a thread per column of the tile adds the row
+// lanes' sums in lane order and writes the block's partial sum.
 template <typename T, Act A, MaskBits M>
 struct BiasGradKernel {
   static_assert(M != MaskBits::kPack, "only the forward packs the mask");
@@ -681,8 +747,10 @@ struct BiasGradKernel {
   };
   static constexpr int kPhases = 2;
   static constexpr int kBlocksPerSm = bias_grad_blocks_per_sm(Num<T>::kDType, A);
+  static constexpr int R = bias_grad_rows_per_lane(Num<T>::kDType, A);
 
-  // As the elementwise backward, plus the row blocks' partial sums written.
+  // As the elementwise backward, plus the row blocks' partial sums written;
+  // a lane has R rows' units in flight (and in the read mode their bits).
   static LaunchFacts facts(const Params& p, Grid2 grid) {
     const DropoutArgs& a = p.a;
     const BiasGradPlan& g = p.plan;
@@ -693,10 +761,14 @@ struct BiasGradKernel {
                    (a.bias != nullptr && A != Act::kIdentity ? H * static_cast<int64_t>(sizeof(T)) : 0) +
                    (M == MaskBits::kRead ? (a.n + 7) / 8 : 0) + structured_mask_bytes(a.mask);
     f.bytes_written = a.n * static_cast<int64_t>(sizeof(T)) + g.row_blocks * H * static_cast<int64_t>(sizeof(acc_t));
-    f.inflight_bytes_per_thread = E * static_cast<int64_t>(sizeof(T)) * streams;
+    f.inflight_bytes_per_thread = R * (E * static_cast<int64_t>(sizeof(T)) * streams + (M == MaskBits::kRead ? 1 : 0));
+    // The row blocks' row steps, kThreads lanes each: a lane without a row
+    // skips it, so only the last row block's short last step is part idle.
     const int64_t units = (H + E - 1) / E;
-    const int64_t steps = (g.rows_per_block + g.row_lanes - 1) / g.row_lanes;
-    f.lane_slots = grid.x * grid.y * kThreads * steps;
+    const int64_t last = g.rows - (g.row_blocks - 1) * g.rows_per_block;
+    const int64_t steps = (g.row_blocks - 1) * ((g.rows_per_block + g.row_lanes - 1) / g.row_lanes) +
+                          (last + g.row_lanes - 1) / g.row_lanes;
+    f.lane_slots = grid.x * kThreads * steps;
     f.busy_slots = g.rows * units;
     return f;
   }
@@ -722,16 +794,37 @@ struct BiasGradKernel {
         const bool vec = p.vec && len == E;
         const int64_t r0 = static_cast<int64_t>(idx.block_y) * g.rows_per_block;
         const int64_t r1 = r0 + g.rows_per_block < g.rows ? r0 + g.rows_per_block : g.rows;
-        for (int64_t r = r0 + lane_r; r < r1; r += g.row_lanes) {
-          const int64_t e0 = r * H + c0;
-          const uint32_t keep = mode_keep<E, M>(c.mp, a, e0, len);
-          acc_t d[E];
-          unit_step<T, A, Dir::kBackward>(c, e0, len, vec, keep, c0, a.H, d);
+        // R of the lane's rows at once, all their loads issued before any of
+        // their keep bits and math, then summed in row order.
+        for (int64_t r = r0 + lane_r; r < r1; r += R * g.row_lanes) {
+          UnitIn<T> u[R];
+          uint32_t keep[R] = {};
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-          for (int j = 0; j < E; ++j) {
-            if (j < len) acc[j] += d[j];
+          for (int k = 0; k < R; ++k) {
+            const int64_t e0 = (r + k * g.row_lanes) * H + c0;
+            if (r + k * g.row_lanes < r1) {
+              unit_load<T, A, Dir::kBackward>(c, e0, len, vec, u[k]);
+              // The packed bits are a load too: in flight with the units'.
+              if constexpr (M == MaskBits::kRead) keep[k] = mode_keep<E, M>(c.mp, a, e0, len);
+            }
+          }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int k = 0; k < R; ++k) {
+            if (r + k * g.row_lanes >= r1) break;
+            const int64_t e0 = (r + k * g.row_lanes) * H + c0;
+            if constexpr (M != MaskBits::kRead) keep[k] = mode_keep<E, M>(c.mp, a, e0, len);
+            acc_t d[E];
+            unit_math<T, A, Dir::kBackward>(c, u[k], e0, len, vec, keep[k], c0, a.H, d);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+            for (int j = 0; j < E; ++j) {
+              if (j < len) acc[j] += d[j];
+            }
           }
         }
       }
@@ -751,43 +844,89 @@ struct BiasGradKernel {
   }
 };
 
-// dbias[h] = the row blocks' partial sums added in block order, rounded once.
+// dbias[h] = the sum of the partial rows' column h, rounded once, in a fixed
+// order that depends on their number only. A block per tile of kReduceCols
+// columns (grid-stride over the tiles, a round each): warp w's lane c sums
+// column c of the partial rows b with b % kReduceSlots == j * kRowLanes + w
+// in its accumulator j, all kReduceAcc rows of a slot group in flight at
+// once, so a thread waits on at most ceil(rows / kReduceSlots) loads in a
+// row; then a thread per column adds the kReduceSlots sums in slot order.
 template <typename T>
 struct BiasReduceKernel {
   using acc_t = typename Num<T>::acc;
+  static constexpr int kRowLanes = kThreads / kReduceCols;  // a warp each
+  static_assert(kReduceCols == 32 && kRowLanes * kReduceAcc == kReduceSlots, "a warp per row lane");
   struct Params {
-    const acc_t* partial;
+    const acc_t* partial;  // [rows, H]
     T* dbias;
     int64_t H;
-    int64_t row_blocks;
+    int64_t rows;
   };
-  using Shared = NoShared;
-  static constexpr int kPhases = 1;
+  struct Shared {
+    acc_t sums[kReduceSlots * kReduceCols];  // [slot][column of the tile]
+  };
+  struct Local {};
+  static constexpr int kPhases = 2;
   static constexpr int kBlocksPerSm = kReduceBlocksPerSm;
 
-  // A thread per column walks the row_blocks partial rows one after another.
-  static LaunchFacts facts(const Params& p, Grid2 grid) {
+  // The tiles of this block: block_x, + grid_x, ... The tile count fits 32
+  // bits (H < 2**36 columns), so this is a 32-bit division, not the 64-bit
+  // routine.
+  DX_HD static int64_t rounds(const Params& p, const Idx& idx) {
+    const uint32_t tiles = static_cast<uint32_t>((p.H + kReduceCols - 1) / kReduceCols);
+    return tiles > idx.block_x ? (tiles - idx.block_x - 1) / idx.grid_x + 1 : 0;
+  }
+
+  // Each partial row read once by one warp: its 32 lanes' columns of the
+  // tile, so only the last tile's lanes past H have none.
+  static LaunchFacts facts(const Params& p, Grid2) {
     LaunchFacts f;
-    f.bytes_read = p.row_blocks * p.H * static_cast<int64_t>(sizeof(acc_t));
+    f.bytes_read = p.rows * p.H * static_cast<int64_t>(sizeof(acc_t));
     f.bytes_written = p.H * static_cast<int64_t>(sizeof(T));
-    f.inflight_bytes_per_thread = sizeof(acc_t);
-    walk_lanes(f, p.H, grid.x * kThreads);
-    f.dependent_loads = p.row_blocks;
+    f.inflight_bytes_per_thread = kReduceAcc * static_cast<int64_t>(sizeof(acc_t));
+    f.lane_slots = p.rows * ((p.H + kReduceCols - 1) / kReduceCols) * kReduceCols;
+    f.busy_slots = p.rows * p.H;
+    f.dependent_loads = reduce_chain(p.rows);
     return f;
   }
 
   template <int kPhase>
-  DX_HD static void phase(const Params& p, const Idx& idx, Shared&) {
-    const int64_t stride = static_cast<int64_t>(idx.grid_x) * kThreads;
-    // Not unrolled: an unrolled grid-stride loop divides by the stride for
-    // its trip count, a call to the 64-bit division routine.
+  DX_HD static void phase(const Params& p, const Idx& idx, Shared& sh, Local&, int64_t round) {
+    const int c = static_cast<int>(idx.thread) % kReduceCols;
+    const int64_t col = (static_cast<int64_t>(idx.block_x) + round * idx.grid_x) * kReduceCols + c;
+    if constexpr (kPhase == 0) {
+      const int w = static_cast<int>(idx.thread) / kReduceCols;
+      acc_t s[kReduceAcc];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kReduceAcc; ++j) s[j] = acc_t(0);
+      if (col < p.H) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll 1
 #endif
-    for (int64_t h = static_cast<int64_t>(idx.block_x) * kThreads + idx.thread; h < p.H; h += stride) {
+        for (int64_t b0 = w; b0 < p.rows; b0 += kReduceSlots) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int j = 0; j < kReduceAcc; ++j) {
+            const int64_t b = b0 + j * kRowLanes;
+            if (b < p.rows) s[j] += p.partial[b * p.H + col];
+          }
+        }
+      }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kReduceAcc; ++j) sh.sums[(j * kRowLanes + w) * kReduceCols + c] = s[j];
+    } else {
+      if (idx.thread >= static_cast<uint32_t>(kReduceCols) || col >= p.H) return;
       acc_t s = acc_t(0);
-      for (int64_t b = 0; b < p.row_blocks; ++b) s += p.partial[b * p.H + h];
-      p.dbias[h] = Num<T>::store(s);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < kReduceSlots; ++k) s += sh.sums[k * kReduceCols + c];
+      p.dbias[col] = Num<T>::store(s);
     }
   }
 };
@@ -803,10 +942,10 @@ struct MaskKernel {
   static constexpr int kBlocksPerSm = kMaskBlocksPerSm;
 
   // Writes only: a byte per element, four per thread step.
-  static LaunchFacts facts(const Params& p, Grid2 grid) {
+  static LaunchFacts facts(const Params& p, Grid2) {
     LaunchFacts f;
     f.bytes_written = p.a.n;
-    walk_lanes(f, (p.a.n + 3) / 4, grid.x * kThreads);
+    walk_lanes(f, (p.a.n + 3) / 4);
     f.dependent_loads = 0;
     return f;
   }
@@ -894,7 +1033,7 @@ bool run_forward(Runner& r, const DropoutArgs& a, int sm_count) {
     return dispatch_act(static_cast<Act>(a.act), [&](auto act) {
       return dispatch_mask_bits<true>(a, [&](auto bits) {
         using K = ElementwiseKernel<T, decltype(act)::value, Dir::kForward, decltype(bits)::value>;
-        const Grid2 grid{flat_blocks(K::steps(a.n), sm_count, K::kBlocksPerSm), 1};
+        const Grid2 grid{flat_blocks(K::thread_items(a.n), sm_count, K::kBlocksPerSm), 1};
         return r.template launch<K>(typename K::Params{a, forward_vec(a)}, grid);
       });
     });
@@ -913,7 +1052,7 @@ bool run_backward(Runner& r, const DropoutArgs& a, int sm_count) {
         constexpr MaskBits M = decltype(bits)::value;
         if (a.partial == nullptr) {
           using K = ElementwiseKernel<T, A, Dir::kBackward, M>;
-          const Grid2 grid{flat_blocks(K::steps(a.n), sm_count, K::kBlocksPerSm), 1};
+          const Grid2 grid{flat_blocks(K::thread_items(a.n), sm_count, K::kBlocksPerSm), 1};
           return r.template launch<K>(typename K::Params{a, backward_vec(a)}, grid);
         }
         const int64_t H = static_cast<int64_t>(a.H.divisor);
