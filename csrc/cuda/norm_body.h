@@ -278,7 +278,8 @@ struct NormForwardKernel {
   static_assert(std::is_same<acc_t, typename Num<Hd>::acc>::value, "h and the input share the math type");
   static constexpr int N = NormShape<T>::N;
   static constexpr int R = norm_forward_runs(Num<T>::kDType);
-  using Params = NormParams;
+  // Its own type, so each kernel's entry names its kernel.
+  struct Params : NormParams {};
   struct Shared {
     acc_t part[kThreads];
     acc_t part2[kFanIn];
@@ -463,7 +464,8 @@ struct NormBackwardKernel {
   // The long-row kernel has a row per block (256 threads), nothing to park.
   static constexpr int kParked = kLong ? 1 : R * N;
   static constexpr int kParkers = kThreads - 32;
-  using Params = NormParams;
+  // Its own type, so each kernel's entry names its kernel.
+  struct Params : NormParams {};
   struct Shared {
     acc_t part[2][kThreads];
     acc_t part2[2][kFanIn];
@@ -725,7 +727,7 @@ bool run_norm_forward(Runner& r, const NormArgs& a, int sm_count) {
     using T = decltype(t);
     using K = NormForwardKernel<T, decltype(hd)>;
     const NormPlan g = plan_norm(a.dtype, a.h_dtype, a.rows, a.H, false, sm_count);
-    return r.template launch<K>(norm_params<T>(a, g, K::vec_ok(a)), Grid2{g.blocks, 1});
+    return r.template launch<K>(typename K::Params{norm_params<T>(a, g, K::vec_ok(a))}, Grid2{g.blocks, 1});
   });
 }
 
@@ -739,10 +741,14 @@ bool run_norm_backward(Runner& r, const NormArgs& a, int sm_count) {
     const NormPlan g = plan_norm(a.dtype, a.h_dtype, a.rows, a.H, true, sm_count);
     if (g.long_rows) {
       using K = NormBackwardKernel<T, decltype(hd), true>;
-      if (!r.template launch<K>(norm_params<T>(a, g, K::vec_ok(a)), Grid2{g.blocks, 1})) return false;
+      if (!r.template launch<K>(typename K::Params{norm_params<T>(a, g, K::vec_ok(a))}, Grid2{g.blocks, 1})) {
+        return false;
+      }
     } else {
       using K = NormBackwardKernel<T, decltype(hd), false>;
-      if (!r.template launch<K>(norm_params<T>(a, g, K::vec_ok(a)), Grid2{g.blocks, 1})) return false;
+      if (!r.template launch<K>(typename K::Params{norm_params<T>(a, g, K::vec_ok(a))}, Grid2{g.blocks, 1})) {
+        return false;
+      }
     }
     using S = BiasReduceKernel<acc_t>;
     const Grid2 grid{flat_blocks(a.H, sm_count, S::kBlocksPerSm), 1};
