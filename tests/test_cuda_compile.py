@@ -46,9 +46,10 @@ MASK_BITS = ["draw", "pack", "read"]  # by MaskBits id (kernel_args.h)
 # the bias-gradient kernel in 2; the bias reduction per dtype; the mask;
 # the store of a drawn state, by value and under graph capture.
 STREAMING_KERNELS = 4 * 5 * (3 + 2) + 4 * 5 * 2
-# dropout_add_norm, forward and backward, per (input dtype, h dtype): four
-# dtypes with h in their own, and float16/bfloat16 with a float32 h.
-NORM_KERNELS = 2 * (4 + 2)
+# dropout_add_norm, the forward and the backward's short-row and long-row
+# kernels, per (input dtype, h dtype): four dtypes with h in their own, and
+# float16/bfloat16 with a float32 h.
+NORM_KERNELS = 3 * (4 + 2)
 KERNELS = STREAMING_KERNELS + 4 + 1 + 2 + NORM_KERNELS
 
 
@@ -87,6 +88,27 @@ def declared_blocks_per_sm(kernel, dtype, activation, backward, mask_bits="draw"
     plan = torch.ops.dropout_ext_testing.cuda_launch_plan(op, 2 ** 30, 1024, dtype, activation or "identity",
                                                           bias_grad, 132)
     return plan[3 * index + 2]
+
+
+def norm_declared_blocks_per_sm(name):
+    """The blocks per SM the norm launch plan (plan_norm) gives the norm
+    kernel ``name`` (demangled): a row its plan reaches, 1024 elements, or
+    for the backward's long-row kernel the longest row it keeps in registers
+    (8192 elements, 4096 float64); with a float32 h for the kernels of one."""
+    import torch
+
+    import dropout_ext  # noqa: F401  (registers the testing ops)
+
+    m = re.search(r"(NormForwardKernel|NormBackwardKernel)<([^,>]+),\s*([^,>]+)(?:,\s*(\w+))?>", name)
+    assert m, name
+    kernel, t, hd, long_rows = m.group(1), m.group(2).split("::")[-1], m.group(3).split("::")[-1], m.group(4)
+    dtype = getattr(torch, KERNEL_DTYPES[t])
+    H = (4096 if t == "double" else 8192) if long_rows == "true" else 1024
+    parts = ["h_f32"] if hd == "float" and t != "float" else []
+    op = "norm_forward" if kernel == "NormForwardKernel" else "norm_backward"
+    names, ints = torch.ops.dropout_ext_testing.cuda_launch_facts(op, [64, H], dtype, "identity", parts, 132)
+    assert kernel in names[0], (names, name)
+    return ints[2]
 
 
 def _disassembler():
@@ -247,6 +269,9 @@ def test_grids_are_planned_for_the_blocks_an_sm_holds(builds):
             args = [a for a in (dtype, activation) if a] + (["backward" if backward else "forward"]
                                                            if kernel == "ElementwiseKernel" else [])
             args += [bits] if bits else []
+            if kernel.startswith("Norm"):  # each (h dtype, row length) instance has its own residency
+                args = [a.strip().split("::")[-1] for a in
+                        re.search(r"Kernel<(.*?)>", name).group(1).split(",")]
             if threads is None or blocks is None:
                 bad.append(f"{arch} {kernel}<{', '.join(args)}>: no __launch_bounds__ with a minimum of blocks")
                 continue
@@ -256,7 +281,8 @@ def test_grids_are_planned_for_the_blocks_an_sm_holds(builds):
             group = f"{kernel}<{', '.join(args[:-1] if bits else args)}>"  # every mask mode
             holds.setdefault(group, []).append((resident, f"{arch} {bits or ''}".strip()))
             built_for.setdefault(group, set()).add(blocks)
-            planned = declared_blocks_per_sm(*key)
+            planned = (norm_declared_blocks_per_sm(name) if kernel.startswith("Norm")
+                       else declared_blocks_per_sm(*key))
             if planned is not None and planned != blocks:
                 bad.append(f"{table[-1]}: its grid is planned for {planned}")
             if spill_st or spill_ld:

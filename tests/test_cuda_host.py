@@ -653,10 +653,11 @@ def test_bad_state_is_refused():
 
 
 # --- dropout_add_norm -----------------------------------------------------------------
-# One row per block at a time (rows blockIdx.x, + gridDim.x, ...), the row's
-# runs in registers while they fit and read again from memory when not: the
-# sizes below take both paths in both directions (4097 and 65536 the second
-# in the backward, 65536 in the forward too). h is compared bit for bit;
+# A row over the fewest warps that hold it, several rows per block for short
+# rows (plan_norm), the row's runs in registers while they fit and read again
+# from memory when not: the sizes below take both paths in both directions
+# (65536 and 8193 the second), and the backward's short-row and long-row
+# kernels (4097 float32 the long one). h is compared bit for bit;
 # y, the statistics and the gradients with the float64 values within their
 # error bounds (error_bounds.norm_bounds, check_sum: the row sums add in the
 # kernels' order, not torch's).
@@ -759,12 +760,13 @@ def test_norm_equals_reference(H, dtype, norm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H", [77, 4097])
+@pytest.mark.parametrize("H", [77, 4097, 8193])
 def test_norm_rounds_of_rows_per_block(dtype, H):
-    """One SM's two blocks walk 20 rows each: the backward's column sums
-    carry across rounds (registers for 77, the block's partial row in memory
-    for 4097), and no output bit but the summed gradients' depends on the
-    grid."""
+    """One SM's blocks walk the 40 rows in rounds: the backward's column sums
+    carry across rounds (in registers, added across a block's rows through
+    shared memory for 77; a row per block for 4097; the block's partial row
+    in memory for 8193), and no output bit but the summed gradients' depends
+    on the grid."""
     x, res, w, b, grad, grad_h = _norm_inputs((40, H), dtype, False, dtype, seed=H)
     st = state(0.25)
     one, g_one = _norm_case(x, res, w, b, grad, grad_h, st, "layer", False, sm_count=1)
@@ -841,17 +843,20 @@ def test_norm_rows_past_2_31_and_2_32(boundary, dtype):
 
 
 def test_norm_launch_plans():
-    """A block per row up to one wave of the kernels' declared residency;
-    the backward's weight and bias sums each one reduction launch."""
+    """A block per step of rows (a row's threads: the fewest warps that hold
+    it) up to one wave of the kernels' declared residency; the backward's
+    weight and bias sums each one reduction launch."""
     kd = KERNEL_DTYPE[torch.bfloat16]
     want = declared_blocks_per_sm("NormForwardKernel", kd, None, False)
-    assert _launches("norm_forward", 5 * 64, 64, torch.bfloat16, "identity") == [(5, 1, want)]
+    # 64 bfloat16 elements: a warp per row, 8 rows per block.
+    assert _launches("norm_forward", 5 * 64, 64, torch.bfloat16, "identity") == [(1, 1, want)]
+    assert _launches("norm_forward", 9 * 64, 64, torch.bfloat16, "identity") == [(2, 1, want)]
     assert _launches("norm_forward", 2**20 * 64, 64, torch.bfloat16, "identity") == [(H100_SMS * want, 1, want)]
     want_b = declared_blocks_per_sm("NormBackwardKernel", kd, None, True)
     reduce = declared_blocks_per_sm("BiasReduceKernel", "float", None, False)
     plans = _launches("norm_backward", 2**20 * 1024, 1024, torch.bfloat16, "identity", bias_grad=True)
     assert plans == [(H100_SMS * want_b, 1, want_b)] + [(1024 // 256, 1, reduce)] * 2
-    assert _launches("norm_backward", 3 * 7, 7, torch.float32, "identity") == [(3, 1, want_b)]
+    assert _launches("norm_backward", 3 * 7, 7, torch.float32, "identity") == [(1, 1, want_b)]
 
 
 # --- sharded calls (place) --------------------------------------------------------------

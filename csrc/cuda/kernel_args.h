@@ -348,9 +348,8 @@ inline BiasGradPlan plan_bias_grad(int64_t rows, int64_t H, DType dtype, Act act
   return g;
 }
 
-// Arguments of the dropout_add_norm kernels (forward and backward): one
-// row of H elements per block at a time, rows r = blockIdx.x, + gridDim.x, ...
-// A pointer left nullptr is an input that is None or an output nobody asked for.
+// Arguments of the dropout_add_norm kernels (forward and backward), laid
+// out by plan_norm. A pointer left nullptr is an input that is None or an output nobody asked for.
 struct NormArgs {
   DType dtype = DType::kFloat;    // input, y, grad, grad_input
   DType h_dtype = DType::kFloat;  // h, residual, grad_h, grad_residual: dtype, or float32 for 16-bit inputs
@@ -378,7 +377,7 @@ struct NormArgs {
   const void* saved_rstd = nullptr;
   void* grad_input = nullptr;
   void* grad_residual = nullptr;
-  // Per-block column sums [norm_blocks, H] in the math type, then their
+  // Per-block column sums [plan_norm's blocks, H] in the math type, then their
   // ordered sums [H] (the statistics' dtype).
   void* partial_w = nullptr;
   void* partial_b = nullptr;
@@ -386,16 +385,61 @@ struct NormArgs {
   void* dbias = nullptr;
 };
 
-// The norm kernels' residency: their registers (a row's cached units, the
-// backward's per-column sums) are planned to fit 2 blocks' 128 per thread.
-constexpr int kNormBlocksPerSm = 2;
+// The norm kernels' layout. A row is split over 2**shift threads (a warp
+// to a block), each holding its runs (unit_elems each) t, t + 2**shift, ...
+// of the row, and a block takes 256 >> shift rows at a time: the fewest
+// threads whose registers hold the row, so a short row fills whole warps
+// instead of leaving most of a block idle. What a thread keeps is what the
+// registers of the blocks per SM below hold unspilled (ptxas, sm_80 and
+// sm_90; tests/test_cuda_compile.py): the forward a row's h, its runs of x
+// and the residual loaded together; the backward a row's grad and h, and its
+// columns' weight and bias sums across the block's rows. The forward of a
+// 16-bit h holds its 32 values per thread at 2 blocks per SM; a float h's,
+// and the backward's sums, spill at 2 blocks' 128 registers, so they run at
+// 1. The backward has a short-row kernel, whose threads past a row's hand
+// their sums to the first row's through shared memory (at most 24 values
+// each, so the block's fit its 48 KiB), and a long-row one, a row per block
+// of 32 values per thread. A longer row is read again from global memory,
+// a block per row.
+constexpr int norm_forward_blocks_per_sm(DType t, DType hd) {
+  return (t == DType::kHalf || t == DType::kBFloat16) && hd == t ? 2 : 1;
+}
+constexpr int kNormBackwardBlocksPerSm = 1;
 
-// Blocks of a norm launch, each walking rows blockIdx.x, + gridDim.x, ...:
-// one wave, and never more blocks than rows, so every block has a row (and
-// a partial-sum row in the backward).
-inline int64_t norm_blocks(int64_t rows, int sm_count) {
-  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * kNormBlocksPerSm;
-  return rows < 1 ? 1 : (rows < cap ? rows : cap);
+constexpr int norm_forward_runs(DType t) { return t == DType::kDouble ? 4 : 32 / unit_elems(t); }
+constexpr int norm_backward_runs(DType t, bool long_rows) {
+  if (long_rows) return t == DType::kDouble ? 4 : 32 / unit_elems(t);
+  return t == DType::kFloat ? 6 : 3;
+}
+
+struct NormPlan {
+  int shift = 8;           // log2 of the threads per row
+  bool cached = true;      // the row stays in registers
+  bool long_rows = false;  // the backward's long-row kernel
+  int64_t groups = 1;      // the blocks' steps of 256 >> shift rows
+  int64_t blocks = 1;      // one wave, never more than groups; the backward's partial rows
+};
+
+// The one plan of a norm launch: the glue sizes the backward's partial rows
+// by it and the launchers launch it.
+inline NormPlan plan_norm(DType t, DType hd, int64_t rows, int64_t H, bool backward, int sm_count) {
+  NormPlan g;
+  const int64_t runs = (H + unit_elems(t) - 1) / unit_elems(t);
+  int per_thread = backward ? norm_backward_runs(t, false) : norm_forward_runs(t);
+  if (backward && runs > (static_cast<int64_t>(per_thread) << 8) &&
+      runs <= (static_cast<int64_t>(norm_backward_runs(t, true)) << 8)) {
+    g.long_rows = true;
+    per_thread = norm_backward_runs(t, true);
+  }
+  g.cached = runs <= (static_cast<int64_t>(per_thread) << 8);
+  g.shift = 5;
+  while (g.shift < 8 && runs > (static_cast<int64_t>(per_thread) << g.shift)) ++g.shift;
+  const int64_t per_block = kThreads >> g.shift;
+  g.groups = rows < 1 ? 1 : (rows + per_block - 1) / per_block;
+  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) *
+                      (backward ? kNormBackwardBlocksPerSm : norm_forward_blocks_per_sm(t, hd));
+  g.blocks = g.groups < cap ? g.groups : cap;
+  return g;
 }
 
 inline bool aligned16(const void* p) {

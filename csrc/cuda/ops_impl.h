@@ -399,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_back
   a.grad_input = output_mask[0] ? gi.data_ptr() : nullptr;
   a.grad_residual = output_mask[1] ? gr.data_ptr() : nullptr;
   // Per-block column sums in the statistics' dtype, one row per block.
-  const int64_t blocks = norm_blocks(a.rows, sms);
+  const int64_t blocks = plan_norm(a.dtype, a.h_dtype, a.rows, a.H, true, sms).blocks;
   at::Tensor partial_w, partial_b;
   if (output_mask[2]) {
     partial_w = at::empty({blocks, a.H}, gw.options());

@@ -217,6 +217,7 @@ std::vector<int64_t> test_launch_plan(c10::string_view op, int64_t n, int64_t H,
     // bias_grad: the weight and bias gradients' reductions too.
     NormArgs na;
     na.dtype = kernel_dtype(dtype);
+    na.h_dtype = na.dtype;
     na.rows = n / H;
     na.H = H;
     if (op == "norm_forward") {
