@@ -751,7 +751,7 @@ bool run_norm_backward(Runner& r, const NormArgs& a, int sm_count) {
       }
     }
     using S = BiasReduceKernel<acc_t>;
-    const Grid2 grid{flat_blocks(a.H, sm_count, S::kBlocksPerSm), 1};
+    const Grid2 grid{bias_reduce_blocks(a.H, sm_count), 1};
     if (a.dweight != nullptr &&
         !r.template launch<S>(typename S::Params{static_cast<const acc_t*>(a.partial_w),
                                                  static_cast<acc_t*>(a.dweight), a.H, g.blocks},
