@@ -175,16 +175,19 @@ def test_no_state_compiles_no_philox(arch):
 
 
 ROWS_TYPES = {"g_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "keep_ptr": "*i1", "dx_ptr": "*bf16",
-              "part_ptr": "*fp32", "state_ptr": "*i64", "bits_ptr": "*u8", "rows": "i64", "H": "i32"}
+              "part_ptr": "*fp32", "state_ptr": "*i64", "bits_ptr": "*u8", "rows": "i64", "H": "i32", "per": "i32"}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_bias_gradient_and_mask_kernels(arch):
     consts = {"ACT": K.ACTS["gelu_tanh"], "HAS_BIAS": True, "HAS_STATE": True, "MASK_FROM_PTR": False,
-              "BITS_IN": False, "ROWS_PER_PROGRAM": 16, "R": 8, "BLOCK": 1024}
+              "BITS_IN": False, "R": 8, "BLOCK": 1024}
     ptx = _compile(K._rows_kernel, ROWS_TYPES, consts, arch, num_warps=4)
     _no_contraction_ieee_division(ptx)
     assert _count(ptx, r"atom\.") == 0  # no atomics: the bias gradient is deterministic
+    # A row length that is not a multiple of 4: element by element.
+    ptx = _compile(K._rows_kernel, ROWS_TYPES, dict(consts, ALIGNED=False), arch, num_warps=4)
+    _no_contraction_ieee_division(ptx)
 
     ptx = _compile(K._mask_kernel, {"out_ptr": "*i1", "state_ptr": "*i64", "n": "i64"}, {"R": 16, "BLOCK": 4096},
                    arch)
@@ -192,12 +195,30 @@ def test_bias_gradient_and_mask_kernels(arch):
 
 
 def test_new_p_or_size_needs_no_new_binary():
-    """p is data (the state tensor), and the element count is not
-    specialised, so neither a new p nor a new size compiles another kernel."""
-    for kernel in (K._flat_kernel, K._mask_kernel):
+    """p is data (the state tensor), and the element count, the row count
+    and the rows a program walks are not specialised, so neither a new p
+    nor a new size compiles another kernel."""
+    counts = {K._flat_kernel: ("n",), K._mask_kernel: ("n",), K._rows_kernel: ("rows", "per"),
+              K._sum_rows_kernel: ("parts",), K._norm_kernel: ("rows",), K._norm_backward_kernel: ("rows", "per")}
+    for kernel, names in counts.items():
         params = {p.name: p for p in kernel.params}
-        assert params["n"].do_not_specialize
+        assert all(params[name].do_not_specialize for name in names)
         assert not any(name in params for name in ("p", "thr", "drop_all", "scale"))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("out", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("parts", [1, 264, 1056])
+def test_sum_rows_kernel(arch, out, parts):
+    """The second stage of the parameter gradients: 128-bit loads of the
+    partial rows, no atomics, no spills at each tile height it takes."""
+    C, block, warps = K.sum_config(parts, 4096)
+    kernel = _build(K._sum_rows_kernel, {"part_ptr": "*fp32", "out_ptr": f"*{out}", "parts": "i32", "H": "i32"},
+                    {"C": C, "BLOCK": block}, arch, warps, divisible=("H",))
+    ptx = kernel.asm["ptx"]
+    assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 1 and _count(ptx, r"atom\.") == 0
+    usage = _resource_usage(kernel)
+    assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, usage
 
 
 # --- the packed mask mode ------------------------------------------------------------
@@ -257,7 +278,7 @@ def test_bits_reading_kernels_draw_no_words(arch, dtype, size):
         assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
     types = dict(ROWS_TYPES, **{k: f"*{dtype}" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
     consts = {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True, "MASK_FROM_PTR": False, "BITS_IN": True,
-              "ROWS_PER_PROGRAM": 16, "R": R, "BLOCK": R * 32 * 4}
+              "R": R, "BLOCK": R * 32 * 4}
     rows = _compile(K._rows_kernel, types, consts, arch, num_warps=4)
     _no_contraction_ieee_division(rows)
     assert _count(rows, _PHILOX) == 0 and _count(rows, _BYTE_LOAD) >= 1
@@ -314,7 +335,7 @@ def _norm_types(dtype, h_dtype):
            "rstd_ptr": "*fp32", "state_ptr": "*i64", "rows": "i32", "H": "i32", "eps": "fp32"}
     bwd = {"g_ptr": p, "gh_ptr": ph, "h_ptr": ph, "w_ptr": p, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
            "state_ptr": "*i64", "dx_ptr": p, "dres_ptr": ph, "dw_ptr": "*fp32", "db_ptr": "*fp32", "rows": "i32",
-           "H": "i32"}
+           "H": "i32", "per": "i32"}
     return fwd, bwd
 
 
@@ -328,10 +349,10 @@ def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None, map_
     fwd, bwd = _norm_types(dtype, h_dtype or dtype)
     if backward:
         fn, types = K._norm_backward_kernel, bwd
-        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, PER=16)
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True)
     else:
         fn, types = K._norm_kernel, fwd
-        flags.update(STEPS=1, HAS_RES=True, HAS_W=True, HAS_B=True)
+        flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)
     return _build(fn, types, flags, arch, warps, divisible=("H",) if H % 16 == 0 else ())
 
 
@@ -406,9 +427,9 @@ def test_norm_rows_of_one(backward):
              "H": 1, "rows": 1}
     fwd, bwd = _norm_types("fp32", "fp32")
     if backward:
-        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, PER=1)
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, per=1)
         ptx = _compile(K._norm_backward_kernel, bwd, flags, 90, warps)
     else:
-        flags.update(STEPS=1, HAS_RES=True, HAS_W=True, HAS_B=True)
+        flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)
         ptx = _compile(K._norm_kernel, fwd, flags, 90, warps)
     assert _count(ptx, r"mul\.hi\.u32") >= 1

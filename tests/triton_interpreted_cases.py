@@ -178,7 +178,8 @@ def test_all_launches_are_fixed_and_guarded(tk, monkeypatch):
     y, h, mean, rstd = tk.dropout_add_norm(x, res, bias, None, _state(0.5), "layer", 1e-5, False)
     tk.dropout_add_norm_backward(grad, None, h, bias, mean, rstd, _state(0.5), "layer", [True, True, True, True])
     kernels = {k for k, _, _ in seen}
-    assert kernels == {tk._flat_kernel, tk._rows_kernel, tk._mask_kernel, tk._norm_kernel, tk._norm_backward_kernel}
+    assert kernels == {tk._flat_kernel, tk._rows_kernel, tk._sum_rows_kernel, tk._mask_kernel, tk._norm_kernel,
+                       tk._norm_backward_kernel}
     for kernel, device, meta in seen:
         assert not isinstance(kernel, Autotuner)
         assert device == x.device
