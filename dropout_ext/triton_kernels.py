@@ -124,6 +124,11 @@ GELU_TANH_3C = tl.constexpr(F32["GELU_TANH_3C"])
 NO_MAP = tl.constexpr(-1)
 SHIFT = tl.constexpr(0)
 MAX_MAP_DIMS = tl.constexpr((len(torch.ops.dropout_ext.index_map([], None)) - 3) // 2)
+# A structured mask read through broadcast strides: kmap = (size *
+# MAX_KEEP_DIMS, stride * MAX_KEEP_DIMS) of its collapsed dimensions,
+# innermost first, and KEEP_DIMS, a constexpr: their count, or 0 for a keep
+# tensor as large as the input (read at the element's own index).
+MAX_KEEP_DIMS = tl.constexpr(4)
 
 
 # --- float32 arithmetic that is never contracted ---------------------------------
@@ -362,16 +367,51 @@ def _philox_keep_at(state_ptr, offs, thr):
 
 
 @triton.jit
-def _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, imap, ROWS: tl.constexpr,
+def _keep_index(start, local, kmap, KEEP_DIMS: tl.constexpr, TILE: tl.constexpr):
+    """The index in a structured mask's small keep tensor of the elements
+    start + local (start an int64 scalar, local int32 in [0, TILE)), through
+    the collapsed dimensions of kmap, a stride 0 where the mask broadcasts
+    (as csrc/cuda/ops_impl.h collapse_mask): one 64-bit division a
+    dimension for the tile's first element, then per element a compare and
+    subtract in a dimension of TILE or more elements, a 32-bit division in a
+    shorter one (a 64-bit one per element is a long emulated sequence). The
+    carry into a dimension is below TILE / 2 + 1 (every collapsed dimension
+    has 2 elements or more), so a long dimension wraps at most once."""
+    if KEEP_DIMS == 0:
+        return start + local
+    q = start
+    carry = local
+    idx = tl.zeros(local.shape, tl.int64)
+    for k in tl.static_range(KEEP_DIMS - 1):
+        size = tl.cast(kmap[k], tl.int64)
+        next_q = q // size
+        c = (q - next_q * size) + carry
+        if size >= TILE:
+            over = c >= size
+            coord = tl.where(over, c - size, c)
+            carry = over.to(tl.int32)
+        else:
+            c32 = c.to(tl.int32)
+            s32 = size.to(tl.int32)
+            carry = c32 // s32
+            coord = (c32 - carry * s32).to(tl.int64)
+        idx += coord * tl.cast(kmap[MAX_KEEP_DIMS + k], tl.int64)
+        q = next_q
+    # The outermost coordinate is what is left (the element lies in the tensor).
+    return idx + (q + carry) * tl.cast(kmap[MAX_KEEP_DIMS + KEEP_DIMS - 1], tl.int64)
+
+
+@triton.jit
+def _keep(state_ptr, keep_ptr, bits_ptr, offs, koffs, m, group0, thr, drop_all, keep_all, imap, ROWS: tl.constexpr,
           R: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, MASKED: tl.constexpr,
           ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
-    """The keep bits of a tile at local elements offs: from an expanded
-    structured mask, from the packed keep bits of the forward (BITS_IN), or
+    """The keep bits of a tile at local elements offs: from a structured
+    mask's keep tensor at koffs (_keep_index), from the packed keep bits of the forward (BITS_IN), or
     drawn at the elements' contract indices (_global over imap): a group of
     four at a time when the tile starts on a group (ALIGNED, at element
     4 * group0) and the map keeps groups whole, else element by element."""
     if MASK_FROM_PTR:
-        keep = _load(keep_ptr, offs, m, MASKED) != 0
+        keep = _load(keep_ptr, koffs, m, MASKED) != 0
     elif BITS_IN:
         # Element i is bit i % 8 of byte i // 8. Gathered per element, as a
         # tile row of the bias-gradient kernel may start in the middle of a
@@ -510,13 +550,14 @@ def _bias_tile(bias_ptr, pid, local, m, H, BLOCK: tl.constexpr, MASKED: tl.const
 # --- the one elementwise body ----------------------------------------------------------
 
 @triton.jit
-def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, group0,
+def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, koffs, m, b, group0,
           thr, drop_all, keep_all, scale, imap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
           HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
           STORE_F32: tl.constexpr, BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr,
           ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
     """One [ROWS, R] tile at element offsets offs (row-major indices), mask m
-    when MASKED; b is the tile's bias in float32 (HAS_BIAS). The tile's first
+    when MASKED, its structured mask at koffs (MASK_FROM_PTR); b is the
+    tile's bias in float32 (HAS_BIAS). The tile's first
     element is 4 * group0 when ALIGNED; imap and MAP_DIMS map the local
     indices to the contract's (see _keep).
 
@@ -542,7 +583,7 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
         if HAS_STATE:
             a = _mul(a, scale)
     if HAS_STATE:
-        keep = _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, imap, ROWS, R,
+        keep = _keep(state_ptr, keep_ptr, bits_ptr, offs, koffs, m, group0, thr, drop_all, keep_all, imap, ROWS, R,
                      MASK_FROM_PTR, BITS_IN, MASKED, ALIGNED, MAP_DIMS)
         if BITS_OUT:
             _pack_bits(bits_ptr, keep, group0, m, ROWS, R, MASKED)
@@ -561,10 +602,10 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
 
 @triton.jit(do_not_specialize=["n"])
 def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, bits_ptr, n, H, imap,
-                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
+                 kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
                  MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
                  STORE_F32: tl.constexpr, BWD: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-                 R: tl.constexpr, BLOCK: tl.constexpr):
+                 KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The tensor as a flat array of n elements, BLOCK per program, in
     [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row.
     BLOCK is a multiple of 8, so with BITS_OUT each program packs whole bytes.
@@ -576,12 +617,15 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
     start = pid.to(tl.int64) * BLOCK
     local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
     offs = start + local
+    koffs = offs
+    if MASK_FROM_PTR:
+        koffs = _keep_index(start, local, kmap, KEEP_DIMS, BLOCK)
     if start + BLOCK <= n:
         # A full block: no mask, so the accesses stay 128 bits wide.
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, None, H, BLOCK, False)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, None, b,
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, koffs, None, b,
               start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
               BITS_IN, BITS_OUT, STORE_F32, BWD, ROWS, R, False, ALIGNED, MAP_DIMS)
     else:
@@ -589,7 +633,7 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, m, H, BLOCK, True)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b,
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, koffs, m, b,
               start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
               BITS_IN, BITS_OUT, STORE_F32, BWD, ROWS, R, True, ALIGNED, MAP_DIMS)
 
@@ -600,7 +644,8 @@ def _flat_facts(grid, a, warps):
     n, block = a["n"], a["BLOCK"]
     per_elem = _streamed_bytes(a, "src_ptr", a["BWD"] and a["ACT"] != IDENTITY.value and "x_ptr",
                                a["HAS_RES"] and "res_ptr")
-    read = n * per_elem + _once(a, "HAS_BIAS", "bias_ptr", min(n, a["H"])) + (24 if a["HAS_STATE"] else 0)
+    read = n * per_elem + _once(a, "HAS_BIAS", "bias_ptr", min(n, a["H"])) + (24 if a["HAS_STATE"] else 0) - \
+        _keep_reread(a, n)
     written = n * (a["out_ptr"].element_size() + (4 if a["STORE_F32"] else 0)) + (
         triton.cdiv(n, 8) if a["BITS_OUT"] else 0)
     tile = per_elem + (a["bias_ptr"].element_size() if a["HAS_BIAS"] else 0)
@@ -609,9 +654,9 @@ def _flat_facts(grid, a, warps):
 
 @triton.jit
 def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, cm, thr, drop_all,
-               keep_all, scale, b, imap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+               keep_all, scale, b, imap, kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr,
-               MASKED: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
+               MASKED: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr, KEEP_DIMS: tl.constexpr):
     """Rows [r0, end) of the column tile: dx stored, the column sums of its
     unrounded values returned. A while loop: the row count is a run-time
     value (one binary for every shape), and a for loop over a run-time range
@@ -620,7 +665,10 @@ def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, 
     row = r0
     while row < end:
         offs = row * H + cols
-        d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, dx_ptr, state_ptr, offs, cm, b,
+        koffs = offs
+        if MASK_FROM_PTR:
+            koffs = _keep_index(row * H + c_start, (cols - c_start).to(tl.int32), kmap, KEEP_DIMS, TR * R)
+        d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, dx_ptr, state_ptr, offs, koffs, cm, b,
                   (row * H + c_start) // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, False,
                   HAS_STATE, MASK_FROM_PTR, BITS_IN, False, False, True, TR, R, MASKED, ALIGNED, MAP_DIMS)
         if MASKED:
@@ -632,9 +680,9 @@ def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, 
 
 @triton.jit(do_not_specialize=["rows", "per"])
 def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H, per, imap,
-                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
-                 BITS_IN: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr, R: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                 MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+                 KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The backward with the bias gradient, for any last dimension H: a row
     drawn a group of four at a time where every row starts on a Philox
     group (ALIGNED: H divisible by 4, and a shard's map keeping groups, see
@@ -660,8 +708,8 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols))
         acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, None, thr,
-                         drop_all, keep_all, scale, b, imap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-                         TR, R, False, ALIGNED, MAP_DIMS)
+                         drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR,
+                         BITS_IN, TR, R, False, ALIGNED, MAP_DIMS, KEEP_DIMS)
         tl.store(part_ptr + pid_r * H + cols, acc)
     else:
         cm = cols < H
@@ -669,8 +717,8 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
         acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, cm, thr,
-                         drop_all, keep_all, scale, b, imap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-                         TR, R, True, ALIGNED, MAP_DIMS)
+                         drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR,
+                         BITS_IN, TR, R, True, ALIGNED, MAP_DIMS, KEEP_DIMS)
         tl.store(part_ptr + pid_r * H + cols, acc, mask=cm)
 
 
@@ -680,7 +728,8 @@ def _rows_facts(grid, a, warps):
     into its column sums, and writes one float32 partial row."""
     rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
     per_elem = _streamed_bytes(a, "g_ptr", a["ACT"] != IDENTITY.value and "x_ptr")
-    read = rows * H * per_elem + _once(a, "HAS_BIAS", "bias_ptr", H) + (24 if a["HAS_STATE"] else 0)
+    read = rows * H * per_elem + _once(a, "HAS_BIAS", "bias_ptr", H) + (24 if a["HAS_STATE"] else 0) - \
+        _keep_reread(a, rows * H)
     written = rows * H * a["dx_ptr"].element_size() + grid[1] * H * 4
     slots = grid[0] * block * grid[1] * per
     return _facts(read, written, block * per_elem, warps, slots, rows * H, per)
@@ -720,7 +769,7 @@ def _mask_kernel(out_ptr, state_ptr, n, imap, ALIGNED: tl.constexpr, MAP_DIMS: t
     thr, drop_all, keep_all, _scale = _mask_params(state_ptr, True)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
-    keep = _keep(state_ptr, out_ptr, out_ptr, offs, None, start // 4, thr, drop_all, keep_all, imap, ROWS, R, False,
+    keep = _keep(state_ptr, out_ptr, out_ptr, offs, offs, None, start // 4, thr, drop_all, keep_all, imap, ROWS, R, False,
                  False, False, ALIGNED, MAP_DIMS)
     if start + BLOCK <= n:
         tl.store(out_ptr + offs, keep)
@@ -766,7 +815,7 @@ def _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, ke
             R: tl.constexpr, MASKED: tl.constexpr, ROW_MAP: tl.constexpr):
     """h of the tile at row-major elements start + local, computed and stored
     by fused_dropout's body; returned as stored, in float32, 0 where masked."""
-    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, h_ptr, state_ptr, start + local, m, 0.0, start // 4, thr,
+    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, h_ptr, state_ptr, start + local, None, m, 0.0, start // 4, thr,
               drop_all, keep_all, scale, rmap, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, False,
               TR, R, MASKED, ALIGNED, ROW_MAP)
     hv = _f32(_rounded(a, h_ptr.dtype.element_ty))
@@ -969,7 +1018,7 @@ def _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat
         _store(dres_ptr, offs, _rounded(dh, dres_ptr.dtype.element_ty), m, MASKED)
     if NEED_DX:
         if HAS_STATE:
-            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, m, start // 4, thr, drop_all, keep_all, rmap, TR, R, False,
+            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, offs, m, start // 4, thr, drop_all, keep_all, rmap, TR, R, False,
                          False, MASKED, ALIGNED, ROW_MAP)
             dh = _drop(_mul(dh, scale), keep)
         _store(dx_ptr, offs, _rounded(dh, dx_ptr.dtype.element_ty), m, MASKED)
@@ -1332,6 +1381,14 @@ def _streamed_bytes(a, *names) -> float:
     return total
 
 
+def _keep_reread(a, elements: int) -> int:
+    """Bytes to take off `elements` streamed keep bytes for a structured
+    mask read through broadcast strides: its small keep tensor counts once."""
+    if a.get("MASK_FROM_PTR") and a.get("KEEP_DIMS"):
+        return elements - a["keep_ptr"].numel()
+    return 0
+
+
 def _once(a, flag: str, name: str, count: int) -> int:
     """Bytes of `count` elements of a tensor every program reads, when flag."""
     return count * a[name].element_size() if a[flag] else 0
@@ -1419,17 +1476,59 @@ def _keeps_groups(imap: tuple, dims: int) -> bool:
     return imap[0] % 4 == 0 and (dims == 0 or imap[1] % 4 == 0 and all(t % 4 == 0 for t in strides))
 
 
-def _structured_keep(state, shape, mask_shape, place) -> Optional[torch.Tensor]:
-    """For a structured mask: its small keep mask broadcast to the full shape
-    (a 1-byte temporary, never saved for backward); a shard's is the block
-    of the global small mask at its place (sharding.mask_place)."""
-    if state is None or not mask_shape or tuple(mask_shape) == global_shape(shape, place):
+# A launch without a structured mask: kmap's words unread (KEEP_DIMS 0).
+_NO_KEEP = ((1,) * MAX_KEEP_DIMS.value + (0,) * MAX_KEEP_DIMS.value, 0)
+
+
+def _keep_view(shape: Sequence[int], small: Sequence[int]) -> Optional[Tuple[tuple, int]]:
+    """(kmap, KEEP_DIMS) reading a row-major keep tensor of shape `small`
+    broadcast to `shape`: the dimensions of more than one element, runs of
+    them collapsed where one continues the next (a broadcast run included),
+    as csrc/cuda/ops_impl.h collapse_mask; None past MAX_KEEP_DIMS."""
+    small = (1,) * (len(shape) - len(small)) + tuple(small)
+    own, step = [], 1
+    for s in reversed(small):
+        own.append(step)
+        step *= s
+    own.reverse()
+    sizes, strides = [], []
+    for s, k, st in zip(shape, small, own):
+        if s == 1:
+            continue
+        st = st if k == s else 0
+        if sizes and strides[-1] == s * st:
+            sizes[-1] *= s
+            strides[-1] = st
+        else:
+            sizes.append(s)
+            strides.append(st)
+    if not sizes:
+        sizes, strides = [1], [0]
+    dims = len(sizes)
+    if dims > MAX_KEEP_DIMS.value:
         return None
+    pad = MAX_KEEP_DIMS.value - dims
+    return tuple(sizes[::-1]) + (1,) * pad + tuple(strides[::-1]) + (0,) * pad, dims
+
+
+def _structured_keep(state, shape, mask_shape, place) -> Tuple[Optional[torch.Tensor], tuple, int]:
+    """(keep, kmap, KEEP_DIMS) of a structured mask: its small keep mask,
+    which the kernels read through broadcast strides (never saved for
+    backward); a shard's is the block of the global small mask at its place
+    (sharding.mask_place). A mask of more alternating runs of broadcast and
+    kept dimensions than the kernels index is broadcast to the full shape
+    (a 1-byte temporary) and read at each element's index. No keep tensor
+    (None) for a full mask or none."""
+    if state is None or not mask_shape or tuple(mask_shape) == global_shape(shape, place):
+        return (None,) + _NO_KEEP
     small, small_place = mask_place(shape, mask_shape, place)
     keep = dropout_mask(state, list(small), small_place)
+    view = _keep_view(shape, small)
+    if view is not None:
+        return (keep,) + view
     n = math.prod(shape)
     _torch_pass("torch.contiguous", keep.numel(), n, n)
-    return keep.expand(tuple(shape)).contiguous()
+    return (keep.expand(tuple(shape)).contiguous(),) + _NO_KEEP
 
 
 def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -1470,7 +1569,7 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     if n == 0:
         return _like_input(input, out), bits
     state = _state_on(state, x.device)
-    keep = _structured_keep(state, x.shape, mask_shape, place)
+    keep, kmap, kdims = _structured_keep(state, x.shape, mask_shape, place)
     b = _dense(bias) if bias is not None else x
     r = _dense(residual) if residual is not None else x
     pack = bits.numel() > 0
@@ -1481,10 +1580,10 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     R, block, warps = flat_config(n, x.element_size())
     _launch(_flat_kernel, (triton.cdiv(n, block),), x,
             x, x, b, r, keep if keep is not None else x, out, out, state if state is not None else x, bp, n,
-            _last_dim(x), imap, ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            _last_dim(x), imap, kmap, ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
             HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None, BITS_IN=bits_in is not None,
-            BITS_OUT=pack, STORE_F32=False, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims, R=R,
-            BLOCK=block, num_warps=warps)
+            BITS_OUT=pack, STORE_F32=False, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims,
+            KEEP_DIMS=kdims, R=R, BLOCK=block, num_warps=warps)
     return _like_input(input, out), bits
 
 
@@ -1506,7 +1605,7 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     if n == 0:
         return _like_input(grad, dx), db
     state = _state_on(state, g.device)
-    keep = _structured_keep(state, g.shape, mask_shape, place)
+    keep, kmap, kdims = _structured_keep(state, g.shape, mask_shape, place)
     act = ACTS[activation]
     x = _dense(input) if (input is not None and act != ACTS["identity"]) else g
     has_bias = bias is not None and act != ACTS["identity"]
@@ -1517,7 +1616,7 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     draws = state is not None and keep is None and mask_bits is None
     imap, dims = _index_map(g.shape, place if draws else None)
     common = dict(ACT=act, HAS_BIAS=has_bias, HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None,
-                  BITS_IN=mask_bits is not None, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims)
+                  BITS_IN=mask_bits is not None, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims, KEEP_DIMS=kdims)
     if bias_grad:
         rows = n // H
         R, block, warps, per = rows_config(rows, H, g.element_size(), _sm_count(g.device))
@@ -1525,12 +1624,12 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
         part = g.new_empty((grid[1], H), dtype=torch.float32)
         common["ALIGNED"] = common["ALIGNED"] and H % 4 == 0
         _launch(_rows_kernel, grid, g,
-                g, x, b, kp, dx, part, st, bp, rows, H, per, imap, R=R, BLOCK=block, num_warps=warps, **common)
+                g, x, b, kp, dx, part, st, bp, rows, H, per, imap, kmap, R=R, BLOCK=block, num_warps=warps, **common)
         db = _sum_rows(part, g.dtype)
     else:
         R, block, warps = flat_config(n, g.element_size())
         _launch(_flat_kernel, (triton.cdiv(n, block),), g,
-                g, x, b, g, kp, dx, dx, st, bp, n, H, imap, HAS_RES=False, BITS_OUT=False, STORE_F32=False,
+                g, x, b, g, kp, dx, dx, st, bp, n, H, imap, kmap, HAS_RES=False, BITS_OUT=False, STORE_F32=False,
                 BWD=True, R=R, BLOCK=block, num_warps=warps, **common)
     return _like_input(grad, dx), db
 

@@ -404,3 +404,25 @@ def test_identity_place_takes_unsharded_kernels(tk):
     assert tk._index_map((2, 5, 6), [4, 5, 6, 0, 0, 0]) == tk._IDENTITY
     assert tk._index_map((4, 5, 6), [4, 5, 6, 0, 0, 0]) == tk._IDENTITY
     assert tk._index_map((2, 5, 6), [4, 5, 6, 1, 0, 0])[1] == tk.SHIFT.value
+
+
+# Structured masks read through broadcast strides: a collapsed dimension
+# shorter than the tile (a 32-bit division per element) and one as long or
+# longer (a compare and subtract), up to MAX_KEEP_DIMS dimensions, and past
+# them the broadcast copy; the bias-gradient row kernel's tiles too.
+STRUCTURED = [((5, 13), [5, 1]), ((4, 70), [1, 70]), ((3, 4, 40), [3, 1, 40]), ((2, 3, 5, 7), [2, 1, 5, 1]),
+              ((2, 3, 5, 7, 3), [2, 1, 5, 1, 3]), ((6, 2, 33), [1, 2, 1]), ((2, 3, 4), [1, 1, 1])]
+
+
+@pytest.mark.parametrize("shape,mask_shape", STRUCTURED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_structured_mask_through_strides(tk, shape, mask_shape, dtype):
+    x, bias, res, grad = make_inputs(shape, dtype)
+    view = tk._keep_view(shape, mask_shape)
+    assert (view is None) == (len(shape) == 5)
+    y = tk.fused_dropout(x, bias, res, _state(0.4), "gelu", mask_shape)[0]
+    assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.4, "gelu", tuple(mask_shape)))
+    dx, db = tk.fused_dropout_backward(grad, x, bias, _state(0.4), "gelu", mask_shape, True)
+    dx_ref, _ = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, 0.4, "gelu", tuple(mask_shape), True)
+    assert_bitwise_equal(dx, dx_ref)
+    check_bias_grad(db, grad, x, bias, SEED, OFFSET, 0.4, "gelu", tuple(mask_shape))
