@@ -51,13 +51,17 @@ as the tuple ``imap`` with its strided dimensions as the constexpr
 ``MAP_DIMS``; an unsharded call has ``NO_MAP`` and compiles to the code it
 had before shards existed. A map that keeps groups of four whole draws a
 group at a time, any other element by element; memory, the structured
-mask's expansion and the packed bits stay in local order, only the draws
-move. A norm shard holds whole rows, so each row is a shift of the global
+mask's keep tensor and the packed bits stay in local order, only the draws
+move. A structured mask's small keep tensor is read through broadcast
+strides (``kmap``, ``KEEP_DIMS``), never expanded to the input's size. A norm shard holds whole rows, so each row is a shift of the global
 index, one scalar per row.
 
-dropout_add_norm computes h with that same body, a row per program; a row
-whose length is not a multiple of 4 starts inside a Philox group, so its
-tiles draw element by element (``ALIGNED`` off). float64 has no Triton
+dropout_add_norm computes h with that same body, a row per program, held
+in registers as one tile, or as whole tiles of a power of two where the
+row's length is not one (768: three of 256), so that every lane holds an
+element; a row whose length is not a multiple of 4 starts inside a Philox
+group, so its tiles draw element by element (``ALIGNED`` off), as do the
+bias gradient's rows then. float64 has no Triton
 kernel here either: ``_backend.ops_for`` routes it to the CUDA kernels (or
 the reference), and a direct call with it fails.
 """
@@ -550,10 +554,10 @@ def _bias_tile(bias_ptr, pid, local, m, H, BLOCK: tl.constexpr, MASKED: tl.const
 # --- the one elementwise body ----------------------------------------------------------
 
 @triton.jit
-def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, koffs, m, b, group0,
+def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, m, b, group0,
           thr, drop_all, keep_all, scale, imap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
           HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
-          STORE_F32: tl.constexpr, BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr,
+          BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr,
           ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
     """One [ROWS, R] tile at element offsets offs (row-major indices), mask m
     when MASKED, its structured mask at koffs (MASK_FROM_PTR); b is the
@@ -562,8 +566,8 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
     indices to the contract's (see _keep).
 
     Forward (src = x): out = residual + drop(act(x + b) * scale).
-    Backward (src = dy): out = drop(act'(x + b) * (dy * scale)); also the
-    unrounded float32 result to f32_ptr (STORE_F32). Returns that result.
+    Backward (src = dy): out = drop(act'(x + b) * (dy * scale)). Returns the
+    unrounded float32 result (the bias gradient sums it).
     The packed mask mode: the keep bits read from bits_ptr (BITS_IN), or
     written there as drawn (BITS_OUT, the flat kernel's forward).
     """
@@ -591,8 +595,6 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
     if HAS_RES:
         a = _add(_f32(_load(res_ptr, offs, m, MASKED)), a)
     _store(out_ptr, offs, _rounded(a, out_ptr.dtype.element_ty), m, MASKED)
-    if STORE_F32:
-        _store(f32_ptr, offs, a, m, MASKED)
     return a
 
 
@@ -601,10 +603,10 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
 # kernel, so one binary serves every size.
 
 @triton.jit(do_not_specialize=["n"])
-def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, bits_ptr, n, H, imap,
+def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, state_ptr, bits_ptr, n, H, imap,
                  kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
                  MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
-                 STORE_F32: tl.constexpr, BWD: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+                 BWD: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
                  KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The tensor as a flat array of n elements, BLOCK per program, in
     [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row.
@@ -625,17 +627,17 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, None, H, BLOCK, False)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, koffs, None, b,
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, None, b,
               start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
-              BITS_IN, BITS_OUT, STORE_F32, BWD, ROWS, R, False, ALIGNED, MAP_DIMS)
+              BITS_IN, BITS_OUT, BWD, ROWS, R, False, ALIGNED, MAP_DIMS)
     else:
         m = offs < n
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, m, H, BLOCK, True)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, koffs, m, b,
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, m, b,
               start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
-              BITS_IN, BITS_OUT, STORE_F32, BWD, ROWS, R, True, ALIGNED, MAP_DIMS)
+              BITS_IN, BITS_OUT, BWD, ROWS, R, True, ALIGNED, MAP_DIMS)
 
 
 def _flat_facts(grid, a, warps):
@@ -646,7 +648,7 @@ def _flat_facts(grid, a, warps):
                                a["HAS_RES"] and "res_ptr")
     read = n * per_elem + _once(a, "HAS_BIAS", "bias_ptr", min(n, a["H"])) + (24 if a["HAS_STATE"] else 0) - \
         _keep_reread(a, n)
-    written = n * (a["out_ptr"].element_size() + (4 if a["STORE_F32"] else 0)) + (
+    written = n * a["out_ptr"].element_size() + (
         triton.cdiv(n, 8) if a["BITS_OUT"] else 0)
     tile = per_elem + (a["bias_ptr"].element_size() if a["HAS_BIAS"] else 0)
     return _facts(read, written, block * tile, warps, grid[0] * block, n, 1)
@@ -668,9 +670,9 @@ def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, 
         koffs = offs
         if MASK_FROM_PTR:
             koffs = _keep_index(row * H + c_start, (cols - c_start).to(tl.int32), kmap, KEEP_DIMS, TR * R)
-        d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, dx_ptr, state_ptr, offs, koffs, cm, b,
+        d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, state_ptr, offs, koffs, cm, b,
                   (row * H + c_start) // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, False,
-                  HAS_STATE, MASK_FROM_PTR, BITS_IN, False, False, True, TR, R, MASKED, ALIGNED, MAP_DIMS)
+                  HAS_STATE, MASK_FROM_PTR, BITS_IN, False, True, TR, R, MASKED, ALIGNED, MAP_DIMS)
         if MASKED:
             d = tl.where(cm, d, 0.0)
         acc = _add(acc, d)
@@ -815,9 +817,9 @@ def _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, ke
             R: tl.constexpr, MASKED: tl.constexpr, ROW_MAP: tl.constexpr):
     """h of the tile at row-major elements start + local, computed and stored
     by fused_dropout's body; returned as stored, in float32, 0 where masked."""
-    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, h_ptr, state_ptr, start + local, None, m, 0.0, start // 4, thr,
-              drop_all, keep_all, scale, rmap, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, False,
-              TR, R, MASKED, ALIGNED, ROW_MAP)
+    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, state_ptr, start + local, None, m, 0.0, start // 4, thr,
+              drop_all, keep_all, scale, rmap, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, TR, R,
+              MASKED, ALIGNED, ROW_MAP)
     hv = _f32(_rounded(a, h_ptr.dtype.element_ty))
     if MASKED:
         hv = tl.where(m, hv, 0.0)
@@ -867,12 +869,13 @@ def _norm_y(y_ptr, w_ptr, b_ptr, hv, offs, cols, m, mean, rstd, RMS: tl.constexp
 def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, rows, H, eps, imap,
                  RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
                  HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-                 LOOP: tl.constexpr, EVEN: tl.constexpr, ROUNDS: tl.constexpr, R: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 LOOP: tl.constexpr, EVEN: tl.constexpr, ROUNDS: tl.constexpr, NT: tl.constexpr,
+                 R: tl.constexpr, BLOCK: tl.constexpr):
     """The forward, a row per program (and, ROUNDS, for more rows than a
     grid holds, every grid-size-th row after it): the whole row in one
     [BLOCK // R, R] tile in registers (BLOCK >= H; unmasked when EVEN, BLOCK
-    == H), or (LOOP) over column tiles of BLOCK: one pass computes and stores
+    == H), in NT tiles of BLOCK (NT * BLOCK == H), or (LOOP) over column
+    tiles of BLOCK: one pass computes and stores
     h and merges the tiles' statistics, a second reads h back for y.
     ALIGNED: H is a multiple of 4, so every tile starts on a Philox group.
     A shard (imap, MAP_DIMS) draws each row at its global start (_row_map)."""
@@ -885,7 +888,7 @@ def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
         while row < rows:
             _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
                       thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, MAP_DIMS,
-                      LOOP, EVEN, TR, R, BLOCK)
+                      LOOP, EVEN, NT, TR, R, BLOCK)
             row += tl.num_programs(0).to(tl.int64)
     else:
         # One row a program: straight-line code, where a loop around the row
@@ -895,7 +898,7 @@ def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
         if row < rows:
             _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
                       thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, MAP_DIMS,
-                      LOOP, EVEN, TR, R, BLOCK)
+                      LOOP, EVEN, NT, TR, R, BLOCK)
 
 
 def _norm_facts(grid, a, warps):
@@ -904,7 +907,7 @@ def _norm_facts(grid, a, warps):
     reads h back from memory (the program keeps one tile of it): a re-read.
     The statistics merge tile after tile: a serial walk of the row's tiles."""
     rows, H, block = a["rows"], a["H"], a["BLOCK"]
-    tiles = triton.cdiv(H, block) if a["LOOP"] else 1
+    tiles = triton.cdiv(H, block) if a["LOOP"] else a["NT"]
     h_size = a["h_ptr"].element_size()
     per_elem = _streamed_bytes(a, "x_ptr", a["HAS_RES"] and "res_ptr")
     read = rows * H * (per_elem + (h_size if a["LOOP"] else 0)) + _once(a, "HAS_W", "w_ptr", H) + \
@@ -912,14 +915,18 @@ def _norm_facts(grid, a, warps):
     stats = (1 if a["RMS"] else 2) * rows * a["rstd_ptr"].element_size()
     written = rows * H * (a["y_ptr"].element_size() + h_size) + stats
     steps = triton.cdiv(rows, grid[0])
-    return _facts(read, written, block * per_elem, warps, grid[0] * steps * tiles * block, rows * H, tiles)
+    # A row held in registers issues all its tiles' loads together.
+    inflight = block * per_elem * (1 if a["LOOP"] else tiles)
+    return _facts(read, written, inflight, warps, grid[0] * steps * tiles * block, rows * H,
+                  tiles if a["LOOP"] else 1)
 
 
 @triton.jit
 def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local, thr,
               drop_all, keep_all, scale, imap, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
               HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-              LOOP: tl.constexpr, EVEN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+              LOOP: tl.constexpr, EVEN: tl.constexpr, NT: tl.constexpr, TR: tl.constexpr, R: tl.constexpr,
+              BLOCK: tl.constexpr):
     """One row of the forward (see _norm_kernel)."""
     ROW_MAP: tl.constexpr = NO_MAP if MAP_DIMS == NO_MAP else SHIFT
     start = row * H
@@ -947,11 +954,30 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
                              scale, rmap, HAS_RES, HAS_STATE, ALIGNED, TR, R, True, ROW_MAP)
                 mean, m2, seen = _norm_merge(hv, m, H - c0, mean, m2, seen, RMS, True)
             t += 1
-    else:
+    elif NT == 1:
         m = local < H
         hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale, rmap,
                      HAS_RES, HAS_STATE, ALIGNED, TR, R, not EVEN, ROW_MAP)
         mean, m2, seen = _norm_merge(hv, m, H, mean, m2, seen, RMS, not EVEN)
+    else:
+        # The row as NT whole tiles, all held: the plain two-pass mean then
+        # variance over them, as over one tile.
+        hs = ()
+        total = tl.zeros([], tl.float32)
+        for t in tl.static_range(NT):
+            hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + t * BLOCK, local, None, thr, drop_all, keep_all,
+                         scale, rmap, HAS_RES, HAS_STATE, ALIGNED, TR, R, False, ROW_MAP)
+            hs = hs + (hv,)
+            if RMS:
+                m2 += _row_sum(hv * hv)
+            else:
+                total += _row_sum(hv)
+        seen = tl.zeros([], tl.float32) + H
+        if not RMS:
+            mean = _div(total, seen)
+            for t in tl.static_range(NT):
+                d = hs[t] - mean
+                m2 += _row_sum(d * d)
     rstd = _div(tl.full([], 1.0, tl.float32), tl.sqrt_rn(_div(m2, seen) + eps))
     if LOOP:
         # The second pass reads h back from global memory, where other
@@ -970,8 +996,12 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
                 hv = _f32(tl.load(h_ptr + start + cols, mask=m, other=0.0))
                 _norm_y(y_ptr, w_ptr, b_ptr, hv, start + cols, cols, m, mean, rstd, RMS, HAS_W, HAS_B, True)
             t += 1
-    else:
+    elif NT == 1:
         _norm_y(y_ptr, w_ptr, b_ptr, hv, start + local, local, m, mean, rstd, RMS, HAS_W, HAS_B, not EVEN)
+    else:
+        for t in tl.static_range(NT):
+            cols = t * BLOCK + local
+            _norm_y(y_ptr, w_ptr, b_ptr, hs[t], start + cols, cols, None, mean, rstd, RMS, HAS_W, HAS_B, False)
     # The statistics last: a scalar store is one thread's, and between the
     # two passes the thread index that picks it went to the stack under the
     # ptxas of Triton 3.9 (sm_90, the column tiles of float32 rows); stored
@@ -1097,9 +1127,10 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
                           HAS_W: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr,
                           MAP_DIMS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
                           NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, LOOP: tl.constexpr, EVEN: tl.constexpr,
-                          R: tl.constexpr, BLOCK: tl.constexpr):
+                          NT: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The backward, rows [pid * per, (pid + 1) * per) per program, each in
-    one pass when the row fits a tile (else two over column tiles, see
+    one pass when the row fits in registers, as one tile or NT tiles of
+    BLOCK (NT * BLOCK == H) (else two over column tiles, see
     _norm_backward_row_tiled). The program sums g * xhat and g over its rows
     in float32 and writes them to its row of the [programs, H] partial
     buffers (dw_ptr, db_ptr), which _sum_rows_kernel sums in a fixed order:
@@ -1113,8 +1144,12 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
     n = tl.zeros([], tl.float32) + H
     pid = tl.program_id(0).to(tl.int64)
     part = pid * H
-    acc_w = tl.zeros([TR, R], tl.float32)
-    acc_b = tl.zeros([TR, R], tl.float32)
+    # The parameter-gradient sums of the program's rows, a tile each.
+    acc_w = ()
+    acc_b = ()
+    for t in tl.static_range(NT):
+        acc_w = acc_w + (tl.zeros([TR, R], tl.float32),)
+        acc_b = acc_b + (tl.zeros([TR, R], tl.float32),)
     r0 = pid * per
     row = r0
     end = tl.minimum(r0 + per, rows)
@@ -1131,26 +1166,43 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
                                      rmap, RMS, HAS_GH, HAS_W, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, NEED_DW,
                                      NEED_DB, R, BLOCK, ROW_MAP)
         else:
-            g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + local, local, m, mean, rstd, RMS, HAS_W,
-                                          not EVEN)
+            gws = ()
+            xhats = ()
+            new_w = ()
+            new_b = ()
+            # -0.0: adding it changes no value, the sign of a zero included.
+            s1 = tl.full([], -0.0, tl.float32)
+            s2 = tl.full([], -0.0, tl.float32)
+            for t in tl.static_range(NT):
+                cols = t * BLOCK + local
+                g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, m, mean, rstd, RMS, HAS_W,
+                                              not EVEN)
+                gws = gws + (gw,)
+                xhats = xhats + (xhat,)
+                new_w = new_w + (acc_w[t] + g * xhat,)
+                new_b = new_b + (acc_b[t] + g,)
+                s1 += _row_sum(gw * xhat)
+                s2 += _row_sum(gw)
             if NEED_DW:
-                acc_w += g * xhat
+                acc_w = new_w
             if NEED_DB:
-                acc_b += g
+                acc_b = new_b
             if NEED_DX | NEED_DRES:
-                c1 = _div(_row_sum(gw * xhat), n)
+                c1 = _div(s1, n)
                 c2 = 0.0
                 if not RMS:
-                    c2 = _div(_row_sum(gw), n)
-                _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat, c1, c2, rstd, thr,
-                              drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES,
-                              TR, R, not EVEN, ROW_MAP)
+                    c2 = _div(s2, n)
+                for t in tl.static_range(NT):
+                    _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + t * BLOCK, local, m, gws[t], xhats[t],
+                                  c1, c2, rstd, thr, drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED,
+                                  NEED_DX, NEED_DRES, TR, R, not EVEN, ROW_MAP)
         row += 1
     if not LOOP:
-        if NEED_DW:
-            _store(dw_ptr, part + local, acc_w, m, not EVEN)
-        if NEED_DB:
-            _store(db_ptr, part + local, acc_b, m, not EVEN)
+        for t in tl.static_range(NT):
+            if NEED_DW:
+                _store(dw_ptr, part + t * BLOCK + local, acc_w[t], m, not EVEN)
+            if NEED_DB:
+                _store(db_ptr, part + t * BLOCK + local, acc_b[t], m, not EVEN)
 
 
 def _norm_backward_facts(grid, a, warps):
@@ -1163,7 +1215,7 @@ def _norm_backward_facts(grid, a, warps):
     the program's first."""
     rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
     loop = a["LOOP"]
-    tiles = triton.cdiv(H, block) if loop else 1
+    tiles = triton.cdiv(H, block) if loop else a["NT"]
     need_dh = a["NEED_DX"] or a["NEED_DRES"]
     per_elem = _streamed_bytes(a, "g_ptr", "h_ptr", a["HAS_GH"] and need_dh and "gh_ptr")
     rowpass = _streamed_bytes(a, "g_ptr", "h_ptr")
@@ -1178,7 +1230,8 @@ def _norm_backward_facts(grid, a, warps):
         written += grads * rows * H * 4
     else:
         written += grads * grid[0] * H * 4
-    return _facts(read, written, block * per_elem, warps, grid[0] * per * tiles * block, rows * H, per * tiles)
+    inflight = block * per_elem * (1 if loop else tiles)
+    return _facts(read, written, inflight, warps, grid[0] * per * tiles * block, rows * H, per * tiles if loop else per)
 
 
 # --- launch configuration ------------------------------------------------------------------
@@ -1280,6 +1333,8 @@ def sum_config(parts: int, H: int) -> Tuple[int, int, int]:
 # test can make it small and take the tiled path with small rows.
 NORM_MAX_BLOCK = 16384
 NORM_LOOP_BLOCK = 4096
+# Tiles of a row held in registers, at most (each is unrolled in the code).
+_NORM_MAX_TILES = 7
 # (elements a thread, warps) at most, keyed by (backward, aligned)
 _NORM_LIMITS = {(False, True): (32, 16), (True, True): (32, 8), (False, False): (8, 8), (True, False): (8, 8)}
 # Programs per SM of the backward, at most: each writes one float32 partial
@@ -1291,21 +1346,34 @@ _INTERPRET_NORM_PROGRAMS = 3
 GRID_X_MAX = 2**31 - 1
 
 
-def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, int, int, bool]:
-    """(R, BLOCK, num_warps, loop) of a dropout_add_norm kernel for rows of
-    H elements of elem_size bytes: BLOCK >= H (the row in registers) or,
-    with loop, the column tile of a longer row."""
+def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, int, int, bool, int]:
+    """(R, BLOCK, num_warps, loop, tiles) of a dropout_add_norm kernel for
+    rows of H elements of elem_size bytes: the row in registers, as one
+    tile (BLOCK >= H) or as `tiles` tiles of BLOCK (H == tiles * BLOCK, a
+    row whose length is not a power of two: every lane holds an element,
+    where one padded tile would leave up to half of them idle, a quarter at
+    768), or, with loop, the column tile of a longer row."""
     R = _vector(elem_size)
     per_thread, max_warps = _NORM_LIMITS[backward, H % 4 == 0]
     limit = min(NORM_MAX_BLOCK, per_thread * 32 * max_warps)
     block = max(R, triton.next_power_of_2(max(H, 1)))
     loop = block > limit
+    tiles = 1
     if loop:
         block = max(R, min(NORM_LOOP_BLOCK, limit))
     # 16 elements a thread or fewer where the limit allows: more loads in
     # flight per row.
     warps = max(1, min(max_warps, max(block // 512, block // (32 * per_thread))))
-    return R, block, 1 if _INTERPRET else warps, loop
+    split = H & -H  # the largest power of two dividing H
+    # A tile of whole 16-byte rows for every thread (under the interpreter,
+    # whose test rows are short, of one such row at least).
+    smallest = R if _INTERPRET else R * 32
+    if not loop and split != H and H // split <= _NORM_MAX_TILES and split >= smallest:
+        want = triton.next_power_of_2(max(triton.cdiv(H, 512), triton.cdiv(H, 32 * per_thread)))
+        split_warps = max(1, min(max_warps, want, split // (R * 32)))
+        if H <= split_warps * 32 * per_thread:
+            block, tiles, warps = split, H // split, split_warps
+    return R, block, 1 if _INTERPRET else warps, loop, tiles
 
 
 def norm_backward_grid(rows: int, sm_count: int) -> Tuple[int, int]:
@@ -1579,10 +1647,10 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     imap, dims = _index_map(x.shape, place if draws else None)
     R, block, warps = flat_config(n, x.element_size())
     _launch(_flat_kernel, (triton.cdiv(n, block),), x,
-            x, x, b, r, keep if keep is not None else x, out, out, state if state is not None else x, bp, n,
+            x, x, b, r, keep if keep is not None else x, out, state if state is not None else x, bp, n,
             _last_dim(x), imap, kmap, ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
             HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None, BITS_IN=bits_in is not None,
-            BITS_OUT=pack, STORE_F32=False, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims,
+            BITS_OUT=pack, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims,
             KEEP_DIMS=kdims, R=R, BLOCK=block, num_warps=warps)
     return _like_input(input, out), bits
 
@@ -1629,7 +1697,7 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     else:
         R, block, warps = flat_config(n, g.element_size())
         _launch(_flat_kernel, (triton.cdiv(n, block),), g,
-                g, x, b, g, kp, dx, dx, st, bp, n, H, imap, kmap, HAS_RES=False, BITS_OUT=False, STORE_F32=False,
+                g, x, b, g, kp, dx, st, bp, n, H, imap, kmap, HAS_RES=False, BITS_OUT=False,
                 BWD=True, R=R, BLOCK=block, num_warps=warps, **common)
     return _like_input(grad, dx), db
 
@@ -1687,13 +1755,14 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     w = _dense(weight) if weight is not None else x
     b = _dense(bias) if bias is not None else x
     imap, dims = _index_map(x.shape, place if state is not None else None)
-    R, block, warps, loop = norm_config(H, x.element_size())
+    R, block, warps, loop, tiles = norm_config(H, x.element_size())
     grid = min(rows, GRID_X_MAX)
     _launch(_norm_kernel, (grid,), x,
             x, r, w, b, y, h, mean if norm == "layer" else rstd, rstd, state if state is not None else x, rows, H,
             float(eps), imap, ROUNDS=rows > grid, RMS=norm == "rms", HAS_RES=residual is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_STATE=state is not None, ALIGNED=H % 4 == 0,
-            MAP_DIMS=dims, LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
+            MAP_DIMS=dims, LOOP=loop, EVEN=not loop and block * tiles == H, NT=tiles, R=R, BLOCK=block,
+            num_warps=warps)
     return y, h, mean, rstd
 
 
@@ -1723,7 +1792,7 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
                 _torch_pass("torch.zero_", 0, H * 4, H)
         return dx, dres, param(need_dw).zero_(), param(need_db).zero_()
     state = _state_on(state, g.device)
-    R, block, warps, loop = norm_config(H, g.element_size(), backward=True)
+    R, block, warps, loop, tiles = norm_config(H, g.element_size(), backward=True)
     programs, per = norm_backward_grid(rows, _sm_count(g.device))
     dw_part = g.new_empty((programs, H), dtype=torch.float32) if need_dw else g
     db_part = g.new_empty((programs, H), dtype=torch.float32) if need_db else g
@@ -1737,7 +1806,7 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
             dx if need_dx else g, dres if need_dres else hc, dw_part, db_part, rows, H, per, imap,
             RMS=norm == "rms", HAS_GH=grad_h is not None, HAS_W=weight is not None, HAS_STATE=drop,
             ALIGNED=H % 4 == 0, MAP_DIMS=dims, NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db,
-            LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
+            LOOP=loop, EVEN=not loop and block * tiles == H, NT=tiles, R=R, BLOCK=block, num_warps=warps)
     dw = _sum_rows(dw_part, stat) if need_dw else param(False)
     db = _sum_rows(db_part, stat) if need_db else param(False)
     return dx, dres, dw, db

@@ -239,7 +239,7 @@ def test_packed_mode_launches(recorded):
     rows = [(meta, args) for name, _, _, meta, args in launches if name == "_rows_kernel"]
     assert [name for name, *_ in launches].count("_sum_rows_kernel") == 1
     assert [(m["BITS_OUT"], m["BITS_IN"]) for m, _ in flat] == [(True, False), (False, True), (False, False)]
-    assert flat[0][1][8] is bits and flat[1][1][8].inner.data_ptr() == bits.inner.data_ptr()
+    assert flat[0][1][7] is bits and flat[1][1][7].inner.data_ptr() == bits.inner.data_ptr()
     [(meta, args)] = rows
     assert meta["BITS_IN"] and args[7].inner.data_ptr() == bits.inner.data_ptr()
 
@@ -254,15 +254,17 @@ def test_norm_config(elem_size, backward):
     elements at most, column tiles past its limit; 16-byte rows of a tile,
     whole powers of two; the limits of elements a thread and warps."""
     R = 16 // elem_size
-    for H in (1, 3, 7, 77, 768, 1000, 2047, 2048, 4096, 4097, 8192, K.NORM_MAX_BLOCK, K.NORM_MAX_BLOCK + 1, 65536,
+    for H in (1, 3, 7, 77, 768, 1000, 1536, 2047, 3072, 5120, 6144, 12288, 2048, 4096, 4097, 8192, K.NORM_MAX_BLOCK, K.NORM_MAX_BLOCK + 1, 65536,
               2**20 + 3):
-        r, block, warps, loop = K.norm_config(H, elem_size, backward)
+        r, block, warps, loop, tiles = K.norm_config(H, elem_size, backward)
         per_thread, max_warps = K._NORM_LIMITS[backward, H % 4 == 0]
         assert r == R and block % R == 0 and math.log2(block).is_integer()
         assert warps in (1, 2, 4, 8, 16) and warps <= max_warps
-        assert block <= max(R, 32 * warps * per_thread)
+        assert block * tiles <= max(R, 32 * warps * per_thread)
         assert loop == (H > min(K.NORM_MAX_BLOCK, 32 * max_warps * per_thread))
-        assert block >= H if not loop else block <= K.NORM_MAX_BLOCK
+        assert block * tiles >= H if not loop else block <= K.NORM_MAX_BLOCK and tiles == 1
+        # several tiles: whole ones, each of a 16-byte row a thread at least
+        assert tiles == 1 or (block * tiles == H and tiles <= K._NORM_MAX_TILES and block >= R * 32 * warps)
     assert not K.norm_config(16384, elem_size, False)[3] and K.norm_config(16385, elem_size, False)[3]
     assert not K.norm_config(4096, elem_size, True)[3] and K.norm_config(2049, elem_size, True)[3]
 

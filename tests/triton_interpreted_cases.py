@@ -270,11 +270,16 @@ def _norm_case(tk, shape, dtype, norm, p=0.3, residual_in_fp32=False, param_dtyp
     ((2, 3, 7), torch.float16, "layer"), ((2, 3, 7), torch.float32, "rms"),
     ((5, 77), torch.bfloat16, "layer"), ((5, 77), torch.float16, "rms"),
     ((4, 64), torch.float32, "layer"), ((4, 64), torch.bfloat16, "rms"),
+    ((3, 24), torch.float32, "layer"), ((5, 40), torch.bfloat16, "rms"), ((2, 48), torch.float16, "layer"),
 ])
 def test_norm_in_registers(tk, shape, dtype, norm):
-    """A row in one tile: masked (H below the tile) and even (H == BLOCK)
-    rows, H % 4 != 0 drawing element by element; several rows a program in
-    the backward."""
+    """A row in registers: one tile, masked (H below the tile) and even (H
+    == BLOCK), H % 4 != 0 drawing element by element, or several whole
+    tiles (24, 40 and 48: 3 or 5 tiles); several rows a program in the
+    backward."""
+    if shape[-1] in (24, 40, 48):
+        assert tk.norm_config(shape[-1], dtype.itemsize)[4] > 1
+        assert tk.norm_config(shape[-1], dtype.itemsize, True)[4] > 1
     _norm_case(tk, shape, dtype, norm)
 
 
