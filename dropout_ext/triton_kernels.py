@@ -1339,8 +1339,10 @@ _NORM_MAX_TILES = 7
 _NORM_LIMITS = {(False, True): (32, 16), (True, True): (32, 8), (False, False): (8, 8), (True, False): (8, 8)}
 # Programs per SM of the backward, at most: each writes one float32 partial
 # row per parameter gradient, so their count is what the partial buffers
-# cost; each walks its rows, at least _PART_MIN_ROWS of them.
-_NORM_SM_PROGRAMS = 2
+# cost, and each walks at least _PART_MIN_ROWS rows, which bounds that cost
+# on any shape; a program holds one row's tiles in flight, so a long tensor
+# takes several programs an SM to keep the memory busy.
+_NORM_SM_PROGRAMS = 8
 # Under the interpreter: a few programs, so that a program walks several rows.
 _INTERPRET_NORM_PROGRAMS = 3
 GRID_X_MAX = 2**31 - 1
@@ -1379,7 +1381,7 @@ def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, in
 def norm_backward_grid(rows: int, sm_count: int) -> Tuple[int, int]:
     """(programs, rows per program) of the dropout_add_norm backward, from
     the shape and the SM count alone (they fix the order of the
-    parameter-gradient sums): about _NORM_SM_PROGRAMS programs per SM, each
+    parameter-gradient sums): up to _NORM_SM_PROGRAMS programs per SM, each
     over consecutive rows, at least _PART_MIN_ROWS of them. The rows per
     program are a run-time argument: a new row count compiles nothing."""
     target = _INTERPRET_NORM_PROGRAMS if _INTERPRET else min(_NORM_SM_PROGRAMS * sm_count, rows // _PART_MIN_ROWS)

@@ -105,7 +105,7 @@ def test_norm_backward_partials_are_small(H, dtype):
         assert (bwd["kernel"], sum_w["kernel"], sum_b["kernel"]) == (
             "_norm_backward_kernel", "_sum_rows_kernel", "_sum_rows_kernel")
         programs = bwd["grid"][0]
-        assert programs <= 2 * SMS and sum_w["dependent_loads"] <= K._SUM_STEPS
+        assert programs <= K._NORM_SM_PROGRAMS * SMS and sum_w["dependent_loads"] <= K._SUM_STEPS
         partials = 2 * 2 * programs * H * 4
         total = sum(r["bytes_read"] + r["bytes_written"] for r in records)
         assert partials <= 0.05 * total, (rows, programs, partials / total)
@@ -117,7 +117,7 @@ def test_norm_backward_facts():
     mean, rstd = _t(rows, dtype=torch.float32), _t(rows, dtype=torch.float32)
     bwd, sum_w, sum_b = _record(lambda: K.dropout_add_norm_backward(g, None, h, w, mean, rstd, _state(), "layer",
                                                                     [True] * 4))
-    programs = min(2 * SMS, rows // 48)  # 170 at most, each over the same count of rows
+    programs = min(K._NORM_SM_PROGRAMS * SMS, rows // 48)  # 170, each over the same count of rows
     per = -(-rows // programs)
     programs = -(-rows // per)
     # the row in registers as three tiles of 256 (a 16-byte row each for
