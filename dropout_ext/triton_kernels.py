@@ -29,6 +29,15 @@ Layout: one elementwise body (``_tile``) serves the forward and the backward
 (the ``BWD`` constexpr), used by the flat kernel and by the row-sum kernel of
 the bias gradient; each program takes the unmasked path when its block is
 full, so the bulk of any tensor, whatever its size, moves in 128-bit accesses.
+A parameter gradient (the bias gradient, the norm's weight and bias
+gradients) is a float32 partial row per program, a program walking many
+rows so that the partials stay a few percent of the op's bytes, then summed
+by a second Triton kernel (``_sum_rows_kernel``) in an order fixed by the
+shape and the SM count: no atomics, no torch pass. Sizes are run-time
+arguments (not specialised) or fall in a few buckets, so a new shape
+compiles nothing. Under ``recording()`` the launchers run on meta tensors and
+record each launch with its facts (bytes moved, loads in flight, lanes with
+work, serial loads) for a static performance model.
 
 The packed mask mode (``reference.pack_bits``: element i at bit i % 8 of byte
 i // 8): the flat kernel's forward also stores the keep bits it draws
@@ -42,18 +51,23 @@ as the tuple ``imap`` with its strided dimensions as the constexpr
 ``MAP_DIMS``; an unsharded call has ``NO_MAP`` and compiles to the code it
 had before shards existed. A map that keeps groups of four whole draws a
 group at a time, any other element by element; memory, the structured
-mask's expansion and the packed bits stay in local order, only the draws
-move. A norm shard holds whole rows, so each row is a shift of the global
+mask's keep tensor and the packed bits stay in local order, only the draws
+move. A structured mask's small keep tensor is read through broadcast
+strides (``kmap``, ``KEEP_DIMS``), never expanded to the input's size. A norm shard holds whole rows, so each row is a shift of the global
 index, one scalar per row.
 
-dropout_add_norm computes h with that same body, a row per program; a row
-whose length is not a multiple of 4 starts inside a Philox group, so its
-tiles draw element by element (``ALIGNED`` off). float64 has no Triton
+dropout_add_norm computes h with that same body, a row per program, held
+in registers as one tile, or as whole tiles of a power of two where the
+row's length is not one (768: three of 256), so that every lane holds an
+element; a row whose length is not a multiple of 4 starts inside a Philox
+group, so its tiles draw element by element (``ALIGNED`` off), as do the
+bias gradient's rows then. float64 has no Triton
 kernel here either: ``_backend.ops_for`` routes it to the CUDA kernels (or
 the reference), and a direct call with it fails.
 """
 
 import contextlib
+import inspect
 import math
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -114,6 +128,11 @@ GELU_TANH_3C = tl.constexpr(F32["GELU_TANH_3C"])
 NO_MAP = tl.constexpr(-1)
 SHIFT = tl.constexpr(0)
 MAX_MAP_DIMS = tl.constexpr((len(torch.ops.dropout_ext.index_map([], None)) - 3) // 2)
+# A structured mask read through broadcast strides: kmap = (size *
+# MAX_KEEP_DIMS, stride * MAX_KEEP_DIMS) of its collapsed dimensions,
+# innermost first, and KEEP_DIMS, a constexpr: their count, or 0 for a keep
+# tensor as large as the input (read at the element's own index).
+MAX_KEEP_DIMS = tl.constexpr(4)
 
 
 # --- float32 arithmetic that is never contracted ---------------------------------
@@ -352,16 +371,51 @@ def _philox_keep_at(state_ptr, offs, thr):
 
 
 @triton.jit
-def _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, imap, ROWS: tl.constexpr,
+def _keep_index(start, local, kmap, KEEP_DIMS: tl.constexpr, TILE: tl.constexpr):
+    """The index in a structured mask's small keep tensor of the elements
+    start + local (start an int64 scalar, local int32 in [0, TILE)), through
+    the collapsed dimensions of kmap, a stride 0 where the mask broadcasts
+    (as csrc/cuda/ops_impl.h collapse_mask): one 64-bit division a
+    dimension for the tile's first element, then per element a compare and
+    subtract in a dimension of TILE or more elements, a 32-bit division in a
+    shorter one (a 64-bit one per element is a long emulated sequence). The
+    carry into a dimension is below TILE / 2 + 1 (every collapsed dimension
+    has 2 elements or more), so a long dimension wraps at most once."""
+    if KEEP_DIMS == 0:
+        return start + local
+    q = start
+    carry = local
+    idx = tl.zeros(local.shape, tl.int64)
+    for k in tl.static_range(KEEP_DIMS - 1):
+        size = tl.cast(kmap[k], tl.int64)
+        next_q = q // size
+        c = (q - next_q * size) + carry
+        if size >= TILE:
+            over = c >= size
+            coord = tl.where(over, c - size, c)
+            carry = over.to(tl.int32)
+        else:
+            c32 = c.to(tl.int32)
+            s32 = size.to(tl.int32)
+            carry = c32 // s32
+            coord = (c32 - carry * s32).to(tl.int64)
+        idx += coord * tl.cast(kmap[MAX_KEEP_DIMS + k], tl.int64)
+        q = next_q
+    # The outermost coordinate is what is left (the element lies in the tensor).
+    return idx + (q + carry) * tl.cast(kmap[MAX_KEEP_DIMS + KEEP_DIMS - 1], tl.int64)
+
+
+@triton.jit
+def _keep(state_ptr, keep_ptr, bits_ptr, offs, koffs, m, group0, thr, drop_all, keep_all, imap, ROWS: tl.constexpr,
           R: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, MASKED: tl.constexpr,
           ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
-    """The keep bits of a tile at local elements offs: from an expanded
-    structured mask, from the packed keep bits of the forward (BITS_IN), or
+    """The keep bits of a tile at local elements offs: from a structured
+    mask's keep tensor at koffs (_keep_index), from the packed keep bits of the forward (BITS_IN), or
     drawn at the elements' contract indices (_global over imap): a group of
     four at a time when the tile starts on a group (ALIGNED, at element
     4 * group0) and the map keeps groups whole, else element by element."""
     if MASK_FROM_PTR:
-        keep = _load(keep_ptr, offs, m, MASKED) != 0
+        keep = _load(keep_ptr, koffs, m, MASKED) != 0
     elif BITS_IN:
         # Element i is bit i % 8 of byte i // 8. Gathered per element, as a
         # tile row of the bias-gradient kernel may start in the middle of a
@@ -500,19 +554,20 @@ def _bias_tile(bias_ptr, pid, local, m, H, BLOCK: tl.constexpr, MASKED: tl.const
 # --- the one elementwise body ----------------------------------------------------------
 
 @triton.jit
-def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b, group0,
+def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, m, b, group0,
           thr, drop_all, keep_all, scale, imap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
           HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
-          STORE_F32: tl.constexpr, BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr,
+          BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr,
           ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
     """One [ROWS, R] tile at element offsets offs (row-major indices), mask m
-    when MASKED; b is the tile's bias in float32 (HAS_BIAS). The tile's first
+    when MASKED, its structured mask at koffs (MASK_FROM_PTR); b is the
+    tile's bias in float32 (HAS_BIAS). The tile's first
     element is 4 * group0 when ALIGNED; imap and MAP_DIMS map the local
     indices to the contract's (see _keep).
 
     Forward (src = x): out = residual + drop(act(x + b) * scale).
-    Backward (src = dy): out = drop(act'(x + b) * (dy * scale)); also the
-    unrounded float32 result to f32_ptr (STORE_F32). Returns that result.
+    Backward (src = dy): out = drop(act'(x + b) * (dy * scale)). Returns the
+    unrounded float32 result (the bias gradient sums it).
     The packed mask mode: the keep bits read from bits_ptr (BITS_IN), or
     written there as drawn (BITS_OUT, the flat kernel's forward).
     """
@@ -532,7 +587,7 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
         if HAS_STATE:
             a = _mul(a, scale)
     if HAS_STATE:
-        keep = _keep(state_ptr, keep_ptr, bits_ptr, offs, m, group0, thr, drop_all, keep_all, imap, ROWS, R,
+        keep = _keep(state_ptr, keep_ptr, bits_ptr, offs, koffs, m, group0, thr, drop_all, keep_all, imap, ROWS, R,
                      MASK_FROM_PTR, BITS_IN, MASKED, ALIGNED, MAP_DIMS)
         if BITS_OUT:
             _pack_bits(bits_ptr, keep, group0, m, ROWS, R, MASKED)
@@ -540,8 +595,6 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
     if HAS_RES:
         a = _add(_f32(_load(res_ptr, offs, m, MASKED)), a)
     _store(out_ptr, offs, _rounded(a, out_ptr.dtype.element_ty), m, MASKED)
-    if STORE_F32:
-        _store(f32_ptr, offs, a, m, MASKED)
     return a
 
 
@@ -550,11 +603,11 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_p
 # kernel, so one binary serves every size.
 
 @triton.jit(do_not_specialize=["n"])
-def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, state_ptr, bits_ptr, n, H, imap,
-                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
+def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, state_ptr, bits_ptr, n, H, imap,
+                 kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
                  MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
-                 STORE_F32: tl.constexpr, BWD: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-                 R: tl.constexpr, BLOCK: tl.constexpr):
+                 BWD: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+                 KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The tensor as a flat array of n elements, BLOCK per program, in
     [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row.
     BLOCK is a multiple of 8, so with BITS_OUT each program packs whole bytes.
@@ -566,84 +619,149 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, f32_ptr, 
     start = pid.to(tl.int64) * BLOCK
     local = tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
     offs = start + local
+    koffs = offs
+    if MASK_FROM_PTR:
+        koffs = _keep_index(start, local, kmap, KEEP_DIMS, BLOCK)
     if start + BLOCK <= n:
         # A full block: no mask, so the accesses stay 128 bits wide.
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, None, H, BLOCK, False)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, None, b,
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, None, b,
               start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
-              BITS_IN, BITS_OUT, STORE_F32, BWD, ROWS, R, False, ALIGNED, MAP_DIMS)
+              BITS_IN, BITS_OUT, BWD, ROWS, R, False, ALIGNED, MAP_DIMS)
     else:
         m = offs < n
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, m, H, BLOCK, True)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, f32_ptr, state_ptr, offs, m, b,
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, m, b,
               start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
-              BITS_IN, BITS_OUT, STORE_F32, BWD, ROWS, R, True, ALIGNED, MAP_DIMS)
+              BITS_IN, BITS_OUT, BWD, ROWS, R, True, ALIGNED, MAP_DIMS)
+
+
+def _flat_facts(grid, a, warps):
+    """Launch facts (see recording) of _flat_kernel: every element once,
+    the bias once (its rows are re-read from cache)."""
+    n, block = a["n"], a["BLOCK"]
+    per_elem = _streamed_bytes(a, "src_ptr", a["BWD"] and a["ACT"] != IDENTITY.value and "x_ptr",
+                               a["HAS_RES"] and "res_ptr")
+    read = n * per_elem + _once(a, "HAS_BIAS", "bias_ptr", min(n, a["H"])) + (24 if a["HAS_STATE"] else 0) - \
+        _keep_reread(a, n)
+    written = n * a["out_ptr"].element_size() + (
+        triton.cdiv(n, 8) if a["BITS_OUT"] else 0)
+    tile = per_elem + (a["bias_ptr"].element_size() if a["HAS_BIAS"] else 0)
+    return _facts(read, written, block * tile, warps, grid[0] * block, n, 1)
 
 
 @triton.jit
-def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, cm, thr, drop_all,
-               keep_all, scale, b, imap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-               MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-               TR: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
-               MAP_DIMS: tl.constexpr):
+def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, cm, thr, drop_all,
+               keep_all, scale, b, imap, kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+               MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr,
+               MASKED: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr, KEEP_DIMS: tl.constexpr):
+    """Rows [r0, end) of the column tile: dx stored, the column sums of its
+    unrounded values returned. A while loop: the row count is a run-time
+    value (one binary for every shape), and a for loop over a run-time range
+    is not run by every Triton interpreter."""
     acc = tl.zeros([TR, R], dtype=tl.float32)
-    for i in range(ROWS_PER_PROGRAM):
-        row = r0 + i
-        if row < rows:
-            offs = row * H + cols
-            d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, dx_ptr, state_ptr, offs, cm, b,
-                      (row * H + c_start) // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, False,
-                      HAS_STATE, MASK_FROM_PTR, BITS_IN, False, False, True, TR, R, MASKED, ALIGNED, MAP_DIMS)
-            if MASKED:
-                d = tl.where(cm, d, 0.0)
-            acc = _add(acc, d)
+    row = r0
+    while row < end:
+        offs = row * H + cols
+        koffs = offs
+        if MASK_FROM_PTR:
+            koffs = _keep_index(row * H + c_start, (cols - c_start).to(tl.int32), kmap, KEEP_DIMS, TR * R)
+        d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, state_ptr, offs, koffs, cm, b,
+                  (row * H + c_start) // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, False,
+                  HAS_STATE, MASK_FROM_PTR, BITS_IN, False, True, TR, R, MASKED, ALIGNED, MAP_DIMS)
+        if MASKED:
+            d = tl.where(cm, d, 0.0)
+        acc = _add(acc, d)
+        row += 1
     return acc
 
 
-@triton.jit
-def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H, imap,
-                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr,
-                 BITS_IN: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-                 ROWS_PER_PROGRAM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
-    """The backward with the bias gradient, for a last dimension H divisible
-    by 4 (every row then starts on a Philox group, and a shard's on a
-    global one where ALIGNED, see _flat_kernel); BITS_IN reads the keep
-    bits of the packed mask mode.
+@triton.jit(do_not_specialize=["rows", "per"])
+def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H, per, imap,
+                 kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                 MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+                 KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """The backward with the bias gradient, for any last dimension H: a row
+    drawn a group of four at a time where every row starts on a Philox
+    group (ALIGNED: H divisible by 4, and a shard's map keeping groups, see
+    _flat_kernel), else element by element; BITS_IN reads the keep bits of
+    the packed mask mode.
 
-    Program (c, r) walks ROWS_PER_PROGRAM rows over columns
+    Program (c, r) walks the `per` rows from r * per over columns
     [c * BLOCK, (c + 1) * BLOCK) and writes the column sums of the unrounded
-    dx to row r of a partial buffer; summing that buffer over its rows
-    finishes the reduction in an order fixed by the shape, so the result does
-    not vary run to run (no atomics). The column tiles are grid axis 0, the
-    one without the 65535 limit, as a wide H has more of them than that.
+    dx to row r of a partial buffer, which _sum_rows_kernel sums in a fixed
+    order, so the result does not vary run to run (no atomics). The column
+    tiles are grid axis 0, the one without the 65535 limit, as a wide H has
+    more of them than that.
     """
     TR: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     c_start = tl.program_id(0).to(tl.int64) * BLOCK
     pid_r = tl.program_id(1).to(tl.int64)
     cols = c_start + tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
-    r0 = pid_r * ROWS_PER_PROGRAM
+    r0 = pid_r * per
+    end = tl.minimum(r0 + per, rows)
     if c_start + BLOCK <= H:
         b = 0.0
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols))
-        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, None, thr,
-                         drop_all, keep_all, scale, b, imap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-                         ROWS_PER_PROGRAM, TR, R, False, ALIGNED, MAP_DIMS)
+        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, None, thr,
+                         drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR,
+                         BITS_IN, TR, R, False, ALIGNED, MAP_DIMS, KEEP_DIMS)
         tl.store(part_ptr + pid_r * H + cols, acc)
     else:
         cm = cols < H
         b = 0.0
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
-        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, rows, H, c_start, cols, cm, thr,
-                         drop_all, keep_all, scale, b, imap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN,
-                         ROWS_PER_PROGRAM, TR, R, True, ALIGNED, MAP_DIMS)
+        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, cm, thr,
+                         drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR,
+                         BITS_IN, TR, R, True, ALIGNED, MAP_DIMS, KEEP_DIMS)
         tl.store(part_ptr + pid_r * H + cols, acc, mask=cm)
+
+
+def _rows_facts(grid, a, warps):
+    """Launch facts of _rows_kernel: each program streams its rows' tiles
+    (the bias tile is loaded once, before), a serial walk of `per` rows
+    into its column sums, and writes one float32 partial row."""
+    rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
+    per_elem = _streamed_bytes(a, "g_ptr", a["ACT"] != IDENTITY.value and "x_ptr")
+    read = rows * H * per_elem + _once(a, "HAS_BIAS", "bias_ptr", H) + (24 if a["HAS_STATE"] else 0) - \
+        _keep_reread(a, rows * H)
+    written = rows * H * a["dx_ptr"].element_size() + grid[1] * H * 4
+    slots = grid[0] * block * grid[1] * per
+    return _facts(read, written, block * per_elem, warps, slots, rows * H, per)
+
+
+@triton.jit(do_not_specialize=["parts"])
+def _sum_rows_kernel(part_ptr, out_ptr, parts, H, C: tl.constexpr, BLOCK: tl.constexpr):
+    """The second stage of a parameter gradient: out[c] = the sum over the
+    `parts` rows of the float32 partial buffer part ([parts, H]), rounded
+    once to out's dtype. Each program takes BLOCK columns and adds tiles of C
+    partial rows, each summed by tl.sum, in row order: an order fixed by
+    the shape (the launcher keeps parts / C small), the same bits every run."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cm = cols < H
+    acc = tl.zeros([BLOCK], tl.float32)
+    r = tl.zeros([], tl.int64)
+    while r < parts:
+        rr = r + tl.arange(0, C)[:, None]
+        acc += tl.sum(tl.load(part_ptr + rr * H + cols[None, :], mask=(rr < parts) & cm[None, :], other=0.0), axis=0)
+        r += C
+    tl.store(out_ptr + cols, _rounded(acc, out_ptr.dtype.element_ty), mask=cm)
+
+
+def _sum_rows_facts(grid, a, warps):
+    """Launch facts of _sum_rows_kernel: the partial rows read once, a
+    serial walk of ceil(parts / C) tiles per column."""
+    parts, H, C, block = a["parts"], a["H"], a["C"], a["BLOCK"]
+    steps = triton.cdiv(parts, C)
+    return _facts(parts * H * 4, H * a["out_ptr"].element_size(), C * block * 4, warps,
+                  grid[0] * block * steps * C, parts * H, steps)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -653,12 +771,18 @@ def _mask_kernel(out_ptr, state_ptr, n, imap, ALIGNED: tl.constexpr, MAP_DIMS: t
     thr, drop_all, keep_all, _scale = _mask_params(state_ptr, True)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, ROWS)[:, None] * R + tl.arange(0, R)[None, :]
-    keep = _keep(state_ptr, out_ptr, out_ptr, offs, None, start // 4, thr, drop_all, keep_all, imap, ROWS, R, False,
+    keep = _keep(state_ptr, out_ptr, out_ptr, offs, offs, None, start // 4, thr, drop_all, keep_all, imap, ROWS, R, False,
                  False, False, ALIGNED, MAP_DIMS)
     if start + BLOCK <= n:
         tl.store(out_ptr + offs, keep)
     else:
         tl.store(out_ptr + offs, keep, mask=offs < n)
+
+
+def _mask_facts(grid, a, warps):
+    """Launch facts of _mask_kernel: it reads only the state."""
+    n, block = a["n"], a["BLOCK"]
+    return _facts(24, n, 0, warps, grid[0] * block, n, 1)
 
 
 # --- dropout_add_norm ---------------------------------------------------------------------
@@ -693,9 +817,9 @@ def _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, ke
             R: tl.constexpr, MASKED: tl.constexpr, ROW_MAP: tl.constexpr):
     """h of the tile at row-major elements start + local, computed and stored
     by fused_dropout's body; returned as stored, in float32, 0 where masked."""
-    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, h_ptr, state_ptr, start + local, m, 0.0, start // 4, thr,
-              drop_all, keep_all, scale, rmap, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, False,
-              TR, R, MASKED, ALIGNED, ROW_MAP)
+    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, state_ptr, start + local, None, m, 0.0, start // 4, thr,
+              drop_all, keep_all, scale, rmap, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, TR, R,
+              MASKED, ALIGNED, ROW_MAP)
     hv = _f32(_rounded(a, h_ptr.dtype.element_ty))
     if MASKED:
         hv = tl.where(m, hv, 0.0)
@@ -741,36 +865,68 @@ def _norm_y(y_ptr, w_ptr, b_ptr, hv, offs, cols, m, mean, rstd, RMS: tl.constexp
     _store(y_ptr, offs, _rounded(v, y_ptr.dtype.element_ty), m, MASKED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, rows, H, eps, imap,
-                 STEPS: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                 RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
                  HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-                 LOOP: tl.constexpr, EVEN: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
-    """The forward, a row per program (and, for more rows than a grid holds,
-    every grid-size-th row after it, STEPS in all): the whole row in one
+                 LOOP: tl.constexpr, EVEN: tl.constexpr, ROUNDS: tl.constexpr, NT: tl.constexpr,
+                 R: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward, a row per program (and, ROUNDS, for more rows than a
+    grid holds, every grid-size-th row after it): the whole row in one
     [BLOCK // R, R] tile in registers (BLOCK >= H; unmasked when EVEN, BLOCK
-    == H), or (LOOP) over column tiles of BLOCK: one pass computes and stores
+    == H), in NT tiles of BLOCK (NT * BLOCK == H), or (LOOP) over column
+    tiles of BLOCK: one pass computes and stores
     h and merges the tiles' statistics, a second reads h back for y.
     ALIGNED: H is a multiple of 4, so every tile starts on a Philox group.
     A shard (imap, MAP_DIMS) draws each row at its global start (_row_map)."""
     TR: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     local = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
-    pid = tl.program_id(0).to(tl.int64)
-    for i in range(STEPS):
-        # int64 rows: row * H, the element index, passes 2**31 on large tensors.
-        row = pid + tl.num_programs(0).to(tl.int64) * i
+    # int64 rows: row * H, the element index, passes 2**31 on large tensors.
+    row = tl.program_id(0).to(tl.int64)
+    if ROUNDS:
+        while row < rows:
+            _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
+                      thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, MAP_DIMS,
+                      LOOP, EVEN, NT, TR, R, BLOCK)
+            row += tl.num_programs(0).to(tl.int64)
+    else:
+        # One row a program: straight-line code, where a loop around the row
+        # keeps more values live (a widest row in registers would spill).
+        # The test is always true; without it the ptxas of Triton 3.9 put
+        # 8 bytes on the stack (sm_90, column tiles, float32 h of 16-bit x).
         if row < rows:
             _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
                       thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, MAP_DIMS,
-                      LOOP, EVEN, TR, R, BLOCK)
+                      LOOP, EVEN, NT, TR, R, BLOCK)
+
+
+def _norm_facts(grid, a, warps):
+    """Launch facts of _norm_kernel. A row held in one tile is read once;
+    one longer than the tile (LOOP) is walked twice, and the second pass
+    reads h back from memory (the program keeps one tile of it): a re-read.
+    The statistics merge tile after tile: a serial walk of the row's tiles."""
+    rows, H, block = a["rows"], a["H"], a["BLOCK"]
+    tiles = triton.cdiv(H, block) if a["LOOP"] else a["NT"]
+    h_size = a["h_ptr"].element_size()
+    per_elem = _streamed_bytes(a, "x_ptr", a["HAS_RES"] and "res_ptr")
+    read = rows * H * (per_elem + (h_size if a["LOOP"] else 0)) + _once(a, "HAS_W", "w_ptr", H) + \
+        _once(a, "HAS_B", "b_ptr", H) + (24 if a["HAS_STATE"] else 0)
+    stats = (1 if a["RMS"] else 2) * rows * a["rstd_ptr"].element_size()
+    written = rows * H * (a["y_ptr"].element_size() + h_size) + stats
+    steps = triton.cdiv(rows, grid[0])
+    # A row held in registers issues all its tiles' loads together.
+    inflight = block * per_elem * (1 if a["LOOP"] else tiles)
+    return _facts(read, written, inflight, warps, grid[0] * steps * tiles * block, rows * H,
+                  tiles if a["LOOP"] else 1)
 
 
 @triton.jit
 def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local, thr,
               drop_all, keep_all, scale, imap, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
               HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-              LOOP: tl.constexpr, EVEN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+              LOOP: tl.constexpr, EVEN: tl.constexpr, NT: tl.constexpr, TR: tl.constexpr, R: tl.constexpr,
+              BLOCK: tl.constexpr):
     """One row of the forward (see _norm_kernel)."""
     ROW_MAP: tl.constexpr = NO_MAP if MAP_DIMS == NO_MAP else SHIFT
     start = row * H
@@ -798,13 +954,36 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
                              scale, rmap, HAS_RES, HAS_STATE, ALIGNED, TR, R, True, ROW_MAP)
                 mean, m2, seen = _norm_merge(hv, m, H - c0, mean, m2, seen, RMS, True)
             t += 1
-    else:
+    elif NT == 1:
         m = local < H
         hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, keep_all, scale, rmap,
                      HAS_RES, HAS_STATE, ALIGNED, TR, R, not EVEN, ROW_MAP)
         mean, m2, seen = _norm_merge(hv, m, H, mean, m2, seen, RMS, not EVEN)
+    else:
+        # The row as NT whole tiles, all held: the plain two-pass mean then
+        # variance over them, as over one tile.
+        hs = ()
+        total = tl.zeros([], tl.float32)
+        for t in tl.static_range(NT):
+            hv = _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start + t * BLOCK, local, None, thr, drop_all, keep_all,
+                         scale, rmap, HAS_RES, HAS_STATE, ALIGNED, TR, R, False, ROW_MAP)
+            hs = hs + (hv,)
+            if RMS:
+                m2 += _row_sum(hv * hv)
+            else:
+                total += _row_sum(hv)
+        seen = tl.zeros([], tl.float32) + H
+        if not RMS:
+            mean = _div(total, seen)
+            for t in tl.static_range(NT):
+                d = hs[t] - mean
+                m2 += _row_sum(d * d)
     rstd = _div(tl.full([], 1.0, tl.float32), tl.sqrt_rn(_div(m2, seen) + eps))
     if LOOP:
+        # The second pass reads h back from global memory, where other
+        # threads of the program stored it: a barrier, so that no layout
+        # choice of the compiler decides whether those stores are seen.
+        tl.debug_barrier()
         t = tl.zeros([], tl.int64)
         while t * BLOCK < H:
             c0 = t * BLOCK
@@ -817,8 +996,12 @@ def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, st
                 hv = _f32(tl.load(h_ptr + start + cols, mask=m, other=0.0))
                 _norm_y(y_ptr, w_ptr, b_ptr, hv, start + cols, cols, m, mean, rstd, RMS, HAS_W, HAS_B, True)
             t += 1
-    else:
+    elif NT == 1:
         _norm_y(y_ptr, w_ptr, b_ptr, hv, start + local, local, m, mean, rstd, RMS, HAS_W, HAS_B, not EVEN)
+    else:
+        for t in tl.static_range(NT):
+            cols = t * BLOCK + local
+            _norm_y(y_ptr, w_ptr, b_ptr, hs[t], start + cols, cols, None, mean, rstd, RMS, HAS_W, HAS_B, False)
     # The statistics last: a scalar store is one thread's, and between the
     # two passes the thread index that picks it went to the stack under the
     # ptxas of Triton 3.9 (sm_90, the column tiles of float32 rows); stored
@@ -865,7 +1048,7 @@ def _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat
         _store(dres_ptr, offs, _rounded(dh, dres_ptr.dtype.element_ty), m, MASKED)
     if NEED_DX:
         if HAS_STATE:
-            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, m, start // 4, thr, drop_all, keep_all, rmap, TR, R, False,
+            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, offs, m, start // 4, thr, drop_all, keep_all, rmap, TR, R, False,
                          False, MASKED, ALIGNED, ROW_MAP)
             dh = _drop(_mul(dh, scale), keep)
         _store(dx_ptr, offs, _rounded(dh, dx_ptr.dtype.element_ty), m, MASKED)
@@ -938,19 +1121,20 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
         t += 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "per"])
 def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state_ptr, dx_ptr, dres_ptr, dw_ptr,
-                          db_ptr, rows, H, imap, PER: tl.constexpr, RMS: tl.constexpr, HAS_GH: tl.constexpr,
+                          db_ptr, rows, H, per, imap, RMS: tl.constexpr, HAS_GH: tl.constexpr,
                           HAS_W: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr,
                           MAP_DIMS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
                           NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, LOOP: tl.constexpr, EVEN: tl.constexpr,
-                          R: tl.constexpr, BLOCK: tl.constexpr):
-    """The backward, rows [pid * PER, (pid + 1) * PER) per program, each in
-    one pass when the row fits a tile (else two over column tiles, see
+                          NT: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """The backward, rows [pid * per, (pid + 1) * per) per program, each in
+    one pass when the row fits in registers, as one tile or NT tiles of
+    BLOCK (NT * BLOCK == H) (else two over column tiles, see
     _norm_backward_row_tiled). The program sums g * xhat and g over its rows
     in float32 and writes them to its row of the [programs, H] partial
-    buffers (dw_ptr, db_ptr); summing those over their rows in order finishes
-    the parameter gradients, the same bits every run (no atomics). A shard
+    buffers (dw_ptr, db_ptr), which _sum_rows_kernel sums in a fixed order:
+    the same bits every run (no atomics). A shard
     draws each row at its global start, as the forward (_row_map)."""
     TR: tl.constexpr = BLOCK // R
     ROW_MAP: tl.constexpr = NO_MAP if MAP_DIMS == NO_MAP else SHIFT
@@ -960,42 +1144,94 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
     n = tl.zeros([], tl.float32) + H
     pid = tl.program_id(0).to(tl.int64)
     part = pid * H
-    acc_w = tl.zeros([TR, R], tl.float32)
-    acc_b = tl.zeros([TR, R], tl.float32)
-    for i in range(PER):
-        row = pid * PER + i
-        if row < rows:
-            start = row * H
-            rmap = _row_map(start, imap, MAP_DIMS)
-            rstd = tl.load(rstd_ptr + row)
-            mean = 0.0
-            if not RMS:
-                mean = tl.load(mean_ptr + row)
-            if LOOP:
-                _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr, dx_ptr, dres_ptr, dw_ptr,
-                                         db_ptr, start, part, i == 0, H, n, local, thr, drop_all, keep_all, scale,
-                                         rmap, RMS, HAS_GH, HAS_W, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, NEED_DW,
-                                         NEED_DB, R, BLOCK, ROW_MAP)
-            else:
-                g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + local, local, m, mean, rstd, RMS, HAS_W,
+    # The parameter-gradient sums of the program's rows, a tile each.
+    acc_w = ()
+    acc_b = ()
+    for t in tl.static_range(NT):
+        acc_w = acc_w + (tl.zeros([TR, R], tl.float32),)
+        acc_b = acc_b + (tl.zeros([TR, R], tl.float32),)
+    r0 = pid * per
+    row = r0
+    end = tl.minimum(r0 + per, rows)
+    while row < end:
+        start = row * H
+        rmap = _row_map(start, imap, MAP_DIMS)
+        rstd = tl.load(rstd_ptr + row)
+        mean = 0.0
+        if not RMS:
+            mean = tl.load(mean_ptr + row)
+        if LOOP:
+            _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr, dx_ptr, dres_ptr, dw_ptr,
+                                     db_ptr, start, part, row == r0, H, n, local, thr, drop_all, keep_all, scale,
+                                     rmap, RMS, HAS_GH, HAS_W, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, NEED_DW,
+                                     NEED_DB, R, BLOCK, ROW_MAP)
+        else:
+            gws = ()
+            xhats = ()
+            new_w = ()
+            new_b = ()
+            # -0.0: adding it changes no value, the sign of a zero included.
+            s1 = tl.full([], -0.0, tl.float32)
+            s2 = tl.full([], -0.0, tl.float32)
+            for t in tl.static_range(NT):
+                cols = t * BLOCK + local
+                g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, m, mean, rstd, RMS, HAS_W,
                                               not EVEN)
-                if NEED_DW:
-                    acc_w += g * xhat
-                if NEED_DB:
-                    acc_b += g
-                if NEED_DX | NEED_DRES:
-                    c1 = _div(_row_sum(gw * xhat), n)
-                    c2 = 0.0
-                    if not RMS:
-                        c2 = _div(_row_sum(gw), n)
-                    _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat, c1, c2, rstd, thr,
-                                  drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES,
-                                  TR, R, not EVEN, ROW_MAP)
+                gws = gws + (gw,)
+                xhats = xhats + (xhat,)
+                new_w = new_w + (acc_w[t] + g * xhat,)
+                new_b = new_b + (acc_b[t] + g,)
+                s1 += _row_sum(gw * xhat)
+                s2 += _row_sum(gw)
+            if NEED_DW:
+                acc_w = new_w
+            if NEED_DB:
+                acc_b = new_b
+            if NEED_DX | NEED_DRES:
+                c1 = _div(s1, n)
+                c2 = 0.0
+                if not RMS:
+                    c2 = _div(s2, n)
+                for t in tl.static_range(NT):
+                    _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + t * BLOCK, local, m, gws[t], xhats[t],
+                                  c1, c2, rstd, thr, drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED,
+                                  NEED_DX, NEED_DRES, TR, R, not EVEN, ROW_MAP)
+        row += 1
     if not LOOP:
-        if NEED_DW:
-            _store(dw_ptr, part + local, acc_w, m, not EVEN)
-        if NEED_DB:
-            _store(db_ptr, part + local, acc_b, m, not EVEN)
+        for t in tl.static_range(NT):
+            if NEED_DW:
+                _store(dw_ptr, part + t * BLOCK + local, acc_w[t], m, not EVEN)
+            if NEED_DB:
+                _store(db_ptr, part + t * BLOCK + local, acc_b[t], m, not EVEN)
+
+
+def _norm_backward_facts(grid, a, warps):
+    """Launch facts of _norm_backward_kernel. A row held in one tile is read
+    once and its parameter-gradient terms summed in registers over the
+    program's rows (a serial walk of `per` rows), then one float32 partial
+    row each is written. A row longer than the tile (LOOP) is read twice
+    when dx or grad_residual needs its sums (the program keeps one tile),
+    and its partial rows are read and written again for every row after
+    the program's first."""
+    rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
+    loop = a["LOOP"]
+    tiles = triton.cdiv(H, block) if loop else a["NT"]
+    need_dh = a["NEED_DX"] or a["NEED_DRES"]
+    per_elem = _streamed_bytes(a, "g_ptr", "h_ptr", a["HAS_GH"] and need_dh and "gh_ptr")
+    rowpass = _streamed_bytes(a, "g_ptr", "h_ptr")
+    grads = int(a["NEED_DW"]) + int(a["NEED_DB"])
+    stats = (1 if a["RMS"] else 2) * rows * a["rstd_ptr"].element_size()
+    read = rows * H * (per_elem + (rowpass if loop and need_dh else 0)) + stats + \
+        _once(a, "HAS_W", "w_ptr", H) + (24 if a["HAS_STATE"] else 0)
+    written = rows * H * ((a["dx_ptr"].element_size() if a["NEED_DX"] else 0) +
+                          (a["dres_ptr"].element_size() if a["NEED_DRES"] else 0))
+    if loop:
+        read += grads * (rows - grid[0]) * H * 4
+        written += grads * rows * H * 4
+    else:
+        written += grads * grid[0] * H * 4
+    inflight = block * per_elem * (1 if loop else tiles)
+    return _facts(read, written, inflight, warps, grid[0] * per * tiles * block, rows * H, per * tiles if loop else per)
 
 
 # --- launch configuration ------------------------------------------------------------------
@@ -1012,12 +1248,24 @@ _FLAT_TABLE = ((1 << 16, 1, 4), (None, 1, 8))
 _ROWS_WARPS = 4
 # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1).
 GRID_YZ_MAX = 65535
-# Rows per program of the bias-gradient kernel, at least: its float32
-# partial buffer, written and then summed again, has a row per program, so
-# with 8 rows or more it holds at most 1/8 of the gradient's elements (a
-# quarter of a 16-bit dx's bytes); one row a program makes it twice a 16-bit dx.
-_MIN_ROWS_PER_PROGRAM = 8
-_MAX_ROWS_PER_PROGRAM = 256
+# Programs per SM of the bias-gradient kernel (over all column tiles), at
+# most: it streams the whole backward, so it wants programs to spare.
+_ROWS_SM_PROGRAMS = 8
+# Rows a program walks, at least, in the kernels that leave a float32
+# partial row per program (the bias gradient, the norm backward's parameter
+# gradients): each partial element is written and read again, 8 bytes, per
+# this many row elements of the op, which move 4 bytes or more each (a
+# 16-bit g read and dx written; the norm backward's 16-bit g, h, dx and
+# grad_residual move 8 bytes for its two partial buffers' 16). So the
+# partials are at most 8 / (48 * 4), about 4%, of the op's bytes.
+_PART_MIN_ROWS = 48
+# The second stage (_sum_rows_kernel): partial rows summed a tile at a time,
+# in at most _SUM_STEPS tiles of at least _SUM_MIN_C rows, with about
+# _SUM_TILE elements a program's tile (16 a thread at 4 warps: no spills).
+_SUM_STEPS = 32
+_SUM_MIN_C = 16
+_SUM_TILE = 4096
+_SUM_WARPS = 4
 # Under the interpreter, tiny blocks, so that small test tensors span several
 # programs and take both the full-block and the partial-block path.
 _INTERPRET_ROWS = 8
@@ -1039,22 +1287,37 @@ def flat_config(n: int, elem_size: int) -> Tuple[int, int, int]:
     raise AssertionError("unreachable")
 
 
-def rows_config(rows: int, H: int, elem_size: int) -> Tuple[int, int, int, int]:
-    """(R, BLOCK, num_warps, rows per program) of the bias-gradient kernel."""
+def rows_config(rows: int, H: int, elem_size: int, sm_count: int) -> Tuple[int, int, int, int]:
+    """(R, BLOCK, num_warps, rows per program) of the bias-gradient kernel.
+    The rows per program are a run-time argument: a new row count compiles
+    nothing."""
     R = _vector(elem_size)
     if _INTERPRET:
         return R, 4 * R, 1, 2
     block = min(R * 32 * _ROWS_WARPS, max(R, triton.next_power_of_2(H)))
     warps = max(1, min(_ROWS_WARPS, block // (R * 32)))
-    # About 1024 programs fill a large GPU; more rows each keep the partial
-    # buffer small. A power of two, as it is a constexpr: few binaries.
-    per = (rows * triton.cdiv(H, block)) // 1024
-    per = min(_MAX_ROWS_PER_PROGRAM, max(_MIN_ROWS_PER_PROGRAM, 1 << max(0, per.bit_length() - 1)))
-    # No more loop steps than rows (a wide H with few rows).
-    per = min(per, triton.next_power_of_2(rows))
+    programs = max(1, _ROWS_SM_PROGRAMS * sm_count // triton.cdiv(H, block))
+    per = max(_PART_MIN_ROWS, triton.cdiv(rows, programs))
     # The row programs are grid axis 1: past 65535 of them, longer programs.
-    per = max(per, triton.next_power_of_2(triton.cdiv(rows, GRID_YZ_MAX)))
+    per = min(rows, max(per, triton.cdiv(rows, GRID_YZ_MAX)))
     return R, block, warps, per
+
+
+def rows_grid(rows: int, H: int, block: int, per: int) -> Tuple[int, int]:
+    """The bias-gradient kernel's grid: (column tiles, row programs)."""
+    return triton.cdiv(H, block), triton.cdiv(rows, per)
+
+
+def sum_config(parts: int, H: int) -> Tuple[int, int, int]:
+    """(C, BLOCK, num_warps) of the second stage over `parts` partial rows
+    of H columns: C a power of two (a constexpr, one of a few), so that no
+    program adds more than _SUM_STEPS tiles one after the other."""
+    if _INTERPRET:
+        # Two rows a tile: the test shapes' few partial rows take several steps.
+        return 2, 4, 1
+    C = max(_SUM_MIN_C, triton.next_power_of_2(triton.cdiv(parts, _SUM_STEPS)))
+    block = max(4, min(triton.next_power_of_2(H), _SUM_TILE // C))
+    return C, block, _SUM_WARPS
 
 
 # dropout_add_norm: a row is one tile in registers up to a length set by
@@ -1070,46 +1333,60 @@ def rows_config(rows: int, H: int, elem_size: int) -> Tuple[int, int, int, int]:
 # test can make it small and take the tiled path with small rows.
 NORM_MAX_BLOCK = 16384
 NORM_LOOP_BLOCK = 4096
+# Tiles of a row held in registers, at most (each is unrolled in the code).
+_NORM_MAX_TILES = 7
 # (elements a thread, warps) at most, keyed by (backward, aligned)
 _NORM_LIMITS = {(False, True): (32, 16), (True, True): (32, 8), (False, False): (8, 8), (True, False): (8, 8)}
-# Warps per SM the backward's programs fill (its grid is what fixes the
-# reduction order of the parameter gradients, so it is chosen from the shape
-# and the SM count alone).
-_NORM_SM_WARPS = 32
+# Programs per SM of the backward, at most: each writes one float32 partial
+# row per parameter gradient, so their count is what the partial buffers
+# cost, and each walks at least _PART_MIN_ROWS rows, which bounds that cost
+# on any shape; a program holds one row's tiles in flight, so a long tensor
+# takes several programs an SM to keep the memory busy.
+_NORM_SM_PROGRAMS = 8
 # Under the interpreter: a few programs, so that a program walks several rows.
 _INTERPRET_NORM_PROGRAMS = 3
 GRID_X_MAX = 2**31 - 1
 
 
-def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, int, int, bool]:
-    """(R, BLOCK, num_warps, loop) of a dropout_add_norm kernel for rows of
-    H elements of elem_size bytes: BLOCK >= H (the row in registers) or,
-    with loop, the column tile of a longer row."""
+def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, int, int, bool, int]:
+    """(R, BLOCK, num_warps, loop, tiles) of a dropout_add_norm kernel for
+    rows of H elements of elem_size bytes: the row in registers, as one
+    tile (BLOCK >= H) or as `tiles` tiles of BLOCK (H == tiles * BLOCK, a
+    row whose length is not a power of two: every lane holds an element,
+    where one padded tile would leave up to half of them idle, a quarter at
+    768), or, with loop, the column tile of a longer row."""
     R = _vector(elem_size)
     per_thread, max_warps = _NORM_LIMITS[backward, H % 4 == 0]
     limit = min(NORM_MAX_BLOCK, per_thread * 32 * max_warps)
     block = max(R, triton.next_power_of_2(max(H, 1)))
     loop = block > limit
+    tiles = 1
     if loop:
         block = max(R, min(NORM_LOOP_BLOCK, limit))
     # 16 elements a thread or fewer where the limit allows: more loads in
     # flight per row.
     warps = max(1, min(max_warps, max(block // 512, block // (32 * per_thread))))
-    return R, block, 1 if _INTERPRET else warps, loop
+    split = H & -H  # the largest power of two dividing H
+    # A tile of whole 16-byte rows for every thread (under the interpreter,
+    # whose test rows are short, of one such row at least).
+    smallest = R if _INTERPRET else R * 32
+    if not loop and split != H and H // split <= _NORM_MAX_TILES and split >= smallest:
+        want = triton.next_power_of_2(max(triton.cdiv(H, 512), triton.cdiv(H, 32 * per_thread)))
+        split_warps = max(1, min(max_warps, want, split // (R * 32)))
+        if H <= split_warps * 32 * per_thread:
+            block, tiles, warps = split, H // split, split_warps
+    return R, block, 1 if _INTERPRET else warps, loop, tiles
 
 
-def norm_backward_grid(rows: int, warps: int, sm_count: int) -> Tuple[int, int]:
-    """(programs, rows per program) of the dropout_add_norm backward: about
-    _NORM_SM_WARPS warps per SM, each program over consecutive rows. The rows
-    per program are a power of two, as they are a constexpr: few binaries."""
-    target = _INTERPRET_NORM_PROGRAMS if _INTERPRET else sm_count * max(1, _NORM_SM_WARPS // warps)
-    per = triton.next_power_of_2(triton.cdiv(rows, max(1, min(rows, target))))
+def norm_backward_grid(rows: int, sm_count: int) -> Tuple[int, int]:
+    """(programs, rows per program) of the dropout_add_norm backward, from
+    the shape and the SM count alone (they fix the order of the
+    parameter-gradient sums): up to _NORM_SM_PROGRAMS programs per SM, each
+    over consecutive rows, at least _PART_MIN_ROWS of them. The rows per
+    program are a run-time argument: a new row count compiles nothing."""
+    target = _INTERPRET_NORM_PROGRAMS if _INTERPRET else min(_NORM_SM_PROGRAMS * sm_count, rows // _PART_MIN_ROWS)
+    per = triton.cdiv(rows, max(1, min(rows, target)))
     return triton.cdiv(rows, per), per
-
-
-def rows_grid(rows: int, H: int, block: int, per: int) -> Tuple[int, int]:
-    """The bias-gradient kernel's grid: (column tiles, row programs)."""
-    return triton.cdiv(H, block), triton.cdiv(rows, per)
 
 
 # --- host side --------------------------------------------------------------------------------
@@ -1127,10 +1404,106 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+# --- launch facts, for a static performance model ------------------------------------------
+# Under ``recording()`` the launchers run on tensors of any device ("meta"
+# included, shapes only) and launch nothing: each launch, and each pass a
+# launcher leaves to torch on the device, becomes a record, a dict:
+#   kernel: the jit function's name ("torch.<op>" for a torch pass);
+#   grid, num_warps, constexprs (the meta arguments but num_warps);
+#   bytes_read, bytes_written: global memory the launch reads and writes in
+#     all, each byte once (a tensor read by every program, such as the bias,
+#     counts once); a row a program re-reads counts again only when it is
+#     longer than the tile the program keeps;
+#   inflight_bytes_per_thread: bytes one thread has requested before it
+#     first waits on a load: a program issues its tile's loads together,
+#     the tile's bytes of every streamed tensor / (num_warps * 32);
+#   lane_slots, busy_slots: element slots the programs' tiles offer in all
+#     (grid x tile x steps), and those holding an element;
+#   dependent_loads: the longest serial walk of loads one thread makes whose
+#     values feed one reduction result (a streaming tile: 1).
+# The facts of a kernel come from its function beside it (_FACTS).
+
+_RECORDS: Optional[list] = None
+_RECORD_SMS = 0
+
+
+@contextlib.contextmanager
+def recording(sm_count: int = 132):
+    """Within it, launches are recorded, not made, and the launchers size
+    their grids for a GPU of sm_count SMs; yields the list of records."""
+    global _RECORDS, _RECORD_SMS
+    saved = _RECORDS, _RECORD_SMS
+    _RECORDS, _RECORD_SMS = [], sm_count
+    try:
+        yield _RECORDS
+    finally:
+        _RECORDS, _RECORD_SMS = saved
+
+
+def _streamed_bytes(a, *names) -> float:
+    """Bytes a tile element loads: of each named tensor (a false name: not
+    loaded), and of the mask it reads (a structured keep byte, a packed bit)."""
+    total = sum(a[name].element_size() for name in names if name)
+    if a.get("MASK_FROM_PTR"):
+        total += 1
+    if a.get("BITS_IN"):
+        total += 1 / 8
+    return total
+
+
+def _keep_reread(a, elements: int) -> int:
+    """Bytes to take off `elements` streamed keep bytes for a structured
+    mask read through broadcast strides: its small keep tensor counts once."""
+    if a.get("MASK_FROM_PTR") and a.get("KEEP_DIMS"):
+        return elements - a["keep_ptr"].numel()
+    return 0
+
+
+def _once(a, flag: str, name: str, count: int) -> int:
+    """Bytes of `count` elements of a tensor every program reads, when flag."""
+    return count * a[name].element_size() if a[flag] else 0
+
+
+def _facts(read, written, tile_bytes, warps, slots, busy, chain) -> dict:
+    return {"bytes_read": math.ceil(read), "bytes_written": math.ceil(written),
+            "inflight_bytes_per_thread": tile_bytes / (warps * 32), "lane_slots": slots, "busy_slots": busy,
+            "dependent_loads": chain}
+
+
+def _fn_name(kernel) -> str:
+    return getattr(kernel, "fn", kernel).__name__
+
+
+def _torch_pass(name: str, read: int, written: int, elements: int) -> None:
+    """Records a pass that torch runs on the device for a launcher."""
+    if _RECORDS is not None:
+        _RECORDS.append({"kernel": name, "grid": (), "num_warps": 0, "constexprs": {},
+                         **_facts(read, written, 0, 1, elements, elements, 1)})
+
+
 def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
-    """Every launch of this module: on ``like``'s device."""
+    """Every launch of this module: on ``like``'s device (recorded instead
+    under ``recording()``)."""
+    if _RECORDS is not None:
+        name = _fn_name(kernel)
+        warps = meta["num_warps"]
+        constexprs = {k: v for k, v in meta.items() if k != "num_warps"}
+        params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+        facts_of = _FACTS[name]
+        facts = facts_of(grid, {**dict(zip(params, args)), **constexprs}, warps)
+        _RECORDS.append({"kernel": name, "grid": tuple(grid), "num_warps": warps, "constexprs": constexprs,
+                         **facts})
+        return
     with _device_guard(like):
         kernel[grid](*args, **meta)
+
+
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t row-major: itself, or a copy (a pass over it)."""
+    if t is None or t.is_contiguous():
+        return t
+    _torch_pass("torch.contiguous", t.numel() * t.element_size(), t.numel() * t.element_size(), t.numel())
+    return t.contiguous()
 
 
 def _state_on(state: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
@@ -1139,6 +1512,8 @@ def _state_on(state: Optional[torch.Tensor], device: torch.device) -> Optional[t
     arguments: a copy from pageable host memory would synchronise."""
     if state is None or state.device == device:
         return state
+    for _ in range(state.numel()):
+        _torch_pass("torch.fill_", 0, 8, 1)
     return _words(state.tolist(), device)
 
 
@@ -1171,20 +1546,67 @@ def _keeps_groups(imap: tuple, dims: int) -> bool:
     return imap[0] % 4 == 0 and (dims == 0 or imap[1] % 4 == 0 and all(t % 4 == 0 for t in strides))
 
 
-def _structured_keep(state, shape, mask_shape, place) -> Optional[torch.Tensor]:
-    """For a structured mask: its small keep mask broadcast to the full shape
-    (a 1-byte temporary, never saved for backward); a shard's is the block
-    of the global small mask at its place (sharding.mask_place)."""
-    if state is None or not mask_shape or tuple(mask_shape) == global_shape(shape, place):
+# A launch without a structured mask: kmap's words unread (KEEP_DIMS 0).
+_NO_KEEP = ((1,) * MAX_KEEP_DIMS.value + (0,) * MAX_KEEP_DIMS.value, 0)
+
+
+def _keep_view(shape: Sequence[int], small: Sequence[int]) -> Optional[Tuple[tuple, int]]:
+    """(kmap, KEEP_DIMS) reading a row-major keep tensor of shape `small`
+    broadcast to `shape`: the dimensions of more than one element, runs of
+    them collapsed where one continues the next (a broadcast run included),
+    as csrc/cuda/ops_impl.h collapse_mask; None past MAX_KEEP_DIMS."""
+    small = (1,) * (len(shape) - len(small)) + tuple(small)
+    own, step = [], 1
+    for s in reversed(small):
+        own.append(step)
+        step *= s
+    own.reverse()
+    sizes, strides = [], []
+    for s, k, st in zip(shape, small, own):
+        if s == 1:
+            continue
+        st = st if k == s else 0
+        if sizes and strides[-1] == s * st:
+            sizes[-1] *= s
+            strides[-1] = st
+        else:
+            sizes.append(s)
+            strides.append(st)
+    if not sizes:
+        sizes, strides = [1], [0]
+    dims = len(sizes)
+    if dims > MAX_KEEP_DIMS.value:
         return None
+    pad = MAX_KEEP_DIMS.value - dims
+    return tuple(sizes[::-1]) + (1,) * pad + tuple(strides[::-1]) + (0,) * pad, dims
+
+
+def _structured_keep(state, shape, mask_shape, place) -> Tuple[Optional[torch.Tensor], tuple, int]:
+    """(keep, kmap, KEEP_DIMS) of a structured mask: its small keep mask,
+    which the kernels read through broadcast strides (never saved for
+    backward); a shard's is the block of the global small mask at its place
+    (sharding.mask_place). A mask of more alternating runs of broadcast and
+    kept dimensions than the kernels index is broadcast to the full shape
+    (a 1-byte temporary) and read at each element's index. No keep tensor
+    (None) for a full mask or none."""
+    if state is None or not mask_shape or tuple(mask_shape) == global_shape(shape, place):
+        return (None,) + _NO_KEEP
     small, small_place = mask_place(shape, mask_shape, place)
-    return dropout_mask(state, list(small), small_place).expand(tuple(shape)).contiguous()
+    keep = dropout_mask(state, list(small), small_place)
+    view = _keep_view(shape, small)
+    if view is not None:
+        return (keep,) + view
+    n = math.prod(shape)
+    _torch_pass("torch.contiguous", keep.numel(), n, n)
+    return (keep.expand(tuple(shape)).contiguous(),) + _NO_KEEP
 
 
 def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """The output in the input's memory format, as nn.Dropout gives it."""
     if input.is_contiguous():
         return result
+    _torch_pass("torch.copy_", result.numel() * result.element_size(), result.numel() * result.element_size(),
+                result.numel())
     out = torch.empty_like(input)
     out.copy_(result)
     return out
@@ -1210,28 +1632,28 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     read from there instead of drawn (state still gives the scale). place:
     the input is that block of a global tensor, whose mask it draws."""
     _check_dtype(input, "input")
-    x = input.contiguous()
+    x = _dense(input)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     bits = mask_bits_like(x, state, mask_shape, pack_mask, place)
     n = x.numel()
     if n == 0:
         return _like_input(input, out), bits
     state = _state_on(state, x.device)
-    keep = _structured_keep(state, x.shape, mask_shape, place)
-    b = bias.contiguous() if bias is not None else x
-    r = residual.contiguous() if residual is not None else x
+    keep, kmap, kdims = _structured_keep(state, x.shape, mask_shape, place)
+    b = _dense(bias) if bias is not None else x
+    r = _dense(residual) if residual is not None else x
     pack = bits.numel() > 0
-    bits_in = mask_bits.contiguous() if mask_bits is not None else None
+    bits_in = _dense(mask_bits) if mask_bits is not None else None
     bp = bits if pack else bits_in if bits_in is not None else x
     draws = state is not None and keep is None and bits_in is None
     imap, dims = _index_map(x.shape, place if draws else None)
     R, block, warps = flat_config(n, x.element_size())
     _launch(_flat_kernel, (triton.cdiv(n, block),), x,
-            x, x, b, r, keep if keep is not None else x, out, out, state if state is not None else x, bp, n,
-            _last_dim(x), imap, ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            x, x, b, r, keep if keep is not None else x, out, state if state is not None else x, bp, n,
+            _last_dim(x), imap, kmap, ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
             HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None, BITS_IN=bits_in is not None,
-            BITS_OUT=pack, STORE_F32=False, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims, R=R,
-            BLOCK=block, num_warps=warps)
+            BITS_OUT=pack, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims,
+            KEEP_DIMS=kdims, R=R, BLOCK=block, num_warps=warps)
     return _like_input(input, out), bits
 
 
@@ -1241,47 +1663,55 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
                            place: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_dtype(grad, "grad")
     _check_dtype(input, "input")
-    g = grad.contiguous()
+    g = _dense(grad)
     dx = torch.empty_like(g, memory_format=torch.contiguous_format)
     H = _last_dim(g)
     n = g.numel()
     if not bias_grad:
         db = g.new_empty((0,))
     elif n == 0:
+        _torch_pass("torch.zeros", 0, H * g.element_size(), H)
         db = g.new_zeros((H,))
     if n == 0:
         return _like_input(grad, dx), db
     state = _state_on(state, g.device)
-    keep = _structured_keep(state, g.shape, mask_shape, place)
+    keep, kmap, kdims = _structured_keep(state, g.shape, mask_shape, place)
     act = ACTS[activation]
-    x = input.contiguous() if (input is not None and act != ACTS["identity"]) else g
+    x = _dense(input) if (input is not None and act != ACTS["identity"]) else g
     has_bias = bias is not None and act != ACTS["identity"]
-    b = bias.contiguous() if has_bias else g
+    b = _dense(bias) if has_bias else g
     kp = keep if keep is not None else g
     st = state if state is not None else g
-    bp = mask_bits.contiguous() if mask_bits is not None else g
+    bp = _dense(mask_bits) if mask_bits is not None else g
     draws = state is not None and keep is None and mask_bits is None
     imap, dims = _index_map(g.shape, place if draws else None)
     common = dict(ACT=act, HAS_BIAS=has_bias, HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None,
-                  BITS_IN=mask_bits is not None, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims)
-    if bias_grad and H % 4 == 0:
+                  BITS_IN=mask_bits is not None, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims, KEEP_DIMS=kdims)
+    if bias_grad:
         rows = n // H
-        R, block, warps, per = rows_config(rows, H, g.element_size())
+        R, block, warps, per = rows_config(rows, H, g.element_size(), _sm_count(g.device))
         grid = rows_grid(rows, H, block, per)
         part = g.new_empty((grid[1], H), dtype=torch.float32)
+        common["ALIGNED"] = common["ALIGNED"] and H % 4 == 0
         _launch(_rows_kernel, grid, g,
-                g, x, b, kp, dx, part, st, bp, rows, H, imap, ROWS_PER_PROGRAM=per, R=R, BLOCK=block, num_warps=warps,
-                **common)
-        db = part.sum(0).to(g.dtype)
+                g, x, b, kp, dx, part, st, bp, rows, H, per, imap, kmap, R=R, BLOCK=block, num_warps=warps, **common)
+        db = _sum_rows(part, g.dtype)
     else:
-        d32 = g.new_empty(g.shape, dtype=torch.float32) if bias_grad else dx
         R, block, warps = flat_config(n, g.element_size())
         _launch(_flat_kernel, (triton.cdiv(n, block),), g,
-                g, x, b, g, kp, dx, d32, st, bp, n, H, imap, HAS_RES=False, BITS_OUT=False, STORE_F32=bias_grad,
+                g, x, b, g, kp, dx, st, bp, n, H, imap, kmap, HAS_RES=False, BITS_OUT=False,
                 BWD=True, R=R, BLOCK=block, num_warps=warps, **common)
-        if bias_grad:
-            db = d32.reshape(-1, H).sum(0).to(g.dtype)
     return _like_input(grad, dx), db
+
+
+def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The column sums of a float32 partial buffer, rounded once to dtype."""
+    parts, H = part.shape
+    out = part.new_empty((H,), dtype=dtype)
+    C, block, warps = sum_config(parts, H)
+    _launch(_sum_rows_kernel, (triton.cdiv(H, block),), part, part, out, parts, H, C=C, BLOCK=block,
+            num_warps=warps)
+    return out
 
 
 def dropout_mask(state: torch.Tensor, shape: List[int], place: Optional[List[int]] = None) -> torch.Tensor:
@@ -1298,6 +1728,8 @@ def dropout_mask(state: torch.Tensor, shape: List[int], place: Optional[List[int
 
 def _sm_count(device: torch.device) -> int:
     """SMs of the tensors' GPU (the backward's grid); the interpreter has none."""
+    if _RECORDS is not None:
+        return _RECORD_SMS
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -1310,7 +1742,7 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     """(y, h, mean, rstd), as reference.dropout_add_norm; y and h row-major.
     place: the input is that block of a global tensor, whose rows it holds whole."""
     _check_dtype(input, "input")
-    x = input.contiguous()
+    x = _dense(input)
     h_dtype, stat_dtype = norm_dtypes(x.dtype, residual_in_fp32)
     H = x.shape[-1]
     rows = math.prod(x.shape[:-1])
@@ -1321,17 +1753,18 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     if rows == 0:
         return y, h, mean, rstd
     state = _state_on(state, x.device)
-    r = residual.contiguous() if residual is not None else x
-    w = weight.contiguous() if weight is not None else x
-    b = bias.contiguous() if bias is not None else x
+    r = _dense(residual) if residual is not None else x
+    w = _dense(weight) if weight is not None else x
+    b = _dense(bias) if bias is not None else x
     imap, dims = _index_map(x.shape, place if state is not None else None)
-    R, block, warps, loop = norm_config(H, x.element_size())
+    R, block, warps, loop, tiles = norm_config(H, x.element_size())
     grid = min(rows, GRID_X_MAX)
     _launch(_norm_kernel, (grid,), x,
             x, r, w, b, y, h, mean if norm == "layer" else rstd, rstd, state if state is not None else x, rows, H,
-            float(eps), imap, STEPS=triton.cdiv(rows, grid), RMS=norm == "rms", HAS_RES=residual is not None,
+            float(eps), imap, ROUNDS=rows > grid, RMS=norm == "rms", HAS_RES=residual is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_STATE=state is not None, ALIGNED=H % 4 == 0,
-            MAP_DIMS=dims, LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
+            MAP_DIMS=dims, LOOP=loop, EVEN=not loop and block * tiles == H, NT=tiles, R=R, BLOCK=block,
+            num_warps=warps)
     return y, h, mean, rstd
 
 
@@ -1344,8 +1777,8 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
     reference.dropout_add_norm_backward; [0] where output_mask leaves one out."""
     _check_dtype(grad, "grad")
     need_dx, need_dres, need_dw, need_db = (bool(v) for v in output_mask)
-    g = grad.contiguous()
-    hc = h.contiguous()
+    g = _dense(grad)
+    hc = _dense(h)
     H = g.shape[-1]
     rows = math.prod(g.shape[:-1])
     stat = rstd.dtype
@@ -1356,27 +1789,33 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
         return g.new_empty((H,) if need else (0,), dtype=stat)
 
     if g.numel() == 0 or not any((need_dx, need_dres, need_dw, need_db)):
+        for need in (need_dw, need_db):
+            if need:
+                _torch_pass("torch.zero_", 0, H * 4, H)
         return dx, dres, param(need_dw).zero_(), param(need_db).zero_()
     state = _state_on(state, g.device)
-    R, block, warps, loop = norm_config(H, g.element_size(), backward=True)
-    programs, per = norm_backward_grid(rows, warps, _sm_count(g.device))
+    R, block, warps, loop, tiles = norm_config(H, g.element_size(), backward=True)
+    programs, per = norm_backward_grid(rows, _sm_count(g.device))
     dw_part = g.new_empty((programs, H), dtype=torch.float32) if need_dw else g
     db_part = g.new_empty((programs, H), dtype=torch.float32) if need_db else g
-    gh = grad_h.contiguous() if grad_h is not None else g
-    w = weight.contiguous() if weight is not None else g
+    gh = _dense(grad_h) if grad_h is not None else g
+    w = _dense(weight) if weight is not None else g
     drop = need_dx and state is not None
-    rstd = rstd.contiguous()
+    rstd = _dense(rstd)
     imap, dims = _index_map(g.shape, place if drop else None)
     _launch(_norm_backward_kernel, (programs,), g,
-            g, gh, hc, w, mean.contiguous() if norm == "layer" else rstd, rstd, state if drop else g,
-            dx if need_dx else g, dres if need_dres else hc, dw_part, db_part, rows, H, imap, PER=per,
+            g, gh, hc, w, _dense(mean) if norm == "layer" else rstd, rstd, state if drop else g,
+            dx if need_dx else g, dres if need_dres else hc, dw_part, db_part, rows, H, per, imap,
             RMS=norm == "rms", HAS_GH=grad_h is not None, HAS_W=weight is not None, HAS_STATE=drop,
             ALIGNED=H % 4 == 0, MAP_DIMS=dims, NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db,
-            LOOP=loop, EVEN=not loop and block == H, R=R, BLOCK=block, num_warps=warps)
-    dw = dw_part.sum(0) if need_dw else param(False)
-    db = db_part.sum(0) if need_db else param(False)
+            LOOP=loop, EVEN=not loop and block * tiles == H, NT=tiles, R=R, BLOCK=block, num_warps=warps)
+    dw = _sum_rows(dw_part, stat) if need_dw else param(False)
+    db = _sum_rows(db_part, stat) if need_db else param(False)
     return dx, dres, dw, db
 
+
+_FACTS = {"_flat_kernel": _flat_facts, "_rows_kernel": _rows_facts, "_sum_rows_kernel": _sum_rows_facts,
+          "_mask_kernel": _mask_facts, "_norm_kernel": _norm_facts, "_norm_backward_kernel": _norm_backward_facts}
 
 KERNELS = {"fused_dropout": fused_dropout, "fused_dropout_backward": fused_dropout_backward,
            "dropout_mask": dropout_mask, "dropout_add_norm": dropout_add_norm,

@@ -27,8 +27,8 @@ ALIGNED = [["tt.divisibility", 16]]
 DTYPES = [("fp32", 4), ("bf16", 2), ("fp16", 2)]
 # An unsharded call's map arguments (triton_kernels._index_map), which every
 # build gets unless it names a shard's: no map, its tuple never read.
-UNSHARDED = {"ALIGNED": True, "MAP_DIMS": K.NO_MAP.value}
-MAP_TYPES = {"imap": ("i64",) * len(K._IDENTITY[0])}
+UNSHARDED = {"ALIGNED": True, "MAP_DIMS": K.NO_MAP.value, "KEEP_DIMS": 0}
+MAP_TYPES = {"imap": ("i64",) * len(K._IDENTITY[0]), "kmap": ("i64",) * len(K._NO_KEEP[0])}
 
 
 def _build(fn, types, constexprs, arch, num_warps=8, divisible=()):
@@ -84,10 +84,10 @@ def _count(ptx, pattern):
     return len(re.findall(pattern, ptx))
 
 
-def _flat_types(dtype, f32_out=False):
+def _flat_types(dtype):
     p = f"*{dtype}"
     return {"src_ptr": p, "x_ptr": p, "bias_ptr": p, "res_ptr": p, "keep_ptr": "*i1", "out_ptr": p,
-            "f32_ptr": "*fp32" if f32_out else p, "state_ptr": "*i64", "bits_ptr": "*u8", "n": "i64", "H": "i32"}
+            "state_ptr": "*i64", "bits_ptr": "*u8", "n": "i64", "H": "i32"}
 
 
 def _no_contraction_ieee_division(ptx):
@@ -110,7 +110,7 @@ def _bias_index_in_32_bits(ptx):
 def test_forward_kernel(arch, dtype, size, activation):
     R, block, warps = _large_config(size)
     consts = {"ACT": K.ACTS[activation], "HAS_BIAS": activation != "identity", "HAS_RES": True, "HAS_STATE": True,
-              "MASK_FROM_PTR": False, "BITS_IN": False, "BITS_OUT": False, "STORE_F32": False, "BWD": False, "R": R,
+              "MASK_FROM_PTR": False, "BITS_IN": False, "BITS_OUT": False, "BWD": False, "R": R,
               "BLOCK": block}
     ptx = _compile(K._flat_kernel, _flat_types(dtype), consts, arch, warps)
     _no_contraction_ieee_division(ptx)
@@ -130,12 +130,12 @@ def test_forward_kernel(arch, dtype, size, activation):
 def test_backward_kernel(arch, dtype, size):
     R, block, warps = _large_config(size)
     consts = {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_RES": False, "HAS_STATE": True, "MASK_FROM_PTR": False,
-              "BITS_IN": False, "BITS_OUT": False, "STORE_F32": True, "BWD": True, "R": R, "BLOCK": block}
-    ptx = _compile(K._flat_kernel, _flat_types(dtype, f32_out=True), consts, arch, warps)
+              "BITS_IN": False, "BITS_OUT": False, "BWD": True, "R": R, "BLOCK": block}
+    ptx = _compile(K._flat_kernel, _flat_types(dtype), consts, arch, warps)
     _no_contraction_ieee_division(ptx)
     _bias_index_in_32_bits(ptx)
     assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 2  # dy and x
-    assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 2  # dx and its float32 copy
+    assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1  # dx
 
 
 # Registers per thread, at most: 128 leaves room for two 8-warp blocks on an
@@ -157,8 +157,8 @@ def test_large_tensor_registers(dtype, size, direction, activation):
     bwd = direction.startswith("backward")
     consts = {"ACT": K.ACTS[activation], "HAS_BIAS": True, "HAS_RES": not bwd, "HAS_STATE": True,
               "MASK_FROM_PTR": False, "BITS_IN": direction == "backward_bits", "BITS_OUT": direction == "forward_pack",
-              "STORE_F32": bwd, "BWD": bwd, "R": R, "BLOCK": block}
-    usage = _resource_usage(_build(K._flat_kernel, _flat_types(dtype, f32_out=bwd), consts, 90, warps))
+              "BWD": bwd, "R": R, "BLOCK": block}
+    usage = _resource_usage(_build(K._flat_kernel, _flat_types(dtype), consts, 90, warps))
     assert usage["REG"] <= MAX_REGISTERS, (usage, (R, block, warps))
     assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, usage
 
@@ -167,7 +167,7 @@ def test_large_tensor_registers(dtype, size, direction, activation):
 def test_no_state_compiles_no_philox(arch):
     """state None (eval mode): the kernel has no Philox and reads no p."""
     consts = {"ACT": K.ACTS["silu"], "HAS_BIAS": True, "HAS_RES": True, "HAS_STATE": False, "MASK_FROM_PTR": False,
-              "BITS_IN": False, "BITS_OUT": False, "STORE_F32": False, "BWD": False, "R": 8, "BLOCK": 4096}
+              "BITS_IN": False, "BITS_OUT": False, "BWD": False, "R": 8, "BLOCK": 4096}
     ptx = _compile(K._flat_kernel, _flat_types("bf16"), consts, arch)
     _no_contraction_ieee_division(ptx)
     assert _count(ptx, r"mul\.hi\.u32") == 0 and _count(ptx, r"div\.rn\.f64") == 0
@@ -175,29 +175,79 @@ def test_no_state_compiles_no_philox(arch):
 
 
 ROWS_TYPES = {"g_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "keep_ptr": "*i1", "dx_ptr": "*bf16",
-              "part_ptr": "*fp32", "state_ptr": "*i64", "bits_ptr": "*u8", "rows": "i64", "H": "i32"}
+              "part_ptr": "*fp32", "state_ptr": "*i64", "bits_ptr": "*u8", "rows": "i64", "H": "i32", "per": "i32"}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_bias_gradient_and_mask_kernels(arch):
     consts = {"ACT": K.ACTS["gelu_tanh"], "HAS_BIAS": True, "HAS_STATE": True, "MASK_FROM_PTR": False,
-              "BITS_IN": False, "ROWS_PER_PROGRAM": 16, "R": 8, "BLOCK": 1024}
+              "BITS_IN": False, "R": 8, "BLOCK": 1024}
     ptx = _compile(K._rows_kernel, ROWS_TYPES, consts, arch, num_warps=4)
     _no_contraction_ieee_division(ptx)
     assert _count(ptx, r"atom\.") == 0  # no atomics: the bias gradient is deterministic
+    # A row length that is not a multiple of 4: element by element.
+    ptx = _compile(K._rows_kernel, ROWS_TYPES, dict(consts, ALIGNED=False), arch, num_warps=4)
+    _no_contraction_ieee_division(ptx)
 
     ptx = _compile(K._mask_kernel, {"out_ptr": "*i1", "state_ptr": "*i64", "n": "i64"}, {"R": 16, "BLOCK": 4096},
                    arch)
     assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1  # 16 keep bytes a thread
 
 
+@pytest.mark.parametrize("keep_dims", [2, K.MAX_KEEP_DIMS.value])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_structured_mask_through_strides(keep_dims, direction):
+    """A structured mask is read from its small keep tensor through
+    broadcast strides: the 64-bit divisions are per program (one a
+    collapsed dimension but the outermost, besides the bias column's),
+    per element only 32-bit ones; the tensors still move 16 bytes a
+    thread, without spills (the 16-bit gelu body, sm_90)."""
+    R, block, warps = _large_config(2)
+    consts = _flat_consts(R, block, "gelu", MASK_FROM_PTR=True, KEEP_DIMS=keep_dims, BWD=direction == "backward",
+                          HAS_RES=direction == "forward")
+    kernel = _build(K._flat_kernel, _flat_types("bf16"), consts, 90, warps)
+    ptx = kernel.asm["ptx"]
+    _no_contraction_ieee_division(ptx)
+    assert _count(ptx, r"(rem|div)\.[su]64") <= (keep_dims - 1) + 2
+    assert _count(ptx, _PHILOX) == 0
+    assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 1 and _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
+    usage = _resource_usage(kernel)
+    assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
+    types = dict(ROWS_TYPES, **{k: "*bf16" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
+    rows = _build(K._rows_kernel, types, {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True,
+                                          "MASK_FROM_PTR": True, "BITS_IN": False, "KEEP_DIMS": keep_dims, "R": 8,
+                                          "BLOCK": 1024}, 90, 4)
+    _no_contraction_ieee_division(rows.asm["ptx"])
+    assert _count(rows.asm["ptx"], _PHILOX) == 0
+    usage = _resource_usage(rows)
+    assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
+
+
 def test_new_p_or_size_needs_no_new_binary():
-    """p is data (the state tensor), and the element count is not
-    specialised, so neither a new p nor a new size compiles another kernel."""
-    for kernel in (K._flat_kernel, K._mask_kernel):
+    """p is data (the state tensor), and the element count, the row count
+    and the rows a program walks are not specialised, so neither a new p
+    nor a new size compiles another kernel."""
+    counts = {K._flat_kernel: ("n",), K._mask_kernel: ("n",), K._rows_kernel: ("rows", "per"),
+              K._sum_rows_kernel: ("parts",), K._norm_kernel: ("rows",), K._norm_backward_kernel: ("rows", "per")}
+    for kernel, names in counts.items():
         params = {p.name: p for p in kernel.params}
-        assert params["n"].do_not_specialize
+        assert all(params[name].do_not_specialize for name in names)
         assert not any(name in params for name in ("p", "thr", "drop_all", "scale"))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("out", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("parts", [1, 264, 1056])
+def test_sum_rows_kernel(arch, out, parts):
+    """The second stage of the parameter gradients: 128-bit loads of the
+    partial rows, no atomics, no spills at each tile height it takes."""
+    C, block, warps = K.sum_config(parts, 4096)
+    kernel = _build(K._sum_rows_kernel, {"part_ptr": "*fp32", "out_ptr": f"*{out}", "parts": "i32", "H": "i32"},
+                    {"C": C, "BLOCK": block}, arch, warps, divisible=("H",))
+    ptx = kernel.asm["ptx"]
+    assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 1 and _count(ptx, r"atom\.") == 0
+    usage = _resource_usage(kernel)
+    assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, usage
 
 
 # --- the packed mask mode ------------------------------------------------------------
@@ -209,7 +259,7 @@ _BYTE_LOAD = r"ld\.global[^\n]*\.[bu]8\b"
 
 def _flat_consts(R, block, activation, **flags):
     consts = {"ACT": K.ACTS[activation], "HAS_BIAS": activation != "identity", "HAS_RES": True, "HAS_STATE": True,
-              "MASK_FROM_PTR": False, "BITS_IN": False, "BITS_OUT": False, "STORE_F32": False, "BWD": False,
+              "MASK_FROM_PTR": False, "BITS_IN": False, "BITS_OUT": False, "BWD": False,
               "R": R, "BLOCK": block}
     consts.update(flags)
     return consts
@@ -247,8 +297,8 @@ def test_bits_reading_kernels_draw_no_words(arch, dtype, size):
     tensors still 16 bytes a thread."""
     R, block, warps = _large_config(size)
     fwd = _compile(K._flat_kernel, _flat_types(dtype), _flat_consts(R, block, "gelu", BITS_IN=True), arch, warps)
-    bwd = _compile(K._flat_kernel, _flat_types(dtype, f32_out=True),
-                   _flat_consts(R, block, "gelu", BITS_IN=True, HAS_RES=False, STORE_F32=True, BWD=True), arch, warps)
+    bwd = _compile(K._flat_kernel, _flat_types(dtype),
+                   _flat_consts(R, block, "gelu", BITS_IN=True, HAS_RES=False, BWD=True), arch, warps)
     for ptx in (fwd, bwd):
         _no_contraction_ieee_division(ptx)
         assert _count(ptx, _PHILOX) == 0
@@ -257,7 +307,7 @@ def test_bits_reading_kernels_draw_no_words(arch, dtype, size):
         assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
     types = dict(ROWS_TYPES, **{k: f"*{dtype}" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
     consts = {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True, "MASK_FROM_PTR": False, "BITS_IN": True,
-              "ROWS_PER_PROGRAM": 16, "R": R, "BLOCK": R * 32 * 4}
+              "R": R, "BLOCK": R * 32 * 4}
     rows = _compile(K._rows_kernel, types, consts, arch, num_warps=4)
     _no_contraction_ieee_division(rows)
     assert _count(rows, _PHILOX) == 0 and _count(rows, _BYTE_LOAD) >= 1
@@ -284,14 +334,14 @@ def test_shard_kernels(dtype, size, map_dims, aligned, direction):
     value or two on the stack, by ptxas release."""
     R, block, warps = _large_config(size)
     bwd = direction == "backward"
-    consts = _flat_consts(R, block, "gelu", HAS_RES=not bwd, STORE_F32=bwd, BWD=bwd, BITS_OUT=not bwd,
+    consts = _flat_consts(R, block, "gelu", HAS_RES=not bwd, BWD=bwd, BITS_OUT=not bwd,
                           ALIGNED=aligned, MAP_DIMS=map_dims)
-    kernel = _build(K._flat_kernel, _flat_types(dtype, f32_out=bwd), consts, 90, warps)
+    kernel = _build(K._flat_kernel, _flat_types(dtype), consts, 90, warps)
     ptx = kernel.asm["ptx"]
     _no_contraction_ieee_division(ptx)
     assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 2
     assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
-    unsharded = _build(K._flat_kernel, _flat_types(dtype, f32_out=bwd), dict(consts, **UNSHARDED), 90, warps)
+    unsharded = _build(K._flat_kernel, _flat_types(dtype), dict(consts, **UNSHARDED), 90, warps)
     philox, plain = _count(ptx, _PHILOX), _count(unsharded.asm["ptx"], _PHILOX)
     # (LLVM may fold one or two of them differently in either kernel)
     assert abs(philox - plain) <= 2 if aligned else philox >= 3 * plain
@@ -305,7 +355,8 @@ def test_shard_kernels(dtype, size, map_dims, aligned, direction):
 
 # --- dropout_add_norm ----------------------------------------------------------------
 
-NORM_H = [7, 1024, 4097, 65536]  # a short row, rows in registers (even and odd), the column-tile loop
+# a short row, rows in registers (even, in three tiles, and odd), the column-tile loop
+NORM_H = [7, 1024, 768, 4097, 65536]
 
 
 def _norm_types(dtype, h_dtype):
@@ -314,7 +365,7 @@ def _norm_types(dtype, h_dtype):
            "rstd_ptr": "*fp32", "state_ptr": "*i64", "rows": "i32", "H": "i32", "eps": "fp32"}
     bwd = {"g_ptr": p, "gh_ptr": ph, "h_ptr": ph, "w_ptr": p, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
            "state_ptr": "*i64", "dx_ptr": p, "dres_ptr": ph, "dw_ptr": "*fp32", "db_ptr": "*fp32", "rows": "i32",
-           "H": "i32"}
+           "H": "i32", "per": "i32"}
     return fwd, bwd
 
 
@@ -322,16 +373,16 @@ def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None, map_
     """The norm kernel a launch with rows of H elements compiles, with every
     input and output present, H specialised as a launch would (a multiple
     of 16 or not); a shard's with map_dims strided dimensions."""
-    R, block, warps, loop = K.norm_config(H, size, backward)
+    R, block, warps, loop, tiles = K.norm_config(H, size, backward)
     flags = {"RMS": norm == "rms", "HAS_STATE": True, "ALIGNED": H % 4 == 0, "MAP_DIMS": map_dims, "LOOP": loop,
-             "EVEN": not loop and block == H, "R": R, "BLOCK": block}
+             "EVEN": not loop and block * tiles == H, "NT": tiles, "R": R, "BLOCK": block}
     fwd, bwd = _norm_types(dtype, h_dtype or dtype)
     if backward:
         fn, types = K._norm_backward_kernel, bwd
-        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, PER=16)
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True)
     else:
         fn, types = K._norm_kernel, fwd
-        flags.update(STEPS=1, HAS_RES=True, HAS_W=True, HAS_B=True)
+        flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)
     return _build(fn, types, flags, arch, warps, divisible=("H",) if H % 16 == 0 else ())
 
 
@@ -366,7 +417,7 @@ def test_norm_kernels(arch, dtype, size, H, backward):
 
 
 @pytest.mark.parametrize("dtype,size,h_dtype", [("fp32", 4, "fp32"), ("bf16", 2, "bf16"), ("bf16", 2, "fp32")])
-@pytest.mark.parametrize("H", [1024, 2047, 4096, 4097, 8192, K.NORM_MAX_BLOCK, 65536])
+@pytest.mark.parametrize("H", [768, 1024, 2047, 4096, 4097, 6144, 8192, 12288, K.NORM_MAX_BLOCK, 65536])
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_norm_registers(dtype, size, h_dtype, H, backward):
     """The widest rows held in registers (each direction's and alignment's
@@ -401,14 +452,15 @@ def test_norm_shard_kernels(dtype, size, H, backward):
 def test_norm_rows_of_one(backward):
     """A launch specialises an integer argument equal to 1 into a constant:
     rows of one element (H == 1) and a single row compile too."""
-    R, block, warps, loop = K.norm_config(1, 4, backward)
-    flags = {"RMS": False, "HAS_STATE": True, "ALIGNED": False, "LOOP": loop, "EVEN": False, "R": R, "BLOCK": block,
+    R, block, warps, loop, tiles = K.norm_config(1, 4, backward)
+    flags = {"RMS": False, "HAS_STATE": True, "ALIGNED": False, "LOOP": loop, "EVEN": False, "NT": tiles, "R": R,
+             "BLOCK": block,
              "H": 1, "rows": 1}
     fwd, bwd = _norm_types("fp32", "fp32")
     if backward:
-        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, PER=1)
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, per=1)
         ptx = _compile(K._norm_backward_kernel, bwd, flags, 90, warps)
     else:
-        flags.update(STEPS=1, HAS_RES=True, HAS_W=True, HAS_B=True)
+        flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)
         ptx = _compile(K._norm_kernel, fwd, flags, 90, warps)
     assert _count(ptx, r"mul\.hi\.u32") >= 1

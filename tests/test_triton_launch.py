@@ -62,7 +62,8 @@ def _check_grid(name, grid):
         assert isinstance(size, int) and 1 <= size <= limit, f"{name}: grid {grid}, axis {axis} outside [1, {limit}]"
 
 
-KERNEL_NAMES = ("_flat_kernel", "_rows_kernel", "_mask_kernel", "_norm_kernel", "_norm_backward_kernel")
+KERNEL_NAMES = ("_flat_kernel", "_rows_kernel", "_sum_rows_kernel", "_mask_kernel", "_norm_kernel",
+                "_norm_backward_kernel")
 SMS = 132
 
 
@@ -111,9 +112,9 @@ def _every_launcher(device):
     K.fused_dropout(x, b, r, state, "gelu", [])
     K.fused_dropout(x, b, r, state, "gelu", [4, 1, 8])  # structured: the mask kernel, then the flat one
     K.fused_dropout(x, None, None, None, "identity", [])
-    K.fused_dropout_backward(g, x, b, state, "silu", [], True)  # the bias-gradient row kernel
+    K.fused_dropout_backward(g, x, b, state, "silu", [], True)  # the bias-gradient row kernel, then its sum
     x7, b7, g7 = _on(device, torch.randn(4, 6, 7), torch.randn(7), torch.randn(4, 6, 7))
-    K.fused_dropout_backward(g7, x7, b7, state, "silu", [], True)  # the flat kernel's float32 copy
+    K.fused_dropout_backward(g7, x7, b7, state, "silu", [], True)  # rows not starting on a Philox group
     K.fused_dropout_backward(g, None, None, None, "identity", [], False)
     K.dropout_mask(state, [5, 3])
     _, bits = K.fused_dropout(x, b, r, state, "gelu", [], None, True)  # the packed mask mode
@@ -174,8 +175,8 @@ def test_config_table(elem_size, R):
         assert r == R and block % (R * 32 * warps) == 0 and math.log2(block).is_integer()
         _check_grid("flat", (-(-n // block),))
     for rows, H in ((1, 4), (7, 12), (4096, 4096), (10**6, 768), (3, 2**20), (2**27, 4), (2, 2**26 + 4096)):
-        r, block, warps, per = K.rows_config(rows, H, elem_size)
-        assert r == R and block % R == 0 and math.log2(block).is_integer() and math.log2(per).is_integer()
+        r, block, warps, per = K.rows_config(rows, H, elem_size, SMS)
+        assert r == R and block % R == 0 and math.log2(block).is_integer() and 1 <= per <= rows
         _check_grid("rows", K.rows_grid(rows, H, block, per))
 
 
@@ -196,24 +197,29 @@ def test_bias_gradient_grid_within_limits(recorded, dtype, rows, H):
     launches, _ = recorded
     g, x, b = _meta("cuda:1", (rows, H), (rows, H), (H,), dtype=dtype)
     K.fused_dropout_backward(g, x, b, None, "gelu", [], True)
-    [(name, _, grid, meta, args)] = launches
-    assert name == "_rows_kernel"
-    assert grid[0] * meta["BLOCK"] >= H and grid[1] * meta["ROWS_PER_PROGRAM"] >= rows
+    [(name, _, grid, meta, args), (sum_name, _, sum_grid, sum_meta, sum_args)] = launches
+    assert (name, sum_name) == ("_rows_kernel", "_sum_rows_kernel")
+    assert grid[0] * meta["BLOCK"] >= H and grid[1] * args[10] >= rows
+    assert sum_args[0] is args[5] and sum_grid[0] * sum_meta["BLOCK"] >= H
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PER_SIZE)
 @pytest.mark.parametrize("rows,H", [(1024, 768), (4096, 1024), (64, 4096), (8, 512), (3, 12), (10**6, 768)])
 def test_bias_gradient_partial_buffer_is_small(recorded, dtype, rows, H):
     """The float32 partial sums (a row per row program), written and summed
-    again after the kernel, hold at most 1/8 of dx's elements, or one row."""
+    again by the second stage, hold a row per _PART_MIN_ROWS rows of dx at
+    most, or one row; the second stage sums them in at most _SUM_STEPS
+    tiles a column, into the bias gradient's dtype."""
     launches, _ = recorded
     g, x, b = _meta("cuda:1", (rows, H), (rows, H), (H,), dtype=dtype)
     K.fused_dropout_backward(g, x, b, None, "gelu", [], True)
-    [(name, _, grid, meta, args)] = launches
+    [(name, _, grid, meta, args), (_, _, _, sum_meta, sum_args)] = launches
     assert name == "_rows_kernel"
     part_shape, part_dtype = tuple(args[5].shape), args[5].dtype
-    assert part_shape[0] * part_shape[1] <= max(H, rows * H // 8), (part_shape, (rows, H))
+    assert part_shape[0] <= -(-rows // K._PART_MIN_ROWS), (part_shape, (rows, H))
     assert part_dtype == torch.float32 and part_shape == (grid[1], H)
+    assert sum_args[2] == grid[1] and -(-grid[1] // sum_meta["C"]) <= K._SUM_STEPS
+    assert sum_args[1].dtype == dtype and tuple(sum_args[1].shape) == (H,)
 
 
 def test_packed_mode_launches(recorded):
@@ -231,8 +237,9 @@ def test_packed_mode_launches(recorded):
     assert none.shape == (0,)
     flat = [(meta, args) for name, _, _, meta, args in launches if name == "_flat_kernel"]
     rows = [(meta, args) for name, _, _, meta, args in launches if name == "_rows_kernel"]
+    assert [name for name, *_ in launches].count("_sum_rows_kernel") == 1
     assert [(m["BITS_OUT"], m["BITS_IN"]) for m, _ in flat] == [(True, False), (False, True), (False, False)]
-    assert flat[0][1][8] is bits and flat[1][1][8].inner.data_ptr() == bits.inner.data_ptr()
+    assert flat[0][1][7] is bits and flat[1][1][7].inner.data_ptr() == bits.inner.data_ptr()
     [(meta, args)] = rows
     assert meta["BITS_IN"] and args[7].inner.data_ptr() == bits.inner.data_ptr()
 
@@ -247,15 +254,17 @@ def test_norm_config(elem_size, backward):
     elements at most, column tiles past its limit; 16-byte rows of a tile,
     whole powers of two; the limits of elements a thread and warps."""
     R = 16 // elem_size
-    for H in (1, 3, 7, 77, 768, 1000, 2047, 2048, 4096, 4097, 8192, K.NORM_MAX_BLOCK, K.NORM_MAX_BLOCK + 1, 65536,
+    for H in (1, 3, 7, 77, 768, 1000, 1536, 2047, 3072, 5120, 6144, 12288, 2048, 4096, 4097, 8192, K.NORM_MAX_BLOCK, K.NORM_MAX_BLOCK + 1, 65536,
               2**20 + 3):
-        r, block, warps, loop = K.norm_config(H, elem_size, backward)
+        r, block, warps, loop, tiles = K.norm_config(H, elem_size, backward)
         per_thread, max_warps = K._NORM_LIMITS[backward, H % 4 == 0]
         assert r == R and block % R == 0 and math.log2(block).is_integer()
         assert warps in (1, 2, 4, 8, 16) and warps <= max_warps
-        assert block <= max(R, 32 * warps * per_thread)
+        assert block * tiles <= max(R, 32 * warps * per_thread)
         assert loop == (H > min(K.NORM_MAX_BLOCK, 32 * max_warps * per_thread))
-        assert block >= H if not loop else block <= K.NORM_MAX_BLOCK
+        assert block * tiles >= H if not loop else block <= K.NORM_MAX_BLOCK and tiles == 1
+        # several tiles: whole ones, each of a 16-byte row a thread at least
+        assert tiles == 1 or (block * tiles == H and tiles <= K._NORM_MAX_TILES and block >= R * 32 * warps)
     assert not K.norm_config(16384, elem_size, False)[3] and K.norm_config(16385, elem_size, False)[3]
     assert not K.norm_config(4096, elem_size, True)[3] and K.norm_config(2049, elem_size, True)[3]
 
@@ -269,10 +278,10 @@ def _norm_inputs(device, rows, H, dtype=torch.float32, meta=False):
 @pytest.mark.parametrize("rows,H", [(1, 7), (5, 77), (4096, 1024), (3, 65536), (10**6, 64), (2**31 + 5, 1)])
 def test_norm_grids(recorded, rows, H):
     """The forward: a program a row, more rows than CUDA's grid holds in
-    STEPS rounds. The backward: its grid from the shape and the SM count
-    alone (the order of the parameter-gradient sums), every row covered, a
-    power-of-two rows per program, and a float32 partial buffer of a row
-    per program for each parameter gradient."""
+    rounds. The backward: its grid from the shape and the SM count alone
+    (the order of the parameter-gradient sums), every row covered, at most
+    _NORM_SM_PROGRAMS programs an SM, and a float32 partial buffer of a row
+    per program for each parameter gradient, summed by the second stage."""
     launches, _ = recorded
     x, r, w, g = _norm_inputs("cuda:1", rows, H, meta=True)
     (state,) = _on("cuda:1", torch.tensor([1, 2, 4599075939470750515]))
@@ -280,17 +289,19 @@ def test_norm_grids(recorded, rows, H):
     mean = rstd.new_empty((0,))
     K.dropout_add_norm_backward(g, None, h, w, mean, rstd, state, "rms", [True, True, True, True])
     K.dropout_add_norm_backward(g, None, h, w, mean, rstd, state, "rms", [True, True, True, True])
-    [(fname, _, fgrid, fmeta, fargs), (bname, _, bgrid, bmeta, bargs), second] = launches
-    assert (fname, bname) == ("_norm_kernel", "_norm_backward_kernel")
-    assert fgrid[0] * fmeta["STEPS"] >= rows and (fmeta["STEPS"] == 1) == (rows <= K.GRID_X_MAX)
+    [(fname, _, fgrid, fmeta, fargs), (bname, _, bgrid, bmeta, bargs), sum_w, sum_b, second, *_] = launches
+    assert (fname, bname, sum_w[0], sum_b[0]) == ("_norm_kernel", "_norm_backward_kernel", "_sum_rows_kernel",
+                                                  "_sum_rows_kernel")
+    assert fgrid[0] == min(rows, K.GRID_X_MAX) and fmeta["ROUNDS"] == (rows > K.GRID_X_MAX)
     assert fmeta["LOOP"] == K.norm_config(H, 4)[3] and bmeta["LOOP"] == K.norm_config(H, 4, True)[3]
     assert fmeta["ALIGNED"] == bmeta["ALIGNED"] == (H % 4 == 0)
-    per = bmeta["PER"]
-    assert math.log2(per).is_integer() and bgrid[0] * per >= rows and (bgrid[0] - 1) * per < rows
-    assert bgrid[0] <= SMS * 32
+    per = bargs[13]
+    assert bgrid[0] * per >= rows and (bgrid[0] - 1) * per < rows
+    assert bgrid[0] <= SMS * K._NORM_SM_PROGRAMS and (bgrid[0] == 1 or per >= K._PART_MIN_ROWS)
     dw_part, db_part = bargs[9], bargs[10]
     assert dw_part.dtype == torch.float32 and tuple(dw_part.shape) == (bgrid[0], H) == tuple(db_part.shape)
-    assert second[2] == bgrid and second[3] == bmeta  # the same shape, the same grid: the same sums
+    assert sum_w[4][0] is dw_part and sum_b[4][0] is db_part and sum_w[4][2] == bgrid[0]
+    assert second[2] == bgrid and second[3] == bmeta and second[4][13] == per  # the same shape: the same sums
 
 
 def test_norm_output_mask(recorded):
@@ -305,7 +316,7 @@ def test_norm_output_mask(recorded):
         del launches[:]
         out = K.dropout_add_norm_backward(g, None, h, w, mean, rstd, state, "layer", mask)
         assert [tuple(t.shape) != (0,) for t in out] == mask
-        [(_, _, _, meta, args)] = launches
+        [(_, _, _, meta, args)] = [launch for launch in launches if launch[0] == "_norm_backward_kernel"]
         assert [meta[k] for k in ("NEED_DX", "NEED_DRES", "NEED_DW", "NEED_DB")] == mask
         assert meta["HAS_STATE"] == mask[0]  # only grad_input needs the mask
     del launches[:]

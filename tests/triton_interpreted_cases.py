@@ -178,7 +178,8 @@ def test_all_launches_are_fixed_and_guarded(tk, monkeypatch):
     y, h, mean, rstd = tk.dropout_add_norm(x, res, bias, None, _state(0.5), "layer", 1e-5, False)
     tk.dropout_add_norm_backward(grad, None, h, bias, mean, rstd, _state(0.5), "layer", [True, True, True, True])
     kernels = {k for k, _, _ in seen}
-    assert kernels == {tk._flat_kernel, tk._rows_kernel, tk._mask_kernel, tk._norm_kernel, tk._norm_backward_kernel}
+    assert kernels == {tk._flat_kernel, tk._rows_kernel, tk._sum_rows_kernel, tk._mask_kernel, tk._norm_kernel,
+                       tk._norm_backward_kernel}
     for kernel, device, meta in seen:
         assert not isinstance(kernel, Autotuner)
         assert device == x.device
@@ -269,11 +270,16 @@ def _norm_case(tk, shape, dtype, norm, p=0.3, residual_in_fp32=False, param_dtyp
     ((2, 3, 7), torch.float16, "layer"), ((2, 3, 7), torch.float32, "rms"),
     ((5, 77), torch.bfloat16, "layer"), ((5, 77), torch.float16, "rms"),
     ((4, 64), torch.float32, "layer"), ((4, 64), torch.bfloat16, "rms"),
+    ((3, 24), torch.float32, "layer"), ((5, 40), torch.bfloat16, "rms"), ((2, 48), torch.float16, "layer"),
 ])
 def test_norm_in_registers(tk, shape, dtype, norm):
-    """A row in one tile: masked (H below the tile) and even (H == BLOCK)
-    rows, H % 4 != 0 drawing element by element; several rows a program in
-    the backward."""
+    """A row in registers: one tile, masked (H below the tile) and even (H
+    == BLOCK), H % 4 != 0 drawing element by element, or several whole
+    tiles (24, 40 and 48: 3 or 5 tiles); several rows a program in the
+    backward."""
+    if shape[-1] in (24, 40, 48):
+        assert tk.norm_config(shape[-1], dtype.itemsize)[4] > 1
+        assert tk.norm_config(shape[-1], dtype.itemsize, True)[4] > 1
     _norm_case(tk, shape, dtype, norm)
 
 
@@ -403,3 +409,25 @@ def test_identity_place_takes_unsharded_kernels(tk):
     assert tk._index_map((2, 5, 6), [4, 5, 6, 0, 0, 0]) == tk._IDENTITY
     assert tk._index_map((4, 5, 6), [4, 5, 6, 0, 0, 0]) == tk._IDENTITY
     assert tk._index_map((2, 5, 6), [4, 5, 6, 1, 0, 0])[1] == tk.SHIFT.value
+
+
+# Structured masks read through broadcast strides: a collapsed dimension
+# shorter than the tile (a 32-bit division per element) and one as long or
+# longer (a compare and subtract), up to MAX_KEEP_DIMS dimensions, and past
+# them the broadcast copy; the bias-gradient row kernel's tiles too.
+STRUCTURED = [((5, 13), [5, 1]), ((4, 70), [1, 70]), ((3, 4, 40), [3, 1, 40]), ((2, 3, 5, 7), [2, 1, 5, 1]),
+              ((2, 3, 5, 7, 3), [2, 1, 5, 1, 3]), ((6, 2, 33), [1, 2, 1]), ((2, 3, 4), [1, 1, 1])]
+
+
+@pytest.mark.parametrize("shape,mask_shape", STRUCTURED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_structured_mask_through_strides(tk, shape, mask_shape, dtype):
+    x, bias, res, grad = make_inputs(shape, dtype)
+    view = tk._keep_view(shape, mask_shape)
+    assert (view is None) == (len(shape) == 5)
+    y = tk.fused_dropout(x, bias, res, _state(0.4), "gelu", mask_shape)[0]
+    assert_bitwise_equal(y, ref.fused_dropout(x, bias, res, SEED, OFFSET, 0.4, "gelu", tuple(mask_shape)))
+    dx, db = tk.fused_dropout_backward(grad, x, bias, _state(0.4), "gelu", mask_shape, True)
+    dx_ref, _ = ref.fused_dropout_backward(grad, x, bias, SEED, OFFSET, 0.4, "gelu", tuple(mask_shape), True)
+    assert_bitwise_equal(dx, dx_ref)
+    check_bias_grad(db, grad, x, bias, SEED, OFFSET, 0.4, "gelu", tuple(mask_shape))
