@@ -1481,6 +1481,24 @@ def _torch_pass(name: str, read: int, written: int, elements: int) -> None:
                          **_facts(read, written, 0, 1, elements, elements, 1)})
 
 
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                 torch.bool: "i1", torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
+
+
+def _signature(params, args, constexprs) -> dict:
+    """A recorded launch's argument types, as Triton's ahead-of-time compiler
+    takes them (an integer as i64: what a launch with a large value gets)."""
+    def kind(v):
+        if isinstance(v, torch.Tensor):
+            return "*" + _TRITON_TYPES[v.dtype]
+        if isinstance(v, tuple):
+            return tuple(kind(e) for e in v)
+        return "fp32" if isinstance(v, float) else "i64"
+
+    values = dict(zip(params, args))
+    return {p: "constexpr" if p in constexprs else kind(values[p]) for p in params}
+
+
 def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
     """Every launch of this module: on ``like``'s device (recorded instead
     under ``recording()``)."""
@@ -1492,7 +1510,7 @@ def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
         facts_of = _FACTS[name]
         facts = facts_of(grid, {**dict(zip(params, args)), **constexprs}, warps)
         _RECORDS.append({"kernel": name, "grid": tuple(grid), "num_warps": warps, "constexprs": constexprs,
-                         **facts})
+                         "signature": _signature(params, args, constexprs), **facts})
         return
     with _device_guard(like):
         kernel[grid](*args, **meta)

@@ -388,8 +388,11 @@ def triton_registers(record: Dict, arch: str = ARCH) -> Tuple[int, int]:
     from dropout_ext import triton_kernels as K
 
     fn = getattr(K, record["kernel"])
-    src = ASTSource(fn=fn, signature=record["signature"], constexprs=record["constexprs"],
-                    attrs=record.get("attrs", {}))
+    signature = record["signature"]
+    # Pointers 16-byte aligned, as the caching allocator gives them.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
+             if isinstance(t, str) and t.startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=record["constexprs"], attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch.split("_")[1]), 32),
                               options={"num_warps": record["num_warps"]})
     regs = _cubin_registers(compiled.asm["cubin"])
