@@ -173,9 +173,15 @@ struct LaunchFacts {
 inline void walk_lanes(LaunchFacts& f, int64_t items, int per = 1) {
   const int64_t chunk = static_cast<int64_t>(kThreads) * per;
   const int64_t full = items / chunk;
-  const int64_t rest = items - full * chunk;  // the last chunk's items; its first rest threads have some
-  const int64_t rest_threads = rest < kThreads ? rest : kThreads;
-  f.lane_slots += full * chunk + (rest_threads + 31) / 32 * 32 * per;
+  const int64_t rest = items - full * chunk;  // the last chunk's items
+  f.lane_slots += full * chunk;
+  // The last chunk's step k holds its items k * kThreads, ...: a warp with
+  // none of them skips that step.
+  for (int k = 0; k < per; ++k) {
+    int64_t left = rest - static_cast<int64_t>(k) * kThreads;
+    left = left < 0 ? 0 : (left > kThreads ? kThreads : left);
+    f.lane_slots += (left + 31) / 32 * 32;
+  }
   f.busy_slots += items;
 }
 

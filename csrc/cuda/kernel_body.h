@@ -883,7 +883,11 @@ struct BiasReduceKernel {
     LaunchFacts f;
     f.bytes_read = p.rows * p.H * static_cast<int64_t>(sizeof(acc_t));
     f.bytes_written = p.H * static_cast<int64_t>(sizeof(T));
-    f.inflight_bytes_per_thread = kReduceAcc * static_cast<int64_t>(sizeof(acc_t));
+    // A lane's loads of one pass: kReduceAcc rows, fewer when there are not
+    // that many rows per lane.
+    const int64_t per_lane = (p.rows + kRowLanes - 1) / kRowLanes;
+    f.inflight_bytes_per_thread =
+        (per_lane < kReduceAcc ? per_lane : kReduceAcc) * static_cast<int64_t>(sizeof(acc_t));
     f.lane_slots = p.rows * ((p.H + kReduceCols - 1) / kReduceCols) * kReduceCols;
     f.busy_slots = p.rows * p.H;
     f.dependent_loads = reduce_chain(p.rows);
