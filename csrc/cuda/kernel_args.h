@@ -398,7 +398,8 @@ struct NormArgs {
 // instead of leaving most of a block idle. What a thread keeps is what the
 // registers of the blocks per SM below hold unspilled (ptxas, sm_80 and
 // sm_90; tests/test_cuda_compile.py): the forward a row's h, its runs of x
-// and the residual loaded together; the backward a row's grad and h, and its
+// and the residual loaded together; the backward a row's grad and h (16-bit
+// grad and h: the next round's row's too, loaded a round early), and its
 // columns' weight and bias sums across the block's rows. The forward of a
 // 16-bit h holds its 32 values per thread at 2 blocks per SM; a float h's,
 // and the backward's sums, spill at 2 blocks' 128 registers, so they run at

@@ -452,9 +452,11 @@ struct NormForwardKernel {
 // shared memory) into the block's row of partial_w / partial_b; a longer
 // row's threads add into that row in global memory row after row.
 // BiasReduceKernel then adds the blocks' rows in block order. Phases: 0 the
-// row's grad and h (a cached row's every run loaded together), its terms
-// and their partial sums; 1 fold; 2 dh and its stores (the last round: the
-// column sums parked); 3 the last round: the block's column sums stored.
+// row's grad and h (a cached row's every run loaded together; the
+// short-row kernel of 16-bit grad and h loads the block's next round's row
+// too, kAhead), its terms and their partial sums; 1 fold; 2 dh and its
+// stores (the last round: the column sums parked); 3 the last round: the
+// block's column sums stored.
 template <typename T, typename Hd, bool kLong>
 struct NormBackwardKernel {
   using acc_t = typename Num<T>::acc;
@@ -464,6 +466,12 @@ struct NormBackwardKernel {
   // The long-row kernel has a row per block (256 threads), nothing to park.
   static constexpr int kParked = kLong ? 1 : R * N;
   static constexpr int kParkers = kThreads - 32;
+  // A 16-bit row's cached runs are too few bytes to cover the memory
+  // latency at a block per SM, so its threads load the next round's row
+  // while they reduce this one: two rows in flight, in registers the block
+  // per SM leaves free. float32 and float64 rows have the bytes in flight
+  // without it; a float h beside 16-bit grad keeps one row.
+  static constexpr bool kAhead = !kLong && sizeof(T) == 2 && std::is_same<T, Hd>::value;
   // Its own type, so each kernel's entry names its kernel.
   struct Params : NormParams {};
   struct Shared {
@@ -475,6 +483,8 @@ struct NormBackwardKernel {
   struct Local {
     Packed<T, N> g[R];
     Packed<Hd, N> h[R];
+    Packed<T, N> next_g[kAhead ? R : 1];  // kAhead: the next round's row, loaded a round early
+    Packed<Hd, N> next_h[kAhead ? R : 1];
     acc_t dw[R][N];
     acc_t db[R][N];
   };
@@ -501,7 +511,9 @@ struct NormBackwardKernel {
                    (p.cached ? 0 : sums * (a.rows - grid.x) * a.H * acc);
     f.bytes_written = (a.grad_input != nullptr ? n * t : 0) + (a.grad_residual != nullptr ? n * hd : 0) +
                       sums * (p.cached ? grid.x : a.rows) * a.H * acc;
-    f.inflight_bytes_per_thread = norm_inflight(p, N * (t + hd));
+    // A block of more than one round has the next row's loads in flight beside this one's.
+    const int64_t rows_in_flight = kAhead && p.cached && p.groups > grid.x ? 2 : 1;
+    f.inflight_bytes_per_thread = rows_in_flight * norm_inflight(p, N * (t + hd));
     norm_lanes(f, p);
     return f;
   }
@@ -571,18 +583,38 @@ struct NormBackwardKernel {
       }
     }
     acc_t s1 = acc_t(0), s2 = acc_t(0);  // the thread's sums of gw * xhat and gw
-    if (r.s.live) {
-      if (p.cached) {
-        each_run<R>(p.runs, p.shift, true, r.s.lane, [&](int64_t u, int k, auto) {
-          const RunAt ru = run_at<T>(p, u);
-          T g[N];
-          Hd hv[N];
-          load_unit(static_cast<const T*>(a.grad), r.e_row + ru.c0, ru.len, ru.vec, g);
-          load_unit(static_cast<const Hd*>(a.saved_h), r.e_row + ru.c0, ru.len, ru.vec, hv);
-          pack(g, l.g[k]);
-          pack(hv, l.h[k]);
-        });
+    auto load_row = [&](int64_t e_row, Packed<T, N>(&gs)[R], Packed<Hd, N>(&hs)[R]) {
+      each_run<R>(p.runs, p.shift, true, r.s.lane, [&](int64_t u, int k, auto) {
+        const RunAt ru = run_at<T>(p, u);
+        T g[N];
+        Hd hv[N];
+        load_unit(static_cast<const T*>(a.grad), e_row + ru.c0, ru.len, ru.vec, g);
+        load_unit(static_cast<const Hd*>(a.saved_h), e_row + ru.c0, ru.len, ru.vec, hv);
+        pack(g, gs[k]);
+        pack(hv, hs[k]);
+      });
+    };
+    if (p.cached && r.s.live) {
+      if constexpr (kAhead) {
+        if (first) {
+          load_row(r.e_row, l.g, l.h);
+        } else {  // the previous round loaded this row
+          each_run<R>(p.runs, p.shift, true, r.s.lane, [&](int64_t, int k, auto) {
+            l.g[k] = l.next_g[k];
+            l.h[k] = l.next_h[k];
+          });
+        }
+      } else {
+        load_row(r.e_row, l.g, l.h);
       }
+    }
+    if constexpr (kAhead) {
+      if (p.cached && !r.s.last) {
+        const RowSlot next = row_slot(a.rows, p.groups, p.shift, idx, round + 1);
+        if (next.live) load_row(next.row * a.H, l.next_g, l.next_h);
+      }
+    }
+    if (r.s.live) {
       acc_t* pw = partial_row(a.partial_w, idx, a.H);
       acc_t* pb = partial_row(a.partial_b, idx, a.H);
       each_run<R>(p.runs, p.shift, p.cached, r.s.lane, [&](int64_t u, int k, auto cached) {
