@@ -441,6 +441,9 @@ inline NormPlan plan_norm(DType t, DType hd, int64_t rows, int64_t H, bool backw
   g.cached = runs <= (static_cast<int64_t>(per_thread) << 8);
   g.shift = 5;
   while (g.shift < 8 && runs > (static_cast<int64_t>(per_thread) << g.shift)) ++g.shift;
+  // The long-row kernel parks no column sums between a block's rows: a row
+  // per block, whatever the runs per thread.
+  if (g.long_rows) g.shift = 8;
   const int64_t per_block = kThreads >> g.shift;
   g.groups = rows < 1 ? 1 : (rows + per_block - 1) / per_block;
   const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) *
