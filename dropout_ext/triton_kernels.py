@@ -726,15 +726,18 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
 
 def _rows_facts(grid, a, warps):
     """Launch facts of _rows_kernel: each program streams its rows' tiles
-    (the bias tile is loaded once, before), a serial walk of `per` rows
-    into its column sums, and writes one float32 partial row."""
+    (the bias tile is loaded once, before) into its column sums and writes
+    one float32 partial row. The walk over rows is a streaming one: each
+    row's loads also produce its dx, and the other resident programs cover
+    their latency, so it counts 1 (only _sum_rows_kernel's walk over partial
+    rows, loads that exist for the sum alone, is a reduction's tail)."""
     rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
     per_elem = _streamed_bytes(a, "g_ptr", a["ACT"] != IDENTITY.value and "x_ptr")
     read = rows * H * per_elem + _once(a, "HAS_BIAS", "bias_ptr", H) + (24 if a["HAS_STATE"] else 0) - \
         _keep_reread(a, rows * H)
     written = rows * H * a["dx_ptr"].element_size() + grid[1] * H * 4
     slots = grid[0] * block * grid[1] * per
-    return _facts(read, written, block * per_elem, warps, slots, rows * H, per)
+    return _facts(read, written, block * per_elem, warps, slots, rows * H, 1)
 
 
 @triton.jit(do_not_specialize=["parts"])
@@ -1208,11 +1211,12 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
 def _norm_backward_facts(grid, a, warps):
     """Launch facts of _norm_backward_kernel. A row held in one tile is read
     once and its parameter-gradient terms summed in registers over the
-    program's rows (a serial walk of `per` rows), then one float32 partial
-    row each is written. A row longer than the tile (LOOP) is read twice
-    when dx or grad_residual needs its sums (the program keeps one tile),
-    and its partial rows are read and written again for every row after
-    the program's first."""
+    program's rows, then one float32 partial row each is written. A row
+    longer than the tile (LOOP) is read twice when dx or grad_residual needs
+    its sums (the program keeps one tile), and its partial rows are read and
+    written again for every row after the program's first. Either walk over
+    rows streams them (each row's loads produce its dx and grad_residual),
+    so it counts 1, as the CUDA kernel's does."""
     rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
     loop = a["LOOP"]
     tiles = triton.cdiv(H, block) if loop else a["NT"]
@@ -1231,7 +1235,7 @@ def _norm_backward_facts(grid, a, warps):
     else:
         written += grads * grid[0] * H * 4
     inflight = block * per_elem * (1 if loop else tiles)
-    return _facts(read, written, inflight, warps, grid[0] * per * tiles * block, rows * H, per * tiles if loop else per)
+    return _facts(read, written, inflight, warps, grid[0] * per * tiles * block, rows * H, 1)
 
 
 # --- launch configuration ------------------------------------------------------------------
@@ -1420,7 +1424,9 @@ def _device_guard(t: torch.Tensor):
 #   lane_slots, busy_slots: element slots the programs' tiles offer in all
 #     (grid x tile x steps), and those holding an element;
 #   dependent_loads: the longest serial walk of loads one thread makes whose
-#     values feed one reduction result (a streaming tile: 1).
+#     values feed one reduction result, each waiting on the previous (a
+#     streaming step counts 1, and so does a walk over rows whose loads
+#     also produce the rows' outputs: the other resident threads cover it).
 # The facts of a kernel come from its function beside it (_FACTS).
 
 _RECORDS: Optional[list] = None
