@@ -379,7 +379,10 @@ def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None, map_
     fwd, bwd = _norm_types(dtype, h_dtype or dtype)
     if backward:
         fn, types = K._norm_backward_kernel, bwd
-        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True)
+        # the rows a step and the warps that hold them
+        rb, sub, warps = K.norm_backward_rows(H, size, {"fp32": 4, "bf16": 2, "fp16": 2}[h_dtype or dtype])
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, RB=rb,
+                     SUB=sub)
     else:
         fn, types = K._norm_kernel, fwd
         flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)
@@ -458,7 +461,9 @@ def test_norm_rows_of_one(backward):
              "H": 1, "rows": 1}
     fwd, bwd = _norm_types("fp32", "fp32")
     if backward:
-        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, per=1)
+        rb, sub, warps = K.norm_backward_rows(1, 4, 4)
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, per=1,
+                     RB=rb, SUB=sub)
         ptx = _compile(K._norm_backward_kernel, bwd, flags, 90, warps)
     else:
         flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)

@@ -118,17 +118,18 @@ def test_norm_backward_facts():
     mean, rstd = _t(rows, dtype=torch.float32), _t(rows, dtype=torch.float32)
     bwd, sum_w, sum_b = _record(lambda: K.dropout_add_norm_backward(g, None, h, w, mean, rstd, _state(), "layer",
                                                                     [True] * 4))
-    programs = min(K._NORM_SM_PROGRAMS * SMS, rows // 48)  # 170, each over the same count of rows
-    per = -(-rows // programs)
+    # 170 programs of 49 rows wanted (48 at least); whole steps of 8 rows: 48
+    per = 48
     programs = -(-rows // per)
     # the row in registers as three tiles of 256 (a 16-byte row each for
-    # the 32 threads of one warp)
-    assert bwd["grid"] == (programs,) and bwd["num_warps"] == 1
+    # the 32 threads of one warp), 8 rows a step, on 8 warps
+    assert bwd["grid"] == (programs,) and bwd["num_warps"] == 8
     assert bwd["constexprs"]["NT"] == 3 and bwd["constexprs"]["BLOCK"] == 256
+    assert bwd["constexprs"]["RB"] == 8 and bwd["constexprs"]["SUB"] == 32
     assert bwd["bytes_read"] == rows * H * (2 + 2) + 2 * rows * 4 + H * 2 + 24  # g, h, mean, rstd, w, state
     assert bwd["bytes_written"] == rows * H * (2 + 2) + 2 * programs * H * 4  # dx, dres, two partial rows a program
     assert bwd["lane_slots"] == programs * per * H and bwd["busy_slots"] == rows * H
-    assert bwd["inflight_bytes_per_thread"] == 3 * 256 * (2 + 2) / 32
+    assert bwd["inflight_bytes_per_thread"] == 8 * 3 * 256 * (2 + 2) / 256
     assert bwd["dependent_loads"] == 1  # a streaming walk over rows
     for s in (sum_w, sum_b):
         assert s["bytes_read"] == programs * H * 4 and s["bytes_written"] == H * 4
