@@ -213,6 +213,14 @@ def test_structured_mask_through_strides(keep_dims, direction):
     assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 1 and _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
     usage = _resource_usage(kernel)
     assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
+    # Channel dropout (the identity): two 16-byte rows a thread, no spills.
+    for dtype, size in (("bf16", 2), ("fp32", 4)):
+        R, block, warps = K.flat_config(LARGE_N, size, light=True)
+        assert block == 2 * R * 32 * warps
+        consts = _flat_consts(R, block, "identity", MASK_FROM_PTR=True, KEEP_DIMS=keep_dims,
+                              BWD=direction == "backward", HAS_RES=False)
+        usage = _resource_usage(_build(K._flat_kernel, _flat_types(dtype), consts, 90, warps))
+        assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
     types = dict(ROWS_TYPES, **{k: "*bf16" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
     rows = _build(K._rows_kernel, types, {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True,
                                           "MASK_FROM_PTR": True, "BITS_IN": False, "KEEP_DIMS": keep_dims, "R": 8,
