@@ -726,15 +726,18 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
 
 def _rows_facts(grid, a, warps):
     """Launch facts of _rows_kernel: each program streams its rows' tiles
-    (the bias tile is loaded once, before), a serial walk of `per` rows
-    into its column sums, and writes one float32 partial row."""
+    (the bias tile is loaded once, before) into its column sums and writes
+    one float32 partial row. The walk over rows is a streaming one: each
+    row's loads also produce its dx, and the other resident programs cover
+    their latency, so it counts 1 (only _sum_rows_kernel's walk over partial
+    rows, loads that exist for the sum alone, is a reduction's tail)."""
     rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
     per_elem = _streamed_bytes(a, "g_ptr", a["ACT"] != IDENTITY.value and "x_ptr")
     read = rows * H * per_elem + _once(a, "HAS_BIAS", "bias_ptr", H) + (24 if a["HAS_STATE"] else 0) - \
         _keep_reread(a, rows * H)
     written = rows * H * a["dx_ptr"].element_size() + grid[1] * H * 4
     slots = grid[0] * block * grid[1] * per
-    return _facts(read, written, block * per_elem, warps, slots, rows * H, per)
+    return _facts(read, written, block * per_elem, warps, slots, rows * H, 1)
 
 
 @triton.jit(do_not_specialize=["parts"])
@@ -1031,12 +1034,13 @@ def _norm_grad_tile(g_ptr, h_ptr, w_ptr, offs, cols, m, mean, rstd, RMS: tl.cons
 
 @triton.jit
 def _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat, c1, c2, rstd, thr, drop_all,
-                  keep_all, scale, rmap, RMS: tl.constexpr, HAS_GH: tl.constexpr, HAS_STATE: tl.constexpr,
+                  keep_all, scale, rmap, group0, RMS: tl.constexpr, HAS_GH: tl.constexpr, HAS_STATE: tl.constexpr,
                   ALIGNED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr, TR: tl.constexpr,
                   R: tl.constexpr, MASKED: tl.constexpr, ROW_MAP: tl.constexpr):
     """dh = (g w - xhat c1 - c2) rstd + grad_h, stored as grad_residual (h's
     dtype), and dropout of dh with the forward's mask as grad_input (grad's
-    dtype), a dropped element a zero with dh's sign."""
+    dtype), a dropped element a zero with dh's sign. The [TR, R] tile is at
+    elements start + local; group0 as _keep takes it (ALIGNED)."""
     offs = start + local
     dh = gw - xhat * c1
     if not RMS:
@@ -1048,7 +1052,7 @@ def _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start, local, m, gw, xhat
         _store(dres_ptr, offs, _rounded(dh, dres_ptr.dtype.element_ty), m, MASKED)
     if NEED_DX:
         if HAS_STATE:
-            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, offs, m, start // 4, thr, drop_all, keep_all, rmap, TR, R, False,
+            keep = _keep(state_ptr, dx_ptr, dx_ptr, offs, offs, m, group0, thr, drop_all, keep_all, rmap, TR, R, False,
                          False, MASKED, ALIGNED, ROW_MAP)
             dh = _drop(_mul(dh, scale), keep)
         _store(dx_ptr, offs, _rounded(dh, dx_ptr.dtype.element_ty), m, MASKED)
@@ -1098,8 +1102,8 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
                                           False)
             if NEED_DX | NEED_DRES:
                 _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + c0, local, None, gw, xhat, c1, c2, rstd,
-                              thr, drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX,
-                              NEED_DRES, TR, R, False, ROW_MAP)
+                              thr, drop_all, keep_all, scale, rmap, (start + c0) // 4, RMS, HAS_GH, HAS_STATE,
+                              ALIGNED, NEED_DX, NEED_DRES, TR, R, False, ROW_MAP)
             if NEED_DW:
                 prev = tl.where(first, 0.0, tl.load(dw_ptr + part + cols))
                 tl.store(dw_ptr + part + cols, prev + g * xhat)
@@ -1110,8 +1114,8 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
             g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, mt, mean, rstd, RMS, HAS_W, True)
             if NEED_DX | NEED_DRES:
                 _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + c0, local, mt, gw, xhat, c1, c2, rstd,
-                              thr, drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX,
-                              NEED_DRES, TR, R, True, ROW_MAP)
+                              thr, drop_all, keep_all, scale, rmap, (start + c0) // 4, RMS, HAS_GH, HAS_STATE,
+                              ALIGNED, NEED_DX, NEED_DRES, TR, R, True, ROW_MAP)
             if NEED_DW:
                 prev = tl.where(first, 0.0, tl.load(dw_ptr + part + cols, mask=mt, other=0.0))
                 tl.store(dw_ptr + part + cols, prev + g * xhat, mask=mt)
@@ -1121,13 +1125,32 @@ def _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr,
         t += 1
 
 
+@triton.jit
+def _spread(v, REPS: tl.constexpr, SUB: tl.constexpr, K: tl.constexpr):
+    """The [RB] values of a step's rows at the slots of the stacked tile
+    (see _norm_backward_kernel), K consecutive to a slot, flat."""
+    RB: tl.constexpr = v.shape[0]
+    return tl.reshape(tl.broadcast_to(v[None, :, None, None], [REPS, RB, SUB, K]), [REPS * RB * SUB * K])
+
+
+@triton.jit
+def _stack_row_sums(v, REPS: tl.constexpr, RB: tl.constexpr, SUB: tl.constexpr):
+    """The [RB] sums of the rows of a stacked tile: for each row, the order
+    of _row_sum over the row alone (a slot's R elements, then the row's
+    slots in a thread, then across its threads), so a row's sums do not
+    depend on the rows beside it."""
+    s = tl.reshape(tl.sum(v, axis=1), [REPS, RB, SUB])
+    return tl.sum(tl.sum(s, axis=0), axis=1)
+
+
 @triton.jit(do_not_specialize=["rows", "per"])
 def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state_ptr, dx_ptr, dres_ptr, dw_ptr,
                           db_ptr, rows, H, per, imap, RMS: tl.constexpr, HAS_GH: tl.constexpr,
                           HAS_W: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr,
                           MAP_DIMS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
                           NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, LOOP: tl.constexpr, EVEN: tl.constexpr,
-                          NT: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+                          NT: tl.constexpr, RB: tl.constexpr, SUB: tl.constexpr, R: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """The backward, rows [pid * per, (pid + 1) * per) per program, each in
     one pass when the row fits in registers, as one tile or NT tiles of
     BLOCK (NT * BLOCK == H) (else two over column tiles, see
@@ -1135,84 +1158,189 @@ def _norm_backward_kernel(g_ptr, gh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, state
     in float32 and writes them to its row of the [programs, H] partial
     buffers (dw_ptr, db_ptr), which _sum_rows_kernel sums in a fixed order:
     the same bits every run (no atomics). A shard
-    draws each row at its global start, as the forward (_row_map)."""
+    draws each row at its global start, as the forward (_row_map).
+
+    A row in registers is taken RB rows at a time, so that a program has
+    several rows' loads in flight (its rows are few: the partial buffers
+    bound the programs). Their tiles are stacked in one [RB * TR, R] tile
+    whose slots (16-byte rows of a row's tile) are laid out so that each
+    row's tile sits on its own warps as a lone row's tile would on RB times
+    fewer (SUB slots of a row per span of its warps), and a row's sums are
+    taken in the order of the row alone (_stack_row_sums), so that its dx
+    and grad_residual do not depend on the rows beside it. Each slot sums
+    its column over the rows it takes, and the RB slots of a column are
+    added at the end (a different order of the parameter-gradient sums
+    than a row at a time)."""
     TR: tl.constexpr = BLOCK // R
     ROW_MAP: tl.constexpr = NO_MAP if MAP_DIMS == NO_MAP else SHIFT
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
-    local = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
-    m = local < H
+    # A lone row's tile, and the columns past H of a padded one.
+    local0 = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
+    m0 = local0 < H
     n = tl.zeros([], tl.float32) + H
     pid = tl.program_id(0).to(tl.int64)
     part = pid * H
-    # The parameter-gradient sums of the program's rows, a tile each.
-    acc_w = ()
-    acc_b = ()
-    for t in tl.static_range(NT):
-        acc_w = acc_w + (tl.zeros([TR, R], tl.float32),)
-        acc_b = acc_b + (tl.zeros([TR, R], tl.float32),)
     r0 = pid * per
-    row = r0
     end = tl.minimum(r0 + per, rows)
-    while row < end:
-        start = row * H
-        rmap = _row_map(start, imap, MAP_DIMS)
-        rstd = tl.load(rstd_ptr + row)
-        mean = 0.0
-        if not RMS:
-            mean = tl.load(mean_ptr + row)
-        if LOOP:
-            _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr, dx_ptr, dres_ptr, dw_ptr,
-                                     db_ptr, start, part, row == r0, H, n, local, thr, drop_all, keep_all, scale,
-                                     rmap, RMS, HAS_GH, HAS_W, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, NEED_DW,
-                                     NEED_DB, R, BLOCK, ROW_MAP)
-        else:
+    if LOOP or RB == 1:
+        # A row at a time: the parameter-gradient sums of the program's
+        # rows, a tile each (in registers unless LOOP).
+        acc_w = ()
+        acc_b = ()
+        for t in tl.static_range(NT):
+            acc_w = acc_w + (tl.zeros([TR, R], tl.float32),)
+            acc_b = acc_b + (tl.zeros([TR, R], tl.float32),)
+        row = r0
+        while row < end:
+            start = row * H
+            rmap = _row_map(start, imap, MAP_DIMS)
+            rstd = tl.load(rstd_ptr + row)
+            mean = 0.0
+            if not RMS:
+                mean = tl.load(mean_ptr + row)
+            if LOOP:
+                _norm_backward_row_tiled(g_ptr, gh_ptr, h_ptr, w_ptr, mean, rstd, state_ptr, dx_ptr, dres_ptr,
+                                         dw_ptr, db_ptr, start, part, row == r0, H, n, local0, thr, drop_all,
+                                         keep_all, scale, rmap, RMS, HAS_GH, HAS_W, HAS_STATE, ALIGNED, NEED_DX,
+                                         NEED_DRES, NEED_DW, NEED_DB, R, BLOCK, ROW_MAP)
+            else:
+                gws = ()
+                xhats = ()
+                new_w = ()
+                new_b = ()
+                # -0.0: adding it changes no value, the sign of a zero included.
+                s1 = tl.full([], -0.0, tl.float32)
+                s2 = tl.full([], -0.0, tl.float32)
+                for t in tl.static_range(NT):
+                    cols = t * BLOCK + local0
+                    g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, m0, mean, rstd, RMS,
+                                                  HAS_W, not EVEN)
+                    gws = gws + (gw,)
+                    xhats = xhats + (xhat,)
+                    new_w = new_w + (acc_w[t] + g * xhat,)
+                    new_b = new_b + (acc_b[t] + g,)
+                    s1 += _row_sum(gw * xhat)
+                    s2 += _row_sum(gw)
+                if NEED_DW:
+                    acc_w = new_w
+                if NEED_DB:
+                    acc_b = new_b
+                if NEED_DX | NEED_DRES:
+                    c1 = _div(s1, n)
+                    c2 = 0.0
+                    if not RMS:
+                        c2 = _div(s2, n)
+                    for t in tl.static_range(NT):
+                        _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + t * BLOCK, local0, m0, gws[t],
+                                      xhats[t], c1, c2, rstd, thr, drop_all, keep_all, scale, rmap,
+                                      (start + t * BLOCK) // 4, RMS, HAS_GH, HAS_STATE, ALIGNED, NEED_DX, NEED_DRES,
+                                      TR, R, not EVEN, ROW_MAP)
+            row += 1
+        if not LOOP:
+            for t in tl.static_range(NT):
+                if NEED_DW:
+                    _store(dw_ptr, part + t * BLOCK + local0, acc_w[t], m0, not EVEN)
+                if NEED_DB:
+                    _store(db_ptr, part + t * BLOCK + local0, acc_b[t], m0, not EVEN)
+    else:
+        X: tl.constexpr = RB * TR
+        REPS: tl.constexpr = TR // SUB
+        # Slot x: repetition x // (RB * SUB), row (x // SUB) % RB of the
+        # step, and within its row's tile the slot `sub`.
+        xs = tl.arange(0, X)
+        x_row = (xs // SUB) % RB
+        sub = xs // (RB * SUB) * SUB + xs % SUB
+        local = sub[:, None] * R + tl.arange(0, R)[None, :]
+        cm = local < H
+        # The same per group of four elements (ALIGNED draws a group at a time).
+        G: tl.constexpr = R // 4
+        gs = tl.arange(0, X * G)
+        g_row = (gs // G // SUB) % RB
+        g_col = (gs // G // (RB * SUB) * SUB + gs // G % SUB) * R + gs % G * 4
+        # Masked: a step may hold rows past the program's.
+        MASKED: tl.constexpr = True
+        acc_w = ()
+        acc_b = ()
+        for t in tl.static_range(NT):
+            acc_w = acc_w + (tl.zeros([X, R], tl.float32),)
+            acc_b = acc_b + (tl.zeros([X, R], tl.float32),)
+        row = r0
+        while row < end:
+            step = row + tl.arange(0, RB).to(tl.int64)
+            valid_rb = step < end
+            rstd = _spread(tl.load(rstd_ptr + step, mask=valid_rb, other=0.0), REPS, SUB, 1)[:, None]
+            mean = 0.0
+            if not RMS:
+                mean = _spread(tl.load(mean_ptr + step, mask=valid_rb, other=0.0), REPS, SUB, 1)[:, None]
+            rows_x = row + x_row[:, None].to(tl.int64)
+            valid = rows_x < end
+            m = valid
+            if not EVEN:
+                m = valid & cm
+            start = rows_x * H
+            group_rows = row + g_row.to(tl.int64)
+            # A shard: each row's shift (_row_map), at the slots, or at the groups when drawn by groups.
+            rmap = (0,)
+            if MAP_DIMS != NO_MAP:
+                shift = _global(step * H, imap, MAP_DIMS) - step * H
+                if ALIGNED:
+                    rmap = (_spread(shift, REPS, SUB, G),)
+                else:
+                    rmap = (_spread(shift, REPS, SUB, 1)[:, None],)
             gws = ()
             xhats = ()
             new_w = ()
             new_b = ()
             # -0.0: adding it changes no value, the sign of a zero included.
-            s1 = tl.full([], -0.0, tl.float32)
-            s2 = tl.full([], -0.0, tl.float32)
+            s1 = tl.full([RB], -0.0, tl.float32)
+            s2 = tl.full([RB], -0.0, tl.float32)
             for t in tl.static_range(NT):
                 cols = t * BLOCK + local
                 g, xhat, gw = _norm_grad_tile(g_ptr, h_ptr, w_ptr, start + cols, cols, m, mean, rstd, RMS, HAS_W,
-                                              not EVEN)
+                                              MASKED)
                 gws = gws + (gw,)
                 xhats = xhats + (xhat,)
-                new_w = new_w + (acc_w[t] + g * xhat,)
-                new_b = new_b + (acc_b[t] + g,)
-                s1 += _row_sum(gw * xhat)
-                s2 += _row_sum(gw)
+                # A slot without a row keeps its sums (-0.0 + 0.0 would not).
+                new_w = new_w + (tl.where(valid, acc_w[t] + g * xhat, acc_w[t]),)
+                new_b = new_b + (tl.where(valid, acc_b[t] + g, acc_b[t]),)
+                s1 += _stack_row_sums(gw * xhat, REPS, RB, SUB)
+                s2 += _stack_row_sums(gw, REPS, RB, SUB)
             if NEED_DW:
                 acc_w = new_w
             if NEED_DB:
                 acc_b = new_b
             if NEED_DX | NEED_DRES:
-                c1 = _div(s1, n)
+                c1 = _spread(_div(s1, n), REPS, SUB, 1)[:, None]
                 c2 = 0.0
                 if not RMS:
-                    c2 = _div(s2, n)
+                    c2 = _spread(_div(s2, n), REPS, SUB, 1)[:, None]
                 for t in tl.static_range(NT):
-                    _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + t * BLOCK, local, m, gws[t], xhats[t],
-                                  c1, c2, rstd, thr, drop_all, keep_all, scale, rmap, RMS, HAS_GH, HAS_STATE, ALIGNED,
-                                  NEED_DX, NEED_DRES, TR, R, not EVEN, ROW_MAP)
-        row += 1
-    if not LOOP:
+                    # The groups are not consecutive across the rows: each
+                    # one's index, less its place in the tile (_keep adds it).
+                    group0 = (group_rows * H + t * BLOCK + g_col) // 4 - gs
+                    _norm_dh_tile(gh_ptr, dx_ptr, dres_ptr, state_ptr, start + t * BLOCK, local, m, gws[t],
+                                  xhats[t], c1, c2, rstd, thr, drop_all, keep_all, scale, rmap, group0, RMS, HAS_GH,
+                                  HAS_STATE, ALIGNED, NEED_DX, NEED_DRES, X, R, MASKED, ROW_MAP)
+            row += RB
         for t in tl.static_range(NT):
+            cols = t * BLOCK + local0
             if NEED_DW:
-                _store(dw_ptr, part + t * BLOCK + local, acc_w[t], m, not EVEN)
+                w_sum = tl.reshape(tl.sum(tl.reshape(acc_w[t], [REPS, RB, SUB, R]), axis=1), [TR, R])
+                _store(dw_ptr, part + cols, w_sum, m0, not EVEN)
             if NEED_DB:
-                _store(db_ptr, part + t * BLOCK + local, acc_b[t], m, not EVEN)
+                b_sum = tl.reshape(tl.sum(tl.reshape(acc_b[t], [REPS, RB, SUB, R]), axis=1), [TR, R])
+                _store(db_ptr, part + cols, b_sum, m0, not EVEN)
 
 
 def _norm_backward_facts(grid, a, warps):
     """Launch facts of _norm_backward_kernel. A row held in one tile is read
     once and its parameter-gradient terms summed in registers over the
-    program's rows (a serial walk of `per` rows), then one float32 partial
-    row each is written. A row longer than the tile (LOOP) is read twice
-    when dx or grad_residual needs its sums (the program keeps one tile),
-    and its partial rows are read and written again for every row after
-    the program's first."""
+    program's rows, then one float32 partial row each is written. A row
+    longer than the tile (LOOP) is read twice when dx or grad_residual needs
+    its sums (the program keeps one tile), and its partial rows are read and
+    written again for every row after the program's first. Either walk over
+    rows streams them (each row's loads produce its dx and grad_residual),
+    so it counts 1, as the CUDA kernel's does."""
     rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
     loop = a["LOOP"]
     tiles = triton.cdiv(H, block) if loop else a["NT"]
@@ -1230,8 +1358,11 @@ def _norm_backward_facts(grid, a, warps):
         written += grads * rows * H * 4
     else:
         written += grads * grid[0] * H * 4
-    inflight = block * per_elem * (1 if loop else tiles)
-    return _facts(read, written, inflight, warps, grid[0] * per * tiles * block, rows * H, per * tiles if loop else per)
+    # A step's rows (RB of them, each held as its tiles) issue their loads together.
+    rb = a["RB"]
+    inflight = block * per_elem * (1 if loop else tiles * rb)
+    slots = grid[0] * triton.cdiv(per, rb) * rb * tiles * block
+    return _facts(read, written, inflight, warps, slots, rows * H, 1)
 
 
 # --- launch configuration ------------------------------------------------------------------
@@ -1245,6 +1376,12 @@ def _norm_backward_facts(grid, a, warps):
 # with one, where 255 leaves one 8-warp block per SM), and a launch has
 # programs to spare at any size.
 _FLAT_TABLE = ((1 << 16, 1, 4), (None, 1, 8))
+# Rows a thread, where neither an activation nor Philox has values live: a
+# structured mask read through broadcast strides (its keep index is integer
+# work) with the identity. Two rows double the loads in flight for fewer
+# than twice the registers (16-bit on sm_90: 80 registers with 2 rows, 44
+# with one, at 8 warps).
+_FLAT_LIGHT_ROWS = 2
 _ROWS_WARPS = 4
 # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1).
 GRID_YZ_MAX = 65535
@@ -1276,13 +1413,16 @@ def _vector(elem_size: int) -> int:
     return max(4, 16 // elem_size)
 
 
-def flat_config(n: int, elem_size: int) -> Tuple[int, int, int]:
-    """(R, BLOCK, num_warps) of the flat kernels for n elements of elem_size bytes."""
+def flat_config(n: int, elem_size: int, light: bool = False) -> Tuple[int, int, int]:
+    """(R, BLOCK, num_warps) of the flat kernels for n elements of elem_size
+    bytes; light: a tile with no activation and no draws (_FLAT_LIGHT_ROWS)."""
     R = _vector(elem_size)
     if _INTERPRET:
         return R, R * _INTERPRET_ROWS, 1
     for limit, rows, warps in _FLAT_TABLE:
         if limit is None or n <= limit:
+            if light and limit is None:
+                rows = _FLAT_LIGHT_ROWS
             return R, R * 32 * warps * rows, warps
     raise AssertionError("unreachable")
 
@@ -1340,9 +1480,15 @@ _NORM_LIMITS = {(False, True): (32, 16), (True, True): (32, 8), (False, False): 
 # Programs per SM of the backward, at most: each writes one float32 partial
 # row per parameter gradient, so their count is what the partial buffers
 # cost, and each walks at least _PART_MIN_ROWS rows, which bounds that cost
-# on any shape; a program holds one row's tiles in flight, so a long tensor
+# on any shape; a program holds one step's rows in flight, so a long tensor
 # takes several programs an SM to keep the memory busy.
 _NORM_SM_PROGRAMS = 8
+# Bytes of g and h a backward program has in flight, at least, where its
+# rows are held in registers: the partial buffers bound the programs (under
+# one an SM on a short tensor), so a program takes several rows at a time
+# (norm_backward_rows), on up to _NORM_BWD_MAX_WARPS warps.
+_NORM_BWD_INFLIGHT = 32 * 1024
+_NORM_BWD_MAX_WARPS = 8
 # Under the interpreter: a few programs, so that a program walks several rows.
 _INTERPRET_NORM_PROGRAMS = 3
 GRID_X_MAX = 2**31 - 1
@@ -1378,14 +1524,41 @@ def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, in
     return R, block, 1 if _INTERPRET else warps, loop, tiles
 
 
-def norm_backward_grid(rows: int, sm_count: int) -> Tuple[int, int]:
+def norm_backward_rows(H: int, elem_size: int, h_size: int) -> Tuple[int, int, int]:
+    """(RB, SUB, num_warps) of the dropout_add_norm backward: RB rows a step
+    when its rows are held in registers, each on the warps a lone row's tile
+    takes (norm_config), SUB of its tile's 16-byte rows per span of them;
+    enough rows for _NORM_BWD_INFLIGHT bytes of g and h (h_size bytes an
+    element) in flight, within _NORM_BWD_MAX_WARPS warps."""
+    R, block, warps, loop, tiles = norm_config(H, elem_size, backward=True)
+    TR = block // R
+    if _INTERPRET:
+        # Two rows a step: the test shapes take the stacked tile, and steps
+        # with a row past the program's.
+        return (1 if loop else 2), TR, warps
+    if loop or TR < 32 * warps:
+        return 1, TR, warps
+    rb = triton.next_power_of_2(triton.cdiv(_NORM_BWD_INFLIGHT, H * (elem_size + h_size)))
+    rb = max(1, min(rb, _NORM_BWD_MAX_WARPS // warps))
+    return rb, 32 * warps, rb * warps
+
+
+def norm_backward_grid(rows: int, sm_count: int, rb: int = 1) -> Tuple[int, int]:
     """(programs, rows per program) of the dropout_add_norm backward, from
     the shape and the SM count alone (they fix the order of the
     parameter-gradient sums): up to _NORM_SM_PROGRAMS programs per SM, each
-    over consecutive rows, at least _PART_MIN_ROWS of them. The rows per
-    program are a run-time argument: a new row count compiles nothing."""
-    target = _INTERPRET_NORM_PROGRAMS if _INTERPRET else min(_NORM_SM_PROGRAMS * sm_count, rows // _PART_MIN_ROWS)
+    over consecutive rows, at least _PART_MIN_ROWS of them, in whole steps
+    of rb rows (rounded down where that keeps both bounds: more programs).
+    The rows per program are a run-time argument: a new row count compiles
+    nothing."""
+    cap = _INTERPRET_NORM_PROGRAMS if _INTERPRET else _NORM_SM_PROGRAMS * sm_count
+    target = _INTERPRET_NORM_PROGRAMS if _INTERPRET else min(cap, rows // _PART_MIN_ROWS)
     per = triton.cdiv(rows, max(1, min(rows, target)))
+    down = per // rb * rb
+    if down >= _PART_MIN_ROWS and triton.cdiv(rows, down) <= cap:
+        per = down
+    else:
+        per = triton.cdiv(per, rb) * rb
     return triton.cdiv(rows, per), per
 
 
@@ -1420,7 +1593,9 @@ def _device_guard(t: torch.Tensor):
 #   lane_slots, busy_slots: element slots the programs' tiles offer in all
 #     (grid x tile x steps), and those holding an element;
 #   dependent_loads: the longest serial walk of loads one thread makes whose
-#     values feed one reduction result (a streaming tile: 1).
+#     values feed one reduction result, each waiting on the previous (a
+#     streaming step counts 1, and so does a walk over rows whose loads
+#     also produce the rows' outputs: the other resident threads cover it).
 # The facts of a kernel come from its function beside it (_FACTS).
 
 _RECORDS: Optional[list] = None
@@ -1665,7 +1840,7 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     bp = bits if pack else bits_in if bits_in is not None else x
     draws = state is not None and keep is None and bits_in is None
     imap, dims = _index_map(x.shape, place if draws else None)
-    R, block, warps = flat_config(n, x.element_size())
+    R, block, warps = flat_config(n, x.element_size(), light=kdims > 0 and activation == "identity")
     _launch(_flat_kernel, (triton.cdiv(n, block),), x,
             x, x, b, r, keep if keep is not None else x, out, state if state is not None else x, bp, n,
             _last_dim(x), imap, kmap, ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
@@ -1715,7 +1890,7 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
                 g, x, b, kp, dx, part, st, bp, rows, H, per, imap, kmap, R=R, BLOCK=block, num_warps=warps, **common)
         db = _sum_rows(part, g.dtype)
     else:
-        R, block, warps = flat_config(n, g.element_size())
+        R, block, warps = flat_config(n, g.element_size(), light=kdims > 0 and act == ACTS["identity"])
         _launch(_flat_kernel, (triton.cdiv(n, block),), g,
                 g, x, b, g, kp, dx, st, bp, n, H, imap, kmap, HAS_RES=False, BITS_OUT=False,
                 BWD=True, R=R, BLOCK=block, num_warps=warps, **common)
@@ -1812,8 +1987,9 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
                 _torch_pass("torch.zero_", 0, H * 4, H)
         return dx, dres, param(need_dw).zero_(), param(need_db).zero_()
     state = _state_on(state, g.device)
-    R, block, warps, loop, tiles = norm_config(H, g.element_size(), backward=True)
-    programs, per = norm_backward_grid(rows, _sm_count(g.device))
+    R, block, _, loop, tiles = norm_config(H, g.element_size(), backward=True)
+    rb, sub, warps = norm_backward_rows(H, g.element_size(), hc.element_size())
+    programs, per = norm_backward_grid(rows, _sm_count(g.device), rb)
     dw_part = g.new_empty((programs, H), dtype=torch.float32) if need_dw else g
     db_part = g.new_empty((programs, H), dtype=torch.float32) if need_db else g
     gh = _dense(grad_h) if grad_h is not None else g
@@ -1826,7 +2002,8 @@ def dropout_add_norm_backward(grad: torch.Tensor, grad_h: Optional[torch.Tensor]
             dx if need_dx else g, dres if need_dres else hc, dw_part, db_part, rows, H, per, imap,
             RMS=norm == "rms", HAS_GH=grad_h is not None, HAS_W=weight is not None, HAS_STATE=drop,
             ALIGNED=H % 4 == 0, MAP_DIMS=dims, NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db,
-            LOOP=loop, EVEN=not loop and block * tiles == H, NT=tiles, R=R, BLOCK=block, num_warps=warps)
+            LOOP=loop, EVEN=not loop and block * tiles == H, NT=tiles, RB=rb, SUB=sub, R=R, BLOCK=block,
+            num_warps=warps)
     dw = _sum_rows(dw_part, stat) if need_dw else param(False)
     db = _sum_rows(db_part, stat) if need_db else param(False)
     return dx, dres, dw, db

@@ -213,6 +213,14 @@ def test_structured_mask_through_strides(keep_dims, direction):
     assert _count(ptx, r"ld\.global[^\n]*\.v4\.b32") >= 1 and _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
     usage = _resource_usage(kernel)
     assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
+    # Channel dropout (the identity): two 16-byte rows a thread, no spills.
+    for dtype, size in (("bf16", 2), ("fp32", 4)):
+        R, block, warps = K.flat_config(LARGE_N, size, light=True)
+        assert block == 2 * R * 32 * warps
+        consts = _flat_consts(R, block, "identity", MASK_FROM_PTR=True, KEEP_DIMS=keep_dims,
+                              BWD=direction == "backward", HAS_RES=False)
+        usage = _resource_usage(_build(K._flat_kernel, _flat_types(dtype), consts, 90, warps))
+        assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
     types = dict(ROWS_TYPES, **{k: "*bf16" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
     rows = _build(K._rows_kernel, types, {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True,
                                           "MASK_FROM_PTR": True, "BITS_IN": False, "KEEP_DIMS": keep_dims, "R": 8,
@@ -379,7 +387,10 @@ def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None, map_
     fwd, bwd = _norm_types(dtype, h_dtype or dtype)
     if backward:
         fn, types = K._norm_backward_kernel, bwd
-        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True)
+        # the rows a step and the warps that hold them
+        rb, sub, warps = K.norm_backward_rows(H, size, {"fp32": 4, "bf16": 2, "fp16": 2}[h_dtype or dtype])
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, RB=rb,
+                     SUB=sub)
     else:
         fn, types = K._norm_kernel, fwd
         flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)
@@ -458,7 +469,9 @@ def test_norm_rows_of_one(backward):
              "H": 1, "rows": 1}
     fwd, bwd = _norm_types("fp32", "fp32")
     if backward:
-        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, per=1)
+        rb, sub, warps = K.norm_backward_rows(1, 4, 4)
+        flags.update(HAS_GH=True, HAS_W=True, NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True, per=1,
+                     RB=rb, SUB=sub)
         ptx = _compile(K._norm_backward_kernel, bwd, flags, 90, warps)
     else:
         flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)

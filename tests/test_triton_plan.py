@@ -31,7 +31,8 @@ def _record(fn, sm_count=SMS):
     with K.recording(sm_count) as records:
         fn()
     for r in records:
-        assert set(r) == KEYS, r
+        # a kernel's launch also carries its argument types (the model compiles it ahead of time)
+        assert set(r) == KEYS | (set() if r["kernel"].startswith("torch.") else {"signature"}), r
     return records
 
 
@@ -69,7 +70,7 @@ def test_bias_gradient_facts():
     assert rec["bytes_read"] == rows * H * (2 + 2) + H * 2 + 24
     assert rec["bytes_written"] == rows * H * 2 + parts * H * 4
     assert rec["lane_slots"] == parts * per * 1024 and rec["busy_slots"] == rows * H
-    assert rec["dependent_loads"] == per
+    assert rec["dependent_loads"] == 1  # a streaming walk over rows
     assert rec["inflight_bytes_per_thread"] == 1024 * 4 / 128
     # the second stage: 16 partial rows a tile, 256 columns a program
     assert second["grid"] == (3,) and second["constexprs"] == {"C": 16, "BLOCK": 256}
@@ -117,18 +118,19 @@ def test_norm_backward_facts():
     mean, rstd = _t(rows, dtype=torch.float32), _t(rows, dtype=torch.float32)
     bwd, sum_w, sum_b = _record(lambda: K.dropout_add_norm_backward(g, None, h, w, mean, rstd, _state(), "layer",
                                                                     [True] * 4))
-    programs = min(K._NORM_SM_PROGRAMS * SMS, rows // 48)  # 170, each over the same count of rows
-    per = -(-rows // programs)
+    # 170 programs of 49 rows wanted (48 at least); whole steps of 8 rows: 48
+    per = 48
     programs = -(-rows // per)
     # the row in registers as three tiles of 256 (a 16-byte row each for
-    # the 32 threads of one warp)
-    assert bwd["grid"] == (programs,) and bwd["num_warps"] == 1
+    # the 32 threads of one warp), 8 rows a step, on 8 warps
+    assert bwd["grid"] == (programs,) and bwd["num_warps"] == 8
     assert bwd["constexprs"]["NT"] == 3 and bwd["constexprs"]["BLOCK"] == 256
+    assert bwd["constexprs"]["RB"] == 8 and bwd["constexprs"]["SUB"] == 32
     assert bwd["bytes_read"] == rows * H * (2 + 2) + 2 * rows * 4 + H * 2 + 24  # g, h, mean, rstd, w, state
     assert bwd["bytes_written"] == rows * H * (2 + 2) + 2 * programs * H * 4  # dx, dres, two partial rows a program
     assert bwd["lane_slots"] == programs * per * H and bwd["busy_slots"] == rows * H
-    assert bwd["inflight_bytes_per_thread"] == 3 * 256 * (2 + 2) / 32
-    assert bwd["dependent_loads"] == per
+    assert bwd["inflight_bytes_per_thread"] == 8 * 3 * 256 * (2 + 2) / 256
+    assert bwd["dependent_loads"] == 1  # a streaming walk over rows
     for s in (sum_w, sum_b):
         assert s["bytes_read"] == programs * H * 4 and s["bytes_written"] == H * 4
 
