@@ -489,34 +489,64 @@ def norm_fb_ratios(rows: Sequence[Dict]) -> Dict[Tuple, float]:
     return out
 
 
-def misses(rows: Sequence[Dict]) -> List[str]:
-    """Each target a row misses, as a line; empty when every target holds."""
+@dataclass(frozen=True)
+class Miss:
+    """A target a row misses: where (the call, or the kernel of a launch),
+    which target, and the row's figure."""
+    backend: str
+    kernel: str  # the kernel's name without template arguments; "" for a call's bytes
+    target: str  # a TARGETS key
+    value: float
+    where: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.target} {self.value:g} (target {TARGETS[self.target]:g})"
+
+
+def miss_list(rows: Sequence[Dict]) -> List[Miss]:
+    """Each target a row misses; empty when every target holds."""
     from benchmarks import cases
 
     bad = []
     seen_calls = set()
     for r in rows:
         where = f"{r['backend']} {r['op']} {r['direction']} {r['dtype']} {tuple(r['shape'])} {r['mask']} {r['kernel']}"
+        kernel = re.sub(r"<.*", "", r["kernel"])
         call = _call_key(r)
         if r["op"] not in cases.NORM_OPS and call not in seen_calls and math.prod(r["shape"]) > MIN_NUMEL and \
                 r["call_bytes_ratio"] > TARGETS["elementwise_bytes_ratio"]:
-            bad.append(f"{where}: bytes moved {r['call_bytes_ratio']:.3f}x the minimum")
+            bad.append(Miss(r["backend"], "", "elementwise_bytes_ratio", r["call_bytes_ratio"], where))
         seen_calls.add(call)
         # A launch of 2**20 elements or fewer has less than a wave of blocks
         # and the tensor sits in the L2 cache: latency-bound whatever it keeps
         # in flight, so the bandwidth targets start above it.
         if r["streaming"] and math.prod(r["shape"]) > MIN_NUMEL:
-            if r["bytes_in_flight_per_sm"] < TARGETS["bytes_in_flight_per_sm"]:
-                bad.append(f"{where}: {r['bytes_in_flight_per_sm']} B in flight per SM")
-            if r["working_lanes"] < TARGETS["working_lanes"]:
-                bad.append(f"{where}: {r['working_lanes']:.1%} of lanes with work")
+            for target in ("bytes_in_flight_per_sm", "working_lanes"):
+                if r[target] < TARGETS[target]:
+                    bad.append(Miss(r["backend"], kernel, target, r[target], where))
         if r["dependent_loads"] > TARGETS["dependent_loads"]:
-            bad.append(f"{where}: {r['dependent_loads']} dependent loads")
+            bad.append(Miss(r["backend"], kernel, "dependent_loads", r["dependent_loads"], where))
     for key, ratio in norm_fb_ratios(rows).items():
         if math.prod(key[3]) > MIN_NUMEL and ratio > TARGETS["norm_fb_bytes_ratio"]:
-            bad.append(f"{key[0]} {key[1]} forward+backward {key[2]} {key[3]} {key[4]}: bytes moved {ratio:.3f}x "
-                       f"the minimum")
+            where = f"{key[0]} {key[1]} forward+backward {key[2]} {key[3]} {key[4]}"
+            bad.append(Miss(key[0], "", "norm_fb_bytes_ratio", round(ratio, 4), where))
     return bad
+
+
+def misses(rows: Sequence[Dict]) -> List[str]:
+    """Each target a row misses, as a line."""
+    return [str(m) for m in miss_list(rows)]
+
+
+def worst_misses(rows: Sequence[Dict]) -> Dict[Tuple[str, str, str], float]:
+    """{(backend, kernel, target): the worst figure} of the targets missed:
+    the lowest where the target is a floor, the highest where a ceiling."""
+    out: Dict[Tuple[str, str, str], float] = {}
+    for m in miss_list(rows):
+        key = (m.backend, m.kernel, m.target)
+        floor = m.target in ("bytes_in_flight_per_sm", "working_lanes")
+        out[key] = m.value if key not in out else (min if floor else max)(out[key], m.value)
+    return out
 
 
 def triton_variants(H: int, dtype: str = "bfloat16", counts: int = 50, seed: int = 0) -> Dict[str, int]:
