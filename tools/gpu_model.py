@@ -550,9 +550,10 @@ def worst_misses(rows: Sequence[Dict]) -> Dict[Tuple[str, str, str], float]:
 
 
 def triton_variants(H: int, dtype: str = "bfloat16", counts: int = 50, seed: int = 0) -> Dict[str, int]:
-    """{kernel: compiled variants} the Triton plans of every op launch over
-    ``counts`` random row counts in [1, 2**20] at hidden size H: the distinct
-    (constexprs, warps) each kernel is launched with."""
+    """{kernel and argument types: compiled variants} the Triton plans of
+    every op launch over ``counts`` random row counts in [1, 2**20] at hidden
+    size H: the distinct (constexprs, warps) each kernel is launched with
+    for each set of argument dtypes."""
     import random
 
     from benchmarks import cases
@@ -566,7 +567,10 @@ def triton_variants(H: int, dtype: str = "bfloat16", counts: int = 50, seed: int
                 for r in _triton_records(Call(op, direction, dtype, (rows, H)), SMS):
                     if r["kernel"].startswith("torch."):
                         continue
-                    variants.setdefault(r["kernel"], set()).add(_triton_key(r))
+                    # per kernel and argument types (its dtypes): the constexpr sets it compiles
+                    types = json.dumps(r["signature"], sort_keys=True)
+                    consts = json.dumps([r["num_warps"], sorted((k, repr(v)) for k, v in r["constexprs"].items())])
+                    variants.setdefault(f"{r['kernel']} {types}", set()).add(consts)
     return {k: len(v) for k, v in variants.items()}
 
 

@@ -134,10 +134,10 @@ MUTATIONS: Tuple[Mutation, ...] = (
     ),
     Mutation(
         "cuda_blocks_per_sm",
-        "the CUDA planner plans (and bounds) the elementwise kernels for 8 resident blocks per SM, not 4",
+        "the CUDA planner plans (and bounds) the elementwise kernels for 4 resident blocks per SM, not 2",
         _one("csrc/cuda/kernel_args.h",
-             "return t == DType::kDouble && a == Act::kGelu && backward ? 1 : 4;",
-             "return t == DType::kDouble && a == Act::kGelu && backward ? 1 : 8;"),
+             "return t == DType::kDouble && backward && a != Act::kIdentity ? 3 : 2;",
+             "return t == DType::kDouble && backward && a != Act::kIdentity ? 3 : 4;"),
         ("tests/test_cuda_host.py", "tests/test_cuda_compile.py"),
     ),
     Mutation(
