@@ -718,7 +718,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--predict", metavar="BENCH_JSON", help="a GPU benchmark run's JSON: print each dropout_ext "
                     "case's time beside the model's")
     ap.add_argument("--rows", metavar="MODEL_JSON", nargs="+", default=None,
-                    help="model rows written by --json (default: the committed benchmarks/results/gpu-model/*.json)")
+                    help="model rows written by --json, read instead of computed (for --predict, default: the "
+                    "committed benchmarks/results/gpu-model/*.json)")
     args = ap.parse_args(argv)
     if args.predict:
         paths = args.rows or sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "gpu-model", "*.json")))
@@ -731,9 +732,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{p['measured_over_model']:6.2f}")
         return 0
     backends = ("cuda", "triton") if args.backend == "all" else (args.backend,)
-    rows = []
-    for b in backends:
-        rows += rows_for(b, args.sms)
+    if args.rows:  # rows written before (e.g. the kernels before a change)
+        rows = [r for r in load_rows(args.rows) if r["backend"] in backends]
+    else:
+        rows = []
+        for b in backends:
+            rows += rows_for(b, args.sms)
     if args.json:
         write_json(args.json, rows, args.sms)
     if args.summary:
