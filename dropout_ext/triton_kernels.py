@@ -1476,7 +1476,7 @@ NORM_LOOP_BLOCK = 4096
 # Tiles of a row held in registers, at most (each is unrolled in the code).
 _NORM_MAX_TILES = 7
 # (elements a thread, warps) at most, keyed by (backward, aligned)
-_NORM_LIMITS = {(False, True): (32, 16), (True, True): (32, 8), (False, False): (8, 8), (True, False): (8, 8)}
+_NORM_LIMITS = {(False, True): (32, 16), (True, True): (32, 8), (False, False): (8, 8), (True, False): (4, 8)}
 # Programs per SM of the backward, at most: each writes one float32 partial
 # row per parameter gradient, so their count is what the partial buffers
 # cost, and each walks at least _PART_MIN_ROWS rows, which bounds that cost
@@ -1494,6 +1494,16 @@ _INTERPRET_NORM_PROGRAMS = 3
 GRID_X_MAX = 2**31 - 1
 
 
+def norm_limits(H: int, elem_size: int, backward: bool) -> Tuple[int, int]:
+    """(elements a thread, warps) at most of a norm row held in registers."""
+    per_thread, max_warps = _NORM_LIMITS[backward, H % 4 == 0]
+    if backward and elem_size == 4:
+        # float32's backward: past 16 elements a thread, Triton 3.6's ptxas
+        # puts part of the row on the stack at 255 registers.
+        per_thread = min(per_thread, 16)
+    return per_thread, max_warps
+
+
 def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, int, int, bool, int]:
     """(R, BLOCK, num_warps, loop, tiles) of a dropout_add_norm kernel for
     rows of H elements of elem_size bytes: the row in registers, as one
@@ -1502,7 +1512,7 @@ def norm_config(H: int, elem_size: int, backward: bool = False) -> Tuple[int, in
     where one padded tile would leave up to half of them idle, a quarter at
     768), or, with loop, the column tile of a longer row."""
     R = _vector(elem_size)
-    per_thread, max_warps = _NORM_LIMITS[backward, H % 4 == 0]
+    per_thread, max_warps = norm_limits(H, elem_size, backward)
     limit = min(NORM_MAX_BLOCK, per_thread * 32 * max_warps)
     block = max(R, triton.next_power_of_2(max(H, 1)))
     loop = block > limit

@@ -257,7 +257,7 @@ def test_norm_config(elem_size, backward):
     for H in (1, 3, 7, 77, 768, 1000, 1536, 2047, 3072, 5120, 6144, 12288, 2048, 4096, 4097, 8192, K.NORM_MAX_BLOCK, K.NORM_MAX_BLOCK + 1, 65536,
               2**20 + 3):
         r, block, warps, loop, tiles = K.norm_config(H, elem_size, backward)
-        per_thread, max_warps = K._NORM_LIMITS[backward, H % 4 == 0]
+        per_thread, max_warps = K.norm_limits(H, elem_size, backward)
         assert r == R and block % R == 0 and math.log2(block).is_integer()
         assert warps in (1, 2, 4, 8, 16) and warps <= max_warps
         assert block * tiles <= max(R, 32 * warps * per_thread)
