@@ -13,8 +13,7 @@ registers a thread takes. Under the interpreter
 
 import os
 import re
-import subprocess
-import tempfile
+import sys
 
 import pytest
 import triton
@@ -22,6 +21,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dropout_ext import triton_kernels as K
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from gpu_model import cubin_resource_usage  # noqa: E402
 
 ALIGNED = [["tt.divisibility", 16]]
 DTYPES = [("fp32", 4), ("bf16", 2), ("fp16", 2)]
@@ -55,20 +57,9 @@ def _compile(fn, types, constexprs, arch, num_warps=8, divisible=()):
 
 
 def _resource_usage(kernel):
-    """{"REG": registers per thread, "STACK": ..., "LOCAL": ...} of a compiled
-    kernel, read from its cubin by the cuobjdump that Triton ships (the
-    count a launch would report as n_regs, which needs a GPU to read)."""
-    cuobjdump = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), "cuobjdump", None)
-    path = cuobjdump.path if cuobjdump is not None else os.path.join(
-        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        out = subprocess.run([path, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
-    assert "REG" in usage, out
-    return {key: int(value) for key, value in usage.items()}
+    """{"REG": ..., "STACK": ..., "LOCAL": ...} of a compiled kernel (the
+    static GPU model's reading of its cubin)."""
+    return cubin_resource_usage(kernel.asm["cubin"])
 
 
 # The flat kernels' configuration for a large tensor, where the bandwidth is.

@@ -404,7 +404,10 @@ def triton_registers(record: Dict, arch: str = ARCH) -> Tuple[int, int]:
 _TRITON_CACHE: Dict[str, Tuple[int, int]] = {}
 
 
-def _cubin_registers(cubin: bytes) -> int:
+def cubin_resource_usage(cubin: bytes) -> Dict[str, int]:
+    """{"REG": registers per thread, "STACK": ..., "LOCAL": ...} of a Triton
+    cubin, read by the cuobjdump that Triton ships (the count a launch would
+    report as n_regs, which needs a GPU to read)."""
     import triton
 
     cuobjdump = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), "cuobjdump", None)
@@ -415,9 +418,13 @@ def _cubin_registers(cubin: bytes) -> int:
         with open(f, "wb") as out:
             out.write(cubin)
         text = subprocess.run([path, "--dump-resource-usage", f], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"\bREG:(\d+)", text)
-    assert m, text
-    return int(m.group(1))
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+    assert "REG" in usage, text
+    return {key: int(value) for key, value in usage.items()}
+
+
+def _cubin_registers(cubin: bytes) -> int:
+    return cubin_resource_usage(cubin)["REG"]
 
 
 # --- rows ---------------------------------------------------------------------------------------
