@@ -655,36 +655,41 @@ def _flat_facts(grid, a, warps):
 
 
 @triton.jit
-def _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, cm, thr, drop_all,
-               keep_all, scale, b, imap, kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-               MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, TR: tl.constexpr, R: tl.constexpr,
-               MASKED: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr, KEEP_DIMS: tl.constexpr):
-    """Rows [r0, end) of the column tile: dx stored, the column sums of its
-    unrounded values returned. A while loop: the row count is a run-time
-    value (one binary for every shape), and a for loop over a run-time range
-    is not run by every Triton interpreter."""
-    acc = tl.zeros([TR, R], dtype=tl.float32)
-    row = r0
-    while row < end:
-        offs = row * H + cols
-        koffs = offs
-        if MASK_FROM_PTR:
-            koffs = _keep_index(row * H + c_start, (cols - c_start).to(tl.int32), kmap, KEEP_DIMS, TR * R)
-        d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, state_ptr, offs, koffs, cm, b,
-                  (row * H + c_start) // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, False,
-                  HAS_STATE, MASK_FROM_PTR, BITS_IN, False, True, TR, R, MASKED, ALIGNED, MAP_DIMS)
-        if MASKED:
-            d = tl.where(cm, d, 0.0)
-        acc = _add(acc, d)
-        row += 1
-    return acc
+def _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, c_start, cols, cm, x_row, gs, g_at,
+               thr, drop_all, keep_all, scale, b, imap, kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, X: tl.constexpr,
+               R: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
+               KEEP_DIMS: tl.constexpr):
+    """The RB rows from `row` of the column tile, stacked ([X, R], slot x of
+    row row + x_row[x]): dx stored, its unrounded values returned, 0 where
+    masked (a row at `end` or past it, a column past H)."""
+    rows_x = row + x_row
+    offs = rows_x * H + cols
+    koffs = offs
+    if KEEP_DIMS > 0:
+        # Through broadcast strides, one row a step (rows_config): the keep
+        # index walks from the row's start. Without them, a keep tensor of
+        # the input's shape.
+        koffs = _keep_index(row * H + c_start, (cols - c_start).to(tl.int32), kmap, KEEP_DIMS, X * R)
+    # The stacked rows' groups are not consecutive: each one's index, less
+    # its place in the tile (_keep adds it).
+    group0 = (row * H + g_at) // 4 - gs
+    m = cm
+    if MASKED:
+        m = (rows_x < end) & cm
+    d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, state_ptr, offs, koffs, m, b, group0, thr, drop_all,
+              keep_all, scale, imap, ACT, HAS_BIAS, False, HAS_STATE, MASK_FROM_PTR, BITS_IN, False, True, X, R, MASKED,
+              ALIGNED, MAP_DIMS)
+    if MASKED:
+        d = tl.where(m, d, 0.0)
+    return d
 
 
 @triton.jit(do_not_specialize=["rows", "per"])
 def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H, per, imap,
                  kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                  MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-                 KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+                 KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr):
     """The backward with the bias gradient, for any last dimension H: a row
     drawn a group of four at a time where every row starts on a Philox
     group (ALIGNED: H divisible by 4, and a shard's map keeping groups, see
@@ -692,36 +697,57 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
     the packed mask mode.
 
     Program (c, r) walks the `per` rows from r * per over columns
-    [c * BLOCK, (c + 1) * BLOCK) and writes the column sums of the unrounded
-    dx to row r of a partial buffer, which _sum_rows_kernel sums in a fixed
-    order, so the result does not vary run to run (no atomics). The column
-    tiles are grid axis 0, the one without the 65535 limit, as a wide H has
-    more of them than that.
+    [c * BLOCK, (c + 1) * BLOCK), RB rows a step stacked in one tile (a
+    column tile that divides a row leaves no lane idle, and the stack keeps
+    as many loads in flight as a wide tile), and writes the column sums of
+    the unrounded dx to row r of a partial buffer, which _sum_rows_kernel
+    sums in a fixed order, so the result does not vary run to run (no
+    atomics). The column tiles are grid axis 0, the one without the 65535
+    limit, as a wide H has more of them than that. A whole step over a whole
+    column tile is unmasked, so its accesses stay 128 bits wide.
     """
     TR: tl.constexpr = BLOCK // R
+    X: tl.constexpr = RB * TR
+    G: tl.constexpr = R // 4
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     c_start = tl.program_id(0).to(tl.int64) * BLOCK
     pid_r = tl.program_id(1).to(tl.int64)
-    cols = c_start + tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
+    xs = tl.arange(0, X)
+    x_row = (xs // TR).to(tl.int64)[:, None]
+    local = (xs % TR)[:, None] * R + tl.arange(0, R)[None, :]
+    cols = c_start + local
+    cm = cols < H
+    # Group k of the tile: its row in the step and its first column.
+    gs = tl.arange(0, X * G)
+    g_at = (gs // G // TR).to(tl.int64) * H + c_start + (gs // G % TR) * R + gs % G * 4
     r0 = pid_r * per
     end = tl.minimum(r0 + per, rows)
+    acc = tl.zeros([X, R], dtype=tl.float32)
+    row = r0
     if c_start + BLOCK <= H:
         b = 0.0
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols))
-        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, None, thr,
-                         drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR,
-                         BITS_IN, TR, R, False, ALIGNED, MAP_DIMS, KEEP_DIMS)
-        tl.store(part_ptr + pid_r * H + cols, acc)
+        while row + RB <= end:
+            acc = _add(acc, _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, c_start,
+                                       cols, cm, x_row, gs, g_at, thr, drop_all, keep_all, scale, b, imap, kmap, ACT,
+                                       HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN, X, R, False, ALIGNED, MAP_DIMS,
+                                       KEEP_DIMS))
+            row += RB
     else:
-        cm = cols < H
         b = 0.0
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
-        acc = _rows_loop(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, r0, end, H, c_start, cols, cm, thr,
-                         drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR,
-                         BITS_IN, TR, R, True, ALIGNED, MAP_DIMS, KEEP_DIMS)
-        tl.store(part_ptr + pid_r * H + cols, acc, mask=cm)
+    # The rows left: a step short of RB rows, or a partial column tile.
+    while row < end:
+        acc = _add(acc, _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, c_start, cols,
+                                   cm, x_row, gs, g_at, thr, drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS,
+                                   HAS_STATE, MASK_FROM_PTR, BITS_IN, X, R, True, ALIGNED, MAP_DIMS, KEEP_DIMS))
+        row += RB
+    # The stacked rows' sums, added in slot order (a fixed order).
+    sums = tl.sum(tl.reshape(acc, [RB, TR, R]), axis=0)
+    local0 = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
+    tl.store(part_ptr + pid_r * H + c_start + local0, sums, mask=c_start + local0 < H)
 
 
 def _rows_facts(grid, a, warps):
@@ -731,13 +757,13 @@ def _rows_facts(grid, a, warps):
     row's loads also produce its dx, and the other resident programs cover
     their latency, so it counts 1 (only _sum_rows_kernel's walk over partial
     rows, loads that exist for the sum alone, is a reduction's tail)."""
-    rows, H, per, block = a["rows"], a["H"], a["per"], a["BLOCK"]
+    rows, H, per, block, rb = a["rows"], a["H"], a["per"], a["BLOCK"], a["RB"]
     per_elem = _streamed_bytes(a, "g_ptr", a["ACT"] != IDENTITY.value and "x_ptr")
     read = rows * H * per_elem + _once(a, "HAS_BIAS", "bias_ptr", H) + (24 if a["HAS_STATE"] else 0) - \
         _keep_reread(a, rows * H)
     written = rows * H * a["dx_ptr"].element_size() + grid[1] * H * 4
-    slots = grid[0] * block * grid[1] * per
-    return _facts(read, written, block * per_elem, warps, slots, rows * H, 1)
+    slots = grid[0] * block * grid[1] * triton.cdiv(per, rb) * rb
+    return _facts(read, written, rb * block * per_elem, warps, slots, rows * H, 1)
 
 
 @triton.jit(do_not_specialize=["parts"])
@@ -1427,20 +1453,32 @@ def flat_config(n: int, elem_size: int, light: bool = False) -> Tuple[int, int, 
     raise AssertionError("unreachable")
 
 
-def rows_config(rows: int, H: int, elem_size: int, sm_count: int) -> Tuple[int, int, int, int]:
-    """(R, BLOCK, num_warps, rows per program) of the bias-gradient kernel.
-    The rows per program are a run-time argument: a new row count compiles
-    nothing."""
+def rows_config(rows: int, H: int, elem_size: int, sm_count: int,
+                structured: bool = False) -> Tuple[int, int, int, int, int]:
+    """(R, BLOCK, num_warps, rows per program, RB) of the bias-gradient
+    kernel: column tiles of BLOCK that divide H where it is a multiple of R
+    (no idle lane: 768 = 3 x 256), RB rows a step stacked in a tile of
+    R * 32 * _ROWS_WARPS elements. The rows per program are a run-time
+    argument: a new row count compiles nothing. A structured mask's keep
+    index walks one row (RB = 1)."""
     R = _vector(elem_size)
     if _INTERPRET:
-        return R, 4 * R, 1, 2
-    block = min(R * 32 * _ROWS_WARPS, max(R, triton.next_power_of_2(H)))
-    warps = max(1, min(_ROWS_WARPS, block // (R * 32)))
+        # Two rows a step and an odd count a program: the test shapes take
+        # the stacked tile, whole steps and a step short of RB rows.
+        return R, 2 * R, 1, 3, 1 if structured else 2
+    tile = R * 32 * _ROWS_WARPS
+    split = H & -H  # the largest power of two dividing H
+    # A warp's width of columns, stacked rows filling the tile: the partial
+    # rows cost the same whatever the width (a row per row program), so
+    # narrower tiles are more programs for a short tensor to spread.
+    block = min(R * 32, split) if split >= R else min(tile, max(R, triton.next_power_of_2(H)))
+    rb = 1 if structured else max(1, tile // block)
+    warps = max(1, min(_ROWS_WARPS, rb * block // (R * 32)))
     programs = max(1, _ROWS_SM_PROGRAMS * sm_count // triton.cdiv(H, block))
     per = max(_PART_MIN_ROWS, triton.cdiv(rows, programs))
     # The row programs are grid axis 1: past 65535 of them, longer programs.
     per = min(rows, max(per, triton.cdiv(rows, GRID_YZ_MAX)))
-    return R, block, warps, per
+    return R, block, warps, per, rb
 
 
 def rows_grid(rows: int, H: int, block: int, per: int) -> Tuple[int, int]:
@@ -1684,6 +1722,15 @@ def _signature(params, args, constexprs) -> dict:
     return {p: "constexpr" if p in constexprs else kind(values[p]) for p in params}
 
 
+def _specialised_divisible(kernel, params, args) -> List[str]:
+    """The integer arguments a launch specialises as multiples of 16 (a
+    launch compiles for what it is given: a row length of 768 is known to
+    keep rows 16-byte aligned, which the compiled loads rely on)."""
+    fixed = {p.name for p in getattr(kernel, "params", []) if p.do_not_specialize}
+    return [p for p, v in zip(params, args)
+            if isinstance(v, int) and not isinstance(v, bool) and p not in fixed and v % 16 == 0]
+
+
 def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
     """Every launch of this module: on ``like``'s device (recorded instead
     under ``recording()``)."""
@@ -1695,7 +1742,8 @@ def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
         facts_of = _FACTS[name]
         facts = facts_of(grid, {**dict(zip(params, args)), **constexprs}, warps)
         _RECORDS.append({"kernel": name, "grid": tuple(grid), "num_warps": warps, "constexprs": constexprs,
-                         "signature": _signature(params, args, constexprs), **facts})
+                         "signature": _signature(params, args, constexprs),
+                         "divisible": _specialised_divisible(kernel, params, args), **facts})
         return
     with _device_guard(like):
         kernel[grid](*args, **meta)
@@ -1892,12 +1940,13 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
                   BITS_IN=mask_bits is not None, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims, KEEP_DIMS=kdims)
     if bias_grad:
         rows = n // H
-        R, block, warps, per = rows_config(rows, H, g.element_size(), _sm_count(g.device))
+        R, block, warps, per, rb = rows_config(rows, H, g.element_size(), _sm_count(g.device), kdims > 0)
         grid = rows_grid(rows, H, block, per)
         part = g.new_empty((grid[1], H), dtype=torch.float32)
         common["ALIGNED"] = common["ALIGNED"] and H % 4 == 0
         _launch(_rows_kernel, grid, g,
-                g, x, b, kp, dx, part, st, bp, rows, H, per, imap, kmap, R=R, BLOCK=block, num_warps=warps, **common)
+                g, x, b, kp, dx, part, st, bp, rows, H, per, imap, kmap, R=R, BLOCK=block, RB=rb, num_warps=warps,
+                **common)
         db = _sum_rows(part, g.dtype)
     else:
         R, block, warps = flat_config(n, g.element_size(), light=kdims > 0 and act == ACTS["identity"])

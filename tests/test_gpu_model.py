@@ -49,10 +49,11 @@ def test_cuda_launches_meet_the_targets(cuda_rows):
 
 
 # The Triton targets not met yet (BENCHMARKS.md), each with its worst figure
-# today: the packed forward of 16-bit tensors (registers cap its residency),
-# the norm backward of 16-bit rows at H 1024 and 4096, and the bias
-# gradient's row kernel (a power-of-two column tile pads 768 to 1024, one
-# row's loads a step), and float32's norm backward at H = 8192, walked in
+# today: the flat kernel's 16-bit forward (packed, and the tanh GELU with a
+# bias: registers cap its residency), the norm backward of 16-bit rows at
+# H 1024 and 4096, the bias gradient's row kernel (a step's tile in flight,
+# on few programs where the tensor is short: each adds a partial row), and
+# float32's norm backward at H = 8192, walked in
 # column tiles (Triton 3.6's ptxas puts a row of 32 float32 elements a
 # thread on the stack), so read twice. A change may not make one worse nor
 # add one; a gap closed leaves this table.
@@ -60,8 +61,7 @@ TRITON_GAPS = {
     ("triton", "", "norm_fb_bytes_ratio"): 1.751,
     ("triton", "_flat_kernel", "bytes_in_flight_per_sm"): 20480,
     ("triton", "_norm_backward_kernel", "bytes_in_flight_per_sm"): 16384,
-    ("triton", "_rows_kernel", "bytes_in_flight_per_sm"): 4096,
-    ("triton", "_rows_kernel", "working_lanes"): 0.744,
+    ("triton", "_rows_kernel", "bytes_in_flight_per_sm"): 8192,
 }
 FLOORS = ("bytes_in_flight_per_sm", "working_lanes")
 

@@ -172,13 +172,20 @@ ROWS_TYPES = {"g_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "keep_ptr
 @pytest.mark.parametrize("arch", [80, 90])
 def test_bias_gradient_and_mask_kernels(arch):
     consts = {"ACT": K.ACTS["gelu_tanh"], "HAS_BIAS": True, "HAS_STATE": True, "MASK_FROM_PTR": False,
-              "BITS_IN": False, "R": 8, "BLOCK": 1024}
+              "BITS_IN": False, "R": 8, "BLOCK": 1024, "RB": 1}
     ptx = _compile(K._rows_kernel, ROWS_TYPES, consts, arch, num_warps=4)
     _no_contraction_ieee_division(ptx)
     assert _count(ptx, r"atom\.") == 0  # no atomics: the bias gradient is deterministic
     # A row length that is not a multiple of 4: element by element.
     ptx = _compile(K._rows_kernel, ROWS_TYPES, dict(consts, ALIGNED=False), arch, num_warps=4)
     _no_contraction_ieee_division(ptx)
+    # Four rows a step over a column tile of 256 (H = 768, a multiple of 16,
+    # which a launch specialises): 16 bytes a thread a load, no spills.
+    kernel = _build(K._rows_kernel, ROWS_TYPES, dict(consts, BLOCK=256, RB=4), arch, num_warps=4,
+                    divisible=("H",))
+    assert _count(kernel.asm["ptx"], r"ld\.global[^\n]*\.v4\.b32") >= 2
+    usage = _resource_usage(kernel)
+    assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
 
     ptx = _compile(K._mask_kernel, {"out_ptr": "*i1", "state_ptr": "*i64", "n": "i64"}, {"R": 16, "BLOCK": 4096},
                    arch)
@@ -215,7 +222,7 @@ def test_structured_mask_through_strides(keep_dims, direction):
     types = dict(ROWS_TYPES, **{k: "*bf16" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
     rows = _build(K._rows_kernel, types, {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True,
                                           "MASK_FROM_PTR": True, "BITS_IN": False, "KEEP_DIMS": keep_dims, "R": 8,
-                                          "BLOCK": 1024}, 90, 4)
+                                          "BLOCK": 1024, "RB": 1}, 90, 4)
     _no_contraction_ieee_division(rows.asm["ptx"])
     assert _count(rows.asm["ptx"], _PHILOX) == 0
     usage = _resource_usage(rows)
@@ -306,7 +313,7 @@ def test_bits_reading_kernels_draw_no_words(arch, dtype, size):
         assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
     types = dict(ROWS_TYPES, **{k: f"*{dtype}" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
     consts = {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True, "MASK_FROM_PTR": False, "BITS_IN": True,
-              "R": R, "BLOCK": R * 32 * 4}
+              "R": R, "BLOCK": R * 32 * 4, "RB": 1}
     rows = _compile(K._rows_kernel, types, consts, arch, num_warps=4)
     _no_contraction_ieee_division(rows)
     assert _count(rows, _PHILOX) == 0 and _count(rows, _BYTE_LOAD) >= 1

@@ -331,7 +331,7 @@ def triton_launches(call: Call, sms: int = SMS) -> List[Launch]:
 def _triton_key(r: Dict) -> str:
     consts = r.get("constexprs", {})
     return json.dumps([r["kernel"], r.get("num_warps"), sorted((k, repr(v)) for k, v in consts.items()),
-                       r.get("signature")], sort_keys=True)
+                       r.get("signature"), r.get("divisible")], sort_keys=True)
 
 
 def _triton_records(call: Call, sms: int) -> List[Dict]:
@@ -389,9 +389,11 @@ def triton_registers(record: Dict, arch: str = ARCH) -> Tuple[int, int]:
 
     fn = getattr(K, record["kernel"])
     signature = record["signature"]
-    # Pointers 16-byte aligned, as the caching allocator gives them.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
-             if isinstance(t, str) and t.startswith("*")}
+    # Pointers 16-byte aligned, as the caching allocator gives them, and the
+    # integers a launch specialises as multiples of 16.
+    divisible = set(record.get("divisible", ()))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(signature.items())
+             if (isinstance(t, str) and t.startswith("*")) or name in divisible}
     src = ASTSource(fn=fn, signature=signature, constexprs=record["constexprs"], attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch.split("_")[1]), 32),
                               options={"num_warps": record["num_warps"]})
