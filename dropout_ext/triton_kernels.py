@@ -704,7 +704,9 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
     sums in a fixed order, so the result does not vary run to run (no
     atomics). The column tiles are grid axis 0, the one without the 65535
     limit, as a wide H has more of them than that. A whole step over a whole
-    column tile is unmasked, so its accesses stay 128 bits wide.
+    column tile is unmasked, so its accesses stay 128 bits wide. The walks
+    are while loops: a for loop over a run-time range is not run by every
+    Triton interpreter.
     """
     TR: tl.constexpr = BLOCK // R
     X: tl.constexpr = RB * TR
@@ -744,7 +746,8 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
                                    cm, x_row, gs, g_at, thr, drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS,
                                    HAS_STATE, MASK_FROM_PTR, BITS_IN, X, R, True, ALIGNED, MAP_DIMS, KEEP_DIMS))
         row += RB
-    # The stacked rows' sums, added in slot order (a fixed order).
+    # The stacked rows' sums: tl.sum's order is the compiled kernel's, the
+    # same every run.
     sums = tl.sum(tl.reshape(acc, [RB, TR, R]), axis=0)
     local0 = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
     tl.store(part_ptr + pid_r * H + c_start + local0, sums, mask=c_start + local0 < H)
