@@ -31,9 +31,20 @@ def _record(fn, sm_count=SMS):
     with K.recording(sm_count) as records:
         fn()
     for r in records:
-        # a kernel's launch also carries its argument types (the model compiles it ahead of time)
-        assert set(r) == KEYS | (set() if r["kernel"].startswith("torch.") else {"signature"}), r
+        # a kernel's launch also carries its argument types and the integers
+        # its launch specialises (the model compiles it ahead of time as that)
+        assert set(r) == KEYS | (set() if r["kernel"].startswith("torch.") else {"signature", "divisible"}), r
     return records
+
+
+def test_records_name_the_integers_a_launch_specialises():
+    """A row length that is a multiple of 16 is compiled as one (Triton
+    specialises it, and the loads of a row stay 16-byte aligned); one that
+    is not, and the counts a kernel leaves unspecialised, are not."""
+    for H, divisible in ((768, ["H"]), (770, [])):
+        (rows, _) = _record(lambda: K.fused_dropout_backward(_t(4096, H), _t(4096, H), _t(H), _state(), "gelu", [],
+                                                             True))
+        assert rows["kernel"] == "_rows_kernel" and rows["divisible"] == divisible, rows["divisible"]
 
 
 def test_recording_launches_nothing_and_restores():
@@ -62,14 +73,15 @@ def test_bias_gradient_facts():
     g, x, b = _t(rows, H), _t(rows, H), _t(H)
     rec, second = _record(lambda: K.fused_dropout_backward(g, x, b, _state(), "gelu", [], True))
     assert rec["kernel"] == "_rows_kernel" and second["kernel"] == "_sum_rows_kernel"
-    # one 1024-column tile of 4 warps (768 of its lanes busy); 8 programs an
-    # SM over it, but at least 48 rows each
+    # three 256-column tiles (768 = 3 x 256, every lane busy), 4 rows a step
+    # stacked on 4 warps; 8 programs an SM over them, but at least 48 rows each
     per = 48
     parts = -(-rows // per)
-    assert rec["grid"] == (1, parts) and rec["num_warps"] == 4
+    assert rec["grid"] == (3, parts) and rec["num_warps"] == 4
+    assert rec["constexprs"]["BLOCK"] == 256 and rec["constexprs"]["RB"] == 4
     assert rec["bytes_read"] == rows * H * (2 + 2) + H * 2 + 24
     assert rec["bytes_written"] == rows * H * 2 + parts * H * 4
-    assert rec["lane_slots"] == parts * per * 1024 and rec["busy_slots"] == rows * H
+    assert rec["lane_slots"] == parts * per * H and rec["busy_slots"] == rows * H
     assert rec["dependent_loads"] == 1  # a streaming walk over rows
     assert rec["inflight_bytes_per_thread"] == 1024 * 4 / 128
     # the second stage: 16 partial rows a tile, 256 columns a program
