@@ -708,6 +708,8 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
     are while loops: a for loop over a run-time range is not run by every
     Triton interpreter.
     """
+    # A structured mask's keep index walks one row (_rows_step).
+    tl.static_assert((KEEP_DIMS == 0) | (RB == 1))
     TR: tl.constexpr = BLOCK // R
     X: tl.constexpr = RB * TR
     G: tl.constexpr = R // 4
@@ -766,7 +768,8 @@ def _rows_facts(grid, a, warps):
         _keep_reread(a, rows * H)
     written = rows * H * a["dx_ptr"].element_size() + grid[1] * H * 4
     slots = grid[0] * block * grid[1] * triton.cdiv(per, rb) * rb
-    return _facts(read, written, rb * block * per_elem, warps, slots, rows * H, 1)
+    # A step's rows past a program's end are masked: they load nothing.
+    return _facts(read, written, min(rb, per) * block * per_elem, warps, slots, rows * H, 1)
 
 
 @triton.jit(do_not_specialize=["parts"])
@@ -1471,10 +1474,17 @@ def rows_config(rows: int, H: int, elem_size: int, sm_count: int,
         return R, 2 * R, 1, 3, 1 if structured else 2
     tile = R * 32 * _ROWS_WARPS
     split = H & -H  # the largest power of two dividing H
-    # A warp's width of columns, stacked rows filling the tile: the partial
-    # rows cost the same whatever the width (a row per row program), so
-    # narrower tiles are more programs for a short tensor to spread.
-    block = min(R * 32, split) if split >= R else min(tile, max(R, triton.next_power_of_2(H)))
+    if split * elem_size >= 128 and not structured:
+        # A warp's width of columns, stacked rows filling the tile: the
+        # partial rows cost the same whatever the width (a row per row
+        # program), so narrower tiles are more programs for a short tensor
+        # to spread. A row's part is a 128-byte line at least: a narrower
+        # one would leave half of each sector it loads to another program.
+        block = min(R * 32, split)
+    else:
+        # One padded power-of-two tile (a structured mask's keep index walks
+        # one row a step, so it takes the widest).
+        block = min(tile, max(R, triton.next_power_of_2(H)))
     rb = 1 if structured else max(1, tile // block)
     warps = max(1, min(_ROWS_WARPS, rb * block // (R * 32)))
     programs = max(1, _ROWS_SM_PROGRAMS * sm_count // triton.cdiv(H, block))
@@ -1729,7 +1739,9 @@ def _specialised_divisible(kernel, params, args) -> List[str]:
     """The integer arguments a launch specialises as multiples of 16 (a
     launch compiles for what it is given: a row length of 768 is known to
     keep rows 16-byte aligned, which the compiled loads rely on)."""
-    fixed = {p.name for p in getattr(kernel, "params", []) if p.do_not_specialize}
+    if not hasattr(kernel, "params"):
+        return []  # the interpreter's kernels: nothing is compiled
+    fixed = {p.name for p in kernel.params if p.do_not_specialize}
     return [p for p, v in zip(params, args)
             if isinstance(v, int) and not isinstance(v, bool) and p not in fixed and v % 16 == 0]
 

@@ -177,10 +177,10 @@ def test_config_table(elem_size, R):
     for rows, H in ((1, 4), (7, 12), (4096, 4096), (10**6, 768), (3, 2**20), (2**27, 4), (2, 2**26 + 4096)):
         r, block, warps, per, rb = K.rows_config(rows, H, elem_size, SMS)
         assert r == R and block % R == 0 and math.log2(block).is_integer() and 1 <= per <= rows
-        # A step's stacked rows fill the warps; where H is a multiple of R
-        # the column tiles divide it (no idle lane), and a structured mask
-        # takes one row a step.
-        assert rb * block == R * 32 * warps and (H % R or H % block == 0)
+        # A step's stacked rows fill the warps; where the largest power of
+        # two dividing H is a 128-byte line or more, the column tiles divide
+        # H (no idle lane); a structured mask takes one row a step.
+        assert rb * block == R * 32 * warps and ((H & -H) * elem_size < 128 or H % block == 0)
         assert K.rows_config(rows, H, elem_size, SMS, structured=True)[4] == 1
         _check_grid("rows", K.rows_grid(rows, H, block, per))
 
