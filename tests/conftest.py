@@ -5,12 +5,17 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The static GPU model (tools/gpu_model.py) holds the one reading of ptxas's
+# report, a cubin's resources and the occupancy rules, which the model's and
+# the compile checks' tests import.
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
 @functools.lru_cache(maxsize=None)

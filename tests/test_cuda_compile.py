@@ -20,18 +20,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 # The occupancy rules, ptxas's report and the toolkit's lookup are the
 # static GPU model's (tools/gpu_model.py): one reading of each.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from gpu_model import demangle as _demangle  # noqa: E402
-from gpu_model import nvcc as _nvcc  # noqa: E402
-from gpu_model import ptxas_figures as _ptxas_figures  # noqa: E402
-from gpu_model import resident_blocks  # noqa: E402
+from gpu_model import demangle as _demangle
+from gpu_model import nvcc as _nvcc
+from gpu_model import ptxas_figures as _ptxas_figures
+from gpu_model import resident_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")

@@ -9,18 +9,14 @@ does: without it they skip, unless CI is set."""
 
 import math
 import os
-import sys
 
 import pytest
 import torch
 
 import dropout_ext  # noqa: F401  (registers the testing ops)
+import gpu_model as gm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import gpu_model as gm  # noqa: E402
 testing = torch.ops.dropout_ext_testing
 
 
@@ -50,13 +46,13 @@ def test_cuda_launches_meet_the_targets(cuda_rows):
 
 # The Triton targets not met yet (BENCHMARKS.md), each with its worst figure
 # today: the flat kernel's 16-bit forward (packed, and the tanh GELU with a
-# bias: registers cap its residency), the norm backward of 16-bit rows at
-# H 1024 and 4096, the bias gradient's row kernel (a step's tile in flight,
-# on few programs where the tensor is short: each adds a partial row), and
-# float32's norm backward at H = 8192, walked in
-# column tiles (Triton 3.6's ptxas puts a row of 32 float32 elements a
-# thread on the stack), so read twice. A change may not make one worse nor
-# add one; a gap closed leaves this table.
+# bias: registers cap its residency), the norm backward of 16-bit rows at H
+# 1024 and 4096, the bias gradient's row kernel (a step's tile in flight, on
+# few programs where the tensor is short: each adds a partial row), and
+# float32's norm backward at H = 8192, walked in column tiles (Triton 3.6's
+# ptxas puts a row of 32 float32 elements a thread on the stack), so read
+# twice. A change may not make one worse nor add one; a gap closed leaves this
+# table.
 TRITON_GAPS = {
     ("triton", "", "norm_fb_bytes_ratio"): 1.751,
     ("triton", "_flat_kernel", "bytes_in_flight_per_sm"): 20480,

@@ -11,9 +11,7 @@ element count that is not a multiple of 16; the compiled binary shows the
 registers a thread takes. Under the interpreter
 (test_triton_interpreter.py) none of this is exercised."""
 
-import os
 import re
-import sys
 
 import pytest
 import triton
@@ -22,8 +20,7 @@ from triton.compiler import ASTSource
 
 from dropout_ext import triton_kernels as K
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from gpu_model import cubin_resource_usage  # noqa: E402
+from gpu_model import cubin_resource_usage
 
 ALIGNED = [["tt.divisibility", 16]]
 DTYPES = [("fp32", 4), ("bf16", 2), ("fp16", 2)]

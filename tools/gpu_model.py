@@ -397,7 +397,7 @@ def triton_registers(record: Dict, arch: str = ARCH) -> Tuple[int, int]:
     src = ASTSource(fn=fn, signature=signature, constexprs=record["constexprs"], attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch.split("_")[1]), 32),
                               options={"num_warps": record["num_warps"]})
-    regs = _cubin_registers(compiled.asm["cubin"])
+    regs = cubin_resource_usage(compiled.asm["cubin"])["REG"]
     shared = int(getattr(compiled.metadata, "shared", 0) or 0)
     _TRITON_CACHE[key] = (regs, shared)
     return regs, shared
@@ -423,10 +423,6 @@ def cubin_resource_usage(cubin: bytes) -> Dict[str, int]:
     usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
     assert "REG" in usage, text
     return {key: int(value) for key, value in usage.items()}
-
-
-def _cubin_registers(cubin: bytes) -> int:
-    return cubin_resource_usage(cubin)["REG"]
 
 
 # --- rows ---------------------------------------------------------------------------------------
