@@ -530,12 +530,45 @@ inline std::tuple<at::Tensor, at::Tensor> backward_outputs(const at::Tensor& g, 
 }
 
 // Results are computed in logical (row-major) order; a non-contiguous input
-// gets its output in its own memory format, as nn.Dropout does.
+// gets its output in its own memory format, as nn.Dropout does: empty_like's.
+// That is the result's own layout for most tensors with gaps (a slice),
+// whose result then needs no copy.
 inline at::Tensor like_input(const at::Tensor& input, const at::Tensor& contiguous_result) {
   if (input.is_contiguous()) return contiguous_result;
   at::Tensor out = at::empty_like(input);
+  if (out.strides() == contiguous_result.strides()) return contiguous_result;
   out.copy_(contiguous_result);
   return out;
+}
+
+// --- rows read where they lie -------------------------------------------------
+// The GPU kernels stream a tensor as rows of its last dimension H. One whose
+// rows are each contiguous and evenly spaced (a slice or chunk of a wider
+// last dimension, as qkv.chunk(3, -1) gives) is read in place, row r at
+// r * stride, instead of being copied row-major first (a pass over it). A
+// unit (16 bytes: `unit` elements) never straddles two rows and every row
+// starts a unit: H and the stride are multiples of it, and rows do not
+// overlap (a stride below H, an expanded row's 0, is copied). Returns the
+// row stride in elements (H for a row-major tensor), or -1: copy it first.
+inline int64_t row_stride(at::IntArrayRef sizes, at::IntArrayRef strides, int64_t unit) {
+  const int64_t dims = static_cast<int64_t>(sizes.size());
+  const int64_t H = dims >= 1 ? sizes[dims - 1] : 1;
+  bool rows = false;
+  int64_t stride = H, span = 0;  // span: the stride the next outer dimension continues at
+  for (int64_t d = dims - 2; d >= 0; --d) {
+    if (sizes[d] == 1) continue;
+    if (!rows) {
+      rows = true;
+      stride = strides[d];
+    } else if (strides[d] != span) {
+      return -1;
+    }
+    span = strides[d] * sizes[d];
+  }
+  const bool dense_rows = dims == 0 || sizes[dims - 1] == 1 || strides[dims - 1] == 1;
+  if (!dense_rows) return -1;
+  if (!rows || stride == H) return H;
+  return H % unit == 0 && stride % unit == 0 && stride > H ? stride : -1;
 }
 
 }  // namespace dropout_ext

@@ -78,6 +78,10 @@ TORCH_LIBRARY(dropout_ext, m) {
     words.insert(words.end(), map.stride, map.stride + kMaxMapDims);
     return words;
   });
+  // Whether the GPU kernels read a tensor's rows where they lie, and how far
+  // apart (op_common.h, row_stride): one rule for the C++ and Python kernels.
+  m.def("row_stride(int[] sizes, int[] strides, int unit) -> int",
+        [](at::IntArrayRef sizes, at::IntArrayRef strides, int64_t unit) { return row_stride(sizes, strides, unit); });
 }
 
 }  // namespace dropout_ext

@@ -53,8 +53,14 @@ had before shards existed. A map that keeps groups of four whole draws a
 group at a time, any other element by element; memory, the structured
 mask's keep tensor and the packed bits stay in local order, only the draws
 move. A structured mask's small keep tensor is read through broadcast
-strides (``kmap``, ``KEEP_DIMS``), never expanded to the input's size. A norm shard holds whole rows, so each row is a shift of the global
-index, one scalar per row.
+strides (``kmap``, ``KEEP_DIMS``), never expanded to the input's size. A
+norm shard holds whole rows, so each row is a shift of the global index,
+one scalar per row.
+
+The elementwise kernels read a tensor whose rows are evenly spaced whole
+16-byte units (a chunk of a wider last dimension) where it lies, each tile
+row at its row's start plus its column (``STRIDED``, the op ``row_stride``),
+and write a row-major output: no copy in or out.
 
 dropout_add_norm computes h with that same body, a row per program, held
 in registers as one tile, or as whole tiles of a power of two where the
@@ -551,15 +557,43 @@ def _bias_tile(bias_ptr, pid, local, m, H, BLOCK: tl.constexpr, MASKED: tl.const
     return b
 
 
+@triton.jit
+def _row_starts(pid, H, ROWS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """(row, column) of the first element of each tile row of block pid
+    ([ROWS] int64): one 64-bit division per program, then per tile row a
+    compare and subtract (H >= BLOCK: a block spans two rows at most) or a
+    32-bit division (t < H + BLOCK < 2**31)."""
+    start = pid.to(tl.int64) * BLOCK
+    row0 = start // H
+    t = start - row0 * H + (tl.arange(0, ROWS) * R).to(tl.int64)
+    if H >= BLOCK:
+        q = (t >= H).to(tl.int64)
+    else:
+        q = (t.to(tl.int32) // tl.cast(H, tl.int32)).to(tl.int64)
+    return row0 + q, t - q * H
+
+
+@triton.jit
+def _strided(row, col, stride, R: tl.constexpr):
+    """Offsets of [ROWS, R] tile rows starting at (row, col) ([ROWS]) in a
+    tensor whose rows lie `stride` elements apart. The host reads a tensor
+    so only where H and the stride are multiples of R (the op row_stride): a
+    tile row stays in one row and starts a 16-byte unit, which multiple_of
+    tells the compiler, so the accesses stay 128 bits wide."""
+    return tl.multiple_of(row * stride + col, R)[:, None] + tl.arange(0, R)[None, :]
+
+
 # --- the one elementwise body ----------------------------------------------------------
 
 @triton.jit
-def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, m, b, group0,
+def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, so, xo, ro, koffs, m, b, group0,
           thr, drop_all, keep_all, scale, imap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
           HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
           BWD: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr,
           ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr):
-    """One [ROWS, R] tile at element offsets offs (row-major indices), mask m
+    """One [ROWS, R] tile at element offsets offs (row-major indices: the
+    output, the draws, the packed bits), read from src, x and the residual at
+    so, xo and ro (offs, or where a tensor's rows lie apart, _strided), mask m
     when MASKED, its structured mask at koffs (MASK_FROM_PTR); b is the
     tile's bias in float32 (HAS_BIAS). The tile's first
     element is 4 * group0 when ALIGNED; imap and MAP_DIMS map the local
@@ -571,12 +605,12 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs,
     The packed mask mode: the keep bits read from bits_ptr (BITS_IN), or
     written there as drawn (BITS_OUT, the flat kernel's forward).
     """
-    a = _f32(_load(src_ptr, offs, m, MASKED))
+    a = _f32(_load(src_ptr, so, m, MASKED))
     if BWD:
         if HAS_STATE:
             a = _mul(a, scale)
         if ACT != IDENTITY:
-            v = _f32(_load(x_ptr, offs, m, MASKED))
+            v = _f32(_load(x_ptr, xo, m, MASKED))
             if HAS_BIAS:
                 v = _add(v, b)
             a = _act_backward(a, v, ACT)
@@ -593,7 +627,7 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs,
             _pack_bits(bits_ptr, keep, group0, m, ROWS, R, MASKED)
         a = _drop(a, keep)
     if HAS_RES:
-        a = _add(_f32(_load(res_ptr, offs, m, MASKED)), a)
+        a = _add(_f32(_load(res_ptr, ro, m, MASKED)), a)
     _store(out_ptr, offs, _rounded(a, out_ptr.dtype.element_ty), m, MASKED)
     return a
 
@@ -603,16 +637,19 @@ def _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs,
 # kernel, so one binary serves every size.
 
 @triton.jit(do_not_specialize=["n"])
-def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, state_ptr, bits_ptr, n, H, imap,
-                 kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
+def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, state_ptr, bits_ptr, n, H, src_stride,
+                 x_stride, res_stride, imap, kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr,
                  MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, BITS_OUT: tl.constexpr,
                  BWD: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-                 KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+                 KEEP_DIMS: tl.constexpr, STRIDED: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The tensor as a flat array of n elements, BLOCK per program, in
     [BLOCK // R, R] tiles with R contiguous elements (16 bytes) per row.
     BLOCK is a multiple of 8, so with BITS_OUT each program packs whole bytes.
     A shard draws at its elements' global indices (imap, MAP_DIMS), by
-    groups of four where its map keeps them whole (ALIGNED)."""
+    groups of four where its map keeps them whole (ALIGNED). STRIDED: src,
+    x and the residual are read with their rows src_stride, x_stride and
+    res_stride elements apart (H for a row-major one); out is row-major."""
     ROWS: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     pid = tl.program_id(0)
@@ -622,12 +659,20 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, state_ptr
     koffs = offs
     if MASK_FROM_PTR:
         koffs = _keep_index(start, local, kmap, KEEP_DIMS, BLOCK)
+    so = offs
+    xo = offs
+    ro = offs
+    if STRIDED:
+        row, col = _row_starts(pid, H, ROWS, R, BLOCK)
+        so = _strided(row, col, src_stride, R)
+        xo = _strided(row, col, x_stride, R)
+        ro = _strided(row, col, res_stride, R)
     if start + BLOCK <= n:
         # A full block: no mask, so the accesses stay 128 bits wide.
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, None, H, BLOCK, False)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, None, b,
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, so, xo, ro, koffs, None, b,
               start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
               BITS_IN, BITS_OUT, BWD, ROWS, R, False, ALIGNED, MAP_DIMS)
     else:
@@ -635,7 +680,7 @@ def _flat_kernel(src_ptr, x_ptr, bias_ptr, res_ptr, keep_ptr, out_ptr, state_ptr
         b = 0.0
         if HAS_BIAS:
             b = _bias_tile(bias_ptr, pid, local, m, H, BLOCK, True)
-        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, koffs, m, b,
+        _tile(src_ptr, x_ptr, res_ptr, keep_ptr, bits_ptr, out_ptr, state_ptr, offs, so, xo, ro, koffs, m, b,
               start // 4, thr, drop_all, keep_all, scale, imap, ACT, HAS_BIAS, HAS_RES, HAS_STATE, MASK_FROM_PTR,
               BITS_IN, BITS_OUT, BWD, ROWS, R, True, ALIGNED, MAP_DIMS)
 
@@ -655,16 +700,22 @@ def _flat_facts(grid, a, warps):
 
 
 @triton.jit
-def _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, c_start, cols, cm, x_row, gs, g_at,
-               thr, drop_all, keep_all, scale, b, imap, kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, X: tl.constexpr,
-               R: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-               KEEP_DIMS: tl.constexpr):
+def _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, g_stride, x_stride, c_start, cols, cm,
+               x_row, gs, g_at, thr, drop_all, keep_all, scale, b, imap, kmap, ACT: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr,
+               X: tl.constexpr, R: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+               MAP_DIMS: tl.constexpr, KEEP_DIMS: tl.constexpr, STRIDED: tl.constexpr):
     """The RB rows from `row` of the column tile, stacked ([X, R], slot x of
     row row + x_row[x]): dx stored, its unrounded values returned, 0 where
-    masked (a row at `end` or past it, a column past H)."""
+    masked (a row at `end` or past it, a column past H). STRIDED: the rows
+    of g and x lie g_stride and x_stride elements apart (see _flat_kernel)."""
     rows_x = row + x_row
-    offs = rows_x * H + cols
+    offs = rows_x[:, None] * H + cols
+    go = offs
+    xo = offs
+    if STRIDED:
+        go = tl.multiple_of(rows_x * g_stride, R)[:, None] + cols
+        xo = tl.multiple_of(rows_x * x_stride, R)[:, None] + cols
     koffs = offs
     if KEEP_DIMS > 0:
         # Through broadcast strides, one row a step (rows_config): the keep
@@ -676,20 +727,21 @@ def _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H,
     group0 = (row * H + g_at) // 4 - gs
     m = cm
     if MASKED:
-        m = (rows_x < end) & cm
-    d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, state_ptr, offs, koffs, m, b, group0, thr, drop_all,
-              keep_all, scale, imap, ACT, HAS_BIAS, False, HAS_STATE, MASK_FROM_PTR, BITS_IN, False, True, X, R, MASKED,
-              ALIGNED, MAP_DIMS)
+        m = (rows_x[:, None] < end) & cm
+    d = _tile(g_ptr, x_ptr, g_ptr, keep_ptr, bits_ptr, dx_ptr, state_ptr, offs, go, xo, go, koffs, m, b, group0, thr,
+              drop_all, keep_all, scale, imap, ACT, HAS_BIAS, False, HAS_STATE, MASK_FROM_PTR, BITS_IN, False, True, X,
+              R, MASKED, ALIGNED, MAP_DIMS)
     if MASKED:
         d = tl.where(m, d, 0.0)
     return d
 
 
 @triton.jit(do_not_specialize=["rows", "per"])
-def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H, per, imap,
-                 kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, bits_ptr, rows, H, g_stride, x_stride,
+                 per, imap, kmap, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                  MASK_FROM_PTR: tl.constexpr, BITS_IN: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-                 KEEP_DIMS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr):
+                 KEEP_DIMS: tl.constexpr, STRIDED: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+                 RB: tl.constexpr):
     """The backward with the bias gradient, for any last dimension H: a row
     drawn a group of four at a time where every row starts on a Philox
     group (ALIGNED: H divisible by 4, and a shard's map keeping groups, see
@@ -717,7 +769,7 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
     c_start = tl.program_id(0).to(tl.int64) * BLOCK
     pid_r = tl.program_id(1).to(tl.int64)
     xs = tl.arange(0, X)
-    x_row = (xs // TR).to(tl.int64)[:, None]
+    x_row = (xs // TR).to(tl.int64)
     local = (xs % TR)[:, None] * R + tl.arange(0, R)[None, :]
     cols = c_start + local
     cm = cols < H
@@ -733,10 +785,10 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
         if HAS_BIAS:
             b = _f32(tl.load(bias_ptr + cols))
         while row + RB <= end:
-            acc = _add(acc, _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, c_start,
-                                       cols, cm, x_row, gs, g_at, thr, drop_all, keep_all, scale, b, imap, kmap, ACT,
-                                       HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN, X, R, False, ALIGNED, MAP_DIMS,
-                                       KEEP_DIMS))
+            acc = _add(acc, _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, g_stride,
+                                       x_stride, c_start, cols, cm, x_row, gs, g_at, thr, drop_all, keep_all, scale, b,
+                                       imap, kmap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN, X, R, False,
+                                       ALIGNED, MAP_DIMS, KEEP_DIMS, STRIDED))
             row += RB
     else:
         b = 0.0
@@ -744,9 +796,10 @@ def _rows_kernel(g_ptr, x_ptr, bias_ptr, keep_ptr, dx_ptr, part_ptr, state_ptr, 
             b = _f32(tl.load(bias_ptr + cols, mask=cm, other=0.0))
     # The rows left: a step short of RB rows, or a partial column tile.
     while row < end:
-        acc = _add(acc, _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, c_start, cols,
-                                   cm, x_row, gs, g_at, thr, drop_all, keep_all, scale, b, imap, kmap, ACT, HAS_BIAS,
-                                   HAS_STATE, MASK_FROM_PTR, BITS_IN, X, R, True, ALIGNED, MAP_DIMS, KEEP_DIMS))
+        acc = _add(acc, _rows_step(g_ptr, x_ptr, keep_ptr, dx_ptr, state_ptr, bits_ptr, row, end, H, g_stride,
+                                   x_stride, c_start, cols, cm, x_row, gs, g_at, thr, drop_all, keep_all, scale, b,
+                                   imap, kmap, ACT, HAS_BIAS, HAS_STATE, MASK_FROM_PTR, BITS_IN, X, R, True, ALIGNED,
+                                   MAP_DIMS, KEEP_DIMS, STRIDED))
         row += RB
     # The stacked rows' sums: tl.sum's order is the compiled kernel's, the
     # same every run.
@@ -852,9 +905,10 @@ def _norm_h(x_ptr, res_ptr, h_ptr, state_ptr, start, local, m, thr, drop_all, ke
             R: tl.constexpr, MASKED: tl.constexpr, ROW_MAP: tl.constexpr):
     """h of the tile at row-major elements start + local, computed and stored
     by fused_dropout's body; returned as stored, in float32, 0 where masked."""
-    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, state_ptr, start + local, None, m, 0.0, start // 4, thr,
-              drop_all, keep_all, scale, rmap, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, TR, R,
-              MASKED, ALIGNED, ROW_MAP)
+    offs = start + local
+    a = _tile(x_ptr, x_ptr, res_ptr, x_ptr, x_ptr, h_ptr, state_ptr, offs, offs, offs, offs, None, m, 0.0, start // 4,
+              thr, drop_all, keep_all, scale, rmap, IDENTITY, False, HAS_RES, HAS_STATE, False, False, False, False, TR,
+              R, MASKED, ALIGNED, ROW_MAP)
     hv = _f32(_rounded(a, h_ptr.dtype.element_ty))
     if MASKED:
         hv = tl.where(m, hv, 0.0)
@@ -901,11 +955,11 @@ def _norm_y(y_ptr, w_ptr, b_ptr, hv, offs, cols, m, mean, rstd, RMS: tl.constexp
 
 
 @triton.jit(do_not_specialize=["rows"])
-def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, rows, H, eps, imap,
-                 RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, rows, H, x_stride,
+                 res_stride, eps, imap, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
                  HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
                  LOOP: tl.constexpr, EVEN: tl.constexpr, ROUNDS: tl.constexpr, NT: tl.constexpr,
-                 R: tl.constexpr, BLOCK: tl.constexpr):
+                 STRIDED: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """The forward, a row per program (and, ROUNDS, for more rows than a
     grid holds, every grid-size-th row after it): the whole row in one
     [BLOCK // R, R] tile in registers (BLOCK >= H; unmasked when EVEN, BLOCK
@@ -913,7 +967,9 @@ def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
     tiles of BLOCK: one pass computes and stores
     h and merges the tiles' statistics, a second reads h back for y.
     ALIGNED: H is a multiple of 4, so every tile starts on a Philox group.
-    A shard (imap, MAP_DIMS) draws each row at its global start (_row_map)."""
+    A shard (imap, MAP_DIMS) draws each row at its global start (_row_map).
+    STRIDED: the rows of x and the residual lie x_stride and res_stride
+    elements apart; y and h are row-major."""
     TR: tl.constexpr = BLOCK // R
     thr, drop_all, keep_all, scale = _mask_params(state_ptr, HAS_STATE)
     local = tl.arange(0, TR)[:, None] * R + tl.arange(0, R)[None, :]
@@ -921,9 +977,9 @@ def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
     row = tl.program_id(0).to(tl.int64)
     if ROUNDS:
         while row < rows:
-            _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
-                      thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, MAP_DIMS,
-                      LOOP, EVEN, NT, TR, R, BLOCK)
+            _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, x_stride,
+                      res_stride, eps, local, thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B,
+                      HAS_STATE, ALIGNED, MAP_DIMS, LOOP, EVEN, NT, STRIDED, TR, R, BLOCK)
             row += tl.num_programs(0).to(tl.int64)
     else:
         # One row a program: straight-line code, where a loop around the row
@@ -931,9 +987,9 @@ def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
         # The test is always true; without it the ptxas of Triton 3.9 put
         # 8 bytes on the stack (sm_90, column tiles, float32 h of 16-bit x).
         if row < rows:
-            _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local,
-                      thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B, HAS_STATE, ALIGNED, MAP_DIMS,
-                      LOOP, EVEN, NT, TR, R, BLOCK)
+            _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, x_stride,
+                      res_stride, eps, local, thr, drop_all, keep_all, scale, imap, RMS, HAS_RES, HAS_W, HAS_B,
+                      HAS_STATE, ALIGNED, MAP_DIMS, LOOP, EVEN, NT, STRIDED, TR, R, BLOCK)
 
 
 def _norm_facts(grid, a, warps):
@@ -957,14 +1013,19 @@ def _norm_facts(grid, a, warps):
 
 
 @triton.jit
-def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, eps, local, thr,
-              drop_all, keep_all, scale, imap, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-              HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr, MAP_DIMS: tl.constexpr,
-              LOOP: tl.constexpr, EVEN: tl.constexpr, NT: tl.constexpr, TR: tl.constexpr, R: tl.constexpr,
-              BLOCK: tl.constexpr):
+def _norm_row(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr, state_ptr, row, H, x_stride,
+              res_stride, eps, local, thr, drop_all, keep_all, scale, imap, RMS: tl.constexpr, HAS_RES: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_STATE: tl.constexpr, ALIGNED: tl.constexpr,
+              MAP_DIMS: tl.constexpr, LOOP: tl.constexpr, EVEN: tl.constexpr, NT: tl.constexpr,
+              STRIDED: tl.constexpr, TR: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """One row of the forward (see _norm_kernel)."""
     ROW_MAP: tl.constexpr = NO_MAP if MAP_DIMS == NO_MAP else SHIFT
     start = row * H
+    if STRIDED:
+        # Rows lying apart: the row's elements at their row-major indices
+        # from a base moved by (stride - H) a row.
+        x_ptr += row * (x_stride - H)
+        res_ptr += row * (res_stride - H)
     rmap = _row_map(start, imap, MAP_DIMS)
     mean = tl.zeros([], tl.float32)
     m2 = tl.zeros([], tl.float32)
@@ -1772,6 +1833,18 @@ def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
+def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """A streamed tensor as the elementwise kernels read it, and how far
+    apart its rows lie: itself where its rows can be read in place (the op
+    row_stride, csrc/op_common.h: a slice or chunk of a wider last
+    dimension), else a row-major copy (_dense)."""
+    H = _last_dim(t)
+    if t.is_contiguous():
+        return t, H
+    stride = torch.ops.dropout_ext.row_stride(list(t.shape), list(t.stride()), _vector(t.element_size()))
+    return (t, stride) if stride >= 0 else (_dense(t), H)
+
+
 def _state_on(state: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     """The state where the kernels read it. One the host holds (``seed=``) is
     written on the device by fills that carry its words as kernel
@@ -1868,12 +1941,16 @@ def _structured_keep(state, shape, mask_shape, place) -> Tuple[Optional[torch.Te
 
 
 def _like_input(input: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """The output in the input's memory format, as nn.Dropout gives it."""
+    """The output in the input's memory format, as nn.Dropout gives it:
+    empty_like's, the result's own layout for most tensors with gaps (a
+    slice), whose result then needs no copy."""
     if input.is_contiguous():
+        return result
+    out = torch.empty_like(input)
+    if out.stride() == result.stride():
         return result
     _torch_pass("torch.copy_", result.numel() * result.element_size(), result.numel() * result.element_size(),
                 result.numel())
-    out = torch.empty_like(input)
     out.copy_(result)
     return out
 
@@ -1898,7 +1975,7 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     read from there instead of drawn (state still gives the scale). place:
     the input is that block of a global tensor, whose mask it draws."""
     _check_dtype(input, "input")
-    x = _dense(input)
+    x, x_stride = _rows(input)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     bits = mask_bits_like(x, state, mask_shape, pack_mask, place)
     n = x.numel()
@@ -1907,19 +1984,20 @@ def fused_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], residual: O
     state = _state_on(state, x.device)
     keep, kmap, kdims = _structured_keep(state, x.shape, mask_shape, place)
     b = _dense(bias) if bias is not None else x
-    r = _dense(residual) if residual is not None else x
+    r, r_stride = _rows(residual) if residual is not None else (x, x_stride)
     pack = bits.numel() > 0
     bits_in = _dense(mask_bits) if mask_bits is not None else None
     bp = bits if pack else bits_in if bits_in is not None else x
     draws = state is not None and keep is None and bits_in is None
     imap, dims = _index_map(x.shape, place if draws else None)
     R, block, warps = flat_config(n, x.element_size(), light=kdims > 0 and activation == "identity")
+    H = _last_dim(x)
     _launch(_flat_kernel, (triton.cdiv(n, block),), x,
             x, x, b, r, keep if keep is not None else x, out, state if state is not None else x, bp, n,
-            _last_dim(x), imap, kmap, ACT=ACTS[activation], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None, BITS_IN=bits_in is not None,
-            BITS_OUT=pack, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims,
-            KEEP_DIMS=kdims, R=R, BLOCK=block, num_warps=warps)
+            H, x_stride, x_stride, r_stride, imap, kmap, ACT=ACTS[activation], HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None,
+            BITS_IN=bits_in is not None, BITS_OUT=pack, BWD=False, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims,
+            KEEP_DIMS=kdims, STRIDED=x_stride != H or r_stride != H, R=R, BLOCK=block, num_warps=warps)
     return _like_input(input, out), bits
 
 
@@ -1929,7 +2007,7 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
                            place: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_dtype(grad, "grad")
     _check_dtype(input, "input")
-    g = _dense(grad)
+    g, g_stride = _rows(grad)
     dx = torch.empty_like(g, memory_format=torch.contiguous_format)
     H = _last_dim(g)
     n = g.numel()
@@ -1943,7 +2021,7 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     state = _state_on(state, g.device)
     keep, kmap, kdims = _structured_keep(state, g.shape, mask_shape, place)
     act = ACTS[activation]
-    x = _dense(input) if (input is not None and act != ACTS["identity"]) else g
+    x, x_stride = _rows(input) if (input is not None and act != ACTS["identity"]) else (g, g_stride)
     has_bias = bias is not None and act != ACTS["identity"]
     b = _dense(bias) if has_bias else g
     kp = keep if keep is not None else g
@@ -1952,7 +2030,8 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
     draws = state is not None and keep is None and mask_bits is None
     imap, dims = _index_map(g.shape, place if draws else None)
     common = dict(ACT=act, HAS_BIAS=has_bias, HAS_STATE=state is not None, MASK_FROM_PTR=keep is not None,
-                  BITS_IN=mask_bits is not None, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims, KEEP_DIMS=kdims)
+                  BITS_IN=mask_bits is not None, ALIGNED=_keeps_groups(imap, dims), MAP_DIMS=dims, KEEP_DIMS=kdims,
+                  STRIDED=g_stride != H or x_stride != H)
     if bias_grad:
         rows = n // H
         R, block, warps, per, rb = rows_config(rows, H, g.element_size(), _sm_count(g.device), kdims > 0)
@@ -1960,14 +2039,14 @@ def fused_dropout_backward(grad: torch.Tensor, input: Optional[torch.Tensor], bi
         part = g.new_empty((grid[1], H), dtype=torch.float32)
         common["ALIGNED"] = common["ALIGNED"] and H % 4 == 0
         _launch(_rows_kernel, grid, g,
-                g, x, b, kp, dx, part, st, bp, rows, H, per, imap, kmap, R=R, BLOCK=block, RB=rb, num_warps=warps,
-                **common)
+                g, x, b, kp, dx, part, st, bp, rows, H, g_stride, x_stride, per, imap, kmap, R=R, BLOCK=block, RB=rb,
+                num_warps=warps, **common)
         db = _sum_rows(part, g.dtype)
     else:
         R, block, warps = flat_config(n, g.element_size(), light=kdims > 0 and act == ACTS["identity"])
         _launch(_flat_kernel, (triton.cdiv(n, block),), g,
-                g, x, b, g, kp, dx, st, bp, n, H, imap, kmap, HAS_RES=False, BITS_OUT=False,
-                BWD=True, R=R, BLOCK=block, num_warps=warps, **common)
+                g, x, b, g, kp, dx, st, bp, n, H, g_stride, x_stride, g_stride, imap, kmap, HAS_RES=False,
+                BITS_OUT=False, BWD=True, R=R, BLOCK=block, num_warps=warps, **common)
     return _like_input(grad, dx), db
 
 
@@ -2009,7 +2088,7 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     """(y, h, mean, rstd), as reference.dropout_add_norm; y and h row-major.
     place: the input is that block of a global tensor, whose rows it holds whole."""
     _check_dtype(input, "input")
-    x = _dense(input)
+    x, x_stride = _rows(input)
     h_dtype, stat_dtype = norm_dtypes(x.dtype, residual_in_fp32)
     H = x.shape[-1]
     rows = math.prod(x.shape[:-1])
@@ -2020,7 +2099,7 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     if rows == 0:
         return y, h, mean, rstd
     state = _state_on(state, x.device)
-    r = _dense(residual) if residual is not None else x
+    r, r_stride = _rows(residual) if residual is not None else (x, x_stride)
     w = _dense(weight) if weight is not None else x
     b = _dense(bias) if bias is not None else x
     imap, dims = _index_map(x.shape, place if state is not None else None)
@@ -2028,10 +2107,10 @@ def dropout_add_norm(input: torch.Tensor, residual: Optional[torch.Tensor], weig
     grid = min(rows, GRID_X_MAX)
     _launch(_norm_kernel, (grid,), x,
             x, r, w, b, y, h, mean if norm == "layer" else rstd, rstd, state if state is not None else x, rows, H,
-            float(eps), imap, ROUNDS=rows > grid, RMS=norm == "rms", HAS_RES=residual is not None,
+            x_stride, r_stride, float(eps), imap, ROUNDS=rows > grid, RMS=norm == "rms", HAS_RES=residual is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_STATE=state is not None, ALIGNED=H % 4 == 0,
-            MAP_DIMS=dims, LOOP=loop, EVEN=not loop and block * tiles == H, NT=tiles, R=R, BLOCK=block,
-            num_warps=warps)
+            MAP_DIMS=dims, LOOP=loop, EVEN=not loop and block * tiles == H, NT=tiles,
+            STRIDED=x_stride != H or r_stride != H, R=R, BLOCK=block, num_warps=warps)
     return y, h, mean, rstd
 
 

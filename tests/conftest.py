@@ -117,6 +117,14 @@ def check_contract(actual, expected, dtype, activation):
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
+def copies_made(run):
+    """(run(), the aten::copy_ calls it made, those inside an op's
+    implementation included: a C++ or Python kernel's contiguous() and copies)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = run()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+
+
 def make_inputs(shape, dtype, seed=0, device="cpu"):
     """(x, bias, residual, grad) for a fused-op test, from a seeded generator."""
     g = torch.Generator(device=device).manual_seed(seed)

@@ -68,7 +68,7 @@ from hypothesis import strategies as st
 from dropout_ext import _backend, _ops, _state
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
-from conftest import assert_bitwise_equal, check_contract, make_inputs, requires_cuda
+from conftest import assert_bitwise_equal, check_contract, copies_made, make_inputs, requires_cuda
 from error_bounds import check_bias_grad, check_sum, math_dtype
 
 TRITON_MODE = os.environ.get("TRITON_INTERPRET") == "1"
@@ -546,13 +546,17 @@ def test_special_values(b, dtype, p, activation):
 # --- layouts ------------------------------------------------------------------
 
 LAYOUTS = ["transposed", "sliced", "channels_last", "channels_last_3d", "expanded", "size1", "misaligned",
-           "storage_offset", "inner_stride"]
-# The glue of every op family makes the inputs contiguous and gives the output
-# the input's memory format, in code shared with the cpu row (the C++ glue) or
-# of a backend's own (Python): the slow backends take one layout that is not
-# contiguous and one that is contiguous but misaligned (the kernels' vector
-# paths ask for alignment).
-SMALL_LAYOUTS = ["transposed", "misaligned"]
+           "storage_offset", "inner_stride", "row_slice", "row_chunk", "row_unaligned", "row_stride_24", "row_wide"]
+# The glue of every op family makes the inputs contiguous, or reads their rows
+# where they lie (the GPU kernels, where the rows are evenly spaced whole
+# units: op_common.h row_stride), and gives the output the input's memory
+# format, in code shared with the cpu row (the C++ glue) or of a backend's
+# own (Python): the slow backends take one layout that is not contiguous, one
+# that is contiguous but misaligned (the kernels' vector paths ask for
+# alignment), and three whose rows the GPU kernels read in place: rows
+# shorter and longer than the interpreter's blocks, and rows that start off
+# a 16-byte boundary in bfloat16 (the scalar paths).
+SMALL_LAYOUTS = ["transposed", "misaligned", "row_slice", "row_chunk", "row_unaligned"]
 
 
 def _layout(kind, dtype, device, seed):
@@ -577,6 +581,16 @@ def _layout(kind, dtype, device, seed):
         return base.flatten()[3:][: 6 * 5 * 7].view(6, 5, 7)
     if kind == "inner_stride":
         return base[..., ::2]
+    if kind == "row_slice":  # rows of 8, 16 apart
+        return torch.randn(4, 6, 5, 16, generator=g).to(dtype).to(device)[..., 8:]
+    if kind == "row_chunk":  # rows of 64, 192 apart (qkv.chunk(3, -1)[1])
+        return torch.randn(3, 5, 192, generator=g).to(dtype).to(device).chunk(3, -1)[1]
+    if kind == "row_unaligned":  # rows of 8, 16 apart, from element 4 (8 bytes in bfloat16)
+        return torch.randn(4, 6, 5, 16, generator=g).to(dtype).to(device)[..., 4:12]
+    if kind == "row_stride_24":  # a stride that a launch does not specialise as a multiple of 16
+        return torch.randn(4, 6, 5, 24, generator=g).to(dtype).to(device)[..., 8:16]
+    if kind == "row_wide":  # rows longer than a compiled program's block
+        return torch.randn(3, 2, 2 * 8192, generator=g).to(dtype).to(device)[..., 8192:]
     raise AssertionError(kind)
 
 
@@ -618,6 +632,57 @@ def test_layouts_through_autograd(b, layout, activation, monkeypatch):
     if layout != "expanded":  # an expanded leaf's gradient is summed over the broadcast
         assert_bitwise_equal(x.grad.contiguous(), dx)
     check_bias_grad(bias.grad, g, xc, bd, 11, 0, 0.3, activation)
+
+
+@pytest.mark.parametrize("sizes,strides,expected", [
+    ((6, 8), (8, 1), 8),                 # row-major
+    ((6, 8), (24, 1), 24),               # a chunk of a 24-wide last dimension
+    ((2, 3, 8), (72, 24, 1), 24),        # outer dimensions that continue one another
+    ((2, 3, 8), (96, 24, 1), -1),        # ... and ones that do not
+    ((2, 1, 3, 8), (72, 5, 24, 1), 24),  # a size-1 dimension's stride is never used
+    ((6, 8), (0, 1), -1),                # expanded: one row read six times
+    ((6, 8), (4, 1), -1),                # overlapping rows
+    ((6, 6), (24, 1), -1),               # a row not a whole number of units
+    ((6, 8), (26, 1), -1),               # rows not starting a unit
+    ((6, 8), (24, 2), -1),               # a stride inside the row
+    ((6, 1), (8, 3), -1),                # rows of one element, 8 apart
+    ((1, 8), (99, 1), 8),                # one row
+    ((8,), (1,), 8), ((8,), (2,), -1), ((), (), 1),
+])
+def test_row_stride_rule(sizes, strides, expected):
+    """Which layouts the GPU kernels read in place (csrc/op_common.h,
+    row_stride, 16-byte units of 4 elements here): the row stride, or -1
+    for a tensor they copy row-major first."""
+    assert torch.ops.dropout_ext.row_stride(list(sizes), list(strides), 4) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [pytest.param(b, marks=b.marks, id=b.id) for b in BACKENDS if b.public in
+                               ("cuda", "triton")])
+def test_gpu_kernels_read_rows_in_place(b, dtype):
+    """A chunk of a wider last dimension costs the GPU kernels' glue no copy,
+    in or out: input, residual and gradient so laid out copy what row-major
+    ones copy, through the forward and both backward kernels, with the same
+    bits out. A transposed tensor, whose rows are not contiguous, is copied
+    (the probe sees it)."""
+    state = b.state(0.3)
+
+    def calls(kind, row_major=False):
+        x, res, grad = (_layout(kind, dtype, b.device, seed) for seed in (1, 2, 4))
+        if row_major:
+            x, res, grad = x.contiguous(), res.contiguous(), grad.contiguous()
+        bias = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(3)).to(dtype).to(b.device)
+        return lambda: (b.ops.forward(x, bias, res, state, "gelu", [])[0],
+                        *b.ops.backward(grad, x, bias, state, "gelu", [], True),
+                        b.ops.backward(grad, x, bias, state, "gelu", [], False)[0])
+
+    expected, row_major = copies_made(calls("row_chunk", row_major=True))
+    outputs, copies = copies_made(calls("row_chunk"))
+    assert copies == row_major
+    for out, want in zip(outputs, expected):
+        assert out.is_contiguous()
+        assert_bitwise_equal(out, want)
+    assert copies_made(calls("transposed"))[1] > copies_made(calls("transposed", row_major=True))[1]
 
 
 # --- structured masks ---------------------------------------------------------

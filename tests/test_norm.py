@@ -29,7 +29,7 @@ import dropout_ext
 from dropout_ext import functional as F
 from dropout_ext import reference as ref
 from dropout_ext._validate import norm_dtypes
-from conftest import Snapshot, assert_bitwise_equal
+from conftest import Snapshot, assert_bitwise_equal, copies_made
 from error_bounds import check_bounded, check_norm_param_grads, gamma, math_dtype, norm_bounds, unit_roundoff
 from test_conformance import OFFSET, SEED, TRITON_MODE, cases, public
 from test_conformance import _cpu_isa  # noqa: F401  (autouse: the cpu_<isa> rows' instruction set)
@@ -326,20 +326,29 @@ if not TRITON_MODE:  # no float64 Triton kernel
 
 # --- layouts and edge shapes --------------------------------------------------------
 
-@pytest.mark.parametrize(*cases(norm=NORMS))
-def test_non_contiguous(b, norm, monkeypatch):
-    """Transposed x, residual and grads, and a strided weight and bias: the
-    same outputs and gradients, bit for bit, as their contiguous copies."""
-    rows, H = 6, 77
+@pytest.mark.parametrize(*cases(norm=NORMS, layout=["transposed", "row_chunk"]))
+def test_non_contiguous(b, norm, layout, monkeypatch):
+    """Transposed x, residual and grads, or chunks of a wider last dimension
+    (whose rows the GPU kernels read in place, without a copy), and a
+    strided weight and bias: the same outputs and gradients, bit for bit, as
+    their contiguous copies."""
+    rows, H = 6, 77 if layout == "transposed" else 64
     g = torch.Generator().manual_seed(3)
-    x, r, gy, gh = (torch.randn(H, rows, generator=g).to(b.device).t() for _ in range(4))
+    if layout == "transposed":
+        x, r, gy, gh = (torch.randn(H, rows, generator=g).to(b.device).t() for _ in range(4))
+    else:
+        x, r, gy, gh = (torch.randn(rows, 3 * H, generator=g).to(b.device).chunk(3, -1)[1] for _ in range(4))
     w, bb = (torch.randn(2 * H, generator=g).to(b.device)[::2] for _ in range(2))
     assert not x.is_contiguous() and not w.is_contiguous()
     state = b.state(P)
-    strided = b.ops.norm(x, r, w, bb, state, norm, EPS, False)
-    dense = b.ops.norm(x.contiguous(), r.contiguous(), w.contiguous(), bb.contiguous(), state, norm, EPS, False)
+    strided, copies = copies_made(lambda: b.ops.norm(x, r, w, bb, state, norm, EPS, False))
+    xc, rc, wc, bc = (t.contiguous() for t in (x, r, w, bb))
+    dense, dense_copies = copies_made(lambda: b.ops.norm(xc, rc, wc, bc, state, norm, EPS, False))
     for a, e in zip(strided, dense):
         assert_bitwise_equal(a, e)
+    if b.public in ("cuda", "triton"):
+        # the weight and bias copied, and x and the residual but where their rows lie apart
+        assert copies - dense_copies == (2 if layout == "row_chunk" else 4)
     name = public(b, monkeypatch)
 
     def grads(*tensors):

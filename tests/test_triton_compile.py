@@ -25,8 +25,9 @@ from gpu_model import cubin_resource_usage
 ALIGNED = [["tt.divisibility", 16]]
 DTYPES = [("fp32", 4), ("bf16", 2), ("fp16", 2)]
 # An unsharded call's map arguments (triton_kernels._index_map), which every
-# build gets unless it names a shard's: no map, its tuple never read.
-UNSHARDED = {"ALIGNED": True, "MAP_DIMS": K.NO_MAP.value, "KEEP_DIMS": 0}
+# build gets unless it names a shard's: no map, its tuple never read; and
+# row-major tensors (the row strides, never read).
+UNSHARDED = {"ALIGNED": True, "MAP_DIMS": K.NO_MAP.value, "KEEP_DIMS": 0, "STRIDED": False}
 MAP_TYPES = {"imap": ("i64",) * len(K._IDENTITY[0]), "kmap": ("i64",) * len(K._NO_KEEP[0])}
 
 
@@ -75,7 +76,8 @@ def _count(ptx, pattern):
 def _flat_types(dtype):
     p = f"*{dtype}"
     return {"src_ptr": p, "x_ptr": p, "bias_ptr": p, "res_ptr": p, "keep_ptr": "*i1", "out_ptr": p,
-            "state_ptr": "*i64", "bits_ptr": "*u8", "n": "i64", "H": "i32"}
+            "state_ptr": "*i64", "bits_ptr": "*u8", "n": "i64", "H": "i32", "src_stride": "i32", "x_stride": "i32",
+            "res_stride": "i32"}
 
 
 def _no_contraction_ieee_division(ptx):
@@ -163,7 +165,8 @@ def test_no_state_compiles_no_philox(arch):
 
 
 ROWS_TYPES = {"g_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "keep_ptr": "*i1", "dx_ptr": "*bf16",
-              "part_ptr": "*fp32", "state_ptr": "*i64", "bits_ptr": "*u8", "rows": "i64", "H": "i32", "per": "i32"}
+              "part_ptr": "*fp32", "state_ptr": "*i64", "bits_ptr": "*u8", "rows": "i64", "H": "i32", "per": "i32",
+              "g_stride": "i32", "x_stride": "i32"}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -224,6 +227,54 @@ def test_structured_mask_through_strides(keep_dims, direction):
     assert _count(rows.asm["ptx"], _PHILOX) == 0
     usage = _resource_usage(rows)
     assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
+
+
+@pytest.mark.parametrize("dtype,size", DTYPES[:2])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_rows_read_in_place(dtype, size, direction):
+    """Tensors whose rows lie apart (STRIDED, a chunk of a wider last
+    dimension) still move 16 bytes a thread a load (multiple_of: each tile
+    row starts a unit), with one 64-bit division a program for the tile
+    rows' row and column besides the bias column's, and no spills: the
+    flat kernels (gelu with a bias), the bias gradient's with row strides a
+    launch specialises as multiples of 16, and the norm forward (sm_90)."""
+    R, block, warps = _large_config(size)
+    bwd = direction == "backward"
+    v4 = r"ld\.global[^\n]*\.v4\.b32"
+
+    def flat(strided):
+        return _build(K._flat_kernel, _flat_types(dtype), _flat_consts(R, block, "gelu", STRIDED=strided, BWD=bwd,
+                                                                        HAS_RES=not bwd), 90, warps)
+
+    kernel = flat(True)
+    ptx = kernel.asm["ptx"]
+    _no_contraction_ieee_division(ptx)
+    assert _count(ptx, r"(rem|div)\.[su]64") <= 3
+    assert _count(ptx, v4) == _count(flat(False).asm["ptx"], v4) >= 2
+    assert _count(ptx, r"st\.global[^\n]*\.v4\.b32") >= 1
+    usage = _resource_usage(kernel)
+    assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
+    if bwd:
+        types = dict(ROWS_TYPES, **{k: f"*{dtype}" for k in ("g_ptr", "x_ptr", "bias_ptr", "dx_ptr")})
+
+        def rows(strided):
+            return _build(K._rows_kernel, types, {"ACT": K.ACTS["gelu"], "HAS_BIAS": True, "HAS_STATE": True,
+                                                  "MASK_FROM_PTR": False, "BITS_IN": False, "STRIDED": strided,
+                                                  "R": R, "BLOCK": R * 32, "RB": 4}, 90, 4,
+                          divisible=("H", "g_stride", "x_stride"))
+
+        kernel = rows(True)
+        assert _count(kernel.asm["ptx"], v4) == _count(rows(False).asm["ptx"], v4) >= 2
+        usage = _resource_usage(kernel)
+        assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
+    else:
+        # The norm forward's x and residual, a row's base moved: as many
+        # 16-byte loads as from row-major ones, no spills.
+        kernel = _norm_build(1024, dtype, size, 90, False, strided=True)
+        row_major = _norm_build(1024, dtype, size, 90, False).asm["ptx"]
+        assert _count(kernel.asm["ptx"], v4) == _count(row_major, v4) >= 2
+        usage = _resource_usage(kernel)
+        assert usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0, usage
 
 
 def test_new_p_or_size_needs_no_new_binary():
@@ -365,17 +416,20 @@ NORM_H = [7, 1024, 768, 4097, 65536]
 def _norm_types(dtype, h_dtype):
     p, ph = f"*{dtype}", f"*{h_dtype}"
     fwd = {"x_ptr": p, "res_ptr": ph, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": ph, "mean_ptr": "*fp32",
-           "rstd_ptr": "*fp32", "state_ptr": "*i64", "rows": "i32", "H": "i32", "eps": "fp32"}
+           "rstd_ptr": "*fp32", "state_ptr": "*i64", "rows": "i32", "H": "i32", "x_stride": "i32", "res_stride": "i32",
+           "eps": "fp32"}
     bwd = {"g_ptr": p, "gh_ptr": ph, "h_ptr": ph, "w_ptr": p, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
            "state_ptr": "*i64", "dx_ptr": p, "dres_ptr": ph, "dw_ptr": "*fp32", "db_ptr": "*fp32", "rows": "i32",
            "H": "i32", "per": "i32"}
     return fwd, bwd
 
 
-def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None, map_dims=K.NO_MAP.value):
+def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None, map_dims=K.NO_MAP.value,
+                strided=False):
     """The norm kernel a launch with rows of H elements compiles, with every
     input and output present, H specialised as a launch would (a multiple
-    of 16 or not); a shard's with map_dims strided dimensions."""
+    of 16 or not); a shard's with map_dims strided dimensions; strided: the
+    forward's x and residual rows lying apart, their strides multiples of 16."""
     R, block, warps, loop, tiles = K.norm_config(H, size, backward)
     flags = {"RMS": norm == "rms", "HAS_STATE": True, "ALIGNED": H % 4 == 0, "MAP_DIMS": map_dims, "LOOP": loop,
              "EVEN": not loop and block * tiles == H, "NT": tiles, "R": R, "BLOCK": block}
@@ -388,8 +442,9 @@ def _norm_build(H, dtype, size, arch, backward, norm="layer", h_dtype=None, map_
                      SUB=sub)
     else:
         fn, types = K._norm_kernel, fwd
-        flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False)
-    return _build(fn, types, flags, arch, warps, divisible=("H",) if H % 16 == 0 else ())
+        flags.update(HAS_RES=True, HAS_W=True, HAS_B=True, ROUNDS=False, STRIDED=strided)
+    divisible = (("H",) if H % 16 == 0 else ()) + (("x_stride", "res_stride") if strided else ())
+    return _build(fn, types, flags, arch, warps, divisible=divisible)
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -204,7 +204,7 @@ def test_bias_gradient_grid_within_limits(recorded, dtype, rows, H):
     K.fused_dropout_backward(g, x, b, None, "gelu", [], True)
     [(name, _, grid, meta, args), (sum_name, _, sum_grid, sum_meta, sum_args)] = launches
     assert (name, sum_name) == ("_rows_kernel", "_sum_rows_kernel")
-    assert grid[0] * meta["BLOCK"] >= H and grid[1] * args[10] >= rows
+    assert grid[0] * meta["BLOCK"] >= H and grid[1] * args[12] >= rows
     assert sum_args[0] is args[5] and sum_grid[0] * sum_meta["BLOCK"] >= H
 
 

@@ -40,8 +40,9 @@ def _record(fn, sm_count=SMS):
 def test_records_name_the_integers_a_launch_specialises():
     """A row length that is a multiple of 16 is compiled as one (Triton
     specialises it, and the loads of a row stay 16-byte aligned); one that
-    is not, and the counts a kernel leaves unspecialised, are not."""
-    for H, divisible in ((768, ["H"]), (770, [])):
+    is not, and the counts a kernel leaves unspecialised, are not. A
+    row-major tensor's row stride is its row length."""
+    for H, divisible in ((768, ["H", "g_stride", "x_stride"]), (770, [])):
         (rows, _) = _record(lambda: K.fused_dropout_backward(_t(4096, H), _t(4096, H), _t(H), _state(), "gelu", [],
                                                              True))
         assert rows["kernel"] == "_rows_kernel" and rows["divisible"] == divisible, rows["divisible"]

@@ -112,6 +112,12 @@ struct DropoutArgs {
   const void* residual = nullptr;  // forward, like x, or nullptr
   const void* bias = nullptr;      // [H], or nullptr
   void* out = nullptr;             // forward: y; backward: dx
+  // Where the rows (H elements each) of x, grad and the residual start: 0
+  // for a row-major tensor, else row r at r * stride, a slice read in place
+  // (op_common.h, row_stride: H and the stride whole units). out is row-major.
+  int64_t x_rows = 0;
+  int64_t grad_rows = 0;
+  int64_t residual_rows = 0;
   int64_t n = 0;
   FastDiv H;  // the last dimension (the bias length)
   // The dropout state, wherever it lives (philox.h, StateRef); none for no
@@ -370,6 +376,10 @@ struct NormArgs {
   // forward
   const void* x = nullptr;
   const void* residual = nullptr;
+  // Their row strides: 0 for row-major, else row r at r * stride (as
+  // DropoutArgs's). y and h are row-major.
+  int64_t x_rows = 0;
+  int64_t residual_rows = 0;
   const void* bias = nullptr;
   void* y = nullptr;
   void* h = nullptr;

@@ -263,6 +263,15 @@ DX_HD int64_t fast_mod(int64_t n, const FastDiv& d) {
   return static_cast<int64_t>(static_cast<uint64_t>(n) - q * d.divisor);
 }
 
+// Where row-major element e of a tensor whose rows lie `rows` elements apart
+// sits: e itself for a row-major one (rows 0), else by row and column. A
+// unit lies in one row (row_stride), so its elements follow e.
+DX_HD int64_t row_at(int64_t e, const FastDiv& H, int64_t rows) {
+  if (rows == 0) return e;
+  const int64_t r = static_cast<int64_t>(fast_div(static_cast<uint64_t>(e), H));
+  return r * rows + (e - r * static_cast<int64_t>(H.divisor));
+}
+
 // Global index of local element i under a strided map (ndims >= 1), and in
 // left how many elements from i on are consecutive there too (to its run's
 // end). Unrolled over kMaxMapDims as structured_index is; the outermost
@@ -488,6 +497,8 @@ struct ThreadCtx {
   acc_t scale;
   const T* in;     // forward: x; backward: grad
   const T* aux;    // forward: residual; backward: saved x
+  int64_t in_rows;   // their row strides (0: row-major)
+  int64_t aux_rows;
   const T* bias;
   T* out;
 };
@@ -499,6 +510,8 @@ DX_HD ThreadCtx<T> thread_ctx(const DropoutArgs& a, bool first) {
   c.scale = static_cast<typename Num<T>::acc>(c.mp.scale);
   c.in = static_cast<const T*>(D == Dir::kForward ? a.x : a.grad);
   c.aux = static_cast<const T*>(D == Dir::kForward ? a.residual : a.x);
+  c.in_rows = D == Dir::kForward ? a.x_rows : a.grad_rows;
+  c.aux_rows = D == Dir::kForward ? a.residual_rows : a.x_rows;
   c.bias = static_cast<const T*>(a.bias);
   c.out = static_cast<T*>(a.out);
   return c;
@@ -513,14 +526,14 @@ struct UnitIn {
 };
 
 // Loads the unit at local element e0 (len elements; vec: all of them, 16-byte
-// aligned). Apart from unit_math so a kernel can issue several units' loads
-// before any of their keep bits and math.
+// aligned), each tensor at its own row stride. Apart from unit_math so a
+// kernel can issue several units' loads before any of their keep bits and math.
 template <typename T, Act A, Dir D>
-DX_HD void unit_load(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, UnitIn<T>& u) {
+DX_HD void unit_load(const ThreadCtx<T>& c, int64_t e0, int len, bool vec, const FastDiv& H, UnitIn<T>& u) {
   const bool with_aux = D == Dir::kForward ? c.aux != nullptr : A != Act::kIdentity;
-  load_unit(c.in, e0, len, vec, u.in);
+  load_unit(c.in, row_at(e0, H, c.in_rows), len, vec, u.in);
   if (with_aux) {
-    load_unit(c.aux, e0, len, vec, u.aux);
+    load_unit(c.aux, row_at(e0, H, c.aux_rows), len, vec, u.aux);
   } else {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -692,7 +705,7 @@ struct ElementwiseKernel {
 #endif
         for (int v = 0; v < U; ++v) {
           const int sub = len[k] - v * E < E ? len[k] - v * E : E;
-          if (sub > 0) unit_load<T, A, D>(c, ek + v * E, sub, p.vec && sub == E, in[k][v]);
+          if (sub > 0) unit_load<T, A, D>(c, ek + v * E, sub, p.vec && sub == E, a.H, in[k][v]);
         }
         // The packed bits are a load too: in flight with the units'.
         if constexpr (M == MaskBits::kRead) {
@@ -805,7 +818,7 @@ struct BiasGradKernel {
           for (int k = 0; k < R; ++k) {
             const int64_t e0 = (r + k * g.row_lanes) * H + c0;
             if (r + k * g.row_lanes < r1) {
-              unit_load<T, A, Dir::kBackward>(c, e0, len, vec, u[k]);
+              unit_load<T, A, Dir::kBackward>(c, e0, len, vec, a.H, u[k]);
               // The packed bits are a load too: in flight with the units'.
               if constexpr (M == MaskBits::kRead) keep[k] = mode_keep<E, M>(c.mp, a, e0, len);
             }

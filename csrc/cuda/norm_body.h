@@ -313,9 +313,16 @@ struct NormForwardKernel {
 
   DX_HD static int64_t rounds(const Params& p, const Idx& idx) { return norm_rounds(p, idx); }
 
-  DX_HD static void load_inputs(const NormArgs& a, int64_t e0, const RunAt& r, T (&x)[N], Hd (&res)[N]) {
-    load_unit(static_cast<const T*>(a.x), e0, r.len, r.vec, x);
-    if (a.residual != nullptr) load_unit(static_cast<const Hd*>(a.residual), e0, r.len, r.vec, res);
+  // The run at element e0 of row `row`: a tensor whose rows lie apart has
+  // it that much further on, (stride - H) elements a row.
+  DX_HD static void load_inputs(const NormArgs& a, int64_t row, int64_t e0, const RunAt& r, T (&x)[N],
+                                Hd (&res)[N]) {
+    const int64_t xe = a.x_rows == 0 ? e0 : e0 + row * (a.x_rows - a.H);
+    load_unit(static_cast<const T*>(a.x), xe, r.len, r.vec, x);
+    if (a.residual != nullptr) {
+      const int64_t re = a.residual_rows == 0 ? e0 : e0 + row * (a.residual_rows - a.H);
+      load_unit(static_cast<const Hd*>(a.residual), re, r.len, r.vec, res);
+    }
   }
 
   // h of the run at e0 from its inputs: stores it and returns it as stored.
@@ -359,7 +366,7 @@ struct NormForwardKernel {
       T xs[R][N] = {};
       Hd rsd[R][N] = {};
       each_run<R>(p.runs, p.shift, true, rs.lane, [&](int64_t u, int k, auto) {
-        load_inputs(a, e_row + u * N, run_at<T>(p, u), xs[k], rsd[k]);
+        load_inputs(a, rs.row, e_row + u * N, run_at<T>(p, u), xs[k], rsd[k]);
       });
       each_run<R>(p.runs, p.shift, true, rs.lane, [&](int64_t u, int k, auto) {
         const RunAt r = run_at<T>(p, u);
@@ -373,7 +380,7 @@ struct NormForwardKernel {
         const RunAt r = run_at<T>(p, u);
         T xs[N] = {};
         Hd rsd[N] = {};
-        load_inputs(a, e_row + r.c0, r, xs, rsd);
+        load_inputs(a, rs.row, e_row + r.c0, r, xs, rsd);
         Hd out[N];
         make_h(a, mp, scale, e_row + r.c0, r, xs, rsd, out);
         add(r, out);

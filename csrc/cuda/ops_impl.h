@@ -52,6 +52,23 @@ inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.con
 
 inline int64_t last_dim(const at::Tensor& t) { return t.dim() >= 1 ? std::max<int64_t>(t.size(-1), 1) : 1; }
 
+// A streamed tensor as the kernels read it: itself where its rows can be
+// read in place (op_common.h, row_stride), with their stride, else a
+// row-major copy. The kernels take 0 for row-major; the rule gives any
+// other tensor a stride above H, never 0.
+struct Rows {
+  at::Tensor t;
+  int64_t stride = 0;
+};
+
+inline Rows rows_of(const at::Tensor& t) {
+  if (t.is_contiguous()) return {t, 0};
+  const int64_t s = row_stride(t.sizes(), t.strides(), unit_elems(kernel_dtype(t.scalar_type())));
+  if (s < 0) return {t.contiguous(), 0};
+  TORCH_INTERNAL_ASSERT(s >= last_dim(t), "row_stride gave ", s, " for rows of ", last_dim(t));
+  return {t, s == last_dim(t) ? 0 : s};
+}
+
 // The state of a forward or backward call (docs/DESIGN.md): the one given,
 // read where it lives (in memory on the input's device, or by value from a
 // CPU state: no copy, no sync), or, with p, one the op draws now, which the
@@ -216,20 +233,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_dropout_op(
   [[maybe_unused]] const auto guard = exec.guard(input.device());
   const CallState cs = call_state(exec, input, state, p_draw, generator);
   at::Tensor bits = mask_bits_output(input, cs.present, c.mask, pack_mask);
-  const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) {
+  const Rows x = rows_of(input);
+  at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+  if (input.numel() == 0) {
     exec.store_state(cs.ref);  // the state drawn is returned even with no element to launch for
     return {like_input(input, out), bits, cs.output(input)};
   }
   const int sms = exec.sm_count();
-  Prepared p = prepare(exec, sms, x, c.act, cs.ref, c.mask, mask_bits, base);
+  Prepared p = prepare(exec, sms, input, c.act, cs.ref, c.mask, mask_bits, base);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const Rows r = residual.has_value() ? rows_of(*residual) : Rows{};
   DropoutArgs& a = p.args;
-  a.x = x.const_data_ptr();
+  a.x = x.t.const_data_ptr();
+  a.x_rows = x.stride;
   a.bias = ptr_or_null(b);
-  a.residual = ptr_or_null(r);
+  a.residual = ptr_or_null(r.t);
+  a.residual_rows = r.stride;
   a.out = out.data_ptr();
   // Empty unless packing was asked for and the mask is packable.
   a.bits_out = bits.numel() > 0 ? bits.data_ptr<uint8_t>() : nullptr;
@@ -247,29 +266,31 @@ std::tuple<at::Tensor, at::Tensor> fused_dropout_backward_op(
   const Act act = c.act;
   exec.check_p(state);
   [[maybe_unused]] const auto guard = exec.guard(grad.device());
-  const at::Tensor g = grad.contiguous();
+  const Rows g = rows_of(grad);
   // identity's derivative needs neither the input nor the bias
   const bool needs_x = act != Act::kIdentity;
-  const at::Tensor x = needs_x ? input->contiguous() : at::Tensor();
+  const Rows x = needs_x ? rows_of(*input) : Rows{};
   const at::Tensor b = (needs_x && bias.has_value()) ? bias->contiguous() : at::Tensor();
   at::Tensor dx, dbias;
-  std::tie(dx, dbias) = backward_outputs(g, bias_grad);
-  const int64_t n = g.numel();
+  std::tie(dx, dbias) = backward_outputs(grad, bias_grad);
+  const int64_t n = grad.numel();
   if (n == 0) return {like_input(grad, dx), dbias};
   const int sms = exec.sm_count();
-  const CallState cs = call_state(exec, g, state, std::nullopt, std::nullopt);
-  Prepared p = prepare(exec, sms, g, act, cs.ref, c.mask, mask_bits, base);
+  const CallState cs = call_state(exec, grad, state, std::nullopt, std::nullopt);
+  Prepared p = prepare(exec, sms, grad, act, cs.ref, c.mask, mask_bits, base);
   DropoutArgs& a = p.args;
-  a.grad = g.const_data_ptr();
-  a.x = ptr_or_null(x);
+  a.grad = g.t.const_data_ptr();
+  a.grad_rows = g.stride;
+  a.x = ptr_or_null(x.t);
+  a.x_rows = x.stride;
   a.bias = ptr_or_null(b);
   a.out = dx.data_ptr();
   at::Tensor partial;
   if (bias_grad) {
-    const int64_t H = last_dim(g);
+    const int64_t H = last_dim(grad);
     const BiasGradPlan plan = plan_bias_grad(n / H, H, a.dtype, act, sms);
-    const at::ScalarType acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    partial = at::empty({plan.row_blocks, H}, g.options().dtype(acc));
+    const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    partial = at::empty({plan.row_blocks, H}, grad.options().dtype(acc));
     a.partial = partial.data_ptr();
     a.dbias = dbias.data_ptr();
   }
@@ -332,22 +353,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
     exec.store_state(cs.ref);  // as in fused_dropout_op
     return {y, h, mean, rstd, cs.output(input)};
   }
-  const at::Tensor x = input.contiguous();
-  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const Rows x = rows_of(input);
+  const Rows r = residual.has_value() ? rows_of(*residual) : Rows{};
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   NormArgs a;
-  a.dtype = kernel_dtype(x.scalar_type());
+  a.dtype = kernel_dtype(input.scalar_type());
   a.h_dtype = kernel_dtype(h.scalar_type());
-  a.param_f32 = is_f32_param(weight, x.scalar_type()) || is_f32_param(bias, x.scalar_type());
+  a.param_f32 = is_f32_param(weight, input.scalar_type()) || is_f32_param(bias, input.scalar_type());
   a.rms = kind == Norm::kRms;
   a.rows = rows;
-  a.H = x.size(-1);
+  a.H = input.size(-1);
   a.eps = eps;
   a.state = cs.ref;
   a.map = shard_map(map, base);
-  a.x = x.const_data_ptr();
-  a.residual = ptr_or_null(r);
+  a.x = x.t.const_data_ptr();
+  a.x_rows = x.stride;
+  a.residual = ptr_or_null(r.t);
+  a.residual_rows = r.stride;
   a.weight = ptr_or_null(w);
   a.bias = ptr_or_null(b);
   a.y = y.data_ptr();
