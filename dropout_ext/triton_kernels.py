@@ -57,10 +57,10 @@ strides (``kmap``, ``KEEP_DIMS``), never expanded to the input's size. A
 norm shard holds whole rows, so each row is a shift of the global index,
 one scalar per row.
 
-The elementwise kernels read a tensor whose rows are evenly spaced whole
-16-byte units (a chunk of a wider last dimension) where it lies, each tile
-row at its row's start plus its column (``STRIDED``, the op ``row_stride``),
-and write a row-major output: no copy in or out.
+The elementwise kernels and the norm forward read a tensor whose rows are
+evenly spaced whole 16-byte units (a chunk of a wider last dimension) where
+it lies, each tile row at its row's start plus its column (``STRIDED``, the
+op ``row_stride``), and write a row-major output: no copy in or out.
 
 dropout_add_norm computes h with that same body, a row per program, held
 in registers as one tile, or as whole tiles of a power of two where the
